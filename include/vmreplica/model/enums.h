@@ -7,6 +7,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <type_traits>
 #include <vector>
 
 namespace vmreplica {
@@ -162,6 +163,7 @@ enum class RequestedReplicationState : uint16_t {
 // ("Replicating", "WaitingForStartResynchronize", "JobStarted"...).
 // Parsing accepts the name (case-insensitive) or the decimal number; it
 // returns nullopt for anything else, including numbers outside the enum.
+// Name() of a number outside the enum (a cast of a bad value) is "Undefined".
 std::string_view Name(ReplicationState v);
 std::string_view Name(ReplicationMode v);
 std::string_view Name(ReplicationHealth v);

@@ -56,24 +56,53 @@ struct AuthorizationEntry {
 
 // Validates one relationship's settings. `extended` is true for the
 // replica -> extended-replica hop; `primary_interval_s` is then the hop-0
-// interval, which the extended interval may not be shorter than.
+// interval, which the extended interval may not be shorter than (0 = not
+// known, not checked). Returns OK or InvalidArgument for the first field
+// that breaks a rule, checked in this order:
+//   RecoveryConnectionPoint      non-empty, <= 256 chars, ValidateHostName
+//   RecoveryServerPortNumber     1..65535
+//   AuthenticationType           1 or 2
+//   CertificateThumbPrint        required for 2; when set (any type), 40 hex digits
+//   ReplicationInterval          30, 300, 900; extended: 300, 900 and >= primary_interval_s
+//   RecoveryHistory              0..24
+//   ApplicationConsistentSnapshotInterval  0..12; non-zero needs
+//                                RecoveryHistory > 0; must be 0 when extended
+//   IncludedDisks                each 1..64 chars of [A-Za-z0-9._-], not "."
+//                                or "..", no duplicates (case-sensitive)
+//   AutoResynchronizeIntervalStart / End   0..1439 each, start != end
+//                                (checked even when auto-resync is off)
+//   EnableWriteOrderPreservationAcrossDisks  true
+// The read-only fields are not checked.
 Status ValidateRelationshipSettings(const RelationshipSettings& s, bool extended,
                                     uint32_t primary_interval_s = 0);
 
+// AllowedAuthenticationType 0..3, HttpPort and HttpsPort 1..65535,
+// MonitoringInterval 3600..604800, MonitoringStartTime 0..1439. The
+// thumbprint is informational and not checked.
 Status ValidateServerSettings(const ServerSettings& s);
 
+// AllowedPrimaryHostSystem per ValidateHostPattern; ReplicaStorageLocation
+// absolute, normalised (no "." or ".." component, no "//", no trailing "/"
+// except for "/" itself), no control characters, <= 4096 chars; TrustGroup
+// <= 256 chars of printable ASCII (0x20..0x7e), may be empty.
 Status ValidateAuthorizationEntry(const AuthorizationEntry& e);
 
 // Host names and patterns. A host name is an RFC 1123 name (labels of
 // 1..63 letters, digits, hyphens, not starting or ending with a hyphen,
-// total <= 253) or an IPv4 / bracket-less IPv6 literal. A pattern is "*",
-// "*." followed by a host name, or a host name.
+// total <= 253, no trailing dot) or an IPv4 literal (dotted quad, no
+// leading zeros) or a bracket-less IPv6 literal. A name of digits and dots
+// only must be a valid IPv4 literal. A pattern is "*", "*." followed by a
+// DNS host name (not an address), or a host name; '*' anywhere else
+// ("a.*.com", "*foo.com") is refused. Errors are InvalidArgument starting
+// with "<field>: ".
 Status ValidateHostName(const std::string& name, const char* field);
 Status ValidateHostPattern(const std::string& pattern, const char* field);
 
 // True when `host` (case-insensitive) matches `pattern`: "*" matches every
 // name; "*.example.com" matches exactly one or more labels before
-// ".example.com" but not "example.com" itself; otherwise equality.
+// ".example.com" but not "example.com" itself; otherwise equality
+// (textual: "::1" does not match "0::1"). False when `host` is not a valid
+// host name or `pattern` not a valid pattern.
 bool HostMatchesPattern(const std::string& host, const std::string& pattern);
 
 }  // namespace vmreplica

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The README's test command: installs what is missing, then builds and runs
+# the whole suite twice, normal build and AddressSanitizer+UBSan build.
+# Slow end-to-end tests carry the ctest label "e2e"; they run too.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/install-deps.sh
+for preset in default asan; do
+  echo "== build ($preset)"
+  ./scripts/build.sh "$preset"
+  echo "== test ($preset)"
+  ctest --preset "$preset"
+done

@@ -1,0 +1,128 @@
+#include "catalog/schema.h"
+
+#include "vmreplica/catalog.h"
+
+namespace vmreplica::catalog_internal {
+namespace {
+
+// Conventions: enums are INTEGER WMI numbers; times are INTEGER Unix epoch
+// milliseconds (0 = never); uint64 values are stored as their int64 bit
+// pattern; booleans are 0/1; text is never NULL.
+constexpr const char* kV1 = R"sql(
+CREATE TABLE server_settings (
+  id                          INTEGER PRIMARY KEY CHECK (id = 1),
+  recovery_server_enabled     INTEGER NOT NULL,
+  allowed_authentication_type INTEGER NOT NULL,
+  certificate_thumbprint      TEXT    NOT NULL,
+  http_port                   INTEGER NOT NULL,
+  https_port                  INTEGER NOT NULL,
+  monitoring_interval_s       INTEGER NOT NULL,
+  monitoring_start_time_min   INTEGER NOT NULL
+);
+
+CREATE TABLE authorization_entries (
+  allowed_primary_host_system TEXT NOT NULL PRIMARY KEY COLLATE NOCASE,
+  replica_storage_location    TEXT NOT NULL,
+  trust_group                 TEXT NOT NULL
+);
+
+CREATE TABLE vms (
+  id              TEXT    NOT NULL PRIMARY KEY,
+  name            TEXT    NOT NULL,
+  mode            INTEGER NOT NULL,
+  definition_json TEXT    NOT NULL,
+  created_ms      INTEGER NOT NULL
+);
+CREATE INDEX vms_by_name ON vms (name);
+
+CREATE TABLE disks (
+  vm_id       TEXT    NOT NULL REFERENCES vms (id) ON DELETE CASCADE,
+  name        TEXT    NOT NULL,
+  position    INTEGER NOT NULL,
+  size_bytes  INTEGER NOT NULL,
+  path        TEXT    NOT NULL,
+  node_name   TEXT    NOT NULL,
+  granularity INTEGER NOT NULL,
+  included    INTEGER NOT NULL,
+  PRIMARY KEY (vm_id, name)
+);
+
+CREATE TABLE relationships (
+  vm_id                        TEXT    NOT NULL REFERENCES vms (id) ON DELETE CASCADE,
+  idx                          INTEGER NOT NULL CHECK (idx IN (0, 1)),
+  local_mode                   INTEGER NOT NULL,
+  state                        INTEGER NOT NULL,
+  health                       INTEGER NOT NULL,
+  settings_json                TEXT    NOT NULL,
+  last_replication_ms          INTEGER NOT NULL,
+  last_apply_ms                INTEGER NOT NULL,
+  last_app_consistent_ms       INTEGER NOT NULL,
+  last_replication_type        INTEGER NOT NULL,
+  failed_over_replication_type INTEGER NOT NULL,
+  generation_id                TEXT    NOT NULL,
+  sequence                     INTEGER NOT NULL,
+  PRIMARY KEY (vm_id, idx)
+);
+
+CREATE TABLE recovery_points (
+  id            TEXT    NOT NULL PRIMARY KEY,
+  vm_id         TEXT    NOT NULL REFERENCES vms (id) ON DELETE CASCADE,
+  time_ms       INTEGER NOT NULL,
+  kind          INTEGER NOT NULL,
+  sequence      INTEGER NOT NULL,
+  generation_id TEXT    NOT NULL
+);
+CREATE INDEX recovery_points_by_vm ON recovery_points (vm_id, time_ms, sequence);
+
+CREATE TABLE statistics (
+  vm_id                           TEXT    NOT NULL,
+  idx                             INTEGER NOT NULL,
+  start_ms                        INTEGER NOT NULL,
+  end_ms                          INTEGER NOT NULL,
+  replication_success_count       INTEGER NOT NULL,
+  replication_size_bytes          INTEGER NOT NULL,
+  max_replication_size_bytes      INTEGER NOT NULL,
+  replication_latency_ms          INTEGER NOT NULL,
+  max_replication_latency_ms      INTEGER NOT NULL,
+  replication_miss_count          INTEGER NOT NULL,
+  network_failure_count           INTEGER NOT NULL,
+  replication_failure_count       INTEGER NOT NULL,
+  pending_replication_size_bytes  INTEGER NOT NULL,
+  app_consistent_failure_count    INTEGER NOT NULL,
+  replication_health              INTEGER NOT NULL,
+  last_test_failover_ms           INTEGER NOT NULL,
+  initial_replication_size_bytes  INTEGER NOT NULL,
+  health_issues_json              TEXT    NOT NULL,
+  PRIMARY KEY (vm_id, idx),
+  FOREIGN KEY (vm_id, idx) REFERENCES relationships (vm_id, idx) ON DELETE CASCADE
+);
+
+CREATE TABLE jobs (
+  id                    TEXT    NOT NULL PRIMARY KEY,
+  type                  INTEGER NOT NULL,
+  state                 INTEGER NOT NULL,
+  percent_complete      INTEGER NOT NULL,
+  error_code            INTEGER NOT NULL,
+  error_description     TEXT    NOT NULL,
+  cancellable           INTEGER NOT NULL,
+  resumable             INTEGER NOT NULL,
+  target                TEXT    NOT NULL,
+  parameters_json       TEXT    NOT NULL,
+  result_json           TEXT    NOT NULL,
+  created_ms            INTEGER NOT NULL,
+  started_ms            INTEGER NOT NULL,
+  finished_ms           INTEGER NOT NULL,
+  time_before_removal_s INTEGER NOT NULL
+);
+CREATE INDEX jobs_by_created ON jobs (created_ms, id);
+)sql";
+
+constexpr const char* kMigrations[] = {kV1};
+static_assert(std::size(kMigrations) == kCatalogSchemaVersion,
+              "each schema version needs exactly one migration");
+
+}  // namespace
+
+std::span<const char* const> Migrations() { return kMigrations; }
+
+}  // namespace vmreplica::catalog_internal

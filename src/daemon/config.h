@@ -1,0 +1,39 @@
+// vmreplicad's configuration file (TOML). docs/configuration.md lists every
+// key; LoadConfig refuses unknown keys and out-of-range values with a
+// message naming the key, so a typo never silently falls back to a default.
+#pragma once
+
+#include <chrono>
+#include <string>
+#include <vector>
+
+#include "service/service_env.h"
+#include "vmreplica/status.h"
+
+namespace vmreplica::daemon {
+
+struct DaemonConfig {
+  // [daemon]
+  std::string state_dir = "/var/lib/vmreplica";       // catalog, lock, staging
+  std::string admin_socket = "/run/vmreplica/admin.sock";
+  std::string log_level = "info";                     // trace debug info warn error
+  std::string log_file;                               // empty: standard error
+  // [listener]: the mTLS listener (peer protocol and remote administration).
+  std::string listen_address = "0.0.0.0";
+  uint32_t listen_port = 0;                           // 0: keep HttpsPort from the catalog
+  bool start_listener = true;
+  // [tls]
+  std::string ca_file = "/etc/vmreplica/ca.crt";
+  std::string certificate_file = "/etc/vmreplica/host.crt";
+  std::string key_file = "/etc/vmreplica/host.key";
+  // [admin] + [knobs]
+  service::ServiceOptions service;
+  int job_workers = 4;                                // 1..64
+};
+
+// Parses a config file. Relative paths are resolved against the file's directory.
+Result<DaemonConfig> LoadConfig(const std::string& path);
+// Parses config text (for tests); `base_dir` resolves relative paths.
+Result<DaemonConfig> ParseConfig(const std::string& text, const std::string& base_dir);
+
+}  // namespace vmreplica::daemon

@@ -1,0 +1,78 @@
+#include "daemon/config.h"
+
+#include <gtest/gtest.h>
+
+namespace vmreplica::daemon {
+namespace {
+
+TEST(ConfigTest, FullFileParsesAndRelativePathsResolveAgainstTheFile) {
+  auto c = ParseConfig(R"(
+[daemon]
+state_dir = "/var/lib/vmr"
+admin_socket = "run/admin.sock"
+log_level = "debug"
+[listener]
+address = "127.0.0.1"
+port = 18443
+start = false
+[tls]
+ca = "pki/ca.crt"
+certificate = "/etc/x/host.crt"
+key = "pki/host.key"
+[admin]
+remote_principals = ["*.ops.example", "admin1.example"]
+[knobs]
+connect_timeout_ms = 2000
+job_workers = 2
+)", "/etc/vmreplica");
+  ASSERT_TRUE(c.ok()) << c.status().ToString();
+  EXPECT_EQ(c->admin_socket, "/etc/vmreplica/run/admin.sock");
+  EXPECT_EQ(c->ca_file, "/etc/vmreplica/pki/ca.crt");
+  EXPECT_EQ(c->certificate_file, "/etc/x/host.crt");
+  EXPECT_EQ(c->listen_port, 18443u);
+  EXPECT_FALSE(c->start_listener);
+  EXPECT_EQ(c->service.connect_timeout, std::chrono::milliseconds(2000));
+  EXPECT_EQ(c->job_workers, 2);
+  EXPECT_EQ(c->service.remote_admin_principals.size(), 2u);
+}
+
+TEST(ConfigTest, EmptyFileGivesDefaults) {
+  auto c = ParseConfig("", "/etc");
+  ASSERT_TRUE(c.ok());
+  EXPECT_EQ(c->state_dir, "/var/lib/vmreplica");
+  EXPECT_TRUE(c->start_listener);
+}
+
+struct BadCase {
+  const char* text;
+  const char* expected_in_message;
+};
+
+TEST(ConfigTest, BadFilesAreRefusedNamingTheKey) {
+  const BadCase cases[] = {
+      {"[daemon]\nstate_dir = ", "TOML syntax error at line 2"},
+      {"[daemon]\nstatedir = \"/x\"", "unknown key daemon.statedir"},
+      {"[deamon]\n", "unknown table [deamon]"},
+      {"[listener]\nport = 0", "listener.port: 0 is not in 1..65535"},
+      {"[listener]\nport = 70000", "listener.port: 70000"},
+      {"[listener]\nport = \"443\"", "listener.port must be an integer"},
+      {"[listener]\nstart = 1", "listener.start must be true or false"},
+      {"[listener]\naddress = \"bad host!\"", "listener.address"},
+      {"[daemon]\nlog_level = \"loud\"", "daemon.log_level"},
+      {"[daemon]\nstate_dir = \"relative\"", ""},
+      {"[knobs]\njob_workers = 0", "knobs.job_workers: 0 is not in 1..64"},
+      {"[knobs]\nconnect_timeout_ms = 5", "knobs.connect_timeout_ms"},
+      {"[admin]\nremote_principals = \"x\"", "admin.remote_principals must be an array"},
+      {"[admin]\nremote_principals = [\"a.*.com\"]", "admin.remote_principals"},
+  };
+  for (const auto& c : cases) {
+    auto r = ParseConfig(c.text, "");
+    ASSERT_FALSE(r.ok()) << c.text;
+    EXPECT_EQ(r.status().code(), Code::kInvalidArgument) << c.text;
+    EXPECT_NE(r.status().message().find(c.expected_in_message), std::string::npos)
+        << c.text << " -> " << r.status().message();
+  }
+}
+
+}  // namespace
+}  // namespace vmreplica::daemon

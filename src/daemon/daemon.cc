@@ -1,0 +1,152 @@
+#include "daemon/daemon.h"
+
+#include <spdlog/spdlog.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <filesystem>
+
+#include "service/tls.h"
+
+namespace vmreplica::daemon {
+
+Daemon::Daemon(DaemonConfig config, FileLock lock) : config_(std::move(config)), lock_(std::move(lock)) {}
+
+Result<std::unique_ptr<Daemon>> Daemon::Create(DaemonConfig config) {
+  VMR_RETURN_IF_ERROR(MakeDirs(config.state_dir, 0700));
+  auto lock = FileLock::Acquire(config.state_dir + "/vmreplicad.lock");
+  if (!lock.ok()) return lock.status();
+  auto identity = service::LoadIdentity(config.ca_file, config.certificate_file, config.key_file);
+  if (!identity.ok()) return identity.status().WithContext("TLS identity");
+  auto cert = security::InspectCertificatePem(identity->cert_pem);
+  if (!cert.ok()) return cert.status();
+  auto names = security::CertificateNames(*cert);
+  if (names.empty()) return Status::InvalidArgument("the host certificate names no host (no SAN, no CN)");
+
+  std::unique_ptr<Daemon> d(new Daemon(std::move(config), std::move(*lock)));
+  auto catalog = Catalog::Open(d->config_.state_dir + "/catalog.db");
+  if (!catalog.ok()) return catalog.status();
+  d->catalog_ = std::move(*catalog);
+
+  if (d->config_.listen_port != 0) {
+    // [listener] port overrides HttpsPort at every start (docs/configuration.md).
+    auto s = d->catalog_->GetServerSettings();
+    if (!s.ok()) return s.status();
+    if (s->https_port != d->config_.listen_port) {
+      spdlog::info("HttpsPort {} -> {} from [listener] port", s->https_port, d->config_.listen_port);
+      s->https_port = d->config_.listen_port;
+      VMR_RETURN_IF_ERROR(d->catalog_->PutServerSettings(*s));
+    }
+  }
+
+  JobEngineOptions jopts;
+  jopts.worker_threads = d->config_.job_workers;
+  d->jobs_ = std::make_unique<JobEngine>(d->catalog_.get(), jopts);
+  // No job kind is resumable yet: every job interrupted by a stop ends as
+  // Exception with the reason (JobEngine::Recover).
+  VMR_RETURN_IF_ERROR(d->jobs_->Recover([](const JobRecord&) { return std::optional<JobWork>(); }));
+
+  d->env_.catalog = d->catalog_.get();
+  d->env_.jobs = d->jobs_.get();
+  d->env_.listener = d.get();
+  d->env_.identity = std::move(*identity);
+  // The host's name: its subject CN when the SANs carry it, else the first name.
+  std::string cn = cert->subject_cn;
+  std::transform(cn.begin(), cn.end(), cn.begin(), [](unsigned char c) { return std::tolower(c); });
+  d->env_.host_name = std::find(names.begin(), names.end(), cn) != names.end() ? cn : names.front();
+  d->env_.version = PROJECT_VERSION_STRING;
+  d->env_.options = d->config_.service;
+  d->local_control_ = std::make_unique<service::ControlService>(&d->env_, /*remote=*/false);
+  d->remote_control_ = std::make_unique<service::ControlService>(&d->env_, /*remote=*/true);
+  d->peer_ = std::make_unique<service::PeerService>(&d->env_);
+  return d;
+}
+
+Daemon::~Daemon() { Stop(); }
+
+Status Daemon::Start() {
+  const std::string& sock = config_.admin_socket;
+  VMR_RETURN_IF_ERROR(MakeDirs(std::filesystem::path(sock).parent_path().string(), 0755));
+  // We hold the state-dir lock, so a socket file left here is a dead daemon's.
+  ::unlink(sock.c_str());
+  grpc::ServerBuilder b;
+  b.AddListeningPort("unix:" + sock, grpc::InsecureServerCredentials());
+  b.RegisterService(local_control_.get());
+  // The socket is created with mode 0600 (umask) and checked after.
+  mode_t old_mask = ::umask(0077);
+  admin_server_ = b.BuildAndStart();
+  ::umask(old_mask);
+  if (!admin_server_) return Status::Unavailable("cannot listen on admin socket " + sock);
+  if (::chmod(sock.c_str(), 0600) != 0) return Status::IOError("chmod 0600 " + sock);
+  spdlog::info("admin socket {} (mode 0600)", sock);
+  if (config_.start_listener) VMR_RETURN_IF_ERROR(StartListener());
+  return Status::Ok();
+}
+
+Status Daemon::StartListener() {
+  std::lock_guard<std::mutex> lock(listener_mu_);
+  if (stopped_) return Status::FailedPrecondition("vmreplicad is stopping");
+  if (listener_) return Status::Ok();
+  auto settings = catalog_->GetServerSettings();
+  if (!settings.ok()) return settings.status();
+  std::string addr = service::JoinHostPort(config_.listen_address, static_cast<uint16_t>(settings->https_port));
+  grpc::ServerBuilder b;
+  int bound = 0;
+  b.AddListeningPort(addr, service::MakeServerCredentials(env_.identity), &bound);
+  b.RegisterService(peer_.get());
+  b.RegisterService(remote_control_.get());
+  b.SetMaxReceiveMessageSize(64 << 20);
+  listener_ = b.BuildAndStart();
+  if (!listener_ || bound == 0) {
+    listener_.reset();
+    return Status::Unavailable("cannot listen on " + addr + " (address in use or not local?)");
+  }
+  listen_address_ = addr;
+  spdlog::info("replica listener on {} (mutual TLS) as {}", addr, env_.host_name);
+  return Status::Ok();
+}
+
+Status Daemon::StopListener() {
+  std::unique_ptr<grpc::Server> server;
+  {
+    std::lock_guard<std::mutex> lock(listener_mu_);
+    server = std::move(listener_);
+    listen_address_.clear();
+  }
+  if (server) {
+    server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
+    server->Wait();
+    spdlog::info("replica listener stopped");
+  }
+  return Status::Ok();
+}
+
+bool Daemon::ListenerRunning() const {
+  std::lock_guard<std::mutex> lock(listener_mu_);
+  return listener_ != nullptr;
+}
+
+std::string Daemon::ListenAddress() const {
+  std::lock_guard<std::mutex> lock(listener_mu_);
+  return listen_address_;
+}
+
+void Daemon::Stop() {
+  {
+    std::lock_guard<std::mutex> lock(listener_mu_);
+    if (stopped_) return;
+    stopped_ = true;
+  }
+  StopListener().IgnoreError();
+  if (admin_server_) {
+    admin_server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
+    admin_server_->Wait();
+    admin_server_.reset();
+    ::unlink(config_.admin_socket.c_str());
+  }
+  if (jobs_) jobs_->Shutdown();
+  spdlog::info("vmreplicad stopped");
+}
+
+}  // namespace vmreplica::daemon

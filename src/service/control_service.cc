@@ -1,0 +1,462 @@
+#include "service/control_service.h"
+
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+
+#include "service/authorization.h"
+#include "service/connection_test.h"
+#include "service/convert.h"
+#include "service/tls.h"
+#include "vmreplica/model/return_code.h"
+#include "vmreplica/model/settings.h"
+
+namespace vmreplica::service {
+namespace {
+
+void SetResult(v1::MethodResult* r, ReturnCode code, const std::string& description = "") {
+  r->set_return_value(Number(code));
+  r->set_error_description(description);
+}
+
+void SetError(v1::MethodResult* r, const Status& s) {
+  SetResult(r, ToReturnCode(s), s.message());
+}
+
+void SetJobStarted(v1::MethodResult* r, const JobRecord& job) {
+  SetResult(r, ReturnCode::kJobStarted);
+  ToProto(job, NowMs(), r->mutable_job());
+}
+
+// Names the issue that brings a method, so the answer says what is missing.
+void NotSupportedYet(v1::MethodResult* r, const char* method, const char* capability) {
+  SetResult(r, ReturnCode::kNotSupported,
+            std::string(method) + " is not supported by this vmreplica build yet (" + capability + ")");
+}
+
+constexpr const char* kReplicationCapability = "replication end to end is not implemented yet";
+constexpr const char* kFailoverCapability = "the failover family is not implemented yet";
+constexpr const char* kInitialCapability = "export/import and seeded initial replication are not implemented yet";
+
+}  // namespace
+
+bool ControlService::Authorize(const grpc::ServerContext& context, const char* method,
+                               v1::MethodResult* result) const {
+  if (!remote_) return true;  // the local socket is mode 0600, owned by the daemon's user
+  std::vector<std::string> names = PeerNames(context);
+  for (const auto& pattern : env_->options.remote_admin_principals) {
+    for (const auto& n : names) {
+      if (HostMatchesPattern(n, pattern)) return true;
+    }
+  }
+  std::string who = names.empty() ? std::string("an unnamed peer") : names.front();
+  spdlog::warn("remote {} from {} refused: not in [admin] remote_principals", method, who);
+  SetResult(result, ReturnCode::kAccessDenied,
+            who + " may not administer " + env_->host_name + " remotely (not in [admin] remote_principals)");
+  return false;
+}
+
+bool ControlService::RefuseOverOwnListener(const char* what, v1::MethodResult* result) const {
+  if (!remote_) return false;
+  SetResult(result, ReturnCode::kSystemInUse,
+            std::string(what) + " would cut the connection this request came on; use the local socket");
+  return true;
+}
+
+Status ControlService::SetListenerRunning(bool running) {
+  if (env_->listener == nullptr) return Status::NotSupported("this daemon has no replica listener");
+  return running ? env_->listener->StartListener() : env_->listener->StopListener();
+}
+
+// ---------------------------------------------------------------- server
+
+grpc::Status ControlService::TestReplicationConnection(grpc::ServerContext* ctx,
+                                                       const v1::TestReplicationConnectionRequest* req,
+                                                       v1::MethodResponse* resp) {
+  auto* r = resp->mutable_result();
+  if (!Authorize(*ctx, "TestReplicationConnection", r)) return grpc::Status::OK;
+  const std::string host = req->recovery_connection_point();
+  if (Status s = ValidateHostName(host, "RecoveryConnectionPoint"); !s.ok()) {
+    SetError(r, s);
+    return grpc::Status::OK;
+  }
+  if (req->recovery_server_port_number() < 1 || req->recovery_server_port_number() > 65535) {
+    SetResult(r, ReturnCode::kInvalidParameter,
+              "RecoveryServerPortNumber: " + std::to_string(req->recovery_server_port_number()) +
+                  " is not in 1..65535");
+    return grpc::Status::OK;
+  }
+  if (req->authentication_type() == Number(AuthenticationType::kKerberos)) {
+    SetResult(r, ReturnCode::kNotSupported,
+              "AuthenticationType 1 (Kerberos) is not supported; use 2 (Certificate)");
+    return grpc::Status::OK;
+  }
+  if (req->authentication_type() != Number(AuthenticationType::kCertificate)) {
+    SetResult(r, ReturnCode::kInvalidParameter,
+              "AuthenticationType: " + std::to_string(req->authentication_type()) +
+                  " is not one of 1 (Kerberos), 2 (Certificate)");
+    return grpc::Status::OK;
+  }
+  if (!req->certificate_thumbprint().empty()) {
+    auto mine = security::InspectCertificatePem(env_->identity.cert_pem);
+    std::string want = req->certificate_thumbprint();
+    std::transform(want.begin(), want.end(), want.begin(), [](unsigned char c) { return std::toupper(c); });
+    if (!mine.ok() || mine->thumbprint_sha1 != want) {
+      SetResult(r, ReturnCode::kInvalidParameter,
+                "CertificateThumbPrint: no certificate with thumbprint " + req->certificate_thumbprint() +
+                    " on this host (GetSystemCertificates lists them)");
+      return grpc::Status::OK;
+    }
+  }
+  const uint16_t port = static_cast<uint16_t>(req->recovery_server_port_number());
+  nlohmann::json params = {{"recovery_connection_point", host}, {"recovery_server_port_number", port}};
+  ServiceEnv* env = env_;
+  // Not resumable: a connection test from before a restart says nothing
+  // about the connection now; after a restart it ends as Exception.
+  auto job = env_->jobs->Start(JobType::kTestConnection, JoinHostPort(host, port), params.dump(),
+                               /*cancellable=*/false, /*resumable=*/false, [env, host, port](JobContext& jc) {
+                                 auto out = TestConnection(*env, host, port);
+                                 if (!out.ok()) return out.status();
+                                 jc.SetResult(out->dump());
+                                 return Status::Ok();
+                               });
+  if (!job.ok()) {
+    SetError(r, job.status());
+    return grpc::Status::OK;
+  }
+  SetJobStarted(r, *job);
+  return grpc::Status::OK;
+}
+
+grpc::Status ControlService::AddAuthorizationEntry(grpc::ServerContext* ctx, const v1::AuthorizationEntryRequest* req,
+                                                   v1::MethodResponse* resp) {
+  auto* r = resp->mutable_result();
+  if (!Authorize(*ctx, "AddAuthorizationEntry", r)) return grpc::Status::OK;
+  AuthorizationEntry e = FromProto(req->entry());
+  Status s = ValidateAuthorizationEntry(e);
+  if (s.ok()) s = env_->catalog->AddAuthorizationEntry(e);
+  if (!s.ok()) {
+    SetError(r, s);
+    return grpc::Status::OK;
+  }
+  spdlog::info("authorization entry added: {} -> {} (trust group '{}')", e.allowed_primary_host_system,
+               e.replica_storage_location, e.trust_group);
+  SetResult(r, ReturnCode::kCompleted);
+  return grpc::Status::OK;
+}
+
+grpc::Status ControlService::ModifyAuthorizationEntry(grpc::ServerContext* ctx,
+                                                      const v1::AuthorizationEntryRequest* req,
+                                                      v1::MethodResponse* resp) {
+  auto* r = resp->mutable_result();
+  if (!Authorize(*ctx, "ModifyAuthorizationEntry", r)) return grpc::Status::OK;
+  AuthorizationEntry e = FromProto(req->entry());
+  Status s = ValidateAuthorizationEntry(e);
+  if (s.ok()) s = env_->catalog->ModifyAuthorizationEntry(e);
+  if (!s.ok()) {
+    SetError(r, s);
+    return grpc::Status::OK;
+  }
+  spdlog::info("authorization entry modified: {} -> {} (trust group '{}')", e.allowed_primary_host_system,
+               e.replica_storage_location, e.trust_group);
+  SetResult(r, ReturnCode::kCompleted);
+  return grpc::Status::OK;
+}
+
+grpc::Status ControlService::RemoveAuthorizationEntry(grpc::ServerContext* ctx,
+                                                      const v1::RemoveAuthorizationEntryRequest* req,
+                                                      v1::MethodResponse* resp) {
+  auto* r = resp->mutable_result();
+  if (!Authorize(*ctx, "RemoveAuthorizationEntry", r)) return grpc::Status::OK;
+  Status s = ValidateHostPattern(req->allowed_primary_host_system(), "AllowedPrimaryHostSystem");
+  if (s.ok()) s = env_->catalog->RemoveAuthorizationEntry(req->allowed_primary_host_system());
+  if (!s.ok()) {
+    SetError(r, s);
+    return grpc::Status::OK;
+  }
+  spdlog::info("authorization entry removed: {}", req->allowed_primary_host_system());
+  SetResult(r, ReturnCode::kCompleted);
+  return grpc::Status::OK;
+}
+
+grpc::Status ControlService::SetAuthorizationEntry(grpc::ServerContext* ctx, const v1::SetAuthorizationEntryRequest*,
+                                                   v1::MethodResponse* resp) {
+  auto* r = resp->mutable_result();
+  if (!Authorize(*ctx, "SetAuthorizationEntry", r)) return grpc::Status::OK;
+  // Binds a replica VM to an entry: needs replica VMs, which replication brings.
+  NotSupportedYet(r, "SetAuthorizationEntry", kReplicationCapability);
+  return grpc::Status::OK;
+}
+
+grpc::Status ControlService::ModifyServiceSettings(grpc::ServerContext* ctx, const v1::ServiceSettingsRequest* req,
+                                                   v1::MethodResponse* resp) {
+  auto* r = resp->mutable_result();
+  if (!Authorize(*ctx, "ModifyServiceSettings", r)) return grpc::Status::OK;
+  auto settings = FromProto(req->settings());
+  Status s = settings.ok() ? ValidateServerSettings(*settings) : settings.status();
+  if (!s.ok()) {
+    SetError(r, s);
+    return grpc::Status::OK;
+  }
+  auto auth = settings->allowed_authentication_type;
+  if (auth == AllowedAuthenticationType::kKerberos || auth == AllowedAuthenticationType::kKerberosAndCertificate) {
+    SetResult(r, ReturnCode::kNotSupported,
+              "AllowedAuthenticationType: Kerberos is not supported; use 2 (Certificate) or 0 (none)");
+    return grpc::Status::OK;
+  }
+  auto old = env_->catalog->GetServerSettings();
+  if (!old.ok()) {
+    SetError(r, old.status());
+    return grpc::Status::OK;
+  }
+  const bool port_changed = old->https_port != settings->https_port;
+  if (port_changed && RefuseOverOwnListener("changing HttpsPort", r)) return grpc::Status::OK;
+  if (s = env_->catalog->PutServerSettings(*settings); !s.ok()) {
+    SetError(r, s);
+    return grpc::Status::OK;
+  }
+  spdlog::info("service settings: RecoveryServerEnabled={} AllowedAuthenticationType={} HttpsPort={} "
+               "MonitoringInterval={}s MonitoringStartTime={}min",
+               settings->recovery_server_enabled, Number(auth), settings->https_port,
+               settings->monitoring_interval_s, settings->monitoring_start_time_min);
+  if (port_changed && env_->listener && env_->listener->ListenerRunning()) {
+    s = SetListenerRunning(false);
+    if (s.ok()) s = SetListenerRunning(true);
+    if (!s.ok()) {
+      SetError(r, s.WithContext("settings saved, but the listener did not restart on port " +
+                                std::to_string(settings->https_port)));
+      return grpc::Status::OK;
+    }
+  }
+  SetResult(r, ReturnCode::kCompleted);
+  return grpc::Status::OK;
+}
+
+grpc::Status ControlService::GetSystemCertificates(grpc::ServerContext* ctx, const v1::Empty*,
+                                                   v1::CertificatesResponse* resp) {
+  auto* r = resp->mutable_result();
+  if (!Authorize(*ctx, "GetSystemCertificates", r)) return grpc::Status::OK;
+  auto host = security::InspectCertificatePem(env_->identity.cert_pem);
+  auto cas = security::InspectCertificateChainPem(env_->identity.ca_pem);
+  if (!host.ok() || !cas.ok()) {
+    SetError(r, host.ok() ? cas.status() : host.status());
+    return grpc::Status::OK;
+  }
+  ToProto(*host, "host", resp->add_certificates());
+  for (const auto& ca : *cas) ToProto(ca, "ca", resp->add_certificates());
+  SetResult(r, ReturnCode::kCompleted);
+  return grpc::Status::OK;
+}
+
+grpc::Status ControlService::RequestStateChange(grpc::ServerContext* ctx, const v1::ServiceStateRequest* req,
+                                                v1::MethodResponse* resp) {
+  auto* r = resp->mutable_result();
+  if (!Authorize(*ctx, "RequestStateChange", r)) return grpc::Status::OK;
+  // CIM_EnabledLogicalElement.RequestedState: 2 Enabled, 3 Disabled.
+  if (req->requested_state() != 2 && req->requested_state() != 3) {
+    SetResult(r, ReturnCode::kInvalidParameter,
+              "RequestedState: " + std::to_string(req->requested_state()) + " is not one of 2 (Enabled), 3 (Disabled)");
+    return grpc::Status::OK;
+  }
+  const bool enable = req->requested_state() == 2;
+  if (!enable && RefuseOverOwnListener("stopping the listener", r)) return grpc::Status::OK;
+  Status s = SetListenerRunning(enable);
+  if (!s.ok()) {
+    SetError(r, s);
+    return grpc::Status::OK;
+  }
+  SetResult(r, ReturnCode::kCompleted);
+  return grpc::Status::OK;
+}
+
+grpc::Status ControlService::StartService(grpc::ServerContext* ctx, const v1::Empty*, v1::MethodResponse* resp) {
+  auto* r = resp->mutable_result();
+  if (!Authorize(*ctx, "StartService", r)) return grpc::Status::OK;
+  Status s = SetListenerRunning(true);
+  if (!s.ok()) {
+    SetError(r, s);
+    return grpc::Status::OK;
+  }
+  SetResult(r, ReturnCode::kCompleted);
+  return grpc::Status::OK;
+}
+
+grpc::Status ControlService::StopService(grpc::ServerContext* ctx, const v1::Empty*, v1::MethodResponse* resp) {
+  auto* r = resp->mutable_result();
+  if (!Authorize(*ctx, "StopService", r)) return grpc::Status::OK;
+  if (RefuseOverOwnListener("stopping the listener", r)) return grpc::Status::OK;
+  Status s = SetListenerRunning(false);
+  if (!s.ok()) {
+    SetError(r, s);
+    return grpc::Status::OK;
+  }
+  SetResult(r, ReturnCode::kCompleted);
+  return grpc::Status::OK;
+}
+
+// ---------------------------------------------------------------- reads
+
+grpc::Status ControlService::GetServiceSettings(grpc::ServerContext* ctx, const v1::Empty*,
+                                                v1::ServiceSettingsResponse* resp) {
+  auto* r = resp->mutable_result();
+  if (!Authorize(*ctx, "GetServiceSettings", r)) return grpc::Status::OK;
+  auto s = env_->catalog->GetServerSettings();
+  if (!s.ok()) {
+    SetError(r, s.status());
+    return grpc::Status::OK;
+  }
+  ToProto(*s, resp->mutable_settings());
+  SetResult(r, ReturnCode::kCompleted);
+  return grpc::Status::OK;
+}
+
+grpc::Status ControlService::ListAuthorizationEntries(grpc::ServerContext* ctx, const v1::Empty*,
+                                                      v1::AuthorizationEntriesResponse* resp) {
+  auto* r = resp->mutable_result();
+  if (!Authorize(*ctx, "ListAuthorizationEntries", r)) return grpc::Status::OK;
+  auto entries = env_->catalog->ListAuthorizationEntries();
+  if (!entries.ok()) {
+    SetError(r, entries.status());
+    return grpc::Status::OK;
+  }
+  for (const auto& e : *entries) ToProto(e, resp->add_entries());
+  SetResult(r, ReturnCode::kCompleted);
+  return grpc::Status::OK;
+}
+
+grpc::Status ControlService::GetServiceStatus(grpc::ServerContext* ctx, const v1::Empty*,
+                                              v1::ServiceStatusResponse* resp) {
+  auto* r = resp->mutable_result();
+  if (!Authorize(*ctx, "GetServiceStatus", r)) return grpc::Status::OK;
+  resp->set_version(env_->version);
+  resp->set_host_name(env_->host_name);
+  resp->set_listener_running(env_->listener && env_->listener->ListenerRunning());
+  resp->set_listen_address(env_->listener ? env_->listener->ListenAddress() : "");
+  resp->set_protocol_version(kProtocolVersion);
+  for (const auto& f : kFeatures) resp->add_features(f);
+  SetResult(r, ReturnCode::kCompleted);
+  return grpc::Status::OK;
+}
+
+grpc::Status ControlService::ListReplications(grpc::ServerContext* ctx, const v1::Empty*,
+                                              v1::ReplicationsResponse* resp) {
+  auto* r = resp->mutable_result();
+  if (!Authorize(*ctx, "ListReplications", r)) return grpc::Status::OK;
+  auto rels = env_->catalog->ListRelationships();
+  if (!rels.ok()) {
+    SetError(r, rels.status());
+    return grpc::Status::OK;
+  }
+  for (const auto& rel : *rels) {
+    auto* p = resp->add_relationships();
+    p->set_vm_id(rel.vm_id);
+    auto vm = env_->catalog->GetVm(rel.vm_id);
+    if (vm.ok() && vm->has_value()) p->set_vm_name((*vm)->name);
+    p->set_relationship_index(static_cast<uint32_t>(rel.index));
+    p->set_replication_mode(Number(rel.local_mode));
+    p->set_replication_state(Number(rel.state));
+    p->set_replication_health(Number(rel.health));
+    ToProto(rel.settings, p->mutable_settings());
+    p->set_last_replication_time_unix_ms(rel.last_replication_ms);
+    p->set_last_apply_time_unix_ms(rel.last_apply_ms);
+    p->set_last_application_consistent_replication_time_unix_ms(rel.last_app_consistent_ms);
+    p->set_last_replication_type(Number(rel.last_replication_type));
+    p->set_failed_over_replication_type(Number(rel.failed_over_replication_type));
+  }
+  SetResult(r, ReturnCode::kCompleted);
+  return grpc::Status::OK;
+}
+
+// ---------------------------------------------------------------- jobs
+
+grpc::Status ControlService::GetJob(grpc::ServerContext* ctx, const v1::JobRequest* req, v1::JobResponse* resp) {
+  auto* r = resp->mutable_result();
+  if (!Authorize(*ctx, "GetJob", r)) return grpc::Status::OK;
+  auto job = env_->jobs->Get(req->id());
+  if (!job.ok()) {
+    SetError(r, job.status());
+    return grpc::Status::OK;
+  }
+  ToProto(*job, NowMs(), resp->mutable_job());
+  SetResult(r, ReturnCode::kCompleted);
+  return grpc::Status::OK;
+}
+
+grpc::Status ControlService::ListJobs(grpc::ServerContext* ctx, const v1::Empty*, v1::JobsResponse* resp) {
+  auto* r = resp->mutable_result();
+  if (!Authorize(*ctx, "ListJobs", r)) return grpc::Status::OK;
+  auto jobs = env_->jobs->List();
+  if (!jobs.ok()) {
+    SetError(r, jobs.status());
+    return grpc::Status::OK;
+  }
+  const int64_t now = NowMs();
+  for (const auto& j : *jobs) ToProto(j, now, resp->add_jobs());
+  SetResult(r, ReturnCode::kCompleted);
+  return grpc::Status::OK;
+}
+
+grpc::Status ControlService::WaitJob(grpc::ServerContext* ctx, const v1::WaitJobRequest* req, v1::JobResponse* resp) {
+  auto* r = resp->mutable_result();
+  if (!Authorize(*ctx, "WaitJob", r)) return grpc::Status::OK;
+  // Bounded so that one call never holds a handler thread for long; clients loop.
+  auto timeout = std::chrono::milliseconds(std::min<uint32_t>(req->timeout_ms(), 60000));
+  auto job = env_->jobs->Wait(req->id(), timeout);
+  if (!job.ok()) {
+    SetError(r, job.status());
+    return grpc::Status::OK;
+  }
+  ToProto(*job, NowMs(), resp->mutable_job());
+  SetResult(r, ReturnCode::kCompleted);
+  return grpc::Status::OK;
+}
+
+grpc::Status ControlService::CancelJob(grpc::ServerContext* ctx, const v1::JobRequest* req, v1::MethodResponse* resp) {
+  auto* r = resp->mutable_result();
+  if (!Authorize(*ctx, "CancelJob", r)) return grpc::Status::OK;
+  Status s = env_->jobs->Cancel(req->id());
+  if (!s.ok()) {
+    SetError(r, s);
+    return grpc::Status::OK;
+  }
+  SetResult(r, ReturnCode::kCompleted);
+  return grpc::Status::OK;
+}
+
+// ---------------------------------------------------------------- not yet
+
+#define VMR_NOT_YET(Method, Request, Response, capability)                                   \
+  grpc::Status ControlService::Method(grpc::ServerContext* ctx, const v1::Request*,           \
+                                      v1::Response* resp) {                                  \
+    auto* r = resp->mutable_result();                                                        \
+    if (!Authorize(*ctx, #Method, r)) return grpc::Status::OK;                               \
+    NotSupportedYet(r, #Method, capability);                                                 \
+    return grpc::Status::OK;                                                                 \
+  }
+
+VMR_NOT_YET(CreateReplicationRelationship, VmSettingsRequest, MethodResponse, kReplicationCapability)
+VMR_NOT_YET(StartReplication, StartReplicationRequest, MethodResponse, kReplicationCapability)
+VMR_NOT_YET(ImportInitialReplica, ImportInitialReplicaRequest, MethodResponse, kInitialCapability)
+VMR_NOT_YET(InitiateFailover, FailoverRequest, MethodResponse, kFailoverCapability)
+VMR_NOT_YET(RevertFailover, VmRequest, MethodResponse, kFailoverCapability)
+VMR_NOT_YET(CommitFailover, VmRequest, MethodResponse, kFailoverCapability)
+VMR_NOT_YET(TestReplicaSystem, FailoverRequest, MethodResponse, kFailoverCapability)
+VMR_NOT_YET(DestroySystem, VmRequest, MethodResponse, kFailoverCapability)
+VMR_NOT_YET(ReverseReplicationRelationship, VmSettingsRequest, MethodResponse, kFailoverCapability)
+VMR_NOT_YET(InitiateFailback, FailbackRequest, MethodResponse, kFailoverCapability)
+VMR_NOT_YET(ChangeReplicationModeToPrimary, VmRelationshipRequest, MethodResponse, kFailoverCapability)
+VMR_NOT_YET(Resynchronize, ResynchronizeRequest, MethodResponse, kInitialCapability)
+VMR_NOT_YET(ModifyReplicationSettings, VmSettingsRequest, MethodResponse, kReplicationCapability)
+VMR_NOT_YET(RemoveReplicationRelationship, VmRequest, MethodResponse, kReplicationCapability)
+VMR_NOT_YET(RemoveReplicationRelationshipEx, VmRelationshipRequest, MethodResponse, kReplicationCapability)
+VMR_NOT_YET(GetReplicationStatistics, VmRequest, StatisticsResponse, kReplicationCapability)
+VMR_NOT_YET(GetReplicationStatisticsEx, VmRelationshipRequest, StatisticsResponse, kReplicationCapability)
+VMR_NOT_YET(ResetReplicationStatistics, VmRequest, MethodResponse, kReplicationCapability)
+VMR_NOT_YET(ResetReplicationStatisticsEx, VmRelationshipRequest, MethodResponse, kReplicationCapability)
+VMR_NOT_YET(RequestReplicationStateChange, StateChangeRequest, MethodResponse, kReplicationCapability)
+VMR_NOT_YET(RequestReplicationStateChangeEx, StateChangeRequest, MethodResponse, kReplicationCapability)
+VMR_NOT_YET(SetFailoverNetworkAdapterSettings, FailoverNetworkRequest, MethodResponse, kFailoverCapability)
+
+#undef VMR_NOT_YET
+
+}  // namespace vmreplica::service
