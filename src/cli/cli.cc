@@ -76,9 +76,10 @@ std::optional<uint32_t> Given(const CLI::Option* option, uint32_t value) {
 namespace {
 
 struct Cli {
-  CLI::App app{"vmreplica: Hyper-V Replica for Linux/KVM. Talks to vmreplicad over its admin socket, "
-               "or to a remote daemon over mutual TLS.",
-               "vmreplica"};
+  CLI::App app{
+      "vmreplica: Hyper-V Replica for Linux/KVM. Talks to vmreplicad over its admin socket, "
+      "or to a remote daemon over mutual TLS.",
+      "vmreplica"};
   GlobalOptions global;
   Registry registry{&app};
   CLI::Option* socket_option = nullptr;

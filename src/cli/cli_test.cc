@@ -2,11 +2,11 @@
 
 #include <google/protobuf/descriptor.h>
 #include <gtest/gtest.h>
-#include <nlohmann/json.hpp>
 #include <unistd.h>
 
 #include <cstdlib>
 #include <filesystem>
+#include <nlohmann/json.hpp>
 #include <set>
 #include <sstream>
 #include <string>
@@ -123,10 +123,9 @@ TEST(Usage, BadValuesExit2) {
   EXPECT_EQ(RunCli({"start", "vm1", "--export", "/tmp/x", "--seeded"}).code, 2);
   EXPECT_EQ(RunCli({"enable", "vm1", "--replica-server", "r", "--replica-port", "443", "--interval", "60"}).code, 2);
   EXPECT_EQ(RunCli({"enable", "vm1", "--replica-server", "r"}).code, 2);  // --replica-port missing
-  EXPECT_EQ(RunCli({"enable", "vm1", "--replica-server", "r", "--replica-port", "443", "--auto-resync-window",
-                    "18:30"})
-                .code,
-            2);
+  EXPECT_EQ(
+      RunCli({"enable", "vm1", "--replica-server", "r", "--replica-port", "443", "--auto-resync-window", "18:30"}).code,
+      2);
   EXPECT_EQ(RunCli({"server", "set", "--monitoring-start", "25:00"}).code, 2);
   EXPECT_EQ(RunCli({"server", "set", "--auth", "sometimes"}).code, 2);
   EXPECT_EQ(RunCli({"server", "set", "--enable", "--disable"}).code, 2);
@@ -147,8 +146,8 @@ TEST(Usage, ServerSetWithNothingToChangeExits2WithoutCallingTheDaemon) {
 }
 
 TEST(Usage, TooManyGatewaysExit2) {
-  std::vector<std::string> args = {"--socket", "/nonexistent/vmreplica.sock", "set-failover-ip", "vm1",
-                                    "--adapter", "eth0"};
+  std::vector<std::string> args = {"--socket", "/nonexistent/vmreplica.sock", "set-failover-ip", "vm1", "--adapter",
+                                   "eth0"};
   for (int i = 0; i < 6; ++i) {
     args.push_back("--gateway");
     args.push_back("10.0.0." + std::to_string(i + 1));
@@ -184,7 +183,7 @@ TEST(Unreachable, SocketComesFromTheEnvironment) {
 
 TEST(Remote, UnreadableCertificateFileIsAFailureNamingTheFile) {
   CliRun r = RunCli({"--remote", "127.0.0.1:1", "--ca", "/nonexistent/ca.pem", "--cert", "/nonexistent/c.pem", "--key",
-                  "/nonexistent/k.pem", "server", "get"});
+                     "/nonexistent/k.pem", "server", "get"});
   EXPECT_EQ(r.code, 1) << r.err;
   EXPECT_NE(r.err.find("/nonexistent/ca.pem"), std::string::npos) << r.err;
 }
@@ -209,9 +208,9 @@ TEST_F(CertTools, CaIssueAndShow) {
   ASSERT_EQ(ca.code, 0) << ca.err;
   EXPECT_NE(ca.out.find("IsCA"), std::string::npos) << ca.out;
 
-  CliRun issue = RunCli({"--json", "cert", "issue", "--ca-cert", Path("ca.crt"), "--ca-key", Path("ca.key"), "--cn",
-                      "host1.lab", "--san", "10.0.0.1", "--cert", Path("host1.crt"), "--key", Path("host1.key"),
-                      "--days", "30"});
+  CliRun issue =
+      RunCli({"--json", "cert", "issue", "--ca-cert", Path("ca.crt"), "--ca-key", Path("ca.key"), "--cn", "host1.lab",
+              "--san", "10.0.0.1", "--cert", Path("host1.crt"), "--key", Path("host1.key"), "--days", "30"});
   ASSERT_EQ(issue.code, 0) << issue.err;
   auto j = nlohmann::json::parse(issue.out);
   EXPECT_EQ(j["subject_cn"], "host1.lab");

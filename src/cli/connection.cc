@@ -1,10 +1,10 @@
 #include "cli/connection.h"
 
-#include <cstdlib>
-
 #include <grpcpp/create_channel.h>
 #include <grpcpp/security/credentials.h>
 #include <grpcpp/support/channel_arguments.h>
+
+#include <cstdlib>
 
 #include "cli/parse.h"
 #include "vmreplica/fileutil.h"

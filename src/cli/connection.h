@@ -4,10 +4,10 @@
 // remote_principals names.
 #pragma once
 
+#include <grpcpp/channel.h>
+
 #include <memory>
 #include <string>
-
-#include <grpcpp/channel.h>
 
 #include "vmreplica/status.h"
 
@@ -17,8 +17,8 @@ inline constexpr const char* kDefaultSocket = "/run/vmreplica/admin.sock";
 inline constexpr const char* kSocketEnv = "VMREPLICA_SOCKET";
 
 struct ConnectionOptions {
-  std::string socket;  // used when `remote` is empty
-  std::string remote;  // HOST:PORT or [IPv6]:PORT
+  std::string socket;                        // used when `remote` is empty
+  std::string remote;                        // HOST:PORT or [IPv6]:PORT
   std::string ca_file, cert_file, key_file;  // PEM files, all three required with `remote`
 };
 

@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <cstdio>
 #include <ctime>
-
 #include <nlohmann/json.hpp>
 
 namespace vmreplica::cli {

@@ -94,9 +94,9 @@ TEST(Format, Join) {
 }
 
 TEST(JsonObjectRows, FlattensInDocumentOrder) {
-  auto rows = JsonObjectRows(
-      R"({"reachable":true,"peer":{"host":"r1","port":443},"names":["a","b"],"rtt_ms":1.5,"note":null,)"
-      R"("hops":[{"n":1}]})");
+  auto rows =
+      JsonObjectRows(R"({"reachable":true,"peer":{"host":"r1","port":443},"names":["a","b"],"rtt_ms":1.5,"note":null,)"
+                     R"("hops":[{"n":1}]})");
   std::vector<std::pair<std::string, std::string>> want = {
       {"reachable", "True"}, {"peer.host", "r1"}, {"peer.port", "443"}, {"names", "a, b"},
       {"rtt_ms", "1.5"},     {"note", ""},        {"hops[0].n", "1"}};

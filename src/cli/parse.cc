@@ -187,9 +187,7 @@ Result<uint32_t> ParseUint(std::string_view text, uint32_t min, uint32_t max, st
 }
 
 Result<HostPort> ParseHostPort(std::string_view text) {
-  auto bad = [&] {
-    return Status::InvalidArgument("'" + std::string(text) + "' is not HOST:PORT (or [IPv6]:PORT)");
-  };
+  auto bad = [&] { return Status::InvalidArgument("'" + std::string(text) + "' is not HOST:PORT (or [IPv6]:PORT)"); };
   HostPort hp;
   std::string_view port;
   if (!text.empty() && text.front() == '[') {

@@ -57,19 +57,19 @@ std::string NormalizeThumbprint(std::string_view text);
 
 // The relationship options the operator gave; unset = keep the base value.
 struct RelationshipOptions {
-  std::optional<std::string> replica_server;   // --replica-server
-  std::optional<uint32_t> replica_port;        // --replica-port
-  std::optional<std::string> auth;             // --auth
-  std::optional<std::string> thumbprint;       // --thumbprint
-  std::optional<uint32_t> interval_s;          // --interval
-  std::optional<uint32_t> history;             // --history
-  std::optional<uint32_t> vss_hours;           // --vss-hours
-  std::optional<bool> compression;             // --compression / --no-compression
-  std::vector<std::string> disks;              // --disk (empty = keep)
-  std::optional<bool> auto_resync;             // --auto-resync / --no-auto-resync
+  std::optional<std::string> replica_server;      // --replica-server
+  std::optional<uint32_t> replica_port;           // --replica-port
+  std::optional<std::string> auth;                // --auth
+  std::optional<std::string> thumbprint;          // --thumbprint
+  std::optional<uint32_t> interval_s;             // --interval
+  std::optional<uint32_t> history;                // --history
+  std::optional<uint32_t> vss_hours;              // --vss-hours
+  std::optional<bool> compression;                // --compression / --no-compression
+  std::vector<std::string> disks;                 // --disk (empty = keep)
+  std::optional<bool> auto_resync;                // --auto-resync / --no-auto-resync
   std::optional<std::string> auto_resync_window;  // --auto-resync-window HH:MM-HH:MM
-  std::optional<bool> bypass_proxy;            // --bypass-proxy
-  std::optional<bool> replicate_host_kvp;      // --replicate-host-kvp / --no-replicate-host-kvp
+  std::optional<bool> bypass_proxy;               // --bypass-proxy
+  std::optional<bool> replicate_host_kvp;         // --replicate-host-kvp / --no-replicate-host-kvp
 };
 
 // Hyper-V's defaults (vmreplica::RelationshipSettings{}): certificate

@@ -56,8 +56,7 @@ TEST(ParseTimeArg, Iso8601WithoutZoneIsLocalTime) {
 TEST(ParseTimeArg, BadInputIsInvalidArgument) {
   for (const char* bad : {"", "tomorrow", "-5", "1e9", "2025-13-01", "2025-02-29", "2025-06-31", "2025-6-1",
                           "2025-06-01T25:00", "2025-06-01T18:60", "2025-06-01T18", "2025-06-01T18:30+",
-                          "2025-06-01T18:30Zjunk", "2025-06-01T18:30+25:00", "2025-06-01X18:30",
-                          "9999999999999"}) {
+                          "2025-06-01T18:30Zjunk", "2025-06-01T18:30+25:00", "2025-06-01X18:30", "9999999999999"}) {
     auto r = ParseTimeArg(bad);
     ASSERT_FALSE(r.ok()) << bad;
     EXPECT_EQ(r.status().code(), Code::kInvalidArgument) << bad;
@@ -118,15 +117,13 @@ TEST(ParseHostPort, NamesAndBracketedIpv6) {
   ASSERT_TRUE(b.ok());
   EXPECT_EQ(b->host, "fd00::1");
   EXPECT_EQ(b->port, 443);
-  for (const char* bad : {"", "host", "host:", ":443", "host:0", "host:65536", "fd00::1:443", "[fd00::1]443",
-                          "host:44x"}) {
+  for (const char* bad :
+       {"", "host", "host:", ":443", "host:0", "host:65536", "fd00::1:443", "[fd00::1]443", "host:44x"}) {
     EXPECT_FALSE(ParseHostPort(bad).ok()) << bad;
   }
 }
 
-TEST(NormalizeThumbprint, DropsSeparatorsAndUpperCases) {
-  EXPECT_EQ(NormalizeThumbprint("ab cd:ef01"), "ABCDEF01");
-}
+TEST(NormalizeThumbprint, DropsSeparatorsAndUpperCases) { EXPECT_EQ(NormalizeThumbprint("ab cd:ef01"), "ABCDEF01"); }
 
 // ---- the mapping from the options of enable / set onto RelationshipSettings
 
@@ -190,11 +187,11 @@ TEST(ApplyRelationshipOptions, EveryOptionLandsInItsField) {
 TEST(ApplyRelationshipOptions, HistoryOnEnableDefaultsToFourHourlySnapshots) {
   RelationshipOptions o = Target();
   o.history = 4;
-  EXPECT_EQ(ApplyRelationshipOptions(o, DefaultRelationshipSettings(), true)->application_consistent_snapshot_interval(),
-            4u);
+  EXPECT_EQ(
+      ApplyRelationshipOptions(o, DefaultRelationshipSettings(), true)->application_consistent_snapshot_interval(), 4u);
   o.vss_hours = 0;  // explicitly off
-  EXPECT_EQ(ApplyRelationshipOptions(o, DefaultRelationshipSettings(), true)->application_consistent_snapshot_interval(),
-            0u);
+  EXPECT_EQ(
+      ApplyRelationshipOptions(o, DefaultRelationshipSettings(), true)->application_consistent_snapshot_interval(), 0u);
 }
 
 TEST(ApplyRelationshipOptions, SetKeepsWhatIsNotNamed) {

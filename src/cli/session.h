@@ -22,6 +22,9 @@
 // Not thread-safe: one session per command.
 #pragma once
 
+#include <grpcpp/client_context.h>
+#include <grpcpp/support/status.h>
+
 #include <algorithm>
 #include <cassert>
 #include <chrono>
@@ -32,9 +35,6 @@
 #include <string_view>
 #include <type_traits>
 #include <vector>
-
-#include <grpcpp/client_context.h>
-#include <grpcpp/support/status.h>
 
 #include "cli/connection.h"
 #include "vmreplica/control.grpc.pb.h"
@@ -50,8 +50,8 @@ inline constexpr int kExitUnreachable = 3;  // vmreplicad could not be reached (
 struct GlobalOptions {
   ConnectionOptions connection;
   bool json = false;
-  bool async = false;     // do not wait for jobs
-  double timeout_s = 0;   // how long to wait for a job; 0 = no limit
+  bool async = false;    // do not wait for jobs
+  double timeout_s = 0;  // how long to wait for a job; 0 = no limit
 };
 
 // A typed handle on one RPC of the stub, with its name (see VMR_RPC).
@@ -62,8 +62,9 @@ struct Rpc {
 };
 
 template <typename Req, typename Resp>
-constexpr Rpc<Req, Resp> MakeRpc(const char* name, grpc::Status (v1::ReplicationService::Stub::*method)(
-                                                       grpc::ClientContext*, const Req&, Resp*)) {
+constexpr Rpc<Req, Resp> MakeRpc(const char* name,
+                                 grpc::Status (v1::ReplicationService::Stub::*method)(grpc::ClientContext*, const Req&,
+                                                                                      Resp*)) {
   return {name, method};
 }
 
@@ -94,7 +95,8 @@ class Session {
     v1::ReplicationService::Stub* stub = nullptr;
     if (int rc = GetStub(&stub); rc != kExitOk) return rc;
     grpc::ClientContext context;
-    if (deadline_ms > 0) context.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(deadline_ms));
+    if (deadline_ms > 0)
+      context.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(deadline_ms));
     grpc::Status status = (stub->*rpc.method)(&context, request, response);
     return status.ok() ? kExitOk : TransportFailure(rpc.name, status);
   }

@@ -1,5 +1,6 @@
 // jobs (Get-/Wait-/Stop-Job on the daemon's jobs) and cert (the lab PKI,
 // local; and the daemon's certificates).
+#include <filesystem>
 #include <nlohmann/json.hpp>
 
 #include "cli/format.h"
@@ -28,28 +29,28 @@ void AddJobs(Registry& reg) {
 
   auto get_id = std::make_shared<std::string>();
   reg.Add("jobs get", "show one job and, once Completed, its result (GetJob)", {"GetJob"},
-         [get_id](Session& s) {
-           v1::JobRequest request;
-           request.set_id(*get_id);
-           return s.Invoke(VMR_RPC(GetJob), request,
-                           [&s](const v1::JobResponse& r) { s.PrintJob(r.job(), /*with_result=*/true); });
-         })
+          [get_id](Session& s) {
+            v1::JobRequest request;
+            request.set_id(*get_id);
+            return s.Invoke(VMR_RPC(GetJob), request,
+                            [&s](const v1::JobResponse& r) { s.PrintJob(r.job(), /*with_result=*/true); });
+          })
       ->add_option("ID", *get_id, "job id (InstanceID)")
       ->required();
 
   auto wait_id = std::make_shared<std::string>();
   reg.Add("jobs wait", "wait for a job to end; fails when the job does (WaitJob)", {"WaitJob"},
-         [wait_id](Session& s) { return s.WaitForJob("", *wait_id); })
+          [wait_id](Session& s) { return s.WaitForJob("", *wait_id); })
       ->add_option("ID", *wait_id, "job id (InstanceID)")
       ->required();
 
   auto cancel_id = std::make_shared<std::string>();
   reg.Add("jobs cancel", "ask a cancellable job to stop (CancelJob)", {"CancelJob"},
-         [cancel_id](Session& s) {
-           v1::JobRequest request;
-           request.set_id(*cancel_id);
-           return s.Invoke(VMR_RPC(CancelJob), request);
-         })
+          [cancel_id](Session& s) {
+            v1::JobRequest request;
+            request.set_id(*cancel_id);
+            return s.Invoke(VMR_RPC(CancelJob), request);
+          })
       ->add_option("ID", *cancel_id, "job id (InstanceID)")
       ->required();
 }
@@ -112,13 +113,24 @@ struct CertOptions {
   int days = 0;
 };
 
+// Creates the directories the output files go into (0700: they hold keys).
+Status MakeParents(const std::vector<std::string>& files) {
+  for (const auto& f : files) {
+    std::string dir = std::filesystem::path(f).parent_path().string();
+    if (dir.empty() || std::filesystem::is_directory(dir)) continue;
+    VMR_RETURN_IF_ERROR(MakeDirs(dir, 0700));
+  }
+  return Status::Ok();
+}
+
 void AddCert(Registry& reg) {
   reg.Group("cert", "certificates: a lab PKI (local) and the daemon's certificates");
 
   auto ca = std::make_shared<CertOptions>();
   ca->days = 3650;
   CLI::App* c = reg.Add("cert ca", "create a self-signed lab CA (local, no daemon)", {}, [ca](Session& s) {
-    Status st = security::CreateLabCa(ca->cert, ca->key, ca->cn, ca->days);
+    Status st = MakeParents({ca->cert, ca->key});
+    if (st.ok()) st = security::CreateLabCa(ca->cert, ca->key, ca->cn, ca->days);
     if (!st.ok()) return s.Error("cert ca: " + st.message(), kExitFailed);
     return ReportCreated(s, ca->cert, ca->key);
   });
@@ -129,14 +141,17 @@ void AddCert(Registry& reg) {
 
   auto issue = std::make_shared<CertOptions>();
   issue->days = 825;
-  CLI::App* i = reg.Add(
-      "cert issue", "issue a host certificate (serverAuth + clientAuth) from a lab CA (local, no daemon)", {},
-      [issue](Session& s) {
-        Status st = security::IssueHostCertificate(issue->ca_cert, issue->ca_key, issue->cn, issue->sans,
-                                                   issue->cert, issue->key, issue->days);
-        if (!st.ok()) return s.Error("cert issue: " + st.message(), kExitFailed);
-        return ReportCreated(s, issue->cert, issue->key);
-      });
+  CLI::App* i =
+      reg.Add("cert issue", "issue a host certificate (serverAuth + clientAuth) from a lab CA (local, no daemon)", {},
+              [issue](Session& s) {
+                Status st = MakeParents({issue->cert, issue->key});
+                if (st.ok()) {
+                  st = security::IssueHostCertificate(issue->ca_cert, issue->ca_key, issue->cn, issue->sans,
+                                                      issue->cert, issue->key, issue->days);
+                }
+                if (!st.ok()) return s.Error("cert issue: " + st.message(), kExitFailed);
+                return ReportCreated(s, issue->cert, issue->key);
+              });
   i->add_option("--ca-cert", issue->ca_cert, "CA certificate (PEM)")->required();
   i->add_option("--ca-key", issue->ca_key, "CA private key (PEM)")->required();
   i->add_option("--cn", issue->cn, "common name: the host's name")->required();
@@ -149,23 +164,23 @@ void AddCert(Registry& reg) {
 
   auto show = std::make_shared<CertOptions>();
   reg.Add("cert show", "print what a PEM certificate file says (local, no daemon)", {},
-         [show](Session& s) {
-           auto pem = ReadFile(show->file);
-           if (!pem.ok()) return s.Error("cert show: " + pem.status().message(), kExitFailed);
-           auto chain = security::InspectCertificateChainPem(*pem);
-           if (!chain.ok()) return s.Error("cert show: " + show->file + ": " + chain.status().message(), kExitFailed);
-           for (size_t n = 0; n < chain->size(); ++n) {
-             if (s.json()) {
-               s.out() << CertificateJson((*chain)[n]).dump() << "\n";
-               continue;
-             }
-             if (n > 0) s.out() << "\n";
-             PropertyTable t;
-             AddCertificateRows(t, (*chain)[n]);
-             s.out() << t.Render();
-           }
-           return kExitOk;
-         })
+          [show](Session& s) {
+            auto pem = ReadFile(show->file);
+            if (!pem.ok()) return s.Error("cert show: " + pem.status().message(), kExitFailed);
+            auto chain = security::InspectCertificateChainPem(*pem);
+            if (!chain.ok()) return s.Error("cert show: " + show->file + ": " + chain.status().message(), kExitFailed);
+            for (size_t n = 0; n < chain->size(); ++n) {
+              if (s.json()) {
+                s.out() << CertificateJson((*chain)[n]).dump() << "\n";
+                continue;
+              }
+              if (n > 0) s.out() << "\n";
+              PropertyTable t;
+              AddCertificateRows(t, (*chain)[n]);
+              s.out() << t.Render();
+            }
+            return kExitOk;
+          })
       ->add_option("FILE", show->file, "PEM file (every certificate in it is shown)")
       ->required();
 
@@ -179,8 +194,8 @@ void AddCert(Registry& reg) {
                 std::vector<std::string> eku;
                 if (c.server_authentication()) eku.push_back("server");
                 if (c.client_authentication()) eku.push_back("client");
-                t.AddRow({c.role(), c.subject(), c.thumbprint(), FormatUnixSeconds(c.not_after_unix()),
-                          Join(names), Join(eku, "+")});
+                t.AddRow({c.role(), c.subject(), c.thumbprint(), FormatUnixSeconds(c.not_after_unix()), Join(names),
+                          Join(eku, "+")});
               }
               s.out() << t.Render();
             });

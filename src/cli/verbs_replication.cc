@@ -29,18 +29,16 @@ struct VmArgs {
 CLI::App* AddVmVerb(Registry& reg, const std::string& path, const std::string& description,
                     std::vector<std::string> rpcs, bool relationship, std::shared_ptr<VmArgs> args,
                     std::function<int(Session&, const VmArgs&)> run) {
-  CLI::App* app = reg.Add(path, description, std::move(rpcs),
-                          [args, run = std::move(run)](Session& s) { return run(s, *args); });
+  CLI::App* app =
+      reg.Add(path, description, std::move(rpcs), [args, run = std::move(run)](Session& s) { return run(s, *args); });
   app->add_option("VM", args->vm, "virtual machine name or UUID")->required();
   if (relationship) args->o_relationship = AddRelationshipOption(app, &args->relationship);
   return app;
 }
 
 CLI::App* AddVmVerb(Registry& reg, const std::string& path, const std::string& description,
-                    std::vector<std::string> rpcs, bool relationship,
-                    std::function<int(Session&, const VmArgs&)> run) {
-  return AddVmVerb(reg, path, description, std::move(rpcs), relationship, std::make_shared<VmArgs>(),
-                   std::move(run));
+                    std::vector<std::string> rpcs, bool relationship, std::function<int(Session&, const VmArgs&)> run) {
+  return AddVmVerb(reg, path, description, std::move(rpcs), relationship, std::make_shared<VmArgs>(), std::move(run));
 }
 
 // A method with a plain (VmRequest) and an Ex (VmRelationshipRequest)
@@ -123,8 +121,8 @@ struct SettingsFlags {
   std::vector<std::string> disks;
   bool compression = false, no_compression = false, auto_resync = false, no_auto_resync = false;
   bool bypass_proxy = false, no_bypass_proxy = false, kvp = false, no_kvp = false;
-  CLI::Option *o_server = nullptr, *o_port = nullptr, *o_auth = nullptr, *o_thumbprint = nullptr,
-              *o_interval = nullptr, *o_history = nullptr, *o_vss = nullptr, *o_window = nullptr;
+  CLI::Option *o_server = nullptr, *o_port = nullptr, *o_auth = nullptr, *o_thumbprint = nullptr, *o_interval = nullptr,
+              *o_history = nullptr, *o_vss = nullptr, *o_window = nullptr;
 
   RelationshipOptions ToOptions() const {
     RelationshipOptions o;
@@ -136,7 +134,9 @@ struct SettingsFlags {
     if (o_history->count() > 0) o.history = history;
     if (o_vss->count() > 0) o.vss_hours = vss;
     if (o_window->count() > 0) o.auto_resync_window = window;
-    auto pair = [](bool on, bool off) { return on ? std::optional<bool>(true) : off ? std::optional<bool>(false) : std::nullopt; };
+    auto pair = [](bool on, bool off) {
+      return on ? std::optional<bool>(true) : off ? std::optional<bool>(false) : std::nullopt;
+    };
     o.compression = pair(compression, no_compression);
     o.auto_resync = pair(auto_resync, no_auto_resync);
     o.bypass_proxy = pair(bypass_proxy, no_bypass_proxy);
@@ -156,24 +156,24 @@ void AddSettingsFlags(CLI::App* app, SettingsFlags* f, bool create) {
   f->o_auth = app->add_option("--auth", f->auth, "AuthenticationType: certificate (2, default) or kerberos (1)")
                   ->check(StatusValidator([](const std::string& t) { return ParseVmAuth(t).status(); },
                                           "certificate|kerberos"));
-  f->o_thumbprint = app->add_option("--thumbprint", f->thumbprint,
-                                    "CertificateThumbPrint (default: the daemon's host certificate)");
+  f->o_thumbprint =
+      app->add_option("--thumbprint", f->thumbprint, "CertificateThumbPrint (default: the daemon's host certificate)");
   f->o_interval = app->add_option("--interval", f->interval, "ReplicationInterval in seconds: 30, 300 or 900")
                       ->check(CLI::IsMember({30, 300, 900}));
   f->o_history = app->add_option("--history", f->history, "RecoveryHistory: additional hourly recovery points, 0..24")
                      ->check(CLI::Range(0, 24));
-  f->o_vss = app->add_option("--vss-hours", f->vss,
-                             "ApplicationConsistentSnapshotInterval in hours, 0..12 (needs --history)")
-                 ->check(CLI::Range(0, 12));
+  f->o_vss =
+      app->add_option("--vss-hours", f->vss, "ApplicationConsistentSnapshotInterval in hours, 0..12 (needs --history)")
+          ->check(CLI::Range(0, 12));
   auto* on = app->add_flag("--compression", f->compression, "CompressionEnabled = True (the default)");
   app->add_flag("--no-compression", f->no_compression, "CompressionEnabled = False")->excludes(on);
   app->add_option("--disk", f->disks, "IncludedDisks: a disk to replicate (repeatable; default: all)");
   auto* ar = app->add_flag("--auto-resync", f->auto_resync, "AutoResynchronizeEnabled = True");
   app->add_flag("--no-auto-resync", f->no_auto_resync, "AutoResynchronizeEnabled = False")->excludes(ar);
-  f->o_window = app->add_option("--auto-resync-window", f->window,
-                                "AutoResynchronizeIntervalStart-End, HH:MM-HH:MM local time (default 18:30-06:00)")
-                    ->check(StatusValidator([](const std::string& t) { return ParseHhMmRange(t).status(); },
-                                            "HH:MM-HH:MM"));
+  f->o_window =
+      app->add_option("--auto-resync-window", f->window,
+                      "AutoResynchronizeIntervalStart-End, HH:MM-HH:MM local time (default 18:30-06:00)")
+          ->check(StatusValidator([](const std::string& t) { return ParseHhMmRange(t).status(); }, "HH:MM-HH:MM"));
   auto* bp = app->add_flag("--bypass-proxy", f->bypass_proxy, "BypassProxyServer = True");
   app->add_flag("--no-bypass-proxy", f->no_bypass_proxy, "BypassProxyServer = False")->excludes(bp);
   auto* kvp = app->add_flag("--replicate-host-kvp", f->kvp, "ReplicateHostKvpItems = True (the default)");
@@ -225,9 +225,8 @@ void AddRelationshipRows(PropertyTable& t, const v1::Relationship& r) {
       .Add("ReplicationInterval", std::to_string(s.replication_interval()))
       .Add("RecoveryHistory", std::to_string(s.recovery_history()))
       .Add("ApplicationConsistentSnapshotInterval", std::to_string(s.application_consistent_snapshot_interval()))
-      .Add("IncludedDisks", s.included_disks().empty()
-                                ? std::string("(all)")
-                                : Join({s.included_disks().begin(), s.included_disks().end()}))
+      .Add("IncludedDisks", s.included_disks().empty() ? std::string("(all)")
+                                                       : Join({s.included_disks().begin(), s.included_disks().end()}))
       .Add("AutoResynchronizeEnabled", std::string(BoolText(s.auto_resynchronize_enabled())))
       .Add("AutoResynchronizeIntervalStart", FormatHhMm(s.auto_resynchronize_interval_start_min()))
       .Add("AutoResynchronizeIntervalEnd", FormatHhMm(s.auto_resynchronize_interval_end_min()))
@@ -308,25 +307,24 @@ int Get(Session& s, const std::string& vm) {
 
 void AddRelationshipVerbs(Registry& reg) {
   auto get_vm = std::make_shared<std::string>();
-  reg.Add("get", "list replication relationships, or show one VM's in full (Get-VMReplication)",
-          {"ListReplications"}, [get_vm](Session& s) { return Get(s, *get_vm); })
+  reg.Add("get", "list replication relationships, or show one VM's in full (Get-VMReplication)", {"ListReplications"},
+          [get_vm](Session& s) { return Get(s, *get_vm); })
       ->add_option("VM", *get_vm, "only this VM (name or UUID), shown property by property");
 
   auto enable = std::make_shared<SettingsFlags>();
-  AddSettingsFlags(
-      AddVmVerb(reg, "enable", "enable replication of a VM (CreateReplicationRelationship)",
-                {"GetSystemCertificates", "CreateReplicationRelationship"}, false,
-                [enable](Session& s, const VmArgs& a) {
-                  v1::VmSettingsRequest request;
-                  request.set_vm(a.vm);
-                  if (int rc = BuildSettings(s, *enable, DefaultRelationshipSettings(), true,
-                                             request.mutable_settings());
-                      rc != kExitOk) {
-                    return rc;
-                  }
-                  return s.Invoke(VMR_RPC(CreateReplicationRelationship), request);
-                }),
-      enable.get(), /*create=*/true);
+  AddSettingsFlags(AddVmVerb(reg, "enable", "enable replication of a VM (CreateReplicationRelationship)",
+                             {"GetSystemCertificates", "CreateReplicationRelationship"}, false,
+                             [enable](Session& s, const VmArgs& a) {
+                               v1::VmSettingsRequest request;
+                               request.set_vm(a.vm);
+                               if (int rc = BuildSettings(s, *enable, DefaultRelationshipSettings(), true,
+                                                          request.mutable_settings());
+                                   rc != kExitOk) {
+                                 return rc;
+                               }
+                               return s.Invoke(VMR_RPC(CreateReplicationRelationship), request);
+                             }),
+                   enable.get(), /*create=*/true);
 
   auto set = std::make_shared<SettingsFlags>();
   AddSettingsFlags(
@@ -424,9 +422,10 @@ void AddStateVerbs(Registry& reg) {
       ->needs(rs);
 
   auto resync_at = std::make_shared<std::string>();
-  AddVmVerb(reg, "resync", "compare the disks of both sides and send the differences (Resynchronize)",
-            {"Resynchronize"}, true,
-            [resync_at](Session& s, const VmArgs& a) { return Resynchronize(s, a.vm, a.rel().value_or(0), *resync_at); })
+  AddVmVerb(
+      reg, "resync", "compare the disks of both sides and send the differences (Resynchronize)", {"Resynchronize"},
+      true,
+      [resync_at](Session& s, const VmArgs& a) { return Resynchronize(s, a.vm, a.rel().value_or(0), *resync_at); })
       ->add_option("--at", *resync_at, "StartTime: ISO 8601 or Unix seconds, at most 7 days ahead (default: now)")
       ->check(TimeValidator());
 }
@@ -437,20 +436,20 @@ void AddFailoverVerbs(Registry& reg) {
     bool force = false, prepare = false, as_test = false;
   };
   auto fo = std::make_shared<FailoverOptions>();
-  CLI::App* f = AddVmVerb(
-      reg, "failover",
-      "fail over to a recovery point (InitiateFailover); --prepare: planned failover on the primary; "
-      "--as-test: a test VM (TestReplicaSystem)",
-      {"InitiateFailover", "TestReplicaSystem", "RequestReplicationStateChange"}, false,
-      [fo](Session& s, const VmArgs& a) {
-        if (fo->prepare) return StateChange(s, a, RequestedReplicationState::kPrepareForPlannedFailover);
-        v1::FailoverRequest request;
-        request.set_vm(a.vm);
-        request.set_recovery_point_id(fo->point);
-        request.set_force(fo->force);
-        if (fo->as_test) return s.Invoke(VMR_RPC(TestReplicaSystem), request);
-        return s.Invoke(VMR_RPC(InitiateFailover), request);
-      });
+  CLI::App* f =
+      AddVmVerb(reg, "failover",
+                "fail over to a recovery point (InitiateFailover); --prepare: planned failover on the primary; "
+                "--as-test: a test VM (TestReplicaSystem)",
+                {"InitiateFailover", "TestReplicaSystem", "RequestReplicationStateChange"}, false,
+                [fo](Session& s, const VmArgs& a) {
+                  if (fo->prepare) return StateChange(s, a, RequestedReplicationState::kPrepareForPlannedFailover);
+                  v1::FailoverRequest request;
+                  request.set_vm(a.vm);
+                  request.set_recovery_point_id(fo->point);
+                  request.set_force(fo->force);
+                  if (fo->as_test) return s.Invoke(VMR_RPC(TestReplicaSystem), request);
+                  return s.Invoke(VMR_RPC(InitiateFailover), request);
+                });
   auto* point = f->add_option("--point", fo->point, "recovery point id (default: the latest)");
   auto* force = f->add_flag("--force", fo->force, "fail over even though the primary may still be running");
   auto* test = f->add_flag("--as-test", fo->as_test, "create a test VM '<VM> - Test' instead");
@@ -502,21 +501,20 @@ void AddFailoverVerbs(Registry& reg) {
     std::string point;
   };
   auto fb = std::make_shared<FailbackOptions>();
-  CLI::App* b = AddVmVerb(reg, "failback", "fail a recovery VM back to the primary side (InitiateFailback)",
-                          {"ListReplications", "GetSystemCertificates", "InitiateFailback"}, false,
-                          [fb](Session& s, const VmArgs& a) {
-                            std::optional<v1::Relationship> current;
-                            if (int rc = FindRelationship(s, a.vm, 0, &current); rc != kExitOk) return rc;
-                            v1::FailbackRequest request;
-                            request.set_vm(a.vm);
-                            request.set_recovery_point_id(fb->point);
-                            if (int rc = BuildSettings(s, fb->settings, ReverseBase(current), false,
-                                                       request.mutable_settings());
-                                rc != kExitOk) {
-                              return rc;
-                            }
-                            return s.Invoke(VMR_RPC(InitiateFailback), request);
-                          });
+  CLI::App* b = AddVmVerb(
+      reg, "failback", "fail a recovery VM back to the primary side (InitiateFailback)",
+      {"ListReplications", "GetSystemCertificates", "InitiateFailback"}, false, [fb](Session& s, const VmArgs& a) {
+        std::optional<v1::Relationship> current;
+        if (int rc = FindRelationship(s, a.vm, 0, &current); rc != kExitOk) return rc;
+        v1::FailbackRequest request;
+        request.set_vm(a.vm);
+        request.set_recovery_point_id(fb->point);
+        if (int rc = BuildSettings(s, fb->settings, ReverseBase(current), false, request.mutable_settings());
+            rc != kExitOk) {
+          return rc;
+        }
+        return s.Invoke(VMR_RPC(InitiateFailback), request);
+      });
   b->add_option("--point", fb->point, "RecoveryPointIdentifier (default: the latest)");
   AddSettingsFlags(b, &fb->settings, /*create=*/false);
 
@@ -538,14 +536,12 @@ void AddMaintenanceVerbs(Registry& reg) {
   AddVmVerb(reg, "remove", "remove replication on this side; the VM is kept (RemoveReplicationRelationship(Ex))",
             {"RemoveReplicationRelationship", "RemoveReplicationRelationshipEx"}, true,
             [](Session& s, const VmArgs& a) {
-              return CallVmOrEx(s, a, VMR_RPC(RemoveReplicationRelationship),
-                                VMR_RPC(RemoveReplicationRelationshipEx));
+              return CallVmOrEx(s, a, VMR_RPC(RemoveReplicationRelationship), VMR_RPC(RemoveReplicationRelationshipEx));
             });
   AddVmVerb(reg, "measure", "replication statistics and health (GetReplicationStatistics(Ex), Measure-VMReplication)",
             {"GetReplicationStatistics", "GetReplicationStatisticsEx"}, true, [](Session& s, const VmArgs& a) {
-              return CallVmOrEx(
-                  s, a, VMR_RPC(GetReplicationStatistics), VMR_RPC(GetReplicationStatisticsEx),
-                  [&s](const v1::StatisticsResponse& r) { PrintStatistics(s, r); });
+              return CallVmOrEx(s, a, VMR_RPC(GetReplicationStatistics), VMR_RPC(GetReplicationStatisticsEx),
+                                [&s](const v1::StatisticsResponse& r) { PrintStatistics(s, r); });
             });
   AddVmVerb(reg, "reset-statistics", "start a new statistics window (ResetReplicationStatistics(Ex))",
             {"ResetReplicationStatistics", "ResetReplicationStatisticsEx"}, true, [](Session& s, const VmArgs& a) {
@@ -558,27 +554,27 @@ void AddMaintenanceVerbs(Registry& reg) {
     bool dhcp = false;
   };
   auto ip = std::make_shared<FailoverIpOptions>();
-  CLI::App* f = AddVmVerb(
-      reg, "set-failover-ip", "guest IP settings applied after failover (SetFailoverNetworkAdapterSettings)",
-      {"SetFailoverNetworkAdapterSettings"}, false, [ip](Session& s, const VmArgs& a) {
-        if (ip->gateways.size() > 5) return s.Error("--gateway: at most 5 default gateways", kExitUsage);
-        v1::FailoverNetworkRequest request;
-        request.set_vm(a.vm);
-        v1::NetworkAdapterSettings* n = request.add_adapters();
-        n->set_adapter(ip->adapter);
-        for (const auto& v : ip->ips) n->add_ip_addresses(v);
-        for (const auto& v : ip->subnets) n->add_subnets(v);
-        for (const auto& v : ip->gateways) n->add_default_gateways(v);
-        for (const auto& v : ip->dns) n->add_dns_servers(v);
-        n->set_dhcp_enabled(ip->dhcp);
-        // ProtocolIFType from the addresses given: 4096 IPv4, 4097 IPv6, 4098 both.
-        bool v4 = false, v6 = false;
-        for (const auto* list : {&ip->ips, &ip->gateways, &ip->dns}) {
-          for (const auto& v : *list) (v.find(':') != std::string::npos ? v6 : v4) = true;
-        }
-        n->set_protocol_if_type(v4 && v6 ? 4098 : v6 ? 4097 : 4096);
-        return s.Invoke(VMR_RPC(SetFailoverNetworkAdapterSettings), request);
-      });
+  CLI::App* f =
+      AddVmVerb(reg, "set-failover-ip", "guest IP settings applied after failover (SetFailoverNetworkAdapterSettings)",
+                {"SetFailoverNetworkAdapterSettings"}, false, [ip](Session& s, const VmArgs& a) {
+                  if (ip->gateways.size() > 5) return s.Error("--gateway: at most 5 default gateways", kExitUsage);
+                  v1::FailoverNetworkRequest request;
+                  request.set_vm(a.vm);
+                  v1::NetworkAdapterSettings* n = request.add_adapters();
+                  n->set_adapter(ip->adapter);
+                  for (const auto& v : ip->ips) n->add_ip_addresses(v);
+                  for (const auto& v : ip->subnets) n->add_subnets(v);
+                  for (const auto& v : ip->gateways) n->add_default_gateways(v);
+                  for (const auto& v : ip->dns) n->add_dns_servers(v);
+                  n->set_dhcp_enabled(ip->dhcp);
+                  // ProtocolIFType from the addresses given: 4096 IPv4, 4097 IPv6, 4098 both.
+                  bool v4 = false, v6 = false;
+                  for (const auto* list : {&ip->ips, &ip->gateways, &ip->dns}) {
+                    for (const auto& v : *list) (v.find(':') != std::string::npos ? v6 : v4) = true;
+                  }
+                  n->set_protocol_if_type(v4 && v6 ? 4098 : v6 ? 4097 : 4096);
+                  return s.Invoke(VMR_RPC(SetFailoverNetworkAdapterSettings), request);
+                });
   f->add_option("--adapter", ip->adapter, "the VM's network adapter")->required();
   auto* ips = f->add_option("--ip", ip->ips, "IP address (repeatable)");
   auto* subnets = f->add_option("--subnet", ip->subnets, "subnet mask or prefix, one per --ip (repeatable)");

@@ -100,9 +100,9 @@ void AddServer(Registry& reg) {
           });
 
   auto o = std::make_shared<ServerSetOptions>();
-  CLI::App* set = reg.Add("server set", "change replica-server settings; unnamed settings keep their value",
-                          {"GetServiceSettings", "ModifyServiceSettings"},
-                          [o](Session& s) { return ServerSet(s, *o); });
+  CLI::App* set =
+      reg.Add("server set", "change replica-server settings; unnamed settings keep their value",
+              {"GetServiceSettings", "ModifyServiceSettings"}, [o](Session& s) { return ServerSet(s, *o); });
   auto* en = set->add_flag("--enable", o->enable, "RecoveryServerEnabled = True (accept replication)");
   auto* dis = set->add_flag("--disable", o->disable, "RecoveryServerEnabled = False")->excludes(en);
   o->o_auth = set->add_option("--auth", o->auth, "AllowedAuthenticationType: none|kerberos|certificate|both or 0..3")
@@ -111,10 +111,10 @@ void AddServer(Registry& reg) {
   o->o_thumbprint = set->add_option("--thumbprint", o->thumbprint, "CertificateThumbPrint (informational)");
   o->o_https = set->add_option("--https-port", o->https_port, "HttpsPort: the mTLS replication listener")
                    ->check(CLI::Range(1, 65535));
-  o->o_http = set->add_option("--http-port", o->http_port, "HttpPort (Kerberos; reported only)")
-                  ->check(CLI::Range(1, 65535));
-  o->o_interval = set->add_option("--monitoring-interval", o->monitoring_interval,
-                                  "MonitoringInterval in seconds (3600..604800)");
+  o->o_http =
+      set->add_option("--http-port", o->http_port, "HttpPort (Kerberos; reported only)")->check(CLI::Range(1, 65535));
+  o->o_interval =
+      set->add_option("--monitoring-interval", o->monitoring_interval, "MonitoringInterval in seconds (3600..604800)");
   o->o_start = set->add_option("--monitoring-start", o->monitoring_start, "MonitoringStartTime, HH:MM local time")
                    ->check(StatusValidator([](const std::string& t) { return ParseHhMm(t).status(); }, "HH:MM"));
   o->changes = {en, dis, o->o_auth, o->o_thumbprint, o->o_https, o->o_http, o->o_interval, o->o_start};
@@ -195,9 +195,9 @@ void AddAuth(Registry& reg) {
   AddEntryOptions(a, add.get(), /*storage_required=*/true);
 
   auto set = std::make_shared<AuthOptions>();
-  CLI::App* m = reg.Add("auth set", "change an entry (ModifyAuthorizationEntry); unnamed fields keep their value",
-                        {"ListAuthorizationEntries", "ModifyAuthorizationEntry"},
-                        [set](Session& s) { return AuthSet(s, *set); });
+  CLI::App* m =
+      reg.Add("auth set", "change an entry (ModifyAuthorizationEntry); unnamed fields keep their value",
+              {"ListAuthorizationEntries", "ModifyAuthorizationEntry"}, [set](Session& s) { return AuthSet(s, *set); });
   m->add_option("PATTERN", set->pattern, pattern_help)->required();
   AddEntryOptions(m, set.get(), /*storage_required=*/false);
 
@@ -211,19 +211,18 @@ void AddAuth(Registry& reg) {
   r->add_option("PATTERN", *remove, pattern_help)->required();
 
   reg.Add("auth list", "list the entries (ListAuthorizationEntries)", {"ListAuthorizationEntries"}, [](Session& s) {
-    return s.Invoke(VMR_RPC(ListAuthorizationEntries), v1::Empty(),
-                    [&s](const v1::AuthorizationEntriesResponse& r) {
-                      Table t({"AllowedPrimaryServer", "ReplicaStorageLocation", "TrustGroup"});
-                      for (const auto& e : r.entries()) {
-                        t.AddRow({e.allowed_primary_host_system(), e.replica_storage_location(), e.trust_group()});
-                      }
-                      s.out() << t.Render();
-                    });
+    return s.Invoke(VMR_RPC(ListAuthorizationEntries), v1::Empty(), [&s](const v1::AuthorizationEntriesResponse& r) {
+      Table t({"AllowedPrimaryServer", "ReplicaStorageLocation", "TrustGroup"});
+      for (const auto& e : r.entries()) {
+        t.AddRow({e.allowed_primary_host_system(), e.replica_storage_location(), e.trust_group()});
+      }
+      s.out() << t.Render();
+    });
   });
 
   auto bind = std::make_shared<AuthOptions>();
-  CLI::App* b = reg.Add("auth bind", "bind a replica VM to an entry (SetAuthorizationEntry)",
-                        {"SetAuthorizationEntry"}, [bind](Session& s) {
+  CLI::App* b = reg.Add("auth bind", "bind a replica VM to an entry (SetAuthorizationEntry)", {"SetAuthorizationEntry"},
+                        [bind](Session& s) {
                           v1::SetAuthorizationEntryRequest request;
                           request.set_vm(bind->vm);
                           *request.mutable_entry() = MakeEntry(*bind);
@@ -244,17 +243,17 @@ struct TestConnectionOptions {
 
 void AddTestConnection(Registry& reg) {
   auto o = std::make_shared<TestConnectionOptions>();
-  CLI::App* t = reg.Add(
-      "test-connection", "check that replication to a replica server can be enabled (TestReplicationConnection)",
-      {"TestReplicationConnection"}, [o](Session& s) {
-        v1::TestReplicationConnectionRequest request;
-        request.set_recovery_connection_point(o->host);
-        request.set_recovery_server_port_number(o->port);
-        request.set_authentication_type(Number(*ParseVmAuth(o->auth)));
-        request.set_certificate_thumbprint(NormalizeThumbprint(o->thumbprint));
-        request.set_bypass_proxy_server(o->bypass_proxy);
-        return s.Invoke(VMR_RPC(TestReplicationConnection), request);
-      });
+  CLI::App* t = reg.Add("test-connection",
+                        "check that replication to a replica server can be enabled (TestReplicationConnection)",
+                        {"TestReplicationConnection"}, [o](Session& s) {
+                          v1::TestReplicationConnectionRequest request;
+                          request.set_recovery_connection_point(o->host);
+                          request.set_recovery_server_port_number(o->port);
+                          request.set_authentication_type(Number(*ParseVmAuth(o->auth)));
+                          request.set_certificate_thumbprint(NormalizeThumbprint(o->thumbprint));
+                          request.set_bypass_proxy_server(o->bypass_proxy);
+                          return s.Invoke(VMR_RPC(TestReplicationConnection), request);
+                        });
   t->add_option("HOST", o->host, "replica server (RecoveryConnectionPoint)")->required();
   // The range is the daemon's to check (32773), so every client sees one rule.
   t->add_option("PORT", o->port, "its replication port (1..65535)")->required();
