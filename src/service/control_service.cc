@@ -23,6 +23,16 @@ void SetError(v1::MethodResult* r, const Status& s) {
   SetResult(r, ToReturnCode(s), s.message());
 }
 
+// Fills `r` from a method's outcome: Completed (0) or the mapped error.
+grpc::Status Answer(v1::MethodResult* r, const Status& s) {
+  if (s.ok()) {
+    SetResult(r, ReturnCode::kCompleted);
+  } else {
+    SetError(r, s);
+  }
+  return grpc::Status::OK;
+}
+
 void SetJobStarted(v1::MethodResult* r, const JobRecord& job) {
   SetResult(r, ReturnCode::kJobStarted);
   ToProto(job, NowMs(), r->mutable_job());
@@ -120,10 +130,7 @@ grpc::Status ControlService::TestReplicationConnection(grpc::ServerContext* ctx,
                                  jc.SetResult(out->dump());
                                  return Status::Ok();
                                });
-  if (!job.ok()) {
-    SetError(r, job.status());
-    return grpc::Status::OK;
-  }
+  if (!job.ok()) return Answer(r, job.status());
   SetJobStarted(r, *job);
   return grpc::Status::OK;
 }
@@ -205,10 +212,7 @@ grpc::Status ControlService::ModifyServiceSettings(grpc::ServerContext* ctx, con
     return grpc::Status::OK;
   }
   auto old = env_->catalog->GetServerSettings();
-  if (!old.ok()) {
-    SetError(r, old.status());
-    return grpc::Status::OK;
-  }
+  if (!old.ok()) return Answer(r, old.status());
   const bool port_changed = old->https_port != settings->https_port;
   if (port_changed && RefuseOverOwnListener("changing HttpsPort", r)) return grpc::Status::OK;
   if (s = env_->catalog->PutServerSettings(*settings); !s.ok()) {
@@ -261,24 +265,14 @@ grpc::Status ControlService::RequestStateChange(grpc::ServerContext* ctx, const 
   const bool enable = req->requested_state() == 2;
   if (!enable && RefuseOverOwnListener("stopping the listener", r)) return grpc::Status::OK;
   Status s = SetListenerRunning(enable);
-  if (!s.ok()) {
-    SetError(r, s);
-    return grpc::Status::OK;
-  }
-  SetResult(r, ReturnCode::kCompleted);
-  return grpc::Status::OK;
+  return Answer(r, s);
 }
 
 grpc::Status ControlService::StartService(grpc::ServerContext* ctx, const v1::Empty*, v1::MethodResponse* resp) {
   auto* r = resp->mutable_result();
   if (!Authorize(*ctx, "StartService", r)) return grpc::Status::OK;
   Status s = SetListenerRunning(true);
-  if (!s.ok()) {
-    SetError(r, s);
-    return grpc::Status::OK;
-  }
-  SetResult(r, ReturnCode::kCompleted);
-  return grpc::Status::OK;
+  return Answer(r, s);
 }
 
 grpc::Status ControlService::StopService(grpc::ServerContext* ctx, const v1::Empty*, v1::MethodResponse* resp) {
@@ -286,12 +280,7 @@ grpc::Status ControlService::StopService(grpc::ServerContext* ctx, const v1::Emp
   if (!Authorize(*ctx, "StopService", r)) return grpc::Status::OK;
   if (RefuseOverOwnListener("stopping the listener", r)) return grpc::Status::OK;
   Status s = SetListenerRunning(false);
-  if (!s.ok()) {
-    SetError(r, s);
-    return grpc::Status::OK;
-  }
-  SetResult(r, ReturnCode::kCompleted);
-  return grpc::Status::OK;
+  return Answer(r, s);
 }
 
 // ---------------------------------------------------------------- reads
@@ -301,10 +290,7 @@ grpc::Status ControlService::GetServiceSettings(grpc::ServerContext* ctx, const 
   auto* r = resp->mutable_result();
   if (!Authorize(*ctx, "GetServiceSettings", r)) return grpc::Status::OK;
   auto s = env_->catalog->GetServerSettings();
-  if (!s.ok()) {
-    SetError(r, s.status());
-    return grpc::Status::OK;
-  }
+  if (!s.ok()) return Answer(r, s.status());
   ToProto(*s, resp->mutable_settings());
   SetResult(r, ReturnCode::kCompleted);
   return grpc::Status::OK;
@@ -315,10 +301,7 @@ grpc::Status ControlService::ListAuthorizationEntries(grpc::ServerContext* ctx, 
   auto* r = resp->mutable_result();
   if (!Authorize(*ctx, "ListAuthorizationEntries", r)) return grpc::Status::OK;
   auto entries = env_->catalog->ListAuthorizationEntries();
-  if (!entries.ok()) {
-    SetError(r, entries.status());
-    return grpc::Status::OK;
-  }
+  if (!entries.ok()) return Answer(r, entries.status());
   for (const auto& e : *entries) ToProto(e, resp->add_entries());
   SetResult(r, ReturnCode::kCompleted);
   return grpc::Status::OK;
@@ -343,10 +326,7 @@ grpc::Status ControlService::ListReplications(grpc::ServerContext* ctx, const v1
   auto* r = resp->mutable_result();
   if (!Authorize(*ctx, "ListReplications", r)) return grpc::Status::OK;
   auto rels = env_->catalog->ListRelationships();
-  if (!rels.ok()) {
-    SetError(r, rels.status());
-    return grpc::Status::OK;
-  }
+  if (!rels.ok()) return Answer(r, rels.status());
   for (const auto& rel : *rels) {
     auto* p = resp->add_relationships();
     p->set_vm_id(rel.vm_id);
@@ -373,10 +353,7 @@ grpc::Status ControlService::GetJob(grpc::ServerContext* ctx, const v1::JobReque
   auto* r = resp->mutable_result();
   if (!Authorize(*ctx, "GetJob", r)) return grpc::Status::OK;
   auto job = env_->jobs->Get(req->id());
-  if (!job.ok()) {
-    SetError(r, job.status());
-    return grpc::Status::OK;
-  }
+  if (!job.ok()) return Answer(r, job.status());
   ToProto(*job, NowMs(), resp->mutable_job());
   SetResult(r, ReturnCode::kCompleted);
   return grpc::Status::OK;
@@ -386,10 +363,7 @@ grpc::Status ControlService::ListJobs(grpc::ServerContext* ctx, const v1::Empty*
   auto* r = resp->mutable_result();
   if (!Authorize(*ctx, "ListJobs", r)) return grpc::Status::OK;
   auto jobs = env_->jobs->List();
-  if (!jobs.ok()) {
-    SetError(r, jobs.status());
-    return grpc::Status::OK;
-  }
+  if (!jobs.ok()) return Answer(r, jobs.status());
   const int64_t now = NowMs();
   for (const auto& j : *jobs) ToProto(j, now, resp->add_jobs());
   SetResult(r, ReturnCode::kCompleted);
@@ -402,10 +376,7 @@ grpc::Status ControlService::WaitJob(grpc::ServerContext* ctx, const v1::WaitJob
   // Bounded so that one call never holds a handler thread for long; clients loop.
   auto timeout = std::chrono::milliseconds(std::min<uint32_t>(req->timeout_ms(), 60000));
   auto job = env_->jobs->Wait(req->id(), timeout);
-  if (!job.ok()) {
-    SetError(r, job.status());
-    return grpc::Status::OK;
-  }
+  if (!job.ok()) return Answer(r, job.status());
   ToProto(*job, NowMs(), resp->mutable_job());
   SetResult(r, ReturnCode::kCompleted);
   return grpc::Status::OK;
@@ -415,12 +386,7 @@ grpc::Status ControlService::CancelJob(grpc::ServerContext* ctx, const v1::JobRe
   auto* r = resp->mutable_result();
   if (!Authorize(*ctx, "CancelJob", r)) return grpc::Status::OK;
   Status s = env_->jobs->Cancel(req->id());
-  if (!s.ok()) {
-    SetError(r, s);
-    return grpc::Status::OK;
-  }
-  SetResult(r, ReturnCode::kCompleted);
-  return grpc::Status::OK;
+  return Answer(r, s);
 }
 
 // ---------------------------------------------------------------- not yet
