@@ -1,0 +1,31 @@
+// The unit of change that flows from the primary to the replica: one
+// extent of one disk, either data or zeros. Produced by the primary's NBD
+// reader (src/blockio), carried in delta log files (src/logformat, spec in
+// docs/log_format.md) and applied by the replica store (src/replica).
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+
+#include "vmreplica/status.h"
+
+namespace vmreplica {
+
+struct DeltaRecord {
+  uint32_t disk = 0;       // index into the delta's disk list
+  uint64_t offset = 0;     // bytes from the start of the disk
+  uint64_t length = 0;     // bytes; > 0
+  bool zero = false;       // the extent reads as zeros (no payload)
+  std::string data;        // exactly `length` bytes when !zero, empty when zero
+};
+
+// A stream of records, in the order they must be applied. Next() answers
+// nullopt at the end; an error ends the stream (nothing after it is valid).
+class DeltaSource {
+ public:
+  virtual ~DeltaSource() = default;
+  virtual Result<std::optional<DeltaRecord>> Next() = 0;
+};
+
+}  // namespace vmreplica
