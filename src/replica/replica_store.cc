@@ -1,0 +1,1100 @@
+#include "vmreplica/replica_store.h"
+
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <spdlog/spdlog.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <charconv>
+#include <chrono>
+#include <cinttypes>
+#include <cstring>
+#include <filesystem>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <set>
+#include <shared_mutex>
+#include <unordered_map>
+#include <unordered_set>
+
+#include "replica/undo_format.h"
+#include "vmreplica/fileutil.h"
+
+namespace vmreplica {
+
+using namespace replica_internal;  // NOLINT: this file implements the formats
+
+namespace {
+
+constexpr int64_t kHourMs = 3600 * 1000;
+// Blocks handled per batch of one record (4 MiB of before-images at most).
+constexpr uint64_t kBatchBlocks = 1024;
+
+Status Errno(const std::string& what, const std::string& path) {
+  return Status::IOError(what + " " + path + ": " + std::strerror(errno));
+}
+
+Status PreadFull(int fd, char* buf, size_t len, uint64_t off, const std::string& path) {
+  size_t done = 0;
+  while (done < len) {
+    ssize_t n = ::pread(fd, buf + done, len - done, static_cast<off_t>(off + done));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return Errno("read", path);
+    }
+    if (n == 0) return Status::Corruption("short read of " + path + " at offset " + std::to_string(off + done));
+    done += static_cast<size_t>(n);
+  }
+  return Status::Ok();
+}
+
+Status PwriteFull(int fd, const char* buf, size_t len, uint64_t off, const std::string& path) {
+  size_t done = 0;
+  while (done < len) {
+    ssize_t n = ::pwrite(fd, buf + done, len - done, static_cast<off_t>(off + done));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return Errno("write", path);
+    }
+    done += static_cast<size_t>(n);
+  }
+  return Status::Ok();
+}
+
+bool IsZero(const char* p, size_t n) {
+  for (size_t i = 0; i < n; ++i)
+    if (p[i] != 0) return false;
+  return true;
+}
+
+bool ValidDiskName(const std::string& n) {
+  if (n.empty() || n.size() > 64 || n[0] == '.') return false;
+  for (char c : n) {
+    bool ok =
+        (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '.' || c == '_' || c == '-';
+    if (!ok) return false;
+  }
+  return true;
+}
+
+std::string SeqName(uint64_t seq) {
+  char b[32];
+  std::snprintf(b, sizeof b, "%020" PRIu64, seq);
+  return b;
+}
+
+std::string CatalogPointId(const std::string& vm_id, uint64_t seq) { return vm_id + "/" + SeqName(seq); }
+
+uint64_t Key(uint32_t disk, uint64_t block) { return (uint64_t{disk} << 48) | block; }
+
+int64_t FloorHour(int64_t t) { return (t >= 0 ? t / kHourMs : (t - kHourMs + 1) / kHourMs); }
+
+struct Loc {
+  uint64_t offset = 0;  // file offset of the entry
+  bool zero = false;
+};
+
+// One undo segment: committed (its point is retained, not the latest) or the
+// apply in progress.
+struct Segment {
+  uint64_t point_seq = 0;
+  uint64_t upper_seq = 0;
+  std::string path;
+  int fd = -1;
+  uint64_t size = 0;
+  bool corrupt = false;
+  std::string corrupt_message;
+  std::unordered_map<uint64_t, Loc> index;
+
+  ~Segment() {
+    if (fd >= 0) ::close(fd);
+  }
+};
+
+struct ScanResult {
+  bool header_ok = false;
+  SegmentHeader header;
+  bool complete = false;                          // a valid trailer at EOF
+  std::vector<std::pair<uint64_t, Loc>> entries;  // confirmed entries (key, loc)
+  uint64_t confirmed_end = 0;                     // file offset after the last confirmed record
+};
+
+}  // namespace
+
+struct ReplicaStore::Impl {
+  // Constant after construction.
+  std::string dir;
+  Catalog* catalog = nullptr;
+  ReplicaStoreOptions opt;
+  std::optional<FileLock> lock;
+  std::vector<uint64_t> disk_blocks;  // blocks per disk
+  std::string vm_id;                  // == manifest.vm_id (never changes)
+  std::vector<ReplicaDisk> disks;     // == manifest.disks (never change)
+
+  std::mutex apply_mu;  // serialises Apply / ApplyRetention
+  uint64_t hook_n = 0;  // guarded by apply_mu (hooks only run in writers)
+  bool broken = false;  // guarded by apply_mu
+
+  mutable std::shared_mutex mu;  // readers shared; writers exclusive per step
+  // Writer preference: a writer holds the turnstile while it waits for mu,
+  // so new readers queue behind it (glibc's rwlock prefers readers).
+  mutable std::mutex turnstile;
+  std::shared_lock<std::shared_mutex> ReadLock() const {
+    { std::lock_guard t(turnstile); }
+    return std::shared_lock(mu);
+  }
+  std::unique_lock<std::shared_mutex> WriteLock() const {
+    std::lock_guard t(turnstile);
+    return std::unique_lock(mu);
+  }
+  Manifest manifest;                                      // guarded by mu
+  std::vector<int> disk_fds;                              // fds constant; content guarded by mu
+  std::map<uint64_t, std::unique_ptr<Segment>> segments;  // guarded by mu; by point_seq
+  std::unique_ptr<Segment> inflight;                      // guarded by mu
+
+  ~Impl() {
+    for (int fd : disk_fds)
+      if (fd >= 0) ::close(fd);
+  }
+
+  std::string ManifestPath() const { return dir + "/MANIFEST"; }
+  std::string DiskPath(uint32_t d) const { return dir + "/disks/" + disks[d].name + ".img"; }
+  std::string UndoDir() const { return dir + "/undo"; }
+  std::string SegmentPath(uint64_t seq) const { return UndoDir() + "/" + SeqName(seq) + ".vru"; }
+  uint32_t bs() const { return manifest.block_size; }
+  int64_t Now() const {
+    if (opt.now_ms) return opt.now_ms();
+    return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch())
+        .count();
+  }
+
+  void Hook(const std::string& step) {
+    if (opt.crash_hook) opt.crash_hook(step, ++hook_n);
+  }
+  // Runs `op` between the before/after hooks of `step`.
+  template <typename F>
+  Status Step(const std::string& step, F&& op) {
+    Hook(step + ":before");
+    Status s = op();
+    Hook(step + ":after");
+    return s;
+  }
+
+  Status FsyncFd(int fd, const std::string& step, const std::string& path) {
+    return Step(step, [&] { return ::fsync(fd) == 0 ? Status::Ok() : Errno("fsync", path); });
+  }
+  Status FsyncDir(const std::string& dir_path, const std::string& step) {
+    return Step(step, [&] { return FsyncParentDir(dir_path + "/."); });
+  }
+  Status WriteManifest(const Manifest& m) {
+    return Step("manifest.write", [&] { return WriteFileAtomic(ManifestPath(), EncodeManifest(m)); });
+  }
+
+  Status OpenDisks();
+  Result<ScanResult> ScanSegment(int fd, const std::string& path, bool committed);
+  Status RestoreFromScan(int fd, const std::string& path, const ScanResult& scan);
+  Status RollbackInflightLocked();
+  Status Recover();
+  Status ReadBlockFromSegment(const Segment& seg, const Loc& loc, uint32_t disk, uint64_t block, char* out) const;
+  Status WriteZeros(uint32_t disk, uint64_t off, uint64_t len);
+  Status ApplyRecord(const DeltaRecord& rec);
+  Status SyncCatalog();
+  Status Retention();
+  Status DropPoint(size_t i);
+  Status MergeInto(const Segment& older, const Segment& newer, const std::string& out_path);
+  std::vector<const Segment*> SegmentsFor(uint64_t seq) const;  // mu held
+  Status CheckReadable(uint64_t seq, uint32_t disk) const;      // mu held
+};
+
+ReplicaStore::ReplicaStore(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+ReplicaStore::~ReplicaStore() = default;
+
+// ---- Opening -----------------------------------------------------------------
+
+Status ReplicaStore::Impl::OpenDisks() {
+  disk_blocks.clear();
+  for (uint32_t d = 0; d < disks.size(); ++d) {
+    std::string p = DiskPath(d);
+    int fd = ::open(p.c_str(), O_RDWR | O_CLOEXEC);
+    if (fd < 0) return Errno("open disk image", p);
+    disk_fds.push_back(fd);
+    struct stat st {};
+    if (::fstat(fd, &st) != 0) return Errno("stat", p);
+    if (static_cast<uint64_t>(st.st_size) != disks[d].size)
+      return Status::Corruption("disk image " + p + " has size " + std::to_string(st.st_size) + ", MANIFEST says " +
+                                std::to_string(disks[d].size));
+    disk_blocks.push_back(disks[d].size / bs());
+  }
+  return Status::Ok();
+}
+
+Result<std::unique_ptr<ReplicaStore>> ReplicaStore::Create(const std::string& dir, const std::string& vm_id,
+                                                           const std::vector<ReplicaDisk>& disks, Catalog* catalog,
+                                                           ReplicaStoreOptions options) {
+  if (vm_id.empty() || vm_id.size() > kMaxString) return Status::InvalidArgument("replica store: bad VM id");
+  if (disks.empty() || disks.size() > kMaxDisks) return Status::InvalidArgument("replica store: 1..256 disks needed");
+  std::set<std::string> names;
+  for (const ReplicaDisk& d : disks) {
+    if (!ValidDiskName(d.name)) return Status::InvalidArgument("replica store: bad disk name '" + d.name + "'");
+    if (!names.insert(d.name).second) return Status::InvalidArgument("replica store: disk " + d.name + " given twice");
+    if (d.size == 0 || d.size % kReplicaBlockSize != 0)
+      return Status::InvalidArgument("replica store: size of disk " + d.name + " must be a positive multiple of 4096");
+  }
+  if (options.recovery_history_hours < 0 || options.recovery_history_hours > 24 || options.fine_window_ms < 0)
+    return Status::InvalidArgument("replica store: retention options out of range");
+  VMR_RETURN_IF_ERROR(MakeDirs(dir + "/disks"));
+  VMR_RETURN_IF_ERROR(MakeDirs(dir + "/undo"));
+  auto impl = std::make_unique<Impl>();
+  impl->dir = dir;
+  impl->catalog = catalog;
+  impl->opt = std::move(options);
+  VMR_ASSIGN_OR_RETURN(FileLock lock, FileLock::Acquire(dir + "/LOCK"));
+  impl->lock.emplace(std::move(lock));
+  if (::access(impl->ManifestPath().c_str(), F_OK) == 0)
+    return Status::AlreadyExists("replica store already exists in " + dir);
+  // Leftovers of an earlier Create that did not reach its MANIFEST.
+  std::error_code ec;
+  for (const auto& e : std::filesystem::directory_iterator(impl->UndoDir(), ec)) std::filesystem::remove(e.path(), ec);
+  impl->manifest.vm_id = impl->vm_id = vm_id;
+  impl->manifest.disks = impl->disks = disks;
+  impl->manifest.points.push_back(ManifestPoint{0, impl->Now(), 0, ""});
+  for (uint32_t d = 0; d < disks.size(); ++d) {
+    std::string p = impl->DiskPath(d);
+    int fd = ::open(p.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    if (fd < 0) return Errno("create disk image", p);
+    impl->disk_fds.push_back(fd);
+    if (::ftruncate(fd, static_cast<off_t>(disks[d].size)) != 0) return Errno("size disk image", p);
+    VMR_RETURN_IF_ERROR(impl->FsyncFd(fd, "disk.fsync", p));
+    impl->disk_blocks.push_back(disks[d].size / kReplicaBlockSize);
+  }
+  VMR_RETURN_IF_ERROR(impl->FsyncDir(dir + "/disks", "disks.dir.fsync"));
+  VMR_RETURN_IF_ERROR(impl->WriteManifest(impl->manifest));
+  impl->SyncCatalog().IgnoreError();  // logged inside; reconciled at the next apply/open
+  spdlog::info("replica store {}: created for VM {} with {} disk(s)", dir, vm_id, disks.size());
+  return std::unique_ptr<ReplicaStore>(new ReplicaStore(std::move(impl)));
+}
+
+Result<std::unique_ptr<ReplicaStore>> ReplicaStore::Open(const std::string& dir, Catalog* catalog,
+                                                         ReplicaStoreOptions options) {
+  if (options.recovery_history_hours < 0 || options.recovery_history_hours > 24 || options.fine_window_ms < 0)
+    return Status::InvalidArgument("replica store: retention options out of range");
+  auto impl = std::make_unique<Impl>();
+  impl->dir = dir;
+  impl->catalog = catalog;
+  impl->opt = std::move(options);
+  if (::access((dir + "/MANIFEST").c_str(), F_OK) != 0) return Status::NotFound("no replica store in " + dir);
+  VMR_ASSIGN_OR_RETURN(FileLock lock, FileLock::Acquire(dir + "/LOCK"));
+  impl->lock.emplace(std::move(lock));
+  VMR_ASSIGN_OR_RETURN(std::string bytes, ReadFile(impl->ManifestPath()));
+  VMR_ASSIGN_OR_RETURN(impl->manifest, DecodeManifest(bytes));
+  std::set<std::string> names;
+  for (const ReplicaDisk& d : impl->manifest.disks)
+    if (!ValidDiskName(d.name) || !names.insert(d.name).second)
+      return Status::Corruption("replica MANIFEST: bad or repeated disk name");
+  impl->vm_id = impl->manifest.vm_id;
+  impl->disks = impl->manifest.disks;
+  VMR_RETURN_IF_ERROR(impl->OpenDisks());
+  VMR_RETURN_IF_ERROR(impl->Recover());
+  return std::unique_ptr<ReplicaStore>(new ReplicaStore(std::move(impl)));
+}
+
+// ---- Segment scanning and rollback ---------------------------------------------
+
+Result<ScanResult> ReplicaStore::Impl::ScanSegment(int fd, const std::string& path, bool committed) {
+  ScanResult r;
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) return Errno("stat", path);
+  const uint64_t size = static_cast<uint64_t>(st.st_size);
+  auto corrupt = [&](const std::string& m) { return Status::Corruption("undo segment " + path + ": " + m); };
+  if (size < kSegmentHeaderSize) {
+    if (committed) return corrupt("shorter than its header");
+    return r;  // torn header of an apply that wrote nothing yet
+  }
+  char hb[kSegmentHeaderSize];
+  VMR_RETURN_IF_ERROR(PreadFull(fd, hb, sizeof hb, 0, path));
+  Status hs = DecodeSegmentHeader(hb, &r.header);
+  if (!hs.ok()) {
+    if (committed) return hs.WithContext(path);
+    return r;  // header never became durable: no data was written after it
+  }
+  if (r.header.disk_count != disks.size()) return corrupt("disk count differs from MANIFEST");
+  r.header_ok = true;
+  uint64_t pos = kSegmentHeaderSize;
+  r.confirmed_end = pos;
+  std::vector<std::pair<uint64_t, Loc>> pending;
+  std::unordered_set<uint64_t> seen;
+  std::string buf(kRecordHeaderSize + bs(), '\0');
+  std::string problem;
+  while (pos < size) {
+    if (size - pos < kRecordHeaderSize) {
+      problem = "truncated record";
+      break;
+    }
+    size_t want = static_cast<size_t>(std::min<uint64_t>(buf.size(), size - pos));
+    VMR_RETURN_IF_ERROR(PreadFull(fd, buf.data(), want, pos, path));
+    RecordHeader h = ParseRecordHeader(buf.data());
+    if (h.tag == kEntryTag) {
+      bool zero = (h.flags & kEntryFlagZero) != 0;
+      if ((h.flags & ~kEntryFlagZero) != 0 || h.disk >= disks.size() || h.payload_len != (zero ? 0 : bs()) ||
+          h.block >= disk_blocks[h.disk] || size - pos < kRecordHeaderSize + h.payload_len ||
+          !EntryChecksumOk(buf.data(), buf.data() + kRecordHeaderSize, h.payload_len)) {
+        problem = "bad entry";
+        break;
+      }
+      uint64_t key = Key(h.disk, h.block);
+      if (!seen.insert(key).second) return corrupt("block listed twice at offset " + std::to_string(pos));
+      pending.push_back({key, Loc{pos, zero}});
+      pos += kRecordHeaderSize + h.payload_len;
+    } else if (h.tag == kBatchTag || h.tag == kTrailerTag) {
+      if (!MarkerChecksumOk(buf.data()) || h.offset != pos || h.entry_count != r.entries.size() + pending.size()) {
+        problem = "bad marker";
+        break;
+      }
+      r.entries.insert(r.entries.end(), pending.begin(), pending.end());
+      pending.clear();
+      pos += kRecordHeaderSize;
+      r.confirmed_end = pos;
+      if (h.tag == kTrailerTag) {
+        if (pos != size) {
+          problem = "bytes after the trailer";
+          break;
+        }
+        r.complete = true;
+      }
+    } else {
+      problem = "unknown record tag";
+      break;
+    }
+  }
+  if (committed) {
+    if (!problem.empty()) return corrupt(problem + " at offset " + std::to_string(pos));
+    if (!r.complete) return corrupt("no trailer");
+    return r;
+  }
+  if (problem.empty()) return r;
+  // An apply in progress: the tail after the last marker may be torn. If a
+  // valid marker exists further on, the bad record is in the middle: that
+  // is corruption, not a torn write.
+  constexpr uint64_t kChunk = 1 << 20;
+  std::string chunk;
+  for (uint64_t base = pos + 1; base + kRecordHeaderSize <= size; base += kChunk) {
+    // Each chunk overlaps the next by a record header minus one byte.
+    uint64_t n = std::min<uint64_t>(kChunk + kRecordHeaderSize - 1, size - base);
+    chunk.resize(static_cast<size_t>(n));
+    VMR_RETURN_IF_ERROR(PreadFull(fd, chunk.data(), chunk.size(), base, path));
+    for (uint64_t i = 0; i < kChunk && i + kRecordHeaderSize <= n; ++i) {
+      const char* m = chunk.data() + i;
+      RecordHeader h = ParseRecordHeader(m);
+      if ((h.tag == kBatchTag || h.tag == kTrailerTag) && h.offset == base + i && MarkerChecksumOk(m))
+        return corrupt(problem + " at offset " + std::to_string(pos) + " before a valid marker at " +
+                       std::to_string(base + i));
+    }
+  }
+  spdlog::warn("undo segment {}: torn tail at offset {} ({}), ignored", path, pos, problem);
+  return r;
+}
+
+Status ReplicaStore::Impl::ReadBlockFromSegment(const Segment& seg, const Loc& loc, uint32_t disk, uint64_t block,
+                                                char* out) const {
+  std::string buf(kRecordHeaderSize + bs(), '\0');
+  size_t want = loc.zero ? kRecordHeaderSize : buf.size();
+  if (loc.offset + want > seg.size) return Status::Corruption("undo segment " + seg.path + ": entry beyond its end");
+  VMR_RETURN_IF_ERROR(PreadFull(seg.fd, buf.data(), want, loc.offset, seg.path));
+  RecordHeader h = ParseRecordHeader(buf.data());
+  bool zero = (h.flags & kEntryFlagZero) != 0;
+  if (h.tag != kEntryTag || h.disk != disk || h.block != block || zero != loc.zero ||
+      h.payload_len != (zero ? 0 : bs()) || !EntryChecksumOk(buf.data(), buf.data() + kRecordHeaderSize, h.payload_len))
+    return Status::Corruption("undo segment " + seg.path + ": entry at offset " + std::to_string(loc.offset) +
+                              " fails its checks");
+  if (zero) {
+    std::memset(out, 0, bs());
+  } else {
+    std::memcpy(out, buf.data() + kRecordHeaderSize, bs());
+  }
+  return Status::Ok();
+}
+
+Status ReplicaStore::Impl::WriteZeros(uint32_t disk, uint64_t off, uint64_t len) {
+  int fd = disk_fds[disk];
+  if (::fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(off), static_cast<off_t>(len)) ==
+      0)
+    return Status::Ok();
+  if (errno != EOPNOTSUPP && errno != ENOSYS) return Errno("punch hole in", DiskPath(disk));
+  std::string zeros(static_cast<size_t>(std::min<uint64_t>(len, 1 << 20)), '\0');
+  for (uint64_t done = 0; done < len;) {
+    size_t n = static_cast<size_t>(std::min<uint64_t>(zeros.size(), len - done));
+    VMR_RETURN_IF_ERROR(PwriteFull(fd, zeros.data(), n, off + done, DiskPath(disk)));
+    done += n;
+  }
+  return Status::Ok();
+}
+
+Status ReplicaStore::Impl::RestoreFromScan(int fd, const std::string& path, const ScanResult& scan) {
+  if (scan.entries.empty()) return Status::Ok();
+  Segment tmp;
+  tmp.path = path;
+  tmp.fd = ::dup(fd);
+  if (tmp.fd < 0) return Errno("dup", path);
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) return Errno("stat", path);
+  tmp.size = static_cast<uint64_t>(st.st_size);
+  std::string block(bs(), '\0');
+  for (const auto& [key, loc] : scan.entries) {
+    uint32_t disk = static_cast<uint32_t>(key >> 48);
+    uint64_t b = key & ((uint64_t{1} << 48) - 1);
+    VMR_RETURN_IF_ERROR(ReadBlockFromSegment(tmp, loc, disk, b, block.data()));
+    Status s = Step("rollback.write", [&] {
+      if (loc.zero) return WriteZeros(disk, b * bs(), bs());
+      return PwriteFull(disk_fds[disk], block.data(), bs(), b * bs(), DiskPath(disk));
+    });
+    VMR_RETURN_IF_ERROR(s);
+  }
+  for (uint32_t d = 0; d < disk_fds.size(); ++d)
+    VMR_RETURN_IF_ERROR(FsyncFd(disk_fds[d], "rollback.disk.fsync", DiskPath(d)));
+  return Status::Ok();
+}
+
+// Rolls the apply in progress back (mu held exclusively) and removes its
+// segment. On error the segment stays for the next Open.
+Status ReplicaStore::Impl::RollbackInflightLocked() {
+  if (!inflight) return Status::Ok();
+  VMR_ASSIGN_OR_RETURN(ScanResult scan, ScanSegment(inflight->fd, inflight->path, false));
+  VMR_RETURN_IF_ERROR(RestoreFromScan(inflight->fd, inflight->path, scan));
+  std::string path = inflight->path;
+  inflight.reset();
+  VMR_RETURN_IF_ERROR(Step("undo.unlink", [&] {
+    return ::unlink(path.c_str()) == 0 || errno == ENOENT ? Status::Ok() : Errno("unlink", path);
+  }));
+  return FsyncDir(UndoDir(), "undo.dir.fsync");
+}
+
+Status ReplicaStore::Impl::Recover() {
+  auto lk = WriteLock();
+  const uint64_t latest = manifest.points.back().sequence;
+  std::set<uint64_t> retained;
+  for (size_t i = 0; i + 1 < manifest.points.size(); ++i) retained.insert(manifest.points[i].sequence);
+  std::error_code ec;
+  std::vector<std::pair<uint64_t, std::string>> files;
+  for (const auto& e : std::filesystem::directory_iterator(UndoDir(), ec)) {
+    std::string name = e.path().filename().string();
+    if (name.size() > 4 && name.ends_with(".tmp")) {
+      spdlog::info("replica store {}: removing unfinished merge {}", dir, name);
+      std::filesystem::remove(e.path(), ec);
+      continue;
+    }
+    uint64_t seq = 0;
+    auto [end, err] = std::from_chars(name.data(), name.data() + std::min<size_t>(name.size(), 20), seq);
+    if (name.size() != 24 || !name.ends_with(".vru") || err != std::errc() || end != name.data() + 20) {
+      spdlog::warn("replica store {}: ignoring unknown file undo/{}", dir, name);
+      continue;
+    }
+    files.push_back({seq, e.path().string()});
+  }
+  if (ec) return Status::IOError("list " + UndoDir() + ": " + ec.message());
+  bool unlinked = false;
+  for (const auto& [seq, path] : files) {
+    if (seq == latest) {
+      // An apply that did not commit: roll it back.
+      int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+      if (fd < 0) return Errno("open", path);
+      auto scan = ScanSegment(fd, path, false);
+      Status s = scan.ok() ? Status::Ok() : scan.status();
+      if (s.ok() && scan->header_ok && (scan->header.point_seq != latest || scan->header.upper_seq != latest + 1))
+        s = Status::Corruption("undo segment " + path + ": header names the wrong points");
+      if (s.ok()) s = RestoreFromScan(fd, path, *scan);
+      ::close(fd);
+      VMR_RETURN_IF_ERROR(s.WithContext("replica store " + dir + ": rolling back an unfinished apply"));
+      spdlog::info("replica store {}: rolled back unfinished apply of delta {} ({} block(s))", dir, latest + 1,
+                   scan->entries.size());
+      if (::unlink(path.c_str()) != 0) return Errno("unlink", path);
+      unlinked = true;
+    } else if (retained.count(seq) == 0) {
+      spdlog::info("replica store {}: removing orphan undo segment {}", dir, path);
+      if (::unlink(path.c_str()) != 0) return Errno("unlink", path);
+      unlinked = true;
+    } else {
+      auto seg = std::make_unique<Segment>();
+      seg->point_seq = seq;
+      seg->path = path;
+      seg->fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+      if (seg->fd < 0) return Errno("open", path);
+      struct stat st {};
+      if (::fstat(seg->fd, &st) != 0) return Errno("stat", path);
+      seg->size = static_cast<uint64_t>(st.st_size);
+      auto scan = ScanSegment(seg->fd, path, true);
+      if (scan.ok() && scan->header.point_seq != seq)
+        scan = Status::Corruption("undo segment " + path + ": header names point " +
+                                  std::to_string(scan->header.point_seq));
+      if (!scan.ok()) {
+        if (scan.status().code() != Code::kCorruption) return scan.status();
+        spdlog::error("replica store {}: {}", dir, scan.status().ToString());
+        seg->corrupt = true;
+        seg->corrupt_message = scan.status().message();
+      } else {
+        seg->upper_seq = scan->header.upper_seq;
+        for (const auto& [k, loc] : scan->entries) seg->index.emplace(k, loc);
+      }
+      segments[seq] = std::move(seg);
+    }
+  }
+  if (unlinked) VMR_RETURN_IF_ERROR(FsyncDir(UndoDir(), "undo.dir.fsync"));
+  // Every retained non-latest point needs its segment; a merge that reached
+  // its rename is rolled forward.
+  bool changed = false;
+  for (size_t i = 0; i + 1 < manifest.points.size(); ++i) {
+    uint64_t seq = manifest.points[i].sequence;
+    auto it = segments.find(seq);
+    if (it == segments.end()) {
+      auto seg = std::make_unique<Segment>();
+      seg->point_seq = seq;
+      seg->path = SegmentPath(seq);
+      seg->corrupt = true;
+      seg->corrupt_message = "undo segment " + seg->path + " is missing";
+      spdlog::error("replica store {}: {}", dir, seg->corrupt_message);
+      segments[seq] = std::move(seg);
+      continue;
+    }
+    Segment& seg = *it->second;
+    if (seg.corrupt || seg.upper_seq == manifest.points[i + 1].sequence) continue;
+    size_t j = i + 1;
+    while (j < manifest.points.size() && manifest.points[j].sequence < seg.upper_seq) ++j;
+    if (j == manifest.points.size() || manifest.points[j].sequence != seg.upper_seq) {
+      seg.corrupt = true;
+      seg.corrupt_message =
+          "undo segment " + seg.path + " applies on top of unknown point " + std::to_string(seg.upper_seq);
+      continue;
+    }
+    spdlog::info("replica store {}: finishing merge of points {}..{} into {}", dir, manifest.points[i + 1].sequence,
+                 manifest.points[j - 1].sequence, seq);
+    for (size_t k = i + 1; k < j; ++k) segments.erase(manifest.points[k].sequence);
+    manifest.points.erase(manifest.points.begin() + static_cast<long>(i + 1),
+                          manifest.points.begin() + static_cast<long>(j));
+    changed = true;
+  }
+  if (changed) {
+    VMR_RETURN_IF_ERROR(WriteManifest(manifest));
+    for (const auto& [seq, path] : files) {
+      bool live = segments.count(seq) != 0;
+      if (!live && seq != latest && ::access(path.c_str(), F_OK) == 0 && ::unlink(path.c_str()) != 0)
+        return Errno("unlink", path);
+    }
+    VMR_RETURN_IF_ERROR(FsyncDir(UndoDir(), "undo.dir.fsync"));
+  }
+  lk.unlock();
+  SyncCatalog().IgnoreError();  // logged inside; retried later
+  return Status::Ok();
+}
+
+// ---- Apply -------------------------------------------------------------------
+
+Status ReplicaStore::Impl::ApplyRecord(const DeltaRecord& rec) {
+  if (rec.disk >= disks.size())
+    return Status::InvalidArgument("delta record names disk " + std::to_string(rec.disk) + " of " +
+                                   std::to_string(disks.size()));
+  const uint64_t disk_size = disks[rec.disk].size;
+  if (rec.length == 0 || rec.offset > disk_size || rec.length > disk_size - rec.offset)
+    return Status::InvalidArgument("delta record [" + std::to_string(rec.offset) + ", +" + std::to_string(rec.length) +
+                                   ") is outside disk " + disks[rec.disk].name);
+  if (rec.zero ? !rec.data.empty() : rec.data.size() != rec.length)
+    return Status::InvalidArgument("delta record payload has " + std::to_string(rec.data.size()) +
+                                   " bytes for length " + std::to_string(rec.length));
+  const uint32_t b = bs();
+  const int fd = disk_fds[rec.disk];
+  const std::string dpath = DiskPath(rec.disk);
+  uint64_t first = rec.offset / b;
+  const uint64_t last = (rec.offset + rec.length - 1) / b;
+  std::string block(b, '\0');
+  while (first <= last) {
+    const uint64_t end = std::min(last + 1, first + kBatchBlocks);  // exclusive
+    auto lk = WriteLock();
+    // 1. Before-images of blocks first touched by this delta.
+    std::string buf;
+    std::vector<std::pair<uint64_t, Loc>> added;
+    // A range that is entirely a hole needs no read.
+    off_t data_at = ::lseek(fd, static_cast<off_t>(first * b), SEEK_DATA);
+    bool all_hole = (data_at < 0 && errno == ENXIO) || (data_at >= 0 && static_cast<uint64_t>(data_at) >= end * b);
+    for (uint64_t blk = first; blk < end; ++blk) {
+      uint64_t key = Key(rec.disk, blk);
+      if (inflight->index.count(key) != 0) continue;
+      bool zero = all_hole;
+      if (!all_hole) {
+        VMR_RETURN_IF_ERROR(PreadFull(fd, block.data(), b, blk * b, dpath));
+        zero = IsZero(block.data(), b);
+      }
+      added.push_back({key, Loc{inflight->size + buf.size(), zero}});
+      AppendEntry(&buf, rec.disk, blk, zero, block.data(), b);
+    }
+    if (!added.empty()) {
+      AppendMarker(&buf, kBatchTag, inflight->size + buf.size(), inflight->index.size() + added.size());
+      VMR_RETURN_IF_ERROR(Step("undo.write", [&] {
+        return PwriteFull(inflight->fd, buf.data(), buf.size(), inflight->size, inflight->path);
+      }));
+      VMR_RETURN_IF_ERROR(Step("undo.fsync", [&] {
+        return ::fdatasync(inflight->fd) == 0 ? Status::Ok() : Errno("fdatasync", inflight->path);
+      }));
+      inflight->size += buf.size();
+      for (const auto& [k, loc] : added) inflight->index.emplace(k, loc);
+    }
+    // 2. The new data.
+    uint64_t lo = std::max(rec.offset, first * b);
+    uint64_t hi = std::min(rec.offset + rec.length, end * b);
+    VMR_RETURN_IF_ERROR(Step("disk.write", [&] {
+      if (rec.zero) return WriteZeros(rec.disk, lo, hi - lo);
+      return PwriteFull(fd, rec.data.data() + (lo - rec.offset), hi - lo, lo, dpath);
+    }));
+    first = end;
+  }
+  return Status::Ok();
+}
+
+Status ReplicaStore::Apply(uint64_t sequence, const PointInfo& info, DeltaSource& source) {
+  Impl& m = *impl_;
+  std::lock_guard alk(m.apply_mu);
+  if (m.broken)
+    return Status::FailedPrecondition("replica store " + m.dir +
+                                      ": a failed apply could not be rolled back; reopen it");
+  const uint64_t latest = m.manifest.points.back().sequence;  // only writers change it: apply_mu held
+  if (sequence <= latest)
+    return Status::FailedPrecondition("delta " + std::to_string(sequence) + " is a duplicate: replica store " + m.dir +
+                                      " has applied up to " + std::to_string(latest));
+  if (sequence != latest + 1)
+    return Status::FailedPrecondition("delta " + std::to_string(sequence) + " is out of sequence: replica store " +
+                                      m.dir + " expects " + std::to_string(latest + 1));
+  if (static_cast<uint16_t>(info.kind) > 3 || info.generation_id.size() > kMaxString)
+    return Status::InvalidArgument("bad point info");
+  // 1. The segment of the current latest point.
+  {
+    auto seg = std::make_unique<Segment>();
+    seg->point_seq = latest;
+    seg->upper_seq = sequence;
+    seg->path = m.SegmentPath(latest);
+    std::string header = EncodeSegmentHeader({m.bs(), latest, sequence, static_cast<uint32_t>(m.disks.size())});
+    Status s = m.Step("undo.create", [&] {
+      seg->fd = ::open(seg->path.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+      return seg->fd < 0 ? Errno("create", seg->path) : Status::Ok();
+    });
+    if (s.ok())
+      s = m.Step("undo.header.write", [&] { return PwriteFull(seg->fd, header.data(), header.size(), 0, seg->path); });
+    if (s.ok()) s = m.FsyncFd(seg->fd, "undo.header.fsync", seg->path);
+    if (s.ok()) s = m.FsyncDir(m.UndoDir(), "undo.dir.fsync");
+    seg->size = header.size();
+    if (seg->fd < 0) return s;  // nothing was created: nothing to undo
+    auto lk = m.WriteLock();
+    m.inflight = std::move(seg);
+    if (!s.ok()) {
+      Status r = m.RollbackInflightLocked();
+      if (!r.ok()) m.broken = true;
+      return s;
+    }
+  }
+  // 2..4: records, disk fsyncs, trailer.
+  Status s;
+  uint64_t records = 0, bytes = 0;
+  while (s.ok()) {
+    auto next = source.Next();
+    if (!next.ok()) {
+      s = next.status().WithContext("delta " + std::to_string(sequence) + " source failed after " +
+                                    std::to_string(records) + " record(s)");
+      break;
+    }
+    if (!next->has_value()) break;
+    s = m.ApplyRecord(**next);
+    ++records;
+    bytes += (*next)->length;
+  }
+  for (uint32_t d = 0; s.ok() && d < m.disk_fds.size(); ++d) s = m.FsyncFd(m.disk_fds[d], "disk.fsync", m.DiskPath(d));
+  if (s.ok()) {
+    std::string trailer;
+    AppendMarker(&trailer, kTrailerTag, m.inflight->size, m.inflight->index.size());
+    s = m.Step("undo.trailer.write", [&] {
+      return PwriteFull(m.inflight->fd, trailer.data(), trailer.size(), m.inflight->size, m.inflight->path);
+    });
+    if (s.ok()) s = m.FsyncFd(m.inflight->fd, "undo.trailer.fsync", m.inflight->path);
+    if (s.ok()) m.inflight->size += trailer.size();
+  }
+  // 5. Commit.
+  Manifest next = m.manifest;
+  next.points.push_back(ManifestPoint{sequence, info.time_ms, static_cast<uint16_t>(info.kind), info.generation_id});
+  if (s.ok()) {
+    s = m.WriteManifest(next);
+    if (!s.ok()) {
+      // The rename may or may not have reached the disk: only Open can
+      // tell (it reads MANIFEST back), so neither roll back nor go on.
+      spdlog::error("replica store {}: MANIFEST write for delta {} failed, reopen the store: {}", m.dir, sequence,
+                    s.ToString());
+      m.broken = true;
+      return s.WithContext("delta " + std::to_string(sequence) + " may or may not be applied; reopen the store");
+    }
+  }
+  if (!s.ok()) {
+    spdlog::warn("replica store {}: apply of delta {} failed, rolling back: {}", m.dir, sequence, s.ToString());
+    auto lk = m.WriteLock();
+    Status r = m.RollbackInflightLocked();
+    if (!r.ok()) {
+      spdlog::error("replica store {}: rollback failed: {}", m.dir, r.ToString());
+      m.broken = true;
+    }
+    return s;
+  }
+  {
+    auto lk = m.WriteLock();
+    m.manifest = std::move(next);
+    m.segments[latest] = std::move(m.inflight);
+  }
+  spdlog::info("replica store {}: applied delta {} ({} record(s), {} byte(s))", m.dir, sequence, records, bytes);
+  // 6, 7. The delta is committed: a failure from here on is logged and
+  // retried at the next Apply / ApplyRetention / Open, never reported as a
+  // failed apply (the caller would resend a delta that is already applied).
+  Status r = m.Retention();
+  if (!r.ok())
+    spdlog::warn("replica store {}: retention after delta {} failed (retried later): {}", m.dir, sequence,
+                 r.ToString());
+  return Status::Ok();
+}
+
+// ---- Catalog mirror ------------------------------------------------------------
+
+Status ReplicaStore::Impl::SyncCatalog() {
+  if (catalog == nullptr) return Status::Ok();
+  Manifest m;
+  {
+    auto lk = ReadLock();
+    m = manifest;
+  }
+  Status s = catalog->RunInTransaction([&]() -> Status {
+    VMR_ASSIGN_OR_RETURN(auto rows, catalog->ListRecoveryPoints(m.vm_id));
+    std::set<std::string> want;
+    for (const ManifestPoint& p : m.points) want.insert(CatalogPointId(m.vm_id, p.sequence));
+    std::set<std::string> have;
+    std::vector<std::string> drop;
+    for (const RecoveryPointRecord& r : rows) {
+      if (want.count(r.id) == 0) {
+        drop.push_back(r.id);
+      } else {
+        have.insert(r.id);
+      }
+    }
+    if (!drop.empty()) VMR_RETURN_IF_ERROR(catalog->DeleteRecoveryPoints(drop));
+    for (const ManifestPoint& p : m.points) {
+      std::string id = CatalogPointId(m.vm_id, p.sequence);
+      if (have.count(id) != 0) continue;
+      VMR_RETURN_IF_ERROR(catalog->AddRecoveryPoint({id, m.vm_id, p.time_ms, p.kind, p.sequence, p.generation}));
+    }
+    return Status::Ok();
+  });
+  if (!s.ok()) spdlog::warn("replica store {}: catalog not updated (retried later): {}", dir, s.ToString());
+  return s;
+}
+
+// ---- Retention ---------------------------------------------------------------
+
+Status ReplicaStore::Impl::MergeInto(const Segment& older, const Segment& newer, const std::string& out_path) {
+  // Entries in file order of the older segment, then the newer one's blocks
+  // that the older does not hold.
+  std::vector<std::pair<uint64_t, std::pair<const Segment*, Loc>>> items;
+  for (const auto& [k, loc] : older.index) items.push_back({k, {&older, loc}});
+  for (const auto& [k, loc] : newer.index)
+    if (older.index.count(k) == 0) items.push_back({k, {&newer, loc}});
+  std::sort(items.begin(), items.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+  int fd = ::open(out_path.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  if (fd < 0) return Errno("create", out_path);
+  auto body = [&]() -> Status {
+    std::string buf =
+        EncodeSegmentHeader({bs(), older.point_seq, newer.upper_seq, static_cast<uint32_t>(disks.size())});
+    uint64_t written = 0;
+    std::string block(bs(), '\0');
+    for (const auto& [k, src] : items) {
+      uint32_t disk = static_cast<uint32_t>(k >> 48);
+      uint64_t b = k & ((uint64_t{1} << 48) - 1);
+      VMR_RETURN_IF_ERROR(ReadBlockFromSegment(*src.first, src.second, disk, b, block.data()));
+      AppendEntry(&buf, disk, b, src.second.zero, block.data(), bs());
+      if (buf.size() >= (4u << 20)) {
+        VMR_RETURN_IF_ERROR(
+            Step("merge.write", [&] { return PwriteFull(fd, buf.data(), buf.size(), written, out_path); }));
+        written += buf.size();
+        buf.clear();
+      }
+    }
+    AppendMarker(&buf, kTrailerTag, written + buf.size(), items.size());
+    VMR_RETURN_IF_ERROR(Step("merge.write", [&] { return PwriteFull(fd, buf.data(), buf.size(), written, out_path); }));
+    return FsyncFd(fd, "merge.fsync", out_path);
+  };
+  Status s = body();
+  ::close(fd);
+  return s;
+}
+
+// Drops retained point i (not the latest). mu not held.
+Status ReplicaStore::Impl::DropPoint(size_t i) {
+  const uint64_t seq = manifest.points[i].sequence;
+  if (i > 0) {
+    const uint64_t prev = manifest.points[i - 1].sequence;
+    auto older_it = segments.find(prev), newer_it = segments.find(seq);
+    if (older_it == segments.end() || newer_it == segments.end())
+      return Status::Internal("undo segment of point " + std::to_string(prev) + " or " + std::to_string(seq) +
+                              " is not loaded");
+    const Segment* older = older_it->second.get();
+    const Segment* newer = newer_it->second.get();
+    if (older->corrupt || newer->corrupt)
+      return Status::Corruption("cannot merge point " + std::to_string(seq) + " into " + std::to_string(prev) +
+                                ": an undo segment is corrupt");
+    std::string tmp = SegmentPath(prev) + ".tmp";
+    {
+      auto lk = ReadLock();
+      VMR_RETURN_IF_ERROR(MergeInto(*older, *newer, tmp));
+    }
+    auto merged = std::make_unique<Segment>();
+    merged->point_seq = prev;
+    merged->upper_seq = newer->upper_seq;
+    merged->path = SegmentPath(prev);
+    merged->fd = ::open(tmp.c_str(), O_RDONLY | O_CLOEXEC);
+    if (merged->fd < 0) return Errno("open", tmp);
+    auto scan = ScanSegment(merged->fd, tmp, true);
+    if (!scan.ok()) return scan.status().WithContext("verifying merged segment");
+    for (const auto& [k, loc] : scan->entries) merged->index.emplace(k, loc);
+    struct stat st {};
+    if (::fstat(merged->fd, &st) != 0) return Errno("stat", tmp);
+    merged->size = static_cast<uint64_t>(st.st_size);
+    auto lk = WriteLock();
+    VMR_RETURN_IF_ERROR(Step("merge.rename", [&] {
+      return ::rename(tmp.c_str(), merged->path.c_str()) == 0 ? Status::Ok() : Errno("rename", tmp);
+    }));
+    segments[prev] = std::move(merged);
+    VMR_RETURN_IF_ERROR(FsyncDir(UndoDir(), "undo.dir.fsync"));
+  }
+  Manifest next = manifest;
+  next.points.erase(next.points.begin() + static_cast<long>(i));
+  VMR_RETURN_IF_ERROR(WriteManifest(next));
+  std::string path = SegmentPath(seq);
+  {
+    auto lk = WriteLock();
+    manifest = std::move(next);
+    segments.erase(seq);
+  }
+  VMR_RETURN_IF_ERROR(Step("undo.unlink", [&] {
+    return ::unlink(path.c_str()) == 0 || errno == ENOENT ? Status::Ok() : Errno("unlink", path);
+  }));
+  spdlog::info("replica store {}: dropped point {}{}", dir, seq,
+               i > 0 ? " (merged into point " + std::to_string(manifest.points[i - 1].sequence) + ")" : "");
+  return FsyncDir(UndoDir(), "undo.dir.fsync");
+}
+
+Status ReplicaStore::Impl::Retention() {
+  const int64_t now = Now();
+  const auto& pts = manifest.points;  // writers only change it under apply_mu, held
+  const size_t n = pts.size();
+  const int64_t fine_from = now - opt.fine_window_ms;
+  const int64_t history_from = now - int64_t{opt.recovery_history_hours} * kHourMs;
+  // The chosen point of each hour: newest app-consistent/planned, else newest.
+  std::map<int64_t, size_t> chosen;
+  for (size_t i = 0; i < n; ++i) {
+    int64_t h = FloorHour(pts[i].time_ms);
+    auto it = chosen.find(h);
+    bool special = pts[i].kind >= 2;
+    if (it == chosen.end() || special || pts[it->second].kind < 2) chosen[h] = i;
+  }
+  std::vector<bool> keep(n, false);
+  std::vector<bool> extended(n, false);
+  for (size_t i = 0; i < n; ++i) {
+    bool hourly = chosen[FloorHour(pts[i].time_ms)] == i;
+    if (i + 1 == n || pts[i].time_ms >= fine_from) {
+      keep[i] = true;
+    } else if (hourly && opt.recovery_history_hours > 0 && pts[i].time_ms >= history_from) {
+      keep[i] = true;
+    } else if (hourly && opt.extended_retention_bytes > 0) {
+      keep[i] = extended[i] = true;
+    }
+  }
+  // Drop oldest first; indices shift as points go.
+  std::vector<uint64_t> drop_seqs, extended_seqs;
+  for (size_t i = 0; i < n; ++i) {
+    if (!keep[i]) drop_seqs.push_back(pts[i].sequence);
+    if (extended[i]) extended_seqs.push_back(pts[i].sequence);
+  }
+  auto index_of = [&](uint64_t seq) -> size_t {
+    for (size_t i = 0; i < manifest.points.size(); ++i)
+      if (manifest.points[i].sequence == seq) return i;
+    return manifest.points.size();
+  };
+  for (uint64_t seq : drop_seqs) {
+    size_t i = index_of(seq);
+    if (i + 1 >= manifest.points.size()) continue;  // gone already, or the latest
+    Status s = DropPoint(i);
+    if (!s.ok()) {
+      // A corrupt segment pins the points around it; other errors stop.
+      spdlog::warn("replica store {}: could not drop point {}: {}", dir, seq, s.ToString());
+      if (s.code() != Code::kCorruption) {
+        SyncCatalog().IgnoreError();
+        return s;
+      }
+    }
+  }
+  if (opt.extended_retention_bytes > 0) {
+    for (uint64_t seq : extended_seqs) {
+      uint64_t total = 0;
+      for (const auto& [k, seg] : segments) total += seg->size;
+      if (total <= opt.extended_retention_bytes) break;
+      if (manifest.points.empty() || manifest.points.front().sequence != seq) break;  // oldest only
+      Status s = DropPoint(0);
+      if (!s.ok()) {
+        SyncCatalog().IgnoreError();
+        return s;
+      }
+    }
+  }
+  return SyncCatalog();  // a failure is logged inside and retried later
+}
+
+Status ReplicaStore::ApplyRetention() {
+  std::lock_guard alk(impl_->apply_mu);
+  if (impl_->broken)
+    return Status::FailedPrecondition("replica store " + impl_->dir + ": a failed apply left it unsure; reopen it");
+  return impl_->Retention();
+}
+
+// ---- Reads -------------------------------------------------------------------
+
+std::vector<const Segment*> ReplicaStore::Impl::SegmentsFor(uint64_t seq) const {
+  std::vector<const Segment*> out;
+  for (auto it = segments.lower_bound(seq); it != segments.end(); ++it) out.push_back(it->second.get());
+  if (inflight) out.push_back(inflight.get());
+  return out;
+}
+
+Status ReplicaStore::Impl::CheckReadable(uint64_t seq, uint32_t disk) const {
+  bool found = false;
+  for (const ManifestPoint& p : manifest.points) found = found || p.sequence == seq;
+  if (!found) return Status::NotFound("recovery point " + std::to_string(seq) + " is not retained in " + dir);
+  if (disk >= disks.size()) return Status::NotFound("no disk " + std::to_string(disk) + " in " + dir);
+  for (auto it = segments.lower_bound(seq); it != segments.end(); ++it)
+    if (it->second->corrupt)
+      return Status::Corruption("recovery point " + std::to_string(seq) +
+                                " cannot be read: " + it->second->corrupt_message);
+  return Status::Ok();
+}
+
+Status ReplicaStore::ReadPoint(uint64_t sequence, uint32_t disk, uint64_t offset, uint64_t length, char* out) const {
+  const Impl& m = *impl_;
+  auto lk = m.ReadLock();
+  VMR_RETURN_IF_ERROR(m.CheckReadable(sequence, disk));
+  const uint64_t size = m.disks[disk].size;
+  if (offset > size || length > size - offset)
+    return Status::InvalidArgument("read [" + std::to_string(offset) + ", +" + std::to_string(length) +
+                                   ") is outside disk " + m.disks[disk].name);
+  const std::vector<const Segment*> segs = m.SegmentsFor(sequence);
+  const uint32_t b = m.bs();
+  std::string block(b, '\0');
+  uint64_t pos = offset;
+  const uint64_t end = offset + length;
+  while (pos < end) {
+    uint64_t blk = pos / b;
+    uint64_t in_block = pos - blk * b;
+    uint64_t n = std::min<uint64_t>(b - in_block, end - pos);
+    const Segment* src = nullptr;
+    Loc loc;
+    for (const Segment* s : segs) {
+      auto it = s->index.find(Key(disk, blk));
+      if (it != s->index.end()) {
+        src = s;
+        loc = it->second;
+        break;
+      }
+    }
+    if (src != nullptr) {
+      VMR_RETURN_IF_ERROR(m.ReadBlockFromSegment(*src, loc, disk, blk, block.data()));
+      std::memcpy(out + (pos - offset), block.data() + in_block, n);
+      pos += n;
+      continue;
+    }
+    // A run of blocks that no segment overrides: one read from the image.
+    uint64_t run_end = pos + n;
+    while (run_end < end) {
+      uint64_t next_blk = run_end / b;
+      bool overridden = false;
+      for (const Segment* s : segs) overridden = overridden || s->index.count(Key(disk, next_blk)) != 0;
+      if (overridden) break;
+      run_end = std::min<uint64_t>(end, (next_blk + 1) * b);
+    }
+    VMR_RETURN_IF_ERROR(PreadFull(m.disk_fds[disk], out + (pos - offset), run_end - pos, pos, m.DiskPath(disk)));
+    pos = run_end;
+  }
+  return Status::Ok();
+}
+
+Result<std::vector<ReplicaExtent>> ReplicaStore::PointExtents(uint64_t sequence, uint32_t disk) const {
+  const Impl& m = *impl_;
+  auto lk = m.ReadLock();
+  VMR_RETURN_IF_ERROR(m.CheckReadable(sequence, disk));
+  const uint32_t b = m.bs();
+  const uint64_t nblocks = m.disk_blocks[disk];
+  // Overlay: block -> zero, oldest segment wins.
+  std::map<uint64_t, bool> overlay;
+  for (const Segment* s : m.SegmentsFor(sequence))
+    for (const auto& [k, loc] : s->index)
+      if (static_cast<uint32_t>(k >> 48) == disk) overlay.emplace(k & ((uint64_t{1} << 48) - 1), loc.zero);
+  // Base: data/hole extents of the image, rounded out to blocks.
+  std::vector<ReplicaExtent> out;
+  auto emit = [&](uint64_t first, uint64_t count, bool zero) {
+    if (count == 0) return;
+    if (!out.empty() && out.back().zero == zero && out.back().offset + out.back().length == first * b) {
+      out.back().length += count * b;
+    } else {
+      out.push_back({first * b, count * b, zero});
+    }
+  };
+  auto emit_base = [&](uint64_t first, uint64_t end, bool zero) {  // [first, end) blocks, with overlay
+    uint64_t pos = first;
+    for (auto it = overlay.lower_bound(first); it != overlay.end() && it->first < end; ++it) {
+      emit(pos, it->first - pos, zero);
+      emit(it->first, 1, it->second);
+      pos = it->first + 1;
+    }
+    emit(pos, end - pos, zero);
+  };
+  const int fd = m.disk_fds[disk];
+  uint64_t blk = 0;
+  while (blk < nblocks) {
+    off_t d = ::lseek(fd, static_cast<off_t>(blk * b), SEEK_DATA);
+    if (d < 0 && errno != ENXIO) return Errno("seek data in", m.DiskPath(disk));
+    uint64_t data_blk = d < 0 ? nblocks : std::min<uint64_t>(nblocks, static_cast<uint64_t>(d) / b);
+    emit_base(blk, data_blk, true);
+    if (data_blk >= nblocks) break;
+    off_t h = ::lseek(fd, static_cast<off_t>(data_blk * b), SEEK_HOLE);
+    if (h < 0) return Errno("seek hole in", m.DiskPath(disk));
+    uint64_t hole_blk = std::min<uint64_t>(nblocks, (static_cast<uint64_t>(h) + b - 1) / b);
+    if (hole_blk <= data_blk) hole_blk = data_blk + 1;
+    emit_base(data_blk, hole_blk, false);
+    blk = hole_blk;
+  }
+  return out;
+}
+
+// ---- Accessors ---------------------------------------------------------------
+
+uint64_t ReplicaStore::latest_sequence() const {
+  auto lk = impl_->ReadLock();
+  return impl_->manifest.points.back().sequence;
+}
+const std::string& ReplicaStore::vm_id() const { return impl_->vm_id; }
+const std::vector<ReplicaDisk>& ReplicaStore::disks() const { return impl_->disks; }
+std::string ReplicaStore::DiskPath(uint32_t disk) const {
+  return disk < impl_->disks.size() ? impl_->DiskPath(disk) : std::string();
+}
+
+std::vector<ReplicaPoint> ReplicaStore::ListPoints() const {
+  auto lk = impl_->ReadLock();
+  std::vector<ReplicaPoint> out;
+  for (const ManifestPoint& p : impl_->manifest.points) {
+    ReplicaPoint r{p.sequence, p.time_ms, static_cast<ReplicationType>(p.kind), p.generation, true};
+    for (auto it = impl_->segments.lower_bound(p.sequence); it != impl_->segments.end(); ++it)
+      r.readable = r.readable && !it->second->corrupt;
+    out.push_back(std::move(r));
+  }
+  return out;
+}
+
+}  // namespace vmreplica
