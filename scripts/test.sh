@@ -2,6 +2,7 @@
 # The README's test command: installs what is missing, then builds and runs
 # the whole suite twice, normal build and AddressSanitizer+UBSan build.
 # Slow end-to-end tests carry the ctest label "e2e"; they run too.
+# Then the fuzzers run for FUZZ_SECONDS each (scripts/fuzz.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/install-deps.sh
@@ -11,3 +12,5 @@ for preset in default asan; do
   echo "== test ($preset)"
   ctest --preset "$preset"
 done
+# libFuzzer targets (clang): built and run briefly on their seed corpus.
+./scripts/fuzz.sh
