@@ -7,6 +7,8 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "vmreplica/status.h"
 
@@ -26,6 +28,40 @@ class DeltaSource {
  public:
   virtual ~DeltaSource() = default;
   virtual Result<std::optional<DeltaRecord>> Next() = 0;
+};
+
+// A data record of `bytes` at `offset` of disk `disk`.
+inline DeltaRecord DataRecord(uint32_t disk, uint64_t offset, std::string bytes) {
+  DeltaRecord r;
+  r.disk = disk;
+  r.offset = offset;
+  r.length = bytes.size();
+  r.data = std::move(bytes);
+  return r;
+}
+
+// A zero record of `length` bytes at `offset` of disk `disk`.
+inline DeltaRecord ZeroRecord(uint32_t disk, uint64_t offset, uint64_t length) {
+  DeltaRecord r;
+  r.disk = disk;
+  r.offset = offset;
+  r.length = length;
+  r.zero = true;
+  return r;
+}
+
+// Hands out records held in memory, in order.
+class VectorDeltaSource final : public DeltaSource {
+ public:
+  explicit VectorDeltaSource(std::vector<DeltaRecord> records) : records_(std::move(records)) {}
+  Result<std::optional<DeltaRecord>> Next() override {
+    if (next_ == records_.size()) return std::optional<DeltaRecord>();
+    return std::optional<DeltaRecord>(records_[next_++]);
+  }
+
+ private:
+  std::vector<DeltaRecord> records_;
+  size_t next_ = 0;
 };
 
 }  // namespace vmreplica

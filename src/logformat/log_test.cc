@@ -14,6 +14,9 @@
 namespace vmreplica {
 namespace {
 
+constexpr auto Data = DataRecord;
+constexpr auto Zero = ZeroRecord;
+
 namespace fs = std::filesystem;
 using namespace log;
 
@@ -30,23 +33,6 @@ LogHeader TwoDiskHeader() {
   return h;
 }
 
-DeltaRecord Data(uint32_t disk, uint64_t offset, std::string bytes) {
-  DeltaRecord r;
-  r.disk = disk;
-  r.offset = offset;
-  r.length = bytes.size();
-  r.data = std::move(bytes);
-  return r;
-}
-
-DeltaRecord Zero(uint32_t disk, uint64_t offset, uint64_t length) {
-  DeltaRecord r;
-  r.disk = disk;
-  r.offset = offset;
-  r.length = length;
-  r.zero = true;
-  return r;
-}
 
 std::string RandomBytes(size_t n, uint32_t seed) {
   std::mt19937 rng(seed);

@@ -27,19 +27,6 @@ int64_t NowMs() {
       .count();
 }
 
-class VectorSource : public DeltaSource {
- public:
-  explicit VectorSource(std::vector<DeltaRecord> r) : records_(std::move(r)) {}
-  Result<std::optional<DeltaRecord>> Next() override {
-    if (next_ == records_.size()) return std::optional<DeltaRecord>();
-    return std::optional<DeltaRecord>(records_[next_++]);
-  }
-
- private:
-  std::vector<DeltaRecord> records_;
-  size_t next_ = 0;
-};
-
 std::string ReadAll(const std::string& path) {
   std::ifstream f(path, std::ios::binary);
   std::stringstream ss;
@@ -91,7 +78,7 @@ class PointExportTest : public ::testing::Test {
       std::memcpy(img.data() + r.offset, r.zero ? std::string(r.length, '\0').data() : r.data.data(), r.length);
       recs.push_back(std::move(r));
     }
-    VectorSource src(std::move(recs));
+    VectorDeltaSource src(std::move(recs));
     ASSERT_TRUE(store_->Apply(seq, PointInfo{NowMs() - 60000 + 1000 * static_cast<int64_t>(seq), ReplicationType::kRegular, "g"}, src).ok());
     expected_[seq] = img;
   }

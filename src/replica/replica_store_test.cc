@@ -20,6 +20,9 @@
 namespace vmreplica {
 namespace {
 
+constexpr auto Data = DataRecord;
+constexpr auto Zero = ZeroRecord;
+
 namespace fs = std::filesystem;
 constexpr int64_t kMin = 60 * 1000;
 constexpr int64_t kHour = 60 * kMin;
@@ -46,23 +49,6 @@ class VectorSource : public DeltaSource {
   int fail_after_;
   size_t i_ = 0;
 };
-
-DeltaRecord Data(uint32_t disk, uint64_t off, std::string bytes) {
-  DeltaRecord r;
-  r.disk = disk;
-  r.offset = off;
-  r.length = bytes.size();
-  r.data = std::move(bytes);
-  return r;
-}
-DeltaRecord Zero(uint32_t disk, uint64_t off, uint64_t len) {
-  DeltaRecord r;
-  r.disk = disk;
-  r.offset = off;
-  r.length = len;
-  r.zero = true;
-  return r;
-}
 
 void ApplyToImage(const std::vector<DeltaRecord>& recs, Image* img) {
   for (const DeltaRecord& r : recs) {
