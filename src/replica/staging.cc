@@ -1,0 +1,242 @@
+#include "vmreplica/staging.h"
+
+#include <fcntl.h>
+#include <spdlog/spdlog.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <system_error>
+
+#include "vmreplica/fileutil.h"
+
+namespace vmreplica {
+namespace {
+
+namespace fs = std::filesystem;
+
+constexpr const char* kLogSuffix = ".vrl";
+constexpr const char* kPartSuffix = ".vrl.part";
+constexpr const char* kRejectedDir = "rejected";
+
+std::string SeqName(uint64_t sequence) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%020llu", static_cast<unsigned long long>(sequence));
+  return buf;
+}
+
+std::string Hex(const GenerationId& id) {
+  static const char kDigits[] = "0123456789abcdef";
+  std::string out;
+  for (uint8_t b : id) {
+    out.push_back(kDigits[b >> 4]);
+    out.push_back(kDigits[b & 15]);
+  }
+  return out;
+}
+
+Status Errno(const std::string& what, const std::string& path) {
+  return Status::IOError(what + " " + path + ": " + std::strerror(errno));
+}
+
+bool Exists(const std::string& path) {
+  std::error_code ec;
+  return fs::exists(path, ec);
+}
+
+Status Unlink(const std::string& path) {
+  if (::unlink(path.c_str()) != 0 && errno != ENOENT) return Errno("unlink", path);
+  return Status::Ok();
+}
+
+Status FsyncFile(const std::string& path) {
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return Errno("open", path);
+  int rc = ::fsync(fd);
+  ::close(fd);
+  if (rc != 0) return Errno("fsync", path);
+  return Status::Ok();
+}
+
+// Parses "<20 digits><suffix>"; false for any other name.
+bool ParseName(const std::string& name, const std::string& suffix, uint64_t* sequence) {
+  if (name.size() != 20 + suffix.size() || name.compare(20, std::string::npos, suffix) != 0) return false;
+  uint64_t v = 0;
+  for (size_t i = 0; i < 20; ++i) {
+    char c = name[i];
+    if (c < '0' || c > '9') return false;
+    uint64_t d = static_cast<uint64_t>(c - '0');
+    if (v > (UINT64_MAX - d) / 10) return false;
+    v = v * 10 + d;
+  }
+  *sequence = v;
+  return true;
+}
+
+}  // namespace
+
+Staging::Staging(std::string dir, const ReplicaStore& store, StagingOptions options)
+    : dir_(std::move(dir)), store_(&store), options_(std::move(options)) {}
+
+Staging::~Staging() = default;
+
+std::string Staging::LogPath(uint64_t sequence) const { return dir_ + "/" + SeqName(sequence) + kLogSuffix; }
+
+Result<std::unique_ptr<Staging>> Staging::Open(const std::string& dir, const ReplicaStore& store,
+                                               StagingOptions options) {
+  VMR_RETURN_IF_ERROR(MakeDirs(dir, 0700));
+  std::error_code ec;
+  bool removed = false;
+  for (fs::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec)) {
+    std::string name = it->path().filename().string();
+    uint64_t seq = 0;
+    if (!ParseName(name, kPartSuffix, &seq)) continue;
+    spdlog::info("staging {}: removing unfinished receive {}", dir, name);
+    VMR_RETURN_IF_ERROR(Unlink(it->path().string()));
+    removed = true;
+  }
+  if (ec) return Status::IOError("list " + dir + ": " + ec.message());
+  if (removed) VMR_RETURN_IF_ERROR(FsyncParentDir(dir + "/x"));
+  return std::unique_ptr<Staging>(new Staging(dir, store, std::move(options)));
+}
+
+Result<uint64_t> Staging::expected_sequence() const {
+  uint64_t next = store_->latest_sequence() + 1;
+  while (Exists(LogPath(next))) ++next;
+  return next;
+}
+
+Status Staging::CheckHeader(const LogHeader& header) const {
+  VMR_RETURN_IF_ERROR(ValidateLogHeader(header));
+  if (header.relationship_id != store_->vm_id()) {
+    return Status::InvalidArgument("log " + std::to_string(header.sequence) + " is for relationship '" +
+                                   header.relationship_id + "', this replica holds '" + store_->vm_id() + "'");
+  }
+  const std::vector<ReplicaDisk>& disks = store_->disks();
+  bool same = disks.size() == header.disks.size();
+  for (size_t i = 0; same && i < disks.size(); ++i) {
+    same = disks[i].name == header.disks[i].name && disks[i].size == header.disks[i].size_bytes;
+  }
+  if (!same) {
+    return Status::InvalidArgument("log " + std::to_string(header.sequence) +
+                                   ": its disk list (names, sizes, order) differs from the replica store's");
+  }
+  return Status::Ok();
+}
+
+Result<std::unique_ptr<LogWriter>> Staging::BeginReceive(const LogHeader& header) {
+  VMR_RETURN_IF_ERROR(CheckHeader(header));
+  const uint64_t seq = header.sequence;
+  const uint64_t latest = store_->latest_sequence();
+  VMR_ASSIGN_OR_RETURN(uint64_t expected, expected_sequence());
+  if (seq <= latest) {
+    return Status::FailedPrecondition("duplicate log: sequence " + std::to_string(seq) +
+                                      " is already applied (latest applied " + std::to_string(latest) + "); expected " +
+                                      std::to_string(expected));
+  }
+  if (Exists(LogPath(seq))) {
+    return Status::FailedPrecondition("duplicate log: sequence " + std::to_string(seq) +
+                                      " is already staged; expected " + std::to_string(expected));
+  }
+  if (seq != expected) {
+    return Status::FailedPrecondition("out-of-sequence log: expected sequence " + std::to_string(expected) + ", got " +
+                                      std::to_string(seq));
+  }
+  std::string part = dir_ + "/" + SeqName(seq) + kPartSuffix;
+  VMR_RETURN_IF_ERROR(Unlink(part));  // an earlier, unfinished attempt
+  return LogWriter::Create(part, header, options_.writer);
+}
+
+Status Staging::CommitReceived(uint64_t sequence) {
+  const std::string part = dir_ + "/" + SeqName(sequence) + kPartSuffix;
+  const std::string log = LogPath(sequence);
+  if (!Exists(part)) return Status::NotFound("no log " + std::to_string(sequence) + " being received: " + part);
+  Result<LogSummary> summary = VerifyLog(part, LogReadMode::kComplete);
+  Status bad = summary.ok() ? Status::Ok() : summary.status();
+  if (bad.ok() && summary->header.sequence != sequence) {
+    bad = Status::Corruption("header of " + part + " names sequence " + std::to_string(summary->header.sequence));
+  }
+  if (bad.ok()) bad = CheckHeader(summary->header);
+  if (!bad.ok()) {
+    if (bad.code() == Code::kIOError) return bad;
+    spdlog::warn("staging {}: received log {} refused: {}", dir_, sequence, bad.ToString());
+    VMR_RETURN_IF_ERROR(Unlink(part));
+    return bad.WithContext("received log " + std::to_string(sequence) + " refused and deleted, resend it");
+  }
+  if (Exists(log)) {
+    return Status::FailedPrecondition("duplicate log: sequence " + std::to_string(sequence) + " is already staged");
+  }
+  VMR_RETURN_IF_ERROR(FsyncFile(part));
+  if (::rename(part.c_str(), log.c_str()) != 0) return Errno("rename to " + log, part);
+  VMR_RETURN_IF_ERROR(FsyncParentDir(log));
+  spdlog::info("staging {}: log {} staged ({} records)", dir_, sequence, summary->trailer.record_count);
+  return Status::Ok();
+}
+
+Status Staging::Reject(const std::string& path, const Status& why) {
+  const std::string rejected_dir = dir_ + "/" + kRejectedDir;
+  const std::string target = rejected_dir + "/" + fs::path(path).filename().string();
+  VMR_RETURN_IF_ERROR(MakeDirs(rejected_dir, 0700));
+  if (::rename(path.c_str(), target.c_str()) != 0) return Errno("rename to " + target, path);
+  VMR_RETURN_IF_ERROR(FsyncParentDir(target));
+  VMR_RETURN_IF_ERROR(FsyncParentDir(path));
+  spdlog::error("staging {}: staged log {} rejected: {}", dir_, path, why.ToString());
+  return Status::Ok();
+}
+
+Result<uint64_t> Staging::ApplyReady(ReplicaStore& store) {
+  if (&store != store_) return Status::InvalidArgument("ApplyReady: not the store this staging area was opened for");
+  // Staged logs already applied: a crash after the apply, before the unlink.
+  {
+    const uint64_t latest = store.latest_sequence();
+    std::error_code ec;
+    bool removed = false;
+    for (fs::directory_iterator it(dir_, ec), end; !ec && it != end; it.increment(ec)) {
+      uint64_t seq = 0;
+      if (!ParseName(it->path().filename().string(), kLogSuffix, &seq) || seq > latest) continue;
+      spdlog::info("staging {}: log {} is already applied (latest {}), deleting it", dir_, seq, latest);
+      VMR_RETURN_IF_ERROR(Unlink(it->path().string()));
+      removed = true;
+    }
+    if (ec) return Status::IOError("list " + dir_ + ": " + ec.message());
+    if (removed) VMR_RETURN_IF_ERROR(FsyncParentDir(dir_ + "/x"));
+  }
+  uint64_t applied = 0;
+  for (;;) {
+    const uint64_t seq = store.latest_sequence() + 1;
+    const std::string path = LogPath(seq);
+    if (!Exists(path)) break;
+    // The whole file is checked before any of it is applied.
+    Result<LogSummary> summary = VerifyLog(path, LogReadMode::kComplete);
+    Status bad = summary.ok() ? Status::Ok() : summary.status();
+    if (bad.ok() && summary->header.sequence != seq) {
+      bad = Status::Corruption("header names sequence " + std::to_string(summary->header.sequence));
+    }
+    if (bad.ok()) bad = CheckHeader(summary->header);
+    if (!bad.ok()) {
+      if (bad.code() == Code::kIOError) return bad;
+      VMR_RETURN_IF_ERROR(Reject(path, bad));
+      return Status::Corruption("staged log " + path + " failed verification (" + bad.ToString() +
+                                "); nothing of it was applied, it was moved to " + dir_ + "/" + kRejectedDir +
+                                "/ and the relationship must be resynchronised");
+    }
+    VMR_ASSIGN_OR_RETURN(std::unique_ptr<LogReader> reader, LogReader::Open(path, LogReadMode::kComplete));
+    PointInfo info;
+    info.time_ms = static_cast<int64_t>(reader->header().cut_time_unix_ms);
+    info.kind = reader->header().kind;
+    info.generation_id = Hex(reader->header().new_generation);
+    // A byte that rots between the check and this read fails the reader,
+    // and the store rolls the apply back: still nothing of the log applied.
+    Status st = store.Apply(seq, info, *reader);
+    if (!st.ok()) return st.WithContext("applying staged log " + path);
+    VMR_RETURN_IF_ERROR(Unlink(path));
+    VMR_RETURN_IF_ERROR(FsyncParentDir(path));
+    spdlog::info("staging {}: log {} applied", dir_, seq);
+    ++applied;
+  }
+  return applied;
+}
+
+}  // namespace vmreplica

@@ -1,0 +1,371 @@
+#include "vmreplica/staging.h"
+
+#include <gtest/gtest.h>
+#include <stdlib.h>
+
+#include <algorithm>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+
+#include "vmreplica/fileutil.h"
+
+namespace vmreplica {
+namespace {
+
+namespace fs = std::filesystem;
+const std::string kVm = "vm-1";
+constexpr uint64_t kDiskA = 64 * 1024;
+constexpr uint64_t kDiskB = 32 * 1024;
+constexpr uint64_t kHeaderLengthOffset = 12;  // docs/log_format.md, grammar
+constexpr uint64_t kRecordHeaderBytes = 48;
+
+using Image = std::vector<std::string>;  // one string per disk
+
+std::string Bytes(char c, size_t n) {
+  std::string s(n, c);
+  for (size_t i = 0; i < n; ++i) s[i] = static_cast<char>(c + static_cast<char>(i % 5));
+  return s;
+}
+
+// The three deltas of the happy path, and the images they must produce.
+std::vector<DeltaRecord> Delta(uint64_t seq) {
+  switch (seq) {
+    case 1:
+      return {DataRecord(0, 0, Bytes('a', 8192)), DataRecord(1, 4096, Bytes('b', 100)),
+              DataRecord(0, 60000, Bytes('c', 5536))};
+    case 2:
+      return {ZeroRecord(0, 4096, 4096), DataRecord(1, 4100, Bytes('d', 10)), DataRecord(0, 20000, Bytes('e', 3))};
+    case 3:
+      return {DataRecord(1, 0, Bytes('f', 32768)), ZeroRecord(0, 61000, 1000)};
+    default:
+      return {DataRecord(0, 0, Bytes('x', 4096)), DataRecord(1, 0, Bytes('y', 4096))};
+  }
+}
+
+void ApplyToImage(const std::vector<DeltaRecord>& recs, Image* img) {
+  for (const DeltaRecord& r : recs) {
+    if (r.zero) {
+      (*img)[r.disk].replace(r.offset, r.length, std::string(r.length, '\0'));
+    } else {
+      (*img)[r.disk].replace(r.offset, r.length, r.data);
+    }
+  }
+}
+
+Image Expected(uint64_t upto) {
+  Image img{std::string(kDiskA, '\0'), std::string(kDiskB, '\0')};
+  for (uint64_t s = 1; s <= upto; ++s) ApplyToImage(Delta(s), &img);
+  return img;
+}
+
+LogHeader Header(uint64_t seq) {
+  LogHeader h;
+  h.relationship_id = kVm;
+  h.sequence = seq;
+  h.base_generation.fill(static_cast<uint8_t>(seq - 1));
+  h.new_generation.fill(static_cast<uint8_t>(seq));
+  h.new_generation[0] = 0xab;
+  h.cut_time_unix_ms = 1700000000000 + seq * 1000;
+  h.kind = seq == 2 ? ReplicationType::kApplicationConsistent : ReplicationType::kRegular;
+  h.disks = {{"vda", kDiskA}, {"vdb", kDiskB}};
+  return h;
+}
+
+// Offset of the first payload byte of record `index` of a log of `recs`
+// written without compression.
+uint64_t PayloadOffset(const std::string& path, const std::vector<DeltaRecord>& recs, size_t index) {
+  auto bytes = ReadFile(path);
+  EXPECT_TRUE(bytes.ok());
+  uint32_t header_length = 0;
+  std::memcpy(&header_length, bytes->data() + kHeaderLengthOffset, 4);
+  uint64_t off = header_length;
+  for (size_t i = 0; i < index; ++i) off += kRecordHeaderBytes + (recs[i].zero ? 0 : recs[i].length);
+  return off + kRecordHeaderBytes;
+}
+
+void FlipByte(const std::string& path, uint64_t offset) {
+  auto bytes = ReadFile(path);
+  ASSERT_TRUE(bytes.ok()) << bytes.status().ToString();
+  ASSERT_LT(offset, bytes->size());
+  (*bytes)[offset] = static_cast<char>((*bytes)[offset] ^ 0x40);
+  std::ofstream(path, std::ios::binary | std::ios::trunc) << *bytes;
+}
+
+LogWriterOptions WriterOptions() {
+  LogWriterOptions o;
+  o.compress = false;  // so the tests know where a payload is
+  o.sync = false;
+  return o;
+}
+
+// Writes a complete log outside the staging area.
+void WriteLog(const std::string& path, uint64_t seq, const std::vector<DeltaRecord>& recs) {
+  auto w = LogWriter::Create(path, Header(seq), WriterOptions());
+  ASSERT_TRUE(w.ok()) << w.status().ToString();
+  for (const DeltaRecord& r : recs) ASSERT_TRUE((*w)->Add(r).ok());
+  ASSERT_TRUE((*w)->Finish().ok());
+}
+
+class StagingTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    char tmpl[] = "/tmp/vmr-staging-XXXXXX";
+    dir_ = ::mkdtemp(tmpl);
+    store_dir_ = dir_ + "/vm";
+    ReplicaStoreOptions o;
+    o.now_ms = [] { return int64_t{1700000000000} + 10000; };  // every point in the fine window
+    auto s = ReplicaStore::Create(store_dir_, kVm, {{"vda", kDiskA}, {"vdb", kDiskB}}, nullptr, o);
+    ASSERT_TRUE(s.ok()) << s.status().ToString();
+    store_ = std::move(s).value();
+    OpenStaging();
+  }
+  void TearDown() override {
+    staging_.reset();
+    store_.reset();
+    fs::remove_all(dir_);
+  }
+  void OpenStaging() {
+    staging_.reset();
+    StagingOptions o;
+    o.writer = WriterOptions();
+    auto st = Staging::Open(store_dir_ + "/staging", *store_, o);
+    ASSERT_TRUE(st.ok()) << st.status().ToString();
+    staging_ = std::move(st).value();
+  }
+  Status Receive(uint64_t seq, const std::vector<DeltaRecord>& recs) {
+    auto w = staging_->BeginReceive(Header(seq));
+    if (!w.ok()) return w.status();
+    for (const DeltaRecord& r : recs) VMR_RETURN_IF_ERROR((*w)->Add(r));
+    VMR_RETURN_IF_ERROR((*w)->Finish());
+    return staging_->CommitReceived(seq);
+  }
+  Image ReadImage() {
+    Image img;
+    uint64_t latest = store_->latest_sequence();
+    for (uint32_t d = 0; d < 2; ++d) {
+      std::string buf(d == 0 ? kDiskA : kDiskB, '\0');
+      Status st = store_->ReadPoint(latest, d, 0, buf.size(), buf.data());
+      EXPECT_TRUE(st.ok()) << st.ToString();
+      img.push_back(std::move(buf));
+    }
+    return img;
+  }
+  std::vector<std::string> Files(const std::string& dir) {
+    std::vector<std::string> out;
+    std::error_code ec;
+    for (const auto& e : fs::directory_iterator(dir, ec)) {
+      if (e.is_regular_file()) out.push_back(e.path().filename().string());
+    }
+    std::sort(out.begin(), out.end());
+    return out;
+  }
+  std::string PartPath(uint64_t seq) { return staging_->LogPath(seq) + ".part"; }
+
+  std::string dir_, store_dir_;
+  std::unique_ptr<ReplicaStore> store_;
+  std::unique_ptr<Staging> staging_;
+};
+
+TEST_F(StagingTest, StagedLogsApplyInSequence) {
+  for (uint64_t s = 1; s <= 3; ++s) ASSERT_TRUE(Receive(s, Delta(s)).ok()) << s;
+  EXPECT_EQ(Files(staging_->dir()), (std::vector<std::string>{"00000000000000000001.vrl", "00000000000000000002.vrl",
+                                                              "00000000000000000003.vrl"}));
+  EXPECT_EQ(store_->latest_sequence(), 0u);  // staged is not applied
+
+  auto n = staging_->ApplyReady(*store_);
+  ASSERT_TRUE(n.ok()) << n.status().ToString();
+  EXPECT_EQ(*n, 3u);
+  EXPECT_EQ(store_->latest_sequence(), 3u);
+  EXPECT_TRUE(ReadImage() == Expected(3));
+  EXPECT_TRUE(Files(staging_->dir()).empty());
+
+  // Spot checks of the expected image itself.
+  Image img = ReadImage();
+  EXPECT_EQ(img[0].substr(0, 4), "abcd");
+  EXPECT_EQ(img[0].substr(4096, 4096), std::string(4096, '\0'));
+  EXPECT_EQ(img[0].substr(20000, 3), "efg");
+  EXPECT_EQ(img[1].substr(0, 3), "fgh");
+
+  std::vector<ReplicaPoint> points = store_->ListPoints();
+  ASSERT_EQ(points.back().sequence, 3u);
+  EXPECT_EQ(points.back().time_ms, 1700000003000);
+  EXPECT_EQ(points.back().generation_id, "ab030303030303030303030303030303");
+  EXPECT_EQ(points[points.size() - 2].kind, ReplicationType::kApplicationConsistent);
+
+  auto again = staging_->ApplyReady(*store_);
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ(*again, 0u);
+}
+
+TEST_F(StagingTest, DuplicateAndGapAreRefusedAtBeginReceive) {
+  ASSERT_TRUE(Receive(1, Delta(1)).ok());
+
+  auto dup = staging_->BeginReceive(Header(1));
+  ASSERT_FALSE(dup.ok());
+  EXPECT_EQ(dup.status().code(), Code::kFailedPrecondition);
+  EXPECT_NE(dup.status().message().find("already staged"), std::string::npos) << dup.status().ToString();
+
+  auto gap = staging_->BeginReceive(Header(3));
+  ASSERT_FALSE(gap.ok());
+  EXPECT_EQ(gap.status().code(), Code::kFailedPrecondition);
+  EXPECT_NE(gap.status().message().find("expected sequence 2, got 3"), std::string::npos) << gap.status().ToString();
+  EXPECT_FALSE(fs::exists(PartPath(3)));
+
+  ASSERT_TRUE(staging_->ApplyReady(*store_).ok());
+  auto applied = staging_->BeginReceive(Header(1));
+  ASSERT_FALSE(applied.ok());
+  EXPECT_EQ(applied.status().code(), Code::kFailedPrecondition);
+  EXPECT_NE(applied.status().message().find("already applied"), std::string::npos) << applied.status().ToString();
+
+  EXPECT_EQ(*staging_->expected_sequence(), 2u);
+  ASSERT_TRUE(Receive(2, Delta(2)).ok());
+  EXPECT_EQ(*staging_->expected_sequence(), 3u);
+}
+
+TEST_F(StagingTest, LogOfAnotherRelationshipOrDiskLayoutIsRefused) {
+  LogHeader h = Header(1);
+  h.relationship_id = "vm-2";
+  EXPECT_EQ(staging_->BeginReceive(h).status().code(), Code::kInvalidArgument);
+  h = Header(1);
+  h.disks[1].size_bytes = kDiskB * 2;
+  EXPECT_EQ(staging_->BeginReceive(h).status().code(), Code::kInvalidArgument);
+}
+
+class CorruptCommitTest : public StagingTest, public ::testing::WithParamInterface<bool> {};
+
+TEST_P(CorruptCommitTest, FlippedByteIsRefusedAtCommit) {
+  const bool in_header = GetParam();
+  std::vector<DeltaRecord> recs = Delta(1);
+  auto w = staging_->BeginReceive(Header(1));
+  ASSERT_TRUE(w.ok()) << w.status().ToString();
+  for (const DeltaRecord& r : recs) ASSERT_TRUE((*w)->Add(r).ok());
+  ASSERT_TRUE((*w)->Finish().ok());
+  std::string part = (*w)->path();
+  FlipByte(part, in_header ? 0x18 /* sequence */ : PayloadOffset(part, recs, 2) + 7);
+
+  Status st = staging_->CommitReceived(1);
+  EXPECT_EQ(st.code(), Code::kCorruption) << st.ToString();
+  EXPECT_NE(st.message().find("offset"), std::string::npos) << st.ToString();
+  EXPECT_FALSE(fs::exists(part));
+  EXPECT_TRUE(Files(staging_->dir()).empty());
+
+  // The sender resends it.
+  ASSERT_TRUE(Receive(1, recs).ok());
+  ASSERT_TRUE(staging_->ApplyReady(*store_).ok());
+  EXPECT_TRUE(ReadImage() == Expected(1));
+}
+
+TEST_P(CorruptCommitTest, RottedStagedLogIsRejectedAndNothingOfItApplied) {
+  const bool in_header = GetParam();
+  ASSERT_TRUE(Receive(1, Delta(1)).ok());
+  ASSERT_TRUE(staging_->ApplyReady(*store_).ok());
+  const Image before = ReadImage();
+  ASSERT_TRUE(before == Expected(1));
+
+  // Log 2 was committed whole, then a byte rotted on disk: in the header,
+  // or in the payload of the last record (the first two are fine).
+  std::vector<DeltaRecord> recs = Delta(2);
+  std::string outside = dir_ + "/log2.vrl";
+  WriteLog(outside, 2, recs);
+  FlipByte(outside, in_header ? 0x50 /* relationship id */ : PayloadOffset(outside, recs, 2) + 1);
+  fs::copy_file(outside, staging_->LogPath(2));
+
+  auto n = staging_->ApplyReady(*store_);
+  ASSERT_FALSE(n.ok());
+  EXPECT_EQ(n.status().code(), Code::kCorruption);
+  const std::string msg = n.status().message();
+  EXPECT_NE(msg.find(staging_->LogPath(2)), std::string::npos) << msg;
+  EXPECT_NE(msg.find("at offset"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("resynchronised"), std::string::npos) << msg;
+
+  EXPECT_EQ(store_->latest_sequence(), 1u);
+  EXPECT_EQ(store_->ListPoints().size(), 2u);
+  EXPECT_TRUE(ReadImage() == before);
+  EXPECT_FALSE(fs::exists(staging_->LogPath(2)));
+  EXPECT_TRUE(fs::exists(staging_->dir() + "/rejected/00000000000000000002.vrl"));
+
+  // Nothing more is applied until the log is resent.
+  auto again = staging_->ApplyReady(*store_);
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ(*again, 0u);
+}
+
+INSTANTIATE_TEST_SUITE_P(Where, CorruptCommitTest, ::testing::Values(false, true),
+                         [](const auto& info) { return info.param ? "Header" : "Payload"; });
+
+TEST_F(StagingTest, GoodLogsBeforeARottedOneAreApplied) {
+  ASSERT_TRUE(Receive(1, Delta(1)).ok());
+  ASSERT_TRUE(Receive(2, Delta(2)).ok());
+  ASSERT_TRUE(Receive(3, Delta(3)).ok());
+  std::vector<DeltaRecord> recs = Delta(3);
+  FlipByte(staging_->LogPath(3), PayloadOffset(staging_->LogPath(3), recs, 0) + 100);
+
+  auto n = staging_->ApplyReady(*store_);
+  EXPECT_EQ(n.status().code(), Code::kCorruption);
+  EXPECT_EQ(store_->latest_sequence(), 2u);
+  EXPECT_TRUE(ReadImage() == Expected(2));
+}
+
+TEST_F(StagingTest, AlreadyAppliedLogIsDeletedNotAppliedTwice) {
+  ASSERT_TRUE(Receive(1, Delta(1)).ok());
+  ASSERT_TRUE(Receive(2, Delta(2)).ok());
+  ASSERT_TRUE(staging_->ApplyReady(*store_).ok());
+  ASSERT_EQ(store_->latest_sequence(), 2u);
+
+  // A crash after the apply of 2 committed, before its log was unlinked.
+  // Its content differs here, so applying it again would show.
+  WriteLog(staging_->LogPath(2), 2, Delta(99));
+  WriteLog(staging_->LogPath(1), 1, Delta(99));
+  OpenStaging();  // as after the restart
+
+  auto n = staging_->ApplyReady(*store_);
+  ASSERT_TRUE(n.ok()) << n.status().ToString();
+  EXPECT_EQ(*n, 0u);
+  EXPECT_TRUE(Files(staging_->dir()).empty());
+  EXPECT_EQ(store_->latest_sequence(), 2u);
+  EXPECT_EQ(store_->ListPoints().size(), 3u);
+  EXPECT_TRUE(ReadImage() == Expected(2));
+
+  // And with the next log staged too, only that one is applied.
+  WriteLog(staging_->LogPath(2), 2, Delta(99));
+  ASSERT_TRUE(Receive(3, Delta(3)).ok());
+  n = staging_->ApplyReady(*store_);
+  ASSERT_TRUE(n.ok()) << n.status().ToString();
+  EXPECT_EQ(*n, 1u);
+  EXPECT_TRUE(ReadImage() == Expected(3));
+  EXPECT_TRUE(Files(staging_->dir()).empty());
+}
+
+TEST_F(StagingTest, UnfinishedReceiveIsNeverAppliedAndRemovedAtOpen) {
+  {
+    auto w = staging_->BeginReceive(Header(1));
+    ASSERT_TRUE(w.ok());
+    ASSERT_TRUE((*w)->Add(Delta(1)[0]).ok());
+    // The connection drops: the writer is destroyed without Finish().
+  }
+  ASSERT_TRUE(fs::exists(PartPath(1)));
+  auto n = staging_->ApplyReady(*store_);
+  ASSERT_TRUE(n.ok());
+  EXPECT_EQ(*n, 0u);
+
+  OpenStaging();
+  EXPECT_FALSE(fs::exists(PartPath(1)));
+  ASSERT_TRUE(Receive(1, Delta(1)).ok());
+  ASSERT_TRUE(staging_->ApplyReady(*store_).ok());
+  EXPECT_TRUE(ReadImage() == Expected(1));
+}
+
+TEST_F(StagingTest, CommitWithoutFinishIsRefused) {
+  auto w = staging_->BeginReceive(Header(1));
+  ASSERT_TRUE(w.ok());
+  ASSERT_TRUE((*w)->Add(Delta(1)[0]).ok());
+  Status st = staging_->CommitReceived(1);
+  EXPECT_EQ(st.code(), Code::kCorruption) << st.ToString();
+  EXPECT_FALSE(fs::exists(staging_->LogPath(1)));
+  EXPECT_EQ(staging_->CommitReceived(7).code(), Code::kNotFound);
+}
+
+}  // namespace
+}  // namespace vmreplica
