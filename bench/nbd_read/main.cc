@@ -15,6 +15,7 @@
 
 #include "blockio/qsd_testing.h"
 #include "vmreplica/nbd_reader.h"
+#include "common/bench_util.h"
 
 namespace vmreplica {
 namespace {
@@ -37,39 +38,7 @@ struct Flags {
   uint32_t in_flight = NbdReaderOptions{}.requests_in_flight;  // for (a) and (d)
 };
 
-bool ParseSize(const char* s, uint64_t* out) {
-  char* end = nullptr;
-  double v = std::strtod(s, &end);
-  if (end == s || v <= 0) return false;
-  uint64_t mult = 1;
-  switch (*end) {
-    case 'k':
-    case 'K':
-      mult = 1ull << 10;
-      ++end;
-      break;
-    case 'm':
-    case 'M':
-      mult = 1ull << 20;
-      ++end;
-      break;
-    case 'g':
-    case 'G':
-      mult = 1ull << 30;
-      ++end;
-      break;
-    case 't':
-    case 'T':
-      mult = 1ull << 40;
-      ++end;
-      break;
-    default:
-      break;
-  }
-  if (*end != '\0') return false;
-  *out = static_cast<uint64_t>(v * static_cast<double>(mult));
-  return true;
-}
+using vmreplica::bench::ParseSize;
 
 void Usage() {
   std::fprintf(

@@ -21,6 +21,7 @@
 
 #include "vmreplica/delta.h"
 #include "vmreplica/replica_store.h"
+#include "common/bench_util.h"
 
 namespace vmreplica {
 namespace {
@@ -44,34 +45,7 @@ struct Flags {
   bool drop_cache = false;  // after the prefill, drop the image from the page cache
 };
 
-bool ParseSize(const char* s, uint64_t* out) {
-  char* end = nullptr;
-  double v = std::strtod(s, &end);
-  if (end == s || v <= 0) return false;
-  uint64_t mult = 1;
-  switch (*end) {
-    case 'k':
-    case 'K':
-      mult = 1ull << 10;
-      ++end;
-      break;
-    case 'm':
-    case 'M':
-      mult = 1ull << 20;
-      ++end;
-      break;
-    case 'g':
-    case 'G':
-      mult = 1ull << 30;
-      ++end;
-      break;
-    default:
-      break;
-  }
-  if (*end != '\0') return false;
-  *out = static_cast<uint64_t>(v * static_cast<double>(mult));
-  return true;
-}
+using vmreplica::bench::ParseSize;
 
 void Usage() {
   std::fprintf(stderr,
