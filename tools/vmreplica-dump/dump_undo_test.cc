@@ -13,6 +13,7 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
+#include "dump_test_util.h"
 #include "vmreplica/delta.h"
 #include "vmreplica/replica_store.h"
 
@@ -21,18 +22,13 @@ namespace {
 
 namespace fs = std::filesystem;
 
-struct RunResult {
-  int exit_code = -1;
-  std::string out;
-};
+using dump_testing::RunResult;
 
 class DumpUndoTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    const char* build = std::getenv("VMREPLICA_BUILD_DIR");
-    if (build == nullptr) GTEST_SKIP() << "VMREPLICA_BUILD_DIR not set (run through ctest)";
-    tool_ = std::string(build) + "/tools/vmreplica-dump/vmreplica-dump";
-    if (!fs::exists(tool_)) GTEST_SKIP() << tool_ << " not built";
+    tool_ = dump_testing::ToolPath();
+    ASSERT_FALSE(tool_.empty()) << "vmreplica-dump not found under $VMREPLICA_BUILD_DIR (run through ctest)";
     std::string tmpl = (fs::temp_directory_path() / "dump_undo_test.XXXXXX").string();
     ASSERT_NE(mkdtemp(tmpl.data()), nullptr);
     dir_ = tmpl;
@@ -58,18 +54,7 @@ class DumpUndoTest : public ::testing::Test {
     if (!dir_.empty()) fs::remove_all(dir_, ec);
   }
 
-  RunResult Run(const std::string& args) {
-    RunResult r;
-    std::string cmd = tool_ + " " + args + " 2>/dev/null";
-    FILE* p = ::popen(cmd.c_str(), "r");
-    if (p == nullptr) return r;
-    std::array<char, 4096> buf;
-    size_t n;
-    while ((n = std::fread(buf.data(), 1, buf.size(), p)) > 0) r.out.append(buf.data(), n);
-    int status = ::pclose(p);
-    r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-    return r;
-  }
+  RunResult Run(const std::string& args) { return dump_testing::RunTool(tool_, args); }
 
   // A copy of `from` with the byte at `flip_at` changed.
   std::string Flipped(const std::string& from, const std::string& name, size_t flip_at) {
