@@ -331,7 +331,8 @@ grpc::Status ControlService::ListReplications(grpc::ServerContext* ctx, const v1
     auto* p = resp->add_relationships();
     p->set_vm_id(rel.vm_id);
     auto vm = env_->catalog->GetVm(rel.vm_id);
-    if (vm.ok() && vm->has_value()) p->set_vm_name((*vm)->name);
+    if (!vm.ok()) return Answer(r, vm.status());  // a catalog failure is not an empty name
+    if (vm->has_value()) p->set_vm_name((*vm)->name);
     p->set_relationship_index(static_cast<uint32_t>(rel.index));
     p->set_replication_mode(Number(rel.local_mode));
     p->set_replication_state(Number(rel.state));

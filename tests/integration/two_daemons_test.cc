@@ -58,15 +58,29 @@ class TwoDaemonsTest : public ::testing::Test {
 
   static std::string Port(const Daemon& d) { return std::to_string(d.port()); }
 
+  // Starts every daemon, failing the test with its log when one does not come up.
+  static void StartAll(std::initializer_list<Daemon*> daemons) {
+    for (Daemon* d : daemons) {
+      std::string err;
+      ASSERT_TRUE(d->Start(&err)) << err;
+    }
+  }
+
+  // A method that failed: exit status 1, the WMI code and the reason on stderr.
+  static void ExpectFailure(const RunResult& r, const std::string& code, const std::string& reason) {
+    EXPECT_EQ(r.exit_code, 1) << r.out << r.err;
+    EXPECT_NE(r.err.find(code), std::string::npos) << r.err;
+    EXPECT_NE(r.err.find(reason), std::string::npos) << r.err;
+  }
+
   TempDir dir_;
 };
 
 TEST_F(TwoDaemonsTest, ConnectionTestSucceedsWithValidCertificatesAndAuthorization) {
   Daemon primary(dir_, Spec("primary.vmreplica.test", dir_ / "ca1/ca.crt"));
   Daemon replica(dir_, Spec("replica.vmreplica.test", dir_ / "ca1/ca.crt"));
-  std::string err;
-  ASSERT_TRUE(primary.Start(&err)) << err;
-  ASSERT_TRUE(replica.Start(&err)) << err;
+  StartAll({&primary, &replica});
+  if (HasFatalFailure()) return;
   ConfigureReplica(replica, "*.vmreplica.test");
 
   auto r = primary.Cli({"--json", "test-connection", "127.0.0.1", Port(replica)});
@@ -95,44 +109,35 @@ TEST_F(TwoDaemonsTest, ConnectionTestSucceedsWithValidCertificatesAndAuthorizati
 TEST_F(TwoDaemonsTest, PrimaryWithCertificateFromAnotherCaIsDenied) {
   Daemon replica(dir_, Spec("replica.vmreplica.test", dir_ / "ca1/ca.crt"));
   Daemon rogue(dir_, Spec("rogue.vmreplica.test", dir_ / "both-cas.crt"));
-  std::string err;
-  ASSERT_TRUE(replica.Start(&err)) << err;
-  ASSERT_TRUE(rogue.Start(&err)) << err;
+  StartAll({&replica, &rogue});
+  if (HasFatalFailure()) return;
   ConfigureReplica(replica, "*");  // even "allow from any server" needs a trusted certificate
 
   auto r = rogue.Cli({"test-connection", "127.0.0.1", Port(replica)});
-  EXPECT_EQ(r.exit_code, 1) << r.out << r.err;
-  EXPECT_NE(r.err.find("32769"), std::string::npos) << r.err;
-  EXPECT_NE(r.err.find("rejected our certificate"), std::string::npos) << r.err;
+  ExpectFailure(r, "32769", "rejected our certificate");
 }
 
 TEST_F(TwoDaemonsTest, ReplicaWithCertificateFromAnotherCaIsDenied) {
   // Here the primary does not trust the server it dials.
   Daemon primary(dir_, Spec("primary.vmreplica.test", dir_ / "ca1/ca.crt"));
   Daemon rogue(dir_, Spec("rogue.vmreplica.test", dir_ / "both-cas.crt"));
-  std::string err;
-  ASSERT_TRUE(primary.Start(&err)) << err;
-  ASSERT_TRUE(rogue.Start(&err)) << err;
+  StartAll({&primary, &rogue});
+  if (HasFatalFailure()) return;
   ConfigureReplica(rogue, "*");
 
   auto r = primary.Cli({"test-connection", "127.0.0.1", Port(rogue)});
-  EXPECT_EQ(r.exit_code, 1) << r.out << r.err;
-  EXPECT_NE(r.err.find("32769"), std::string::npos) << r.err;
-  EXPECT_NE(r.err.find("not trusted"), std::string::npos) << r.err;
+  ExpectFailure(r, "32769", "not trusted");
 }
 
 TEST_F(TwoDaemonsTest, PrimaryThatNoAuthorizationEntryMatchesIsDenied) {
   Daemon primary(dir_, Spec("primary.vmreplica.test", dir_ / "ca1/ca.crt"));
   Daemon replica(dir_, Spec("replica.vmreplica.test", dir_ / "ca1/ca.crt"));
-  std::string err;
-  ASSERT_TRUE(primary.Start(&err)) << err;
-  ASSERT_TRUE(replica.Start(&err)) << err;
+  StartAll({&primary, &replica});
+  if (HasFatalFailure()) return;
   ConfigureReplica(replica, "*.other.example");
 
   auto r = primary.Cli({"test-connection", "127.0.0.1", Port(replica)});
-  EXPECT_EQ(r.exit_code, 1) << r.out << r.err;
-  EXPECT_NE(r.err.find("32769"), std::string::npos) << r.err;
-  EXPECT_NE(r.err.find("no authorization entry"), std::string::npos) << r.err;
+  ExpectFailure(r, "32769", "no authorization entry");
 
   // Adding a matching entry lets it through; removing it denies again.
   ASSERT_EQ(replica.Cli({"auth", "add", "primary.vmreplica.test", "--storage", dir_ / "r2"}).exit_code, 0);
@@ -144,14 +149,11 @@ TEST_F(TwoDaemonsTest, PrimaryThatNoAuthorizationEntryMatchesIsDenied) {
 TEST_F(TwoDaemonsTest, ServerThatIsNotAReplicaServerIsNotAvailable) {
   Daemon primary(dir_, Spec("primary.vmreplica.test", dir_ / "ca1/ca.crt"));
   Daemon replica(dir_, Spec("replica.vmreplica.test", dir_ / "ca1/ca.crt"));
-  std::string err;
-  ASSERT_TRUE(primary.Start(&err)) << err;
-  ASSERT_TRUE(replica.Start(&err)) << err;
+  StartAll({&primary, &replica});
+  if (HasFatalFailure()) return;
   // RecoveryServerEnabled stays off (the default).
   auto r = primary.Cli({"test-connection", "127.0.0.1", Port(replica)});
-  EXPECT_EQ(r.exit_code, 1) << r.out << r.err;
-  EXPECT_NE(r.err.find("32777"), std::string::npos) << r.err;
-  EXPECT_NE(r.err.find("RecoveryServerEnabled"), std::string::npos) << r.err;
+  ExpectFailure(r, "32777", "RecoveryServerEnabled");
 }
 
 TEST_F(TwoDaemonsTest, NothingListeningIsNotAvailableAndBadInputIsInvalidParameter) {
@@ -183,9 +185,8 @@ TEST_F(TwoDaemonsTest, NothingListeningIsNotAvailableAndBadInputIsInvalidParamet
 TEST_F(TwoDaemonsTest, StoppedListenerIsNotAvailableUntilStartedAgain) {
   Daemon primary(dir_, Spec("primary.vmreplica.test", dir_ / "ca1/ca.crt"));
   Daemon replica(dir_, Spec("replica.vmreplica.test", dir_ / "ca1/ca.crt"));
-  std::string err;
-  ASSERT_TRUE(primary.Start(&err)) << err;
-  ASSERT_TRUE(replica.Start(&err)) << err;
+  StartAll({&primary, &replica});
+  if (HasFatalFailure()) return;
   ConfigureReplica(replica, "*.vmreplica.test");
   ASSERT_EQ(replica.Cli({"service", "stop"}).exit_code, 0);
   auto r = primary.Cli({"test-connection", "127.0.0.1", Port(replica)});
