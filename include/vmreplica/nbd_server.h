@@ -120,6 +120,9 @@ class NbdServer {
   // Connections being served now (for tests and statistics).
   int active_connections() const;
 
+  // Connections taken off the listen queue so far, served or refused.
+  uint64_t accepted_connections() const { return accepted_.load(); }
+
  private:
   struct Connection;
   void AcceptLoop();
@@ -137,6 +140,7 @@ class NbdServer {
   std::thread accept_thread_;                       // guarded by mu_
   std::vector<std::unique_ptr<Connection>> conns_;  // guarded by mu_
   std::atomic<bool> stopping_{false};
+  std::atomic<uint64_t> accepted_{0};
 };
 
 }  // namespace vmreplica

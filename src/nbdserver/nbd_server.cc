@@ -198,6 +198,7 @@ void NbdServer::AcceptLoop() {
       continue;
     }
     std::lock_guard<std::mutex> lock(mu_);
+    ++accepted_;
     ReapFinished();
     if (stopping_ || static_cast<int>(conns_.size()) >= options_.max_connections) {
       spdlog::warn("nbd server: connection refused ({} connections)", conns_.size());
