@@ -6,6 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/install-deps.sh
+./scripts/build-test-guest.sh   # kernel + initramfs of the e2e test guest (tests/guest)
 for preset in default asan; do
   echo "== build ($preset)"
   ./scripts/build.sh "$preset"

@@ -52,7 +52,7 @@ namespace vmreplica {
 
 // The newest schema this binary knows. Bumped by every migration; the
 // migration list in src/catalog/schema.cc is append-only.
-inline constexpr int kCatalogSchemaVersion = 1;
+inline constexpr int kCatalogSchemaVersion = 2;
 
 // PRAGMA application_id of a vmreplica catalog ("vmrc").
 inline constexpr int32_t kCatalogApplicationId = 0x766d7263;
@@ -103,6 +103,25 @@ struct RecoveryPointRecord {
   uint16_t kind = 0;               // a ReplicationType number (1 standard, 2 app-consistent, 3 planned)
   uint64_t sequence = 0;           // delta sequence the point was taken at
   std::string generation_id;
+};
+
+// State of a staged delta log (docs/replica_store.md section 14). Stored as
+// these numbers; never reuse one. An applied log's row is deleted.
+enum class StagedLogState : uint8_t {
+  kStaged = 1,    // <staging>/<seq>.vrl: verified, durable, waiting to apply
+  kRejected = 2,  // <staging>/rejected/<seq>.vrl: failed verification later
+};
+
+// One delta log in a VM's staging area (schema version 2). Key: (vm_id,
+// sequence, state): a rejected sequence may be staged again beside its
+// rejected copy.
+struct StagedLogRecord {
+  std::string vm_id;
+  uint64_t sequence = 0;
+  StagedLogState state = StagedLogState::kStaged;
+  std::string file_name;    // relative to the staging dir, e.g. "rejected/<20-digit seq>.vrl"
+  uint64_t size_bytes = 0;  // file size
+  int64_t received_ms = 0;  // Unix epoch ms the log was staged (file mtime when reconciled)
 };
 
 // One statistics window of a relationship (reference section 4.4). Counters
@@ -174,8 +193,8 @@ class Catalog {
   // when several do (the caller must use the id).
   Result<std::optional<VmRecord>> FindVmByName(const std::string& name);
   Result<std::vector<VmRecord>> ListVms();  // by name, then id
-  // Deletes the VM with its disks, relationships, statistics and recovery
-  // points. NotFound when absent.
+  // Deletes the VM with its disks, relationships, statistics, recovery
+  // points and staged-log rows. NotFound when absent.
   Status DeleteVm(const std::string& id);
   // Replaces the VM's disk set (every disk's vm_id is taken to be `vm_id`).
   // NotFound for an unknown VM; AlreadyExists for a name given twice.
@@ -196,6 +215,15 @@ class Catalog {
   Status DeleteRecoveryPoint(const std::string& id);      // NotFound
   // Deletes all of `ids` or none (NotFound names the first missing one).
   Status DeleteRecoveryPoints(const std::vector<std::string>& ids);
+
+  // --- Staged delta logs (mirror of the staging directories). The VM must
+  // exist (NotFound); deleted with the VM.
+  Status PutStagedLog(const StagedLogRecord& log);  // upsert by (vm_id, sequence, state)
+  Result<std::optional<StagedLogRecord>> GetStagedLog(const std::string& vm_id, uint64_t sequence,
+                                                      StagedLogState state);
+  // By sequence, then state.
+  Result<std::vector<StagedLogRecord>> ListStagedLogs(const std::string& vm_id);
+  Status DeleteStagedLog(const std::string& vm_id, uint64_t sequence, StagedLogState state);  // NotFound
 
   // --- Statistics windows, one per relationship (which must exist:
   // NotFound). Deleted with the relationship.

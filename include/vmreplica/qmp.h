@@ -51,6 +51,21 @@ struct QmpClientOptions {
   std::chrono::milliseconds connect_timeout{5000};
 };
 
+// The one call a QMP user needs: run a command and get its "return" member.
+// Implemented by QmpClient (a direct socket) and by the libvirt binding
+// (virDomainQemuMonitorCommand), so ChangeTracker works through either.
+//
+// Thread safety: implementations must allow concurrent Execute() calls.
+// Errors: as QmpClient::Execute (QEMU error reply -> NotSupported / NotFound /
+// FailedPrecondition with QEMU's class and description; Unavailable when the
+// channel is gone; Timeout when no answer came in time).
+class QmpChannel {
+ public:
+  virtual ~QmpChannel() = default;
+  virtual Result<nlohmann::json> Execute(const std::string& command, const nlohmann::json& arguments,
+                                         std::chrono::milliseconds timeout) = 0;
+};
+
 // A connected QMP session.
 //
 // Thread safety: Execute(), WaitForEvent() and the accessors may be called
@@ -61,7 +76,7 @@ struct QmpClientOptions {
 // dead: every pending and later Execute() returns Unavailable (peer closed /
 // socket error) or Corruption (malformed or oversized message). Reconnect by
 // making a new client.
-class QmpClient {
+class QmpClient : public QmpChannel {
  public:
   using EventCallback = std::function<void(const QmpEvent&)>;
 
@@ -75,7 +90,7 @@ class QmpClient {
   // Closes the socket and joins the reader thread. Pending Execute() calls
   // on other threads return Unavailable; do not destroy while another thread
   // may still call into the object.
-  ~QmpClient();
+  ~QmpClient() override;
   QmpClient(const QmpClient&) = delete;
   QmpClient& operator=(const QmpClient&) = delete;
 
@@ -91,7 +106,7 @@ class QmpClient {
   //                        late reply is discarded).
   // `arguments` may be null or an object.
   Result<nlohmann::json> Execute(const std::string& command, const nlohmann::json& arguments = nullptr,
-                                 std::chrono::milliseconds timeout = std::chrono::seconds(10));
+                                 std::chrono::milliseconds timeout = std::chrono::seconds(10)) override;
 
   // Installs `callback`, called on the reader thread for every event before
   // it is queued. It must be quick and must not call Execute() (that would

@@ -60,6 +60,10 @@ struct ReplicaStoreOptions {
   // > 0: hourly points older than the history are kept while all undo
   // segments together stay within this many bytes. 0 = off.
   uint64_t extended_retention_bytes = 0;
+  // Store a before-image zstd-compressed (level 1) when that saves at least
+  // an eighth of the block (docs section 4, entry flag 2). Off by default
+  // until every reader of undo segments (vmreplica-dump) knows the flag.
+  bool compress_undo = false;
   // Milliseconds since the Unix epoch; default: the system clock.
   std::function<int64_t()> now_ms;
   // Fault-injection seam (tests): called before and after every write,
@@ -134,6 +138,16 @@ class ReplicaStore {
 
   // Re-applies retention now (also done after every Apply).
   Status ApplyRetention();
+
+  // Pins point `sequence` so that retention keeps it (docs section 6) until
+  // every pin on it is released (pins are counted). Used by exports: a
+  // point being served must not be pruned under its readers. Pins live in
+  // memory only: a reopened store has none. May wait for a retention step
+  // in progress. NotFound when the point is not retained.
+  Status PinPoint(uint64_t sequence);
+  // Releases one pin of `sequence`; NotFound when it holds none. Retention
+  // catches up at the next Apply / ApplyRetention.
+  Status UnpinPoint(uint64_t sequence);
 
  private:
   struct Impl;

@@ -7,11 +7,13 @@
 //
 //   BeginReceive(header s) --> <s>.vrl.part written by the LogWriter
 //     --> writer->Finish() --> CommitReceived(s): verify, fsync,
-//         rename to <s>.vrl, fsync dir  ==> ACK to the sender allowed
+//         rename to <s>.vrl, fsync dir, [catalog row: staged]
+//         ==> ACK to the sender allowed
 //     --> ApplyReady(store): VerifyLog(<s>.vrl) --> store.Apply(s)
-//         --> unlink <s>.vrl
-//          \__ verification fails: moved to rejected/, Corruption,
-//              nothing of it applied; the relationship must be resynced
+//         --> unlink <s>.vrl --> [catalog row deleted]
+//          \__ verification fails: moved to rejected/ [row: rejected],
+//              Corruption, nothing of it applied; the relationship must
+//              be resynced
 //
 // Errors:
 //   FailedPrecondition  a duplicate (already applied or already staged) or
@@ -31,10 +33,12 @@
 // The receiver and ApplyReady may run on different threads concurrently.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <string>
 
+#include "vmreplica/catalog.h"
 #include "vmreplica/logformat.h"
 #include "vmreplica/replica_store.h"
 #include "vmreplica/status.h"
@@ -45,6 +49,14 @@ struct StagingOptions {
   // Options of the writers handed out by BeginReceive. CommitReceived
   // fsyncs the file itself, whatever writer.sync says.
   LogWriterOptions writer;
+  // When set (it must outlive the Staging and should hold the store's VM),
+  // the staged and rejected logs are mirrored into its staged_logs table
+  // (docs/replica_store.md section 14): a row is added when CommitReceived
+  // stages a log, deleted when the log is applied, turned into a rejected
+  // row when it is rejected, and Open reconciles rows with the files. The
+  // files are the truth: a failed catalog update is logged and repaired at
+  // the next ApplyReady or Open, never returned as an error.
+  Catalog* catalog = nullptr;
 };
 
 class Staging {
@@ -52,7 +64,10 @@ class Staging {
   // Opens (creates when missing) the staging directory `dir`, normally
   // "<store dir>/staging". `store` is the store the logs are applied to; it
   // must outlive the Staging. Unfinished receives (*.vrl.part) are deleted:
-  // after a restart the sender resends the whole log.
+  // after a restart the sender resends the whole log. With a catalog, its
+  // staged_logs rows are reconciled with the files (a row without its file
+  // is deleted, a file without its row gets one); a catalog error here is
+  // logged and the reconciliation retried at the next ApplyReady.
   static Result<std::unique_ptr<Staging>> Open(const std::string& dir, const ReplicaStore& store,
                                                StagingOptions options = {});
 
@@ -96,11 +111,21 @@ class Staging {
   Staging(std::string dir, const ReplicaStore& store, StagingOptions options);
   Status CheckHeader(const LogHeader& header) const;
   Status Reject(const std::string& path, const Status& why);
+  // Catalog mirror (no-ops without a catalog). Failures are logged and set
+  // catalog_dirty_, so that the next ApplyReady reconciles everything.
+  void MirrorStaged(uint64_t sequence, StagedLogState state, const std::string& file_name);
+  void MirrorDeleted(uint64_t sequence, StagedLogState state);
+  // Makes the staged_logs rows of the store's VM match the files.
+  Status ReconcileCatalog();
 
   // Constant after construction.
   const std::string dir_;
   const ReplicaStore* const store_;
   const StagingOptions options_;
+
+  // Set by either thread when a mirror update failed; read and cleared by
+  // ApplyReady.
+  std::atomic<bool> catalog_dirty_{false};
 };
 
 }  // namespace vmreplica

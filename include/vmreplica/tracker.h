@@ -77,8 +77,9 @@ struct ReconcileReport {
 // Tracks changes of one VM's disks through QEMU dirty bitmaps.
 //
 // Thread safety: not thread-safe; one owner (the VM's primary engine) calls
-// it from one thread at a time. The QmpClient is borrowed and must outlive
-// the tracker; it may be shared with other users (QmpClient is thread-safe).
+// it from one thread at a time. The QmpChannel (a QmpClient or a libvirt
+// monitor channel) is borrowed and must outlive the tracker; it may be shared
+// with other users (channels are thread-safe).
 //
 // Errors: QMP errors pass through (Unavailable when QEMU went away);
 // FailedPrecondition("resynchronization required: <reason>") when tracking
@@ -87,7 +88,7 @@ struct ReconcileReport {
 // up is torn down and bitmap g keeps (or regains) every change.
 class ChangeTracker {
  public:
-  ChangeTracker(QmpClient* qmp, std::string relationship_id, std::vector<TrackedDisk> disks,
+  ChangeTracker(QmpChannel* qmp, std::string relationship_id, std::vector<TrackedDisk> disks,
                 TrackerOptions options = {});
 
   // Starts tracking: adds bitmap g1 on every disk (persistent on qcow2) in
@@ -113,6 +114,11 @@ class ChangeTracker {
   // starts afresh with a new generation: the start of a resynchronization,
   // which then compares the whole disks. Refused while a cut is open.
   Status RestartTracking();
+
+  // Stops tracking: drops every bitmap of this relationship on every disk
+  // (also inconsistent ones), in one transaction. Refused while a cut is
+  // open. Run Reconcile() first so leftovers of a crashed cut are gone.
+  Status Disable();
 
   // Takes a consistent cut of all disks in one QMP transaction and exports
   // the point-in-time views over NBD under `export_dir` (must exist; overlay
@@ -159,7 +165,7 @@ class ChangeTracker {
   Status DeleteNode(const std::string& node_name);
   Status EnsureNbdServer(const std::string& socket_path);
 
-  QmpClient* const qmp_;
+  QmpChannel* const qmp_;
   const std::string relationship_id_;
   const std::vector<TrackedDisk> disks_;
   const TrackerOptions options_;

@@ -2,6 +2,7 @@
 
 #include <sqlite3.h>
 
+#include <algorithm>
 #include <limits>
 #include <nlohmann/json.hpp>
 #include <spdlog/spdlog.h>
@@ -320,6 +321,25 @@ Result<RecoveryPointRecord> ReadPoint(const Stmt& q) {
   p.sequence = q.U64(4);
   p.generation_id = q.Text(5);
   return p;
+}
+
+constexpr const char* kStagedLogColumns = "vm_id, sequence, state, file_name, size_bytes, received_ms";
+
+Result<StagedLogRecord> ReadStagedLog(const Stmt& q) {
+  StagedLogRecord r;
+  r.vm_id = q.Text(0);
+  r.sequence = q.U64(1);
+  int64_t state = q.Int(2);
+  if (state != static_cast<int64_t>(StagedLogState::kStaged) &&
+      state != static_cast<int64_t>(StagedLogState::kRejected)) {
+    return BadValue("staged_logs", "state", state, "1 (staged) or 2 (rejected)");
+  }
+  r.state = static_cast<StagedLogState>(state);
+  r.file_name = q.Text(3);
+  if (q.Int(4) < 0) return BadValue("staged_logs", "size_bytes", q.Int(4), "a size");
+  r.size_bytes = q.U64(4);
+  r.received_ms = q.Int(5);
+  return r;
 }
 
 constexpr const char* kStatisticsColumns =
@@ -848,6 +868,66 @@ Status Catalog::DeleteRecoveryPoints(const std::vector<std::string>& ids) {
     }
     return Status::Ok();
   });
+}
+
+// --- Staged logs ------------------------------------------------------------
+
+Status Catalog::PutStagedLog(const StagedLogRecord& log) {
+  if (log.state != StagedLogState::kStaged && log.state != StagedLogState::kRejected) {
+    return Status::InvalidArgument("staged log state " + std::to_string(static_cast<int>(log.state)) +
+                                   " is not staged (1) or rejected (2)");
+  }
+  if (log.size_bytes > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) {
+    return Status::InvalidArgument("staged log size " + std::to_string(log.size_bytes) + " is out of range");
+  }
+  std::lock_guard lock(mu_);
+  Stmt q(db_, Sql({"INSERT INTO staged_logs (", kStagedLogColumns,
+                   ") VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (vm_id, sequence, state) DO UPDATE SET "
+                   "file_name = excluded.file_name, size_bytes = excluded.size_bytes, "
+                   "received_ms = excluded.received_ms"})
+                  .c_str());
+  q.Bind(1, log.vm_id)
+      .BindU64(2, log.sequence)
+      .Bind(3, int64_t{static_cast<int>(log.state)})
+      .Bind(4, log.file_name)
+      .BindU64(5, log.size_bytes)
+      .Bind(6, log.received_ms);
+  Status s = q.Run();
+  if (s.code() == Code::kNotFound) return Status::NotFound("VM " + log.vm_id + " is not in the catalog");
+  return s;
+}
+
+Result<std::optional<StagedLogRecord>> Catalog::GetStagedLog(const std::string& vm_id, uint64_t sequence,
+                                                             StagedLogState state) {
+  std::lock_guard lock(mu_);
+  Stmt q(db_, Sql({"SELECT ", kStagedLogColumns, " FROM staged_logs WHERE vm_id = ?1 AND sequence = ?2 AND state = ?3"})
+                  .c_str());
+  q.Bind(1, vm_id).BindU64(2, sequence).Bind(3, int64_t{static_cast<int>(state)});
+  return SelectOne<StagedLogRecord>(q, ReadStagedLog);
+}
+
+Result<std::vector<StagedLogRecord>> Catalog::ListStagedLogs(const std::string& vm_id) {
+  std::lock_guard lock(mu_);
+  Stmt q(db_, Sql({"SELECT ", kStagedLogColumns, " FROM staged_logs WHERE vm_id = ?1"}).c_str());
+  q.Bind(1, vm_id);
+  VMR_ASSIGN_OR_RETURN(std::vector<StagedLogRecord> rows, SelectAll<StagedLogRecord>(q, ReadStagedLog));
+  // Sorted here: SQLite would order sequences >= 2^63 (stored as negative
+  // int64) first.
+  std::sort(rows.begin(), rows.end(), [](const StagedLogRecord& a, const StagedLogRecord& b) {
+    return std::pair(a.sequence, a.state) < std::pair(b.sequence, b.state);
+  });
+  return rows;
+}
+
+Status Catalog::DeleteStagedLog(const std::string& vm_id, uint64_t sequence, StagedLogState state) {
+  std::lock_guard lock(mu_);
+  Stmt q(db_, "DELETE FROM staged_logs WHERE vm_id = ?1 AND sequence = ?2 AND state = ?3");
+  q.Bind(1, vm_id).BindU64(2, sequence).Bind(3, int64_t{static_cast<int>(state)});
+  VMR_RETURN_IF_ERROR(q.Run());
+  if (sqlite3_changes(db_) == 0) {
+    return Status::NotFound("staged log " + std::to_string(sequence) + " of VM " + vm_id + " is not in the catalog");
+  }
+  return Status::Ok();
 }
 
 // --- Statistics -------------------------------------------------------------

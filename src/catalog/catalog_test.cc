@@ -384,6 +384,67 @@ TEST_F(CatalogTest, RecoveryPointsRoundTripInTimeOrder) {
   EXPECT_TRUE(catalog_->ListRecoveryPoints("vm-1")->empty());
 }
 
+TEST_F(CatalogTest, StagedLogsRoundTripUpsertAndDeleteByState) {
+  MakeVm("vm-1", "db");
+  StagedLogRecord staged{"vm-1", 0xFFFFFFFFFFFFFFF0ull, StagedLogState::kStaged, "x.vrl", 1ull << 40, 1700000000001};
+  StagedLogRecord early{"vm-1", 7, StagedLogState::kStaged, "00000000000000000007.vrl", 4096, 5};
+  StagedLogRecord rejected{"vm-1", 7, StagedLogState::kRejected, "rejected/00000000000000000007.vrl", 100, 6};
+  ASSERT_TRUE(catalog_->PutStagedLog(staged).ok());
+  ASSERT_TRUE(catalog_->PutStagedLog(rejected).ok());
+  ASSERT_TRUE(catalog_->PutStagedLog(early).ok());
+  EXPECT_EQ(catalog_->PutStagedLog({"ghost", 1, StagedLogState::kStaged, "a", 1, 1}).code(), Code::kNotFound);
+  EXPECT_EQ(catalog_->PutStagedLog({"vm-1", 1, static_cast<StagedLogState>(9), "a", 1, 1}).code(),
+            Code::kInvalidArgument);
+
+  auto list = catalog_->ListStagedLogs("vm-1");
+  ASSERT_TRUE(list.ok()) << list.status().ToString();
+  ASSERT_EQ(list->size(), 3u);
+  EXPECT_EQ((*list)[0].sequence, 7u);
+  EXPECT_EQ((*list)[0].state, StagedLogState::kStaged);
+  EXPECT_EQ((*list)[0].file_name, "00000000000000000007.vrl");
+  EXPECT_EQ((*list)[0].size_bytes, 4096u);
+  EXPECT_EQ((*list)[0].received_ms, 5);
+  EXPECT_EQ((*list)[1].state, StagedLogState::kRejected);
+  EXPECT_EQ((*list)[1].file_name, "rejected/00000000000000000007.vrl");
+  EXPECT_EQ((*list)[2].sequence, staged.sequence);
+  EXPECT_EQ((*list)[2].size_bytes, 1ull << 40);
+  EXPECT_EQ((*list)[2].received_ms, 1700000000001);
+
+  // Upsert: the same key replaces the row.
+  rejected.size_bytes = 200;
+  ASSERT_TRUE(catalog_->PutStagedLog(rejected).ok());
+  auto got = catalog_->GetStagedLog("vm-1", 7, StagedLogState::kRejected);
+  ASSERT_TRUE(got.ok() && got->has_value());
+  EXPECT_EQ((*got)->size_bytes, 200u);
+  EXPECT_FALSE(catalog_->GetStagedLog("vm-1", 8, StagedLogState::kStaged)->has_value());
+
+  EXPECT_TRUE(catalog_->DeleteStagedLog("vm-1", 7, StagedLogState::kStaged).ok());
+  EXPECT_EQ(catalog_->DeleteStagedLog("vm-1", 7, StagedLogState::kStaged).code(), Code::kNotFound);
+  EXPECT_TRUE(catalog_->GetStagedLog("vm-1", 7, StagedLogState::kRejected)->has_value());
+  Reopen();
+  EXPECT_EQ(catalog_->ListStagedLogs("vm-1")->size(), 2u);
+  ASSERT_TRUE(catalog_->DeleteVm("vm-1").ok());
+  EXPECT_TRUE(catalog_->ListStagedLogs("vm-1")->empty());
+}
+
+TEST_F(CatalogTest, StagedLogWithAnUnknownStateNumberIsCorruption) {
+  MakeVm("vm-1", "db");
+  ASSERT_TRUE(catalog_->PutStagedLog({"vm-1", 3, StagedLogState::kStaged, "a.vrl", 1, 1}).ok());
+  RawExec("UPDATE staged_logs SET state = 3");
+  EXPECT_EQ(catalog_->ListStagedLogs("vm-1").status().code(), Code::kCorruption);
+}
+
+TEST_F(CatalogTest, VersionOneCatalogIsMigratedAndKeepsItsRows) {
+  MakeVm("vm-1", "db");
+  catalog_.reset();
+  // Turn the file back into a version-1 catalog: no staged_logs table.
+  RawExec("DROP TABLE staged_logs; PRAGMA user_version = 1");
+  Reopen();
+  EXPECT_EQ(*catalog_->SchemaVersion(), kCatalogSchemaVersion);
+  EXPECT_TRUE(catalog_->GetVm("vm-1")->has_value());
+  EXPECT_TRUE(catalog_->PutStagedLog({"vm-1", 1, StagedLogState::kStaged, "a.vrl", 1, 1}).ok());
+}
+
 TEST_F(CatalogTest, StatisticsRoundTripAndResetStartsANewWindow) {
   MakeVm("vm-1", "db");
   StatisticsRecord orphan;

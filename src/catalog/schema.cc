@@ -117,7 +117,21 @@ CREATE TABLE jobs (
 CREATE INDEX jobs_by_created ON jobs (created_ms, id);
 )sql";
 
-constexpr const char* kMigrations[] = {kV1};
+// Version 2: the staging area's delta logs (docs/replica_store.md section
+// 14). state: 1 staged, 2 rejected; an applied log's row is deleted.
+constexpr const char* kV2 = R"sql(
+CREATE TABLE staged_logs (
+  vm_id       TEXT    NOT NULL REFERENCES vms (id) ON DELETE CASCADE,
+  sequence    INTEGER NOT NULL,
+  state       INTEGER NOT NULL,
+  file_name   TEXT    NOT NULL,
+  size_bytes  INTEGER NOT NULL,
+  received_ms INTEGER NOT NULL,
+  PRIMARY KEY (vm_id, sequence, state)
+);
+)sql";
+
+constexpr const char* kMigrations[] = {kV1, kV2};
 static_assert(std::size(kMigrations) == kCatalogSchemaVersion,
               "each schema version needs exactly one migration");
 

@@ -117,6 +117,7 @@ struct Cli {
     AddJobVerbs(registry);
     AddCertVerbs(registry);
     AddReplicationVerbs(registry);
+    AddVmVerbs(registry);
   }
 };
 

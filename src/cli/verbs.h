@@ -53,6 +53,7 @@ void AddServerVerbs(Registry& registry);       // server, service, auth, test-co
 void AddJobVerbs(Registry& registry);          // jobs
 void AddCertVerbs(Registry& registry);         // cert
 void AddReplicationVerbs(Registry& registry);  // get, enable, set, start, ..., set-failover-ip
+void AddVmVerbs(Registry& registry);           // vm add, vm list, vm get, vm remove
 
 // ---- helpers shared by the verb files
 

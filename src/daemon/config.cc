@@ -22,6 +22,8 @@ const std::map<std::string, std::set<std::string>>& KnownKeys() {
       {"tls", {"ca", "certificate", "key"}},
       {"admin", {"remote_principals"}},
       {"knobs", {"connect_timeout_ms", "rpc_timeout_ms", "job_workers"}},
+      {"replication", {"max_parallel_transfers", "bandwidth_limit_bytes_per_s"}},
+      {"testing", {"replication_interval_override_ms"}},
   };
   return keys;
 }
@@ -127,6 +129,12 @@ Result<DaemonConfig> ParseConfig(const std::string& text, const std::string& bas
   if (found) c.service.rpc_timeout = std::chrono::milliseconds(v);
   VMR_RETURN_IF_ERROR(GetInt(root, "knobs", "job_workers", 1, 64, &v, &found));
   if (found) c.job_workers = static_cast<int>(v);
+  VMR_RETURN_IF_ERROR(GetInt(root, "replication", "max_parallel_transfers", 1, 64, &v, &found));
+  if (found) c.max_parallel_transfers = static_cast<int>(v);
+  VMR_RETURN_IF_ERROR(GetInt(root, "replication", "bandwidth_limit_bytes_per_s", 0, int64_t{1} << 40, &v, &found));
+  if (found) c.bandwidth_limit_bytes_per_s = static_cast<uint64_t>(v);
+  VMR_RETURN_IF_ERROR(GetInt(root, "testing", "replication_interval_override_ms", 100, 3600000, &v, &found));
+  if (found) c.test_replication_interval_override_ms = v;
 
   if (auto node = root["admin"]["remote_principals"]) {
     auto* arr = node.as_array();

@@ -29,6 +29,12 @@ struct DaemonConfig {
   // [admin] + [knobs]
   service::ServiceOptions service;
   int job_workers = 4;                                // 1..64
+  // [replication]: server-wide limits of the primary side.
+  int max_parallel_transfers = 3;                     // 1..64
+  uint64_t bandwidth_limit_bytes_per_s = 0;           // 0 = unlimited
+  // [testing]: never in production. Replaces every ReplicationInterval by
+  // this many milliseconds (the daemon logs a warning at start).
+  int64_t test_replication_interval_override_ms = 0;  // 0 = off, 100..3600000
 };
 
 // Parses a config file. Relative paths are resolved against the file's directory.

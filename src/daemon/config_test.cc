@@ -24,6 +24,11 @@ remote_principals = ["*.ops.example", "admin1.example"]
 [knobs]
 connect_timeout_ms = 2000
 job_workers = 2
+[replication]
+max_parallel_transfers = 5
+bandwidth_limit_bytes_per_s = 1000000
+[testing]
+replication_interval_override_ms = 2000
 )", "/etc/vmreplica");
   ASSERT_TRUE(c.ok()) << c.status().ToString();
   EXPECT_EQ(c->admin_socket, "/etc/vmreplica/run/admin.sock");
@@ -33,6 +38,9 @@ job_workers = 2
   EXPECT_FALSE(c->start_listener);
   EXPECT_EQ(c->service.connect_timeout, std::chrono::milliseconds(2000));
   EXPECT_EQ(c->job_workers, 2);
+  EXPECT_EQ(c->max_parallel_transfers, 5);
+  EXPECT_EQ(c->bandwidth_limit_bytes_per_s, 1000000u);
+  EXPECT_EQ(c->test_replication_interval_override_ms, 2000);
   EXPECT_EQ(c->service.remote_admin_principals.size(), 2u);
 }
 
@@ -62,6 +70,10 @@ TEST(ConfigTest, BadFilesAreRefusedNamingTheKey) {
       {"[daemon]\nstate_dir = \"relative\"", ""},
       {"[knobs]\njob_workers = 0", "knobs.job_workers: 0 is not in 1..64"},
       {"[knobs]\nconnect_timeout_ms = 5", "knobs.connect_timeout_ms"},
+      {"[replication]\nmax_parallel_transfers = 0", "replication.max_parallel_transfers: 0 is not in 1..64"},
+      {"[replication]\nbandwidth_limit_bytes_per_s = -1", "replication.bandwidth_limit_bytes_per_s"},
+      {"[replication]\nparallel = 2", "unknown key replication.parallel"},
+      {"[testing]\nreplication_interval_override_ms = 5", "testing.replication_interval_override_ms"},
       {"[admin]\nremote_principals = \"x\"", "admin.remote_principals must be an array"},
       {"[admin]\nremote_principals = [\"a.*.com\"]", "admin.remote_principals"},
   };

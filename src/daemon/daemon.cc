@@ -59,6 +59,8 @@ Result<std::unique_ptr<Daemon>> Daemon::Create(DaemonConfig config) {
   d->env_.options = d->config_.service;
   d->local_control_ = std::make_unique<service::ControlService>(&d->env_, /*remote=*/false);
   d->remote_control_ = std::make_unique<service::ControlService>(&d->env_, /*remote=*/true);
+  d->local_vm_ = std::make_unique<service::VmService>(&d->env_, /*remote=*/false);
+  d->remote_vm_ = std::make_unique<service::VmService>(&d->env_, /*remote=*/true);
   d->peer_ = std::make_unique<service::PeerService>(&d->env_);
   return d;
 }
@@ -73,6 +75,7 @@ Status Daemon::Start() {
   grpc::ServerBuilder b;
   b.AddListeningPort("unix:" + sock, grpc::InsecureServerCredentials());
   b.RegisterService(local_control_.get());
+  b.RegisterService(local_vm_.get());
   // The socket is created with mode 0600 (umask) and checked after.
   mode_t old_mask = ::umask(0077);
   admin_server_ = b.BuildAndStart();
@@ -96,6 +99,7 @@ Status Daemon::StartListener() {
   b.AddListeningPort(addr, service::MakeServerCredentials(env_.identity), &bound);
   b.RegisterService(peer_.get());
   b.RegisterService(remote_control_.get());
+  b.RegisterService(remote_vm_.get());
   b.SetMaxReceiveMessageSize(64 << 20);
   listener_ = b.BuildAndStart();
   if (!listener_ || bound == 0) {

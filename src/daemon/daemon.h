@@ -15,6 +15,7 @@
 #include "daemon/config.h"
 #include "service/control_service.h"
 #include "service/peer_service.h"
+#include "service/vm_service.h"
 #include "vmreplica/fileutil.h"
 
 namespace vmreplica::daemon {
@@ -45,6 +46,8 @@ class Daemon final : public service::ListenerControl {
   service::ServiceEnv env_;
   std::unique_ptr<service::ControlService> local_control_;
   std::unique_ptr<service::ControlService> remote_control_;
+  std::unique_ptr<service::VmService> local_vm_;
+  std::unique_ptr<service::VmService> remote_vm_;
   std::unique_ptr<service::PeerService> peer_;
 
   std::unique_ptr<grpc::Server> admin_server_;  // set by Start, reset by Stop

@@ -81,7 +81,7 @@ Status Resync(const std::string& reason) {
 
 }  // namespace
 
-ChangeTracker::ChangeTracker(QmpClient* qmp, std::string relationship_id, std::vector<TrackedDisk> disks,
+ChangeTracker::ChangeTracker(QmpChannel* qmp, std::string relationship_id, std::vector<TrackedDisk> disks,
                              TrackerOptions options)
     : qmp_(qmp),
       relationship_id_(std::move(relationship_id)),
@@ -239,6 +239,23 @@ Status ChangeTracker::RestartTracking() {
   VMR_RETURN_IF_ERROR(Qmp("transaction", {{"actions", actions}}).status());
   generation_ = next;
   spdlog::warn("tracker {}: tracking restarted at generation {}", relationship_id_, next);
+  return Status::Ok();
+}
+
+Status ChangeTracker::Disable() {
+  VMR_RETURN_IF_ERROR(ValidateConfig());
+  if (cut_open_) return Status::FailedPrecondition("a cut is open");
+  VMR_ASSIGN_OR_RETURN(auto states, QueryDisks());
+  json actions = json::array();
+  for (size_t i = 0; i < disks_.size(); ++i) {
+    for (const auto& b : states[i].bitmaps) {
+      actions.push_back({{"type", "block-dirty-bitmap-remove"},
+                         {"data", {{"node", disks_[i].node_name}, {"name", b.name}}}});
+    }
+  }
+  if (!actions.empty()) VMR_RETURN_IF_ERROR(Qmp("transaction", {{"actions", actions}}).status());
+  generation_ = 0;
+  spdlog::info("tracker {}: tracking stopped, {} bitmap(s) dropped", relationship_id_, actions.size());
   return Status::Ok();
 }
 

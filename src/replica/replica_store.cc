@@ -5,6 +5,7 @@
 #include <spdlog/spdlog.h>
 #include <sys/stat.h>
 #include <unistd.h>
+#include <zstd.h>
 
 #include <algorithm>
 #include <cerrno>
@@ -14,6 +15,7 @@
 #include <cstring>
 #include <filesystem>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <optional>
 #include <set>
@@ -136,6 +138,11 @@ struct ReplicaStore::Impl {
   std::vector<ReplicaDisk> disks;     // == manifest.disks (never change)
 
   std::mutex apply_mu;  // serialises Apply / ApplyRetention
+  // Held by Retention for its whole run and by PinPoint / UnpinPoint, so a
+  // point cannot be pinned between retention's choice and its drop. Lock
+  // order: apply_mu, pins_mu, turnstile/mu.
+  std::mutex pins_mu;
+  std::map<uint64_t, int> pins;  // guarded by pins_mu: sequence -> pin count
   uint64_t hook_n = 0;  // guarded by apply_mu (hooks only run in writers)
   bool broken = false;  // guarded by apply_mu
 
@@ -205,7 +212,6 @@ struct ReplicaStore::Impl {
   Status SyncCatalog();
   Status Retention();
   Status DropPoint(size_t i);
-  Status MergeInto(const Segment& older, const Segment& newer, const std::string& out_path);
   std::vector<const Segment*> SegmentsFor(uint64_t seq) const;  // mu held
   Status CheckReadable(uint64_t seq, uint32_t disk) const;      // mu held
 };
@@ -339,7 +345,7 @@ Result<ScanResult> ReplicaStore::Impl::ScanSegment(int fd, const std::string& pa
     RecordHeader h = ParseRecordHeader(buf.data());
     if (h.tag == kEntryTag) {
       bool zero = (h.flags & kEntryFlagZero) != 0;
-      if ((h.flags & ~kEntryFlagZero) != 0 || h.disk >= disks.size() || h.payload_len != (zero ? 0 : bs()) ||
+      if (!EntryShapeOk(h.flags, h.payload_len, bs()) || h.disk >= disks.size() ||
           h.block >= disk_blocks[h.disk] || size - pos < kRecordHeaderSize + h.payload_len ||
           !EntryChecksumOk(buf.data(), buf.data() + kRecordHeaderSize, h.payload_len)) {
         problem = "bad entry";
@@ -401,17 +407,28 @@ Result<ScanResult> ReplicaStore::Impl::ScanSegment(int fd, const std::string& pa
 Status ReplicaStore::Impl::ReadBlockFromSegment(const Segment& seg, const Loc& loc, uint32_t disk, uint64_t block,
                                                 char* out) const {
   std::string buf(kRecordHeaderSize + bs(), '\0');
-  size_t want = loc.zero ? kRecordHeaderSize : buf.size();
-  if (loc.offset + want > seg.size) return Status::Corruption("undo segment " + seg.path + ": entry beyond its end");
+  // A compressed entry is shorter than a plain one: read what the file has.
+  if (loc.offset + kRecordHeaderSize > seg.size)
+    return Status::Corruption("undo segment " + seg.path + ": entry beyond its end");
+  size_t want = loc.zero ? kRecordHeaderSize : static_cast<size_t>(std::min<uint64_t>(buf.size(), seg.size - loc.offset));
   VMR_RETURN_IF_ERROR(PreadFull(seg.fd, buf.data(), want, loc.offset, seg.path));
   RecordHeader h = ParseRecordHeader(buf.data());
   bool zero = (h.flags & kEntryFlagZero) != 0;
   if (h.tag != kEntryTag || h.disk != disk || h.block != block || zero != loc.zero ||
-      h.payload_len != (zero ? 0 : bs()) || !EntryChecksumOk(buf.data(), buf.data() + kRecordHeaderSize, h.payload_len))
+      !EntryShapeOk(h.flags, h.payload_len, bs()) || kRecordHeaderSize + h.payload_len > want ||
+      !EntryChecksumOk(buf.data(), buf.data() + kRecordHeaderSize, h.payload_len))
     return Status::Corruption("undo segment " + seg.path + ": entry at offset " + std::to_string(loc.offset) +
                               " fails its checks");
   if (zero) {
     std::memset(out, 0, bs());
+  } else if (h.flags == kEntryFlagZstd) {
+    // One context per thread: readers run concurrently.
+    thread_local std::unique_ptr<ZSTD_DCtx, size_t (*)(ZSTD_DCtx*)> dctx(ZSTD_createDCtx(), ZSTD_freeDCtx);
+    if (!dctx) return Status::Internal("zstd: cannot create a decompression context");
+    size_t n = ZSTD_decompressDCtx(dctx.get(), out, bs(), buf.data() + kRecordHeaderSize, h.payload_len);
+    if (ZSTD_isError(n) || n != bs())
+      return Status::Corruption("undo segment " + seg.path + ": compressed entry at offset " +
+                                std::to_string(loc.offset) + " does not decompress to one block");
   } else {
     std::memcpy(out, buf.data() + kRecordHeaderSize, bs());
   }
@@ -475,7 +492,8 @@ Status ReplicaStore::Impl::RollbackInflightLocked() {
 Status ReplicaStore::Impl::Recover() {
   auto lk = WriteLock();
   const uint64_t latest = manifest.points.back().sequence;
-  std::set<uint64_t> retained;
+  // Every committed segment: the non-latest points' and the carried ones.
+  std::set<uint64_t> retained(manifest.carried.begin(), manifest.carried.end());
   for (size_t i = 0; i + 1 < manifest.points.size(); ++i) retained.insert(manifest.points[i].sequence);
   std::error_code ec;
   std::vector<std::pair<uint64_t, std::string>> files;
@@ -542,11 +560,15 @@ Status ReplicaStore::Impl::Recover() {
     }
   }
   if (unlinked) VMR_RETURN_IF_ERROR(FsyncDir(UndoDir(), "undo.dir.fsync"));
-  // Every retained non-latest point needs its segment; a merge that reached
-  // its rename is rolled forward.
+  // Every committed segment must be there and apply on top of the next one
+  // in the chain (the latest point last). A segment whose upper_seq names a
+  // later entry of the chain is a version-1 merge that reached its rename:
+  // it is rolled forward (the entries in between are dropped).
+  std::vector<uint64_t> chain(retained.begin(), retained.end());
+  chain.push_back(latest);
   bool changed = false;
-  for (size_t i = 0; i + 1 < manifest.points.size(); ++i) {
-    uint64_t seq = manifest.points[i].sequence;
+  for (size_t i = 0; i + 1 < chain.size(); ++i) {
+    uint64_t seq = chain[i];
     auto it = segments.find(seq);
     if (it == segments.end()) {
       auto seg = std::make_unique<Segment>();
@@ -559,20 +581,21 @@ Status ReplicaStore::Impl::Recover() {
       continue;
     }
     Segment& seg = *it->second;
-    if (seg.corrupt || seg.upper_seq == manifest.points[i + 1].sequence) continue;
+    if (seg.corrupt || seg.upper_seq == chain[i + 1]) continue;
     size_t j = i + 1;
-    while (j < manifest.points.size() && manifest.points[j].sequence < seg.upper_seq) ++j;
-    if (j == manifest.points.size() || manifest.points[j].sequence != seg.upper_seq) {
+    while (j < chain.size() && chain[j] < seg.upper_seq) ++j;
+    if (j == chain.size() || chain[j] != seg.upper_seq) {
       seg.corrupt = true;
       seg.corrupt_message =
           "undo segment " + seg.path + " applies on top of unknown point " + std::to_string(seg.upper_seq);
       continue;
     }
-    spdlog::info("replica store {}: finishing merge of points {}..{} into {}", dir, manifest.points[i + 1].sequence,
-                 manifest.points[j - 1].sequence, seq);
-    for (size_t k = i + 1; k < j; ++k) segments.erase(manifest.points[k].sequence);
-    manifest.points.erase(manifest.points.begin() + static_cast<long>(i + 1),
-                          manifest.points.begin() + static_cast<long>(j));
+    spdlog::info("replica store {}: finishing merge of {}..{} into {}", dir, chain[i + 1], chain[j - 1], seq);
+    std::set<uint64_t> gone(chain.begin() + static_cast<long>(i + 1), chain.begin() + static_cast<long>(j));
+    for (uint64_t g : gone) segments.erase(g);
+    std::erase_if(manifest.points, [&](const ManifestPoint& p) { return gone.count(p.sequence) > 0; });
+    std::erase_if(manifest.carried, [&](uint64_t c) { return gone.count(c) > 0; });
+    chain.erase(chain.begin() + static_cast<long>(i + 1), chain.begin() + static_cast<long>(j));
     changed = true;
   }
   if (changed) {
@@ -608,6 +631,7 @@ Status ReplicaStore::Impl::ApplyRecord(const DeltaRecord& rec) {
   uint64_t first = rec.offset / b;
   const uint64_t last = (rec.offset + rec.length - 1) / b;
   std::string block(b, '\0');
+  std::string zblock;
   while (first <= last) {
     const uint64_t end = std::min(last + 1, first + kBatchBlocks);  // exclusive
     auto lk = WriteLock();
@@ -626,7 +650,19 @@ Status ReplicaStore::Impl::ApplyRecord(const DeltaRecord& rec) {
         zero = IsZero(block.data(), b);
       }
       added.push_back({key, Loc{inflight->size + buf.size(), zero}});
-      AppendEntry(&buf, rec.disk, blk, zero, block.data(), b);
+      size_t zlen = 0;
+      if (!zero && opt.compress_undo) {
+        // Kept compressed only when that saves at least an eighth.
+        thread_local std::unique_ptr<ZSTD_CCtx, size_t (*)(ZSTD_CCtx*)> cctx(ZSTD_createCCtx(), ZSTD_freeCCtx);
+        zblock.resize(ZSTD_compressBound(b));
+        if (cctx) zlen = ZSTD_compressCCtx(cctx.get(), zblock.data(), zblock.size(), block.data(), b, 1);
+        if (!cctx || ZSTD_isError(zlen) || zlen > b - b / 8) zlen = 0;
+      }
+      if (zlen > 0) {
+        AppendRawEntry(&buf, rec.disk, blk, kEntryFlagZstd, zblock.data(), static_cast<uint32_t>(zlen));
+      } else {
+        AppendEntry(&buf, rec.disk, blk, zero, block.data(), b);
+      }
     }
     if (!added.empty()) {
       AppendMarker(&buf, kBatchTag, inflight->size + buf.size(), inflight->index.size() + added.size());
@@ -792,98 +828,44 @@ Status ReplicaStore::Impl::SyncCatalog() {
 
 // ---- Retention ---------------------------------------------------------------
 
-Status ReplicaStore::Impl::MergeInto(const Segment& older, const Segment& newer, const std::string& out_path) {
-  // Entries in file order of the older segment, then the newer one's blocks
-  // that the older does not hold.
-  std::vector<std::pair<uint64_t, std::pair<const Segment*, Loc>>> items;
-  for (const auto& [k, loc] : older.index) items.push_back({k, {&older, loc}});
-  for (const auto& [k, loc] : newer.index)
-    if (older.index.count(k) == 0) items.push_back({k, {&newer, loc}});
-  std::sort(items.begin(), items.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
-  int fd = ::open(out_path.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-  if (fd < 0) return Errno("create", out_path);
-  auto body = [&]() -> Status {
-    std::string buf =
-        EncodeSegmentHeader({bs(), older.point_seq, newer.upper_seq, static_cast<uint32_t>(disks.size())});
-    uint64_t written = 0;
-    std::string block(bs(), '\0');
-    for (const auto& [k, src] : items) {
-      uint32_t disk = static_cast<uint32_t>(k >> 48);
-      uint64_t b = k & ((uint64_t{1} << 48) - 1);
-      VMR_RETURN_IF_ERROR(ReadBlockFromSegment(*src.first, src.second, disk, b, block.data()));
-      AppendEntry(&buf, disk, b, src.second.zero, block.data(), bs());
-      if (buf.size() >= (4u << 20)) {
-        VMR_RETURN_IF_ERROR(
-            Step("merge.write", [&] { return PwriteFull(fd, buf.data(), buf.size(), written, out_path); }));
-        written += buf.size();
-        buf.clear();
-      }
-    }
-    AppendMarker(&buf, kTrailerTag, written + buf.size(), items.size());
-    VMR_RETURN_IF_ERROR(Step("merge.write", [&] { return PwriteFull(fd, buf.data(), buf.size(), written, out_path); }));
-    return FsyncFd(fd, "merge.fsync", out_path);
-  };
-  Status s = body();
-  ::close(fd);
-  return s;
-}
-
-// Drops retained point i (not the latest). mu not held.
+// Drops retained point i (not the latest). mu not held. Never rewrites a
+// segment (docs section 6): a middle point's segment is carried (older
+// points still need its before-images), the oldest point's segment and the
+// segments carried below the next point are deleted.
 Status ReplicaStore::Impl::DropPoint(size_t i) {
   const uint64_t seq = manifest.points[i].sequence;
-  if (i > 0) {
-    const uint64_t prev = manifest.points[i - 1].sequence;
-    auto older_it = segments.find(prev), newer_it = segments.find(seq);
-    if (older_it == segments.end() || newer_it == segments.end())
-      return Status::Internal("undo segment of point " + std::to_string(prev) + " or " + std::to_string(seq) +
-                              " is not loaded");
-    const Segment* older = older_it->second.get();
-    const Segment* newer = newer_it->second.get();
-    if (older->corrupt || newer->corrupt)
-      return Status::Corruption("cannot merge point " + std::to_string(seq) + " into " + std::to_string(prev) +
-                                ": an undo segment is corrupt");
-    std::string tmp = SegmentPath(prev) + ".tmp";
-    {
-      auto lk = ReadLock();
-      VMR_RETURN_IF_ERROR(MergeInto(*older, *newer, tmp));
-    }
-    auto merged = std::make_unique<Segment>();
-    merged->point_seq = prev;
-    merged->upper_seq = newer->upper_seq;
-    merged->path = SegmentPath(prev);
-    merged->fd = ::open(tmp.c_str(), O_RDONLY | O_CLOEXEC);
-    if (merged->fd < 0) return Errno("open", tmp);
-    auto scan = ScanSegment(merged->fd, tmp, true);
-    if (!scan.ok()) return scan.status().WithContext("verifying merged segment");
-    for (const auto& [k, loc] : scan->entries) merged->index.emplace(k, loc);
-    struct stat st {};
-    if (::fstat(merged->fd, &st) != 0) return Errno("stat", tmp);
-    merged->size = static_cast<uint64_t>(st.st_size);
-    auto lk = WriteLock();
-    VMR_RETURN_IF_ERROR(Step("merge.rename", [&] {
-      return ::rename(tmp.c_str(), merged->path.c_str()) == 0 ? Status::Ok() : Errno("rename", tmp);
-    }));
-    segments[prev] = std::move(merged);
-    VMR_RETURN_IF_ERROR(FsyncDir(UndoDir(), "undo.dir.fsync"));
-  }
   Manifest next = manifest;
   next.points.erase(next.points.begin() + static_cast<long>(i));
+  std::vector<uint64_t> unlink;
+  if (i > 0) {
+    next.carried.insert(std::upper_bound(next.carried.begin(), next.carried.end(), seq), seq);
+  } else {
+    const uint64_t new_oldest = next.points.front().sequence;
+    unlink.push_back(seq);
+    for (uint64_t c : next.carried)
+      if (c < new_oldest) unlink.push_back(c);
+    std::erase_if(next.carried, [&](uint64_t c) { return c < new_oldest; });
+  }
   VMR_RETURN_IF_ERROR(WriteManifest(next));
-  std::string path = SegmentPath(seq);
   {
     auto lk = WriteLock();
     manifest = std::move(next);
-    segments.erase(seq);
+    for (uint64_t u : unlink) segments.erase(u);
   }
-  VMR_RETURN_IF_ERROR(Step("undo.unlink", [&] {
-    return ::unlink(path.c_str()) == 0 || errno == ENOENT ? Status::Ok() : Errno("unlink", path);
-  }));
+  for (uint64_t u : unlink) {
+    std::string path = SegmentPath(u);
+    VMR_RETURN_IF_ERROR(Step("undo.unlink", [&] {
+      return ::unlink(path.c_str()) == 0 || errno == ENOENT ? Status::Ok() : Errno("unlink", path);
+    }));
+  }
   spdlog::info("replica store {}: dropped point {}{}", dir, seq,
-               i > 0 ? " (merged into point " + std::to_string(manifest.points[i - 1].sequence) + ")" : "");
+               i > 0 ? " (its undo segment is carried for the older points)" : "");
+  if (unlink.empty()) return Status::Ok();
   return FsyncDir(UndoDir(), "undo.dir.fsync");
 }
 
 Status ReplicaStore::Impl::Retention() {
+  std::lock_guard plk(pins_mu);
   const int64_t now = Now();
   const auto& pts = manifest.points;  // writers only change it under apply_mu, held
   const size_t n = pts.size();
@@ -901,7 +883,7 @@ Status ReplicaStore::Impl::Retention() {
   std::vector<bool> extended(n, false);
   for (size_t i = 0; i < n; ++i) {
     bool hourly = chosen[FloorHour(pts[i].time_ms)] == i;
-    if (i + 1 == n || pts[i].time_ms >= fine_from) {
+    if (i + 1 == n || pts[i].time_ms >= fine_from || pins.count(pts[i].sequence) > 0) {
       keep[i] = true;
     } else if (hourly && opt.recovery_history_hours > 0 && pts[i].time_ms >= history_from) {
       keep[i] = true;
@@ -925,12 +907,11 @@ Status ReplicaStore::Impl::Retention() {
     if (i + 1 >= manifest.points.size()) continue;  // gone already, or the latest
     Status s = DropPoint(i);
     if (!s.ok()) {
-      // A corrupt segment pins the points around it; other errors stop.
+      // Dropping never reads a segment, so a corrupt one does not stop it;
+      // an I/O error does (retried at the next Apply / ApplyRetention).
       spdlog::warn("replica store {}: could not drop point {}: {}", dir, seq, s.ToString());
-      if (s.code() != Code::kCorruption) {
-        SyncCatalog().IgnoreError();
-        return s;
-      }
+      SyncCatalog().IgnoreError();
+      return s;
     }
   }
   if (opt.extended_retention_bytes > 0) {
@@ -954,6 +935,28 @@ Status ReplicaStore::ApplyRetention() {
   if (impl_->broken)
     return Status::FailedPrecondition("replica store " + impl_->dir + ": a failed apply left it unsure; reopen it");
   return impl_->Retention();
+}
+
+Status ReplicaStore::PinPoint(uint64_t sequence) {
+  Impl& m = *impl_;
+  std::lock_guard plk(m.pins_mu);
+  {
+    auto lk = m.ReadLock();
+    bool found = false;
+    for (const ManifestPoint& p : m.manifest.points) found = found || p.sequence == sequence;
+    if (!found) return Status::NotFound("recovery point " + std::to_string(sequence) + " is not retained in " + m.dir);
+  }
+  ++m.pins[sequence];
+  return Status::Ok();
+}
+
+Status ReplicaStore::UnpinPoint(uint64_t sequence) {
+  Impl& m = *impl_;
+  std::lock_guard plk(m.pins_mu);
+  auto it = m.pins.find(sequence);
+  if (it == m.pins.end()) return Status::NotFound("recovery point " + std::to_string(sequence) + " is not pinned");
+  if (--it->second == 0) m.pins.erase(it);
+  return Status::Ok();
 }
 
 // ---- Reads -------------------------------------------------------------------

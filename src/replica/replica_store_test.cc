@@ -340,6 +340,14 @@ TEST_F(ReplicaStoreTest, ModelWithHourlyHistory) {
   EXPECT_GT(store_->ListPoints().size(), 3u);
 }
 
+TEST_F(ReplicaStoreTest, ModelWithHourlyHistoryAndCompressedUndo) {
+  ReplicaStoreOptions o = Options();
+  o.fine_window_ms = 40 * kMin;
+  o.recovery_history_hours = 3;
+  o.compress_undo = true;  // the model's data is patterned: most before-images compress
+  RunModel(o, 43, 70);
+}
+
 TEST_F(ReplicaStoreTest, ModelLatestOnlyWithByteBudget) {
   ReplicaStoreOptions o = Options();
   o.fine_window_ms = 20 * kMin;
@@ -370,6 +378,26 @@ void FlipByte(const std::string& path, off_t at) {
   c ^= 0x20;
   ASSERT_EQ(::pwrite(fd, &c, 1, at), 1);
   ::close(fd);
+}
+
+TEST_F(ReplicaStoreTest, CompressedBeforeImagesAreSmallerAndAFlippedByteIsCorruption) {
+  ReplicaStoreOptions o = Options();
+  o.compress_undo = true;
+  Create(o);
+  ASSERT_TRUE(Apply(1, {Data(0, 0, std::string(16 * 4096, 'a'))}, now_).ok());
+  ASSERT_TRUE(Apply(2, {Data(0, 0, std::string(16 * 4096, 'b'))}, now_).ok());
+  // 16 before-images of 4 KiB of 'a': far less than 16 plain entries.
+  EXPECT_LT(fs::file_size(SegmentPath(1)), 16u * 4096 / 4);
+  Image img1 = Zeros();
+  img1[0].replace(0, 16 * 4096, std::string(16 * 4096, 'a'));
+  ExpectPoint(1, img1);
+  Reopen(o);
+  ExpectPoint(1, img1);
+  FlipByte(SegmentPath(1), 64 + 32 + 5);  // inside the first compressed payload
+  char buf[16];
+  EXPECT_EQ(store_->ReadPoint(1, 0, 0, sizeof buf, buf).code(), Code::kCorruption);
+  ASSERT_TRUE(store_->ReadPoint(2, 0, 0, sizeof buf, buf).ok());
+  EXPECT_EQ(std::string(buf, 16), std::string(16, 'b'));
 }
 
 TEST_F(ReplicaStoreTest, FlippedByteInUndoSegmentIsCorruptionAtOpen) {
@@ -580,6 +608,7 @@ TEST_F(ReplicaStoreTest, CrashAtEveryStepOfApplyAndRetentionRecovers) {
   ReplicaStoreOptions o = Options();
   o.fine_window_ms = 10 * kMin;
   o.recovery_history_hours = 24;
+  o.compress_undo = true;  // rollbacks restore compressed before-images too
   now_ = 7 * kHour;  // point 0 is alone in its hour: kept as an hourly point
   Create(o);
   now_ = 10 * kHour;
@@ -591,7 +620,7 @@ TEST_F(ReplicaStoreTest, CrashAtEveryStepOfApplyAndRetentionRecovers) {
   d3.push_back(Data(1, 4090, std::string(10000, 'q')));
   ASSERT_TRUE(Apply(1, d1, now_ - 90 * kMin).ok());
   ASSERT_TRUE(Apply(2, d2, now_ - 80 * kMin).ok());
-  ASSERT_EQ(PointSeqs(), (std::vector<uint64_t>{0, 2}));  // 1 merged into 0
+  ASSERT_EQ(PointSeqs(), (std::vector<uint64_t>{0, 2}));  // 1 dropped, its segment carried for 0
   Image img2 = Zeros();
   ApplyToImage(d1, &img2);
   ApplyToImage(d2, &img2);
@@ -648,7 +677,12 @@ TEST_F(ReplicaStoreTest, CrashAtEveryStepOfApplyAndRetentionRecovers) {
     if (HasFatalFailure()) break;
     std::set<std::string> files;
     for (const auto& e : fs::directory_iterator(store_dir_ + "/undo")) files.insert(e.path().filename().string());
-    ASSERT_EQ(files, (std::set<std::string>{fs::path(SegmentPath(0)).filename().string()})) << "n=" << n;
+    // Point 0's segment and the carried ones of the dropped points 1 and 2:
+    // no segment is ever rewritten.
+    ASSERT_EQ(files, (std::set<std::string>{fs::path(SegmentPath(0)).filename().string(),
+                                            fs::path(SegmentPath(1)).filename().string(),
+                                            fs::path(SegmentPath(2)).filename().string()}))
+        << "n=" << n;
     store_.reset();
     catalog_.reset();
   }

@@ -4,7 +4,12 @@
 #include <spdlog/spdlog.h>
 #include <unistd.h>
 
+#include <sys/stat.h>
+
 #include <cerrno>
+#include <chrono>
+#include <map>
+#include <tuple>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -75,6 +80,42 @@ bool ParseName(const std::string& name, const std::string& suffix, uint64_t* seq
   return true;
 }
 
+int64_t NowMs() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+// The files of one staging directory that have catalog rows.
+struct StagedFile {
+  std::string file_name;  // relative to the staging dir
+  uint64_t size = 0;
+  int64_t mtime_ms = 0;
+};
+
+Status ListLogs(const std::string& dir, const std::string& prefix, StagedLogState state,
+                std::map<std::pair<uint64_t, StagedLogState>, StagedFile>* out) {
+  std::error_code ec;
+  if (!fs::exists(dir, ec)) return Status::Ok();
+  for (fs::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec)) {
+    std::string name = it->path().filename().string();
+    uint64_t seq = 0;
+    if (!ParseName(name, kLogSuffix, &seq)) continue;
+    struct stat st {};
+    if (::stat(it->path().c_str(), &st) != 0) {
+      if (errno == ENOENT) continue;
+      return Errno("stat", it->path().string());
+    }
+    if (!S_ISREG(st.st_mode)) continue;
+    StagedFile f;
+    f.file_name = prefix + name;
+    f.size = static_cast<uint64_t>(st.st_size);
+    f.mtime_ms = static_cast<int64_t>(st.st_mtim.tv_sec) * 1000 + st.st_mtim.tv_nsec / 1000000;
+    (*out)[{seq, state}] = f;
+  }
+  if (ec) return Status::IOError("list " + dir + ": " + ec.message());
+  return Status::Ok();
+}
+
 }  // namespace
 
 Staging::Staging(std::string dir, const ReplicaStore& store, StagingOptions options)
@@ -99,7 +140,69 @@ Result<std::unique_ptr<Staging>> Staging::Open(const std::string& dir, const Rep
   }
   if (ec) return Status::IOError("list " + dir + ": " + ec.message());
   if (removed) VMR_RETURN_IF_ERROR(FsyncParentDir(dir + "/x"));
-  return std::unique_ptr<Staging>(new Staging(dir, store, std::move(options)));
+  std::unique_ptr<Staging> staging(new Staging(dir, store, std::move(options)));
+  Status reconciled = staging->ReconcileCatalog();
+  if (!reconciled.ok()) {
+    // The files are the truth; the mirror is repaired at the next ApplyReady.
+    spdlog::warn("{} (retried at the next ApplyReady)", reconciled.ToString());
+    staging->catalog_dirty_ = true;
+  }
+  return staging;
+}
+
+Status Staging::ReconcileCatalog() {
+  Catalog* catalog = options_.catalog;
+  if (catalog == nullptr) return Status::Ok();
+  const std::string& vm = store_->vm_id();
+  std::map<std::pair<uint64_t, StagedLogState>, StagedFile> files;
+  VMR_RETURN_IF_ERROR(ListLogs(dir_, "", StagedLogState::kStaged, &files));
+  VMR_RETURN_IF_ERROR(
+      ListLogs(dir_ + "/" + kRejectedDir, std::string(kRejectedDir) + "/", StagedLogState::kRejected, &files));
+  VMR_ASSIGN_OR_RETURN(std::vector<StagedLogRecord> rows, catalog->ListStagedLogs(vm));
+  Status s = catalog->RunInTransaction([&]() -> Status {
+    for (const StagedLogRecord& row : rows) {
+      auto it = files.find({row.sequence, row.state});
+      if (it == files.end()) {
+        spdlog::info("staging {}: catalog row of log {} ({}) has no file, deleting the row", dir_, row.sequence,
+                     row.file_name);
+        VMR_RETURN_IF_ERROR(catalog->DeleteStagedLog(vm, row.sequence, row.state));
+      } else if (it->second.file_name == row.file_name && it->second.size == row.size_bytes) {
+        files.erase(it);  // in agreement
+      }
+    }
+    for (const auto& [key, f] : files) {
+      spdlog::info("staging {}: log file {} had no (matching) catalog row, recording it", dir_, f.file_name);
+      VMR_RETURN_IF_ERROR(catalog->PutStagedLog({vm, key.first, key.second, f.file_name, f.size, f.mtime_ms}));
+    }
+    return Status::Ok();
+  });
+  return s.WithContext("staging " + dir_ + ": reconciling the catalog's staged_logs");
+}
+
+void Staging::MirrorStaged(uint64_t sequence, StagedLogState state, const std::string& file_name) {
+  if (options_.catalog == nullptr) return;
+  struct stat st {};
+  const std::string path = dir_ + "/" + file_name;
+  Status s = ::stat(path.c_str(), &st) == 0 ? Status::Ok() : Errno("stat", path);
+  if (s.ok()) {
+    s = options_.catalog->PutStagedLog(
+        {store_->vm_id(), sequence, state, file_name, static_cast<uint64_t>(st.st_size), NowMs()});
+  }
+  if (!s.ok()) {
+    spdlog::warn("staging {}: could not record log {} in the catalog (repaired later): {}", dir_, sequence,
+                 s.ToString());
+    catalog_dirty_ = true;
+  }
+}
+
+void Staging::MirrorDeleted(uint64_t sequence, StagedLogState state) {
+  if (options_.catalog == nullptr) return;
+  Status s = options_.catalog->DeleteStagedLog(store_->vm_id(), sequence, state);
+  if (!s.ok() && s.code() != Code::kNotFound) {
+    spdlog::warn("staging {}: could not delete log {} from the catalog (repaired later): {}", dir_, sequence,
+                 s.ToString());
+    catalog_dirty_ = true;
+  }
 }
 
 Result<uint64_t> Staging::expected_sequence() const {
@@ -171,6 +274,7 @@ Status Staging::CommitReceived(uint64_t sequence) {
   VMR_RETURN_IF_ERROR(FsyncFile(part));
   if (::rename(part.c_str(), log.c_str()) != 0) return Errno("rename to " + log, part);
   VMR_RETURN_IF_ERROR(FsyncParentDir(log));
+  MirrorStaged(sequence, StagedLogState::kStaged, SeqName(sequence) + kLogSuffix);
   spdlog::info("staging {}: log {} staged ({} records)", dir_, sequence, summary->trailer.record_count);
   return Status::Ok();
 }
@@ -182,12 +286,24 @@ Status Staging::Reject(const std::string& path, const Status& why) {
   if (::rename(path.c_str(), target.c_str()) != 0) return Errno("rename to " + target, path);
   VMR_RETURN_IF_ERROR(FsyncParentDir(target));
   VMR_RETURN_IF_ERROR(FsyncParentDir(path));
+  uint64_t seq = 0;
+  if (ParseName(fs::path(path).filename().string(), kLogSuffix, &seq)) {
+    MirrorStaged(seq, StagedLogState::kRejected, std::string(kRejectedDir) + "/" + SeqName(seq) + kLogSuffix);
+    MirrorDeleted(seq, StagedLogState::kStaged);
+  }
   spdlog::error("staging {}: staged log {} rejected: {}", dir_, path, why.ToString());
   return Status::Ok();
 }
 
 Result<uint64_t> Staging::ApplyReady(ReplicaStore& store) {
   if (&store != store_) return Status::InvalidArgument("ApplyReady: not the store this staging area was opened for");
+  if (catalog_dirty_.exchange(false)) {
+    Status s = ReconcileCatalog();
+    if (!s.ok()) {
+      spdlog::warn("{} (retried at the next ApplyReady)", s.ToString());
+      catalog_dirty_ = true;
+    }
+  }
   // Staged logs already applied: a crash after the apply, before the unlink.
   {
     const uint64_t latest = store.latest_sequence();
@@ -198,6 +314,7 @@ Result<uint64_t> Staging::ApplyReady(ReplicaStore& store) {
       if (!ParseName(it->path().filename().string(), kLogSuffix, &seq) || seq > latest) continue;
       spdlog::info("staging {}: log {} is already applied (latest {}), deleting it", dir_, seq, latest);
       VMR_RETURN_IF_ERROR(Unlink(it->path().string()));
+      MirrorDeleted(seq, StagedLogState::kStaged);
       removed = true;
     }
     if (ec) return Status::IOError("list " + dir_ + ": " + ec.message());
@@ -233,6 +350,7 @@ Result<uint64_t> Staging::ApplyReady(ReplicaStore& store) {
     if (!st.ok()) return st.WithContext("applying staged log " + path);
     VMR_RETURN_IF_ERROR(Unlink(path));
     VMR_RETURN_IF_ERROR(FsyncParentDir(path));
+    MirrorDeleted(seq, StagedLogState::kStaged);
     spdlog::info("staging {}: log {} applied", dir_, seq);
     ++applied;
   }

@@ -119,17 +119,23 @@ class StagingTest : public ::testing::Test {
     auto s = ReplicaStore::Create(store_dir_, kVm, {{"vda", kDiskA}, {"vdb", kDiskB}}, nullptr, o);
     ASSERT_TRUE(s.ok()) << s.status().ToString();
     store_ = std::move(s).value();
+    auto c = Catalog::Open(dir_ + "/catalog.db");
+    ASSERT_TRUE(c.ok()) << c.status().ToString();
+    catalog_ = std::move(c).value();
+    ASSERT_TRUE(catalog_->PutVm({kVm, "vm", ReplicationMode::kReplica, "{}", 1}).ok());
     OpenStaging();
   }
   void TearDown() override {
     staging_.reset();
     store_.reset();
+    catalog_.reset();
     fs::remove_all(dir_);
   }
   void OpenStaging() {
     staging_.reset();
     StagingOptions o;
     o.writer = WriterOptions();
+    o.catalog = catalog_.get();
     auto st = Staging::Open(store_dir_ + "/staging", *store_, o);
     ASSERT_TRUE(st.ok()) << st.status().ToString();
     staging_ = std::move(st).value();
@@ -162,17 +168,40 @@ class StagingTest : public ::testing::Test {
     return out;
   }
   std::string PartPath(uint64_t seq) { return staging_->LogPath(seq) + ".part"; }
+  // The catalog's staged_logs rows as "<seq>:<state>:<file>", checking each
+  // row's size against its file.
+  std::vector<std::string> Rows() {
+    std::vector<std::string> out;
+    auto rows = catalog_->ListStagedLogs(kVm);
+    EXPECT_TRUE(rows.ok()) << rows.status().ToString();
+    if (!rows.ok()) return out;
+    for (const StagedLogRecord& r : *rows) {
+      std::error_code ec;
+      uint64_t size = fs::file_size(staging_->dir() + "/" + r.file_name, ec);
+      EXPECT_FALSE(ec) << r.file_name;
+      EXPECT_EQ(size, r.size_bytes) << r.file_name;
+      EXPECT_GT(r.received_ms, 0);
+      out.push_back(std::to_string(r.sequence) + ":" + (r.state == StagedLogState::kStaged ? "staged" : "rejected") +
+                    ":" + r.file_name);
+    }
+    return out;
+  }
 
   std::string dir_, store_dir_;
+  std::unique_ptr<Catalog> catalog_;
   std::unique_ptr<ReplicaStore> store_;
   std::unique_ptr<Staging> staging_;
 };
+
+using RowList = std::vector<std::string>;
 
 TEST_F(StagingTest, StagedLogsApplyInSequence) {
   for (uint64_t s = 1; s <= 3; ++s) ASSERT_TRUE(Receive(s, Delta(s)).ok()) << s;
   EXPECT_EQ(Files(staging_->dir()), (std::vector<std::string>{"00000000000000000001.vrl", "00000000000000000002.vrl",
                                                               "00000000000000000003.vrl"}));
   EXPECT_EQ(store_->latest_sequence(), 0u);  // staged is not applied
+  EXPECT_EQ(Rows(), (RowList{"1:staged:00000000000000000001.vrl", "2:staged:00000000000000000002.vrl",
+                          "3:staged:00000000000000000003.vrl"}));
 
   auto n = staging_->ApplyReady(*store_);
   ASSERT_TRUE(n.ok()) << n.status().ToString();
@@ -180,6 +209,7 @@ TEST_F(StagingTest, StagedLogsApplyInSequence) {
   EXPECT_EQ(store_->latest_sequence(), 3u);
   EXPECT_TRUE(ReadImage() == Expected(3));
   EXPECT_TRUE(Files(staging_->dir()).empty());
+  EXPECT_TRUE(Rows().empty());
 
   // Spot checks of the expected image itself.
   Image img = ReadImage();
@@ -271,6 +301,8 @@ TEST_P(CorruptCommitTest, RottedStagedLogIsRejectedAndNothingOfItApplied) {
   WriteLog(outside, 2, recs);
   FlipByte(outside, in_header ? 0x50 /* relationship id */ : PayloadOffset(outside, recs, 2) + 1);
   fs::copy_file(outside, staging_->LogPath(2));
+  OpenStaging();  // reconciles: the file placed behind its back gets a row
+  EXPECT_EQ(Rows(), RowList{"2:staged:00000000000000000002.vrl"});
 
   auto n = staging_->ApplyReady(*store_);
   ASSERT_FALSE(n.ok());
@@ -285,6 +317,7 @@ TEST_P(CorruptCommitTest, RottedStagedLogIsRejectedAndNothingOfItApplied) {
   EXPECT_TRUE(ReadImage() == before);
   EXPECT_FALSE(fs::exists(staging_->LogPath(2)));
   EXPECT_TRUE(fs::exists(staging_->dir() + "/rejected/00000000000000000002.vrl"));
+  EXPECT_EQ(Rows(), RowList{"2:rejected:rejected/00000000000000000002.vrl"});
 
   // Nothing more is applied until the log is resent.
   auto again = staging_->ApplyReady(*store_);
@@ -324,6 +357,7 @@ TEST_F(StagingTest, AlreadyAppliedLogIsDeletedNotAppliedTwice) {
   ASSERT_TRUE(n.ok()) << n.status().ToString();
   EXPECT_EQ(*n, 0u);
   EXPECT_TRUE(Files(staging_->dir()).empty());
+  EXPECT_TRUE(Rows().empty());
   EXPECT_EQ(store_->latest_sequence(), 2u);
   EXPECT_EQ(store_->ListPoints().size(), 3u);
   EXPECT_TRUE(ReadImage() == Expected(2));
@@ -355,6 +389,39 @@ TEST_F(StagingTest, UnfinishedReceiveIsNeverAppliedAndRemovedAtOpen) {
   ASSERT_TRUE(Receive(1, Delta(1)).ok());
   ASSERT_TRUE(staging_->ApplyReady(*store_).ok());
   EXPECT_TRUE(ReadImage() == Expected(1));
+}
+
+TEST_F(StagingTest, CatalogIsReconciledWithTheFilesAtOpen) {
+  ASSERT_TRUE(Receive(1, Delta(1)).ok());
+  ASSERT_TRUE(Receive(2, Delta(2)).ok());
+  ASSERT_EQ(Rows().size(), 2u);
+  // As after crashes: log 1's file vanished after its row was written (the
+  // row stays), log 3 was renamed into place before its row was written, a
+  // stale row names a wrong size, and another VM's rows are left alone.
+  fs::remove(staging_->LogPath(1));
+  WriteLog(staging_->LogPath(3), 3, Delta(3));
+  ASSERT_TRUE(catalog_->PutStagedLog({kVm, 2, StagedLogState::kStaged, "00000000000000000002.vrl", 1, 1}).ok());
+  ASSERT_TRUE(catalog_->PutVm({"vm-2", "other", ReplicationMode::kReplica, "{}", 1}).ok());
+  ASSERT_TRUE(catalog_->PutStagedLog({"vm-2", 1, StagedLogState::kStaged, "x.vrl", 1, 1}).ok());
+
+  OpenStaging();
+  EXPECT_EQ(Rows(), (RowList{"2:staged:00000000000000000002.vrl", "3:staged:00000000000000000003.vrl"}));
+  EXPECT_EQ(catalog_->ListStagedLogs("vm-2")->size(), 1u);
+}
+
+TEST_F(StagingTest, MissingVmInTheCatalogDoesNotStopStagingAndIsRepairedLater) {
+  ASSERT_TRUE(catalog_->DeleteVm(kVm).ok());
+  OpenStaging();  // nothing to reconcile yet
+  ASSERT_TRUE(Receive(1, Delta(1)).ok());  // the row cannot be written: logged only
+  EXPECT_TRUE(Rows().empty());
+  ASSERT_TRUE(catalog_->PutVm({kVm, "vm", ReplicationMode::kReplica, "{}", 1}).ok());
+  // A stale row that only a reconciliation removes.
+  ASSERT_TRUE(catalog_->PutStagedLog({kVm, 9, StagedLogState::kStaged, "00000000000000000009.vrl", 1, 1}).ok());
+  // The log rots; ApplyReady first repairs the mirror (row 1 staged), then
+  // rejects the log (row 1 rejected).
+  FlipByte(staging_->LogPath(1), PayloadOffset(staging_->LogPath(1), Delta(1), 0) + 3);
+  EXPECT_EQ(staging_->ApplyReady(*store_).status().code(), Code::kCorruption);
+  EXPECT_EQ(Rows(), RowList{"1:rejected:rejected/00000000000000000001.vrl"});
 }
 
 TEST_F(StagingTest, CommitWithoutFinishIsRefused) {

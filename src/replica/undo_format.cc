@@ -87,7 +87,7 @@ uint64_t GetU64(const char* p) {
 
 std::string EncodeManifest(const Manifest& m) {
   std::string out(kManifestMagic, 8);
-  PutU32(&out, kFormatVersion);
+  PutU32(&out, m.carried.empty() ? kFormatVersion : kManifestVersionCarried);
   PutU32(&out, m.block_size);
   PutStr(&out, m.vm_id);
   PutU32(&out, static_cast<uint32_t>(m.disks.size()));
@@ -103,6 +103,10 @@ std::string EncodeManifest(const Manifest& m) {
     out.push_back(static_cast<char>(p.kind >> 8));
     PutStr(&out, p.generation);
   }
+  if (!m.carried.empty()) {
+    PutU32(&out, static_cast<uint32_t>(m.carried.size()));
+    for (uint64_t c : m.carried) PutU64(&out, c);
+  }
   PutU64(&out, Hash(out.data(), out.size()));
   return out;
 }
@@ -117,7 +121,8 @@ Result<Manifest> DecodeManifest(std::string_view bytes) {
   uint32_t version = 0;
   Manifest m;
   if (!r.U32(&version)) return Bad("truncated");
-  if (version != kFormatVersion) return Bad("unsupported version " + std::to_string(version));
+  if (version != kFormatVersion && version != kManifestVersionCarried)
+    return Bad("unsupported version " + std::to_string(version));
   if (!r.U32(&m.block_size) || m.block_size != kReplicaBlockSize) return Bad("bad block size");
   if (!r.Str(&m.vm_id)) return Bad("bad vm id");
   uint32_t disk_count = 0;
@@ -141,6 +146,22 @@ Result<Manifest> DecodeManifest(std::string_view bytes) {
     if (p.kind > 3) return Bad("bad point kind " + std::to_string(p.kind));
     if (!m.points.empty() && p.sequence <= m.points.back().sequence) return Bad("point sequences not increasing");
     m.points.push_back(std::move(p));
+  }
+  if (version == kManifestVersionCarried) {
+    uint32_t carried_count = 0;
+    if (!r.U32(&carried_count) || carried_count == 0) return Bad("bad carried segment count");
+    if (carried_count > r.left() / 8) return Bad("carried segment count larger than the file");
+    size_t next_point = 0;
+    for (uint32_t i = 0; i < carried_count; ++i) {
+      uint64_t c = 0;
+      if (!r.U64(&c)) return Bad("truncated carried segment list");
+      if (!m.carried.empty() && c <= m.carried.back()) return Bad("carried segments not increasing");
+      if (c <= m.points.front().sequence || c >= m.points.back().sequence)
+        return Bad("carried segment " + std::to_string(c) + " outside the retained points");
+      while (m.points[next_point].sequence < c) ++next_point;
+      if (m.points[next_point].sequence == c) return Bad("carried segment " + std::to_string(c) + " is a point");
+      m.carried.push_back(c);
+    }
   }
   if (r.left() != 0) return Bad("trailing bytes");
   return m;
@@ -176,10 +197,13 @@ Status DecodeSegmentHeader(const char* p, SegmentHeader* out) {
 }
 
 void AppendEntry(std::string* out, uint32_t disk, uint64_t block, bool zero, const char* payload, uint32_t block_size) {
+  AppendRawEntry(out, disk, block, zero ? kEntryFlagZero : 0, payload, zero ? 0 : block_size);
+}
+
+void AppendRawEntry(std::string* out, uint32_t disk, uint64_t block, uint32_t flags, const char* payload, uint32_t len) {
   size_t start = out->size();
-  uint32_t len = zero ? 0 : block_size;
   PutU32(out, kEntryTag);
-  PutU32(out, zero ? kEntryFlagZero : 0);
+  PutU32(out, flags);
   PutU32(out, disk);
   PutU32(out, len);
   PutU64(out, block);
@@ -191,6 +215,19 @@ void AppendEntry(std::string* out, uint32_t disk, uint64_t block, bool zero, con
   XXH3_freeState(st);
   PutU64(out, h);
   if (len > 0) out->append(payload, len);
+}
+
+bool EntryShapeOk(uint32_t flags, uint32_t payload_len, uint32_t block_size) {
+  switch (flags) {
+    case 0:
+      return payload_len == block_size;
+    case kEntryFlagZero:
+      return payload_len == 0;
+    case kEntryFlagZstd:
+      return payload_len > 0 && payload_len < block_size;
+    default:
+      return false;
+  }
 }
 
 void AppendMarker(std::string* out, uint32_t tag, uint64_t offset, uint64_t entry_count) {

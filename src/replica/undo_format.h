@@ -13,13 +13,19 @@
 
 namespace vmreplica::replica_internal {
 
-inline constexpr uint32_t kFormatVersion = 1;
+inline constexpr uint32_t kFormatVersion = 1;  // undo segments; MANIFEST without carried segments
+// A MANIFEST that lists carried segments (docs section 3). Written only when
+// there are some, so a store without them stays readable by version-1 code.
+inline constexpr uint32_t kManifestVersionCarried = 2;
 inline constexpr size_t kSegmentHeaderSize = 64;
 inline constexpr size_t kRecordHeaderSize = 32;
 inline constexpr uint32_t kEntryTag = 0x59544E45;    // "ENTY"
 inline constexpr uint32_t kBatchTag = 0x48435442;    // "BTCH"
 inline constexpr uint32_t kTrailerTag = 0x4C494154;  // "TAIL"
 inline constexpr uint32_t kEntryFlagZero = 1;
+// The payload is one zstd frame that decompresses to exactly block_size
+// bytes; 0 < payload_len < block_size. Never together with kEntryFlagZero.
+inline constexpr uint32_t kEntryFlagZstd = 2;
 inline constexpr uint32_t kMaxDisks = 256;
 inline constexpr uint32_t kMaxString = 4096;
 
@@ -37,6 +43,11 @@ struct Manifest {
   std::string vm_id;
   std::vector<ReplicaDisk> disks;
   std::vector<ManifestPoint> points;  // sequences strictly increasing, >= 1 point
+  // Carried segments (version 2): undo/<seq>.vru files kept after their
+  // point was dropped from the middle, because older points still need
+  // their before-images. Strictly increasing, each strictly between the
+  // oldest and the latest point and equal to none.
+  std::vector<uint64_t> carried;
 };
 
 std::string EncodeManifest(const Manifest& m);
@@ -58,6 +69,10 @@ Status DecodeSegmentHeader(const char* p, SegmentHeader* out);
 
 // Appends one entry; `payload` is block_size bytes unless `zero`.
 void AppendEntry(std::string* out, uint32_t disk, uint64_t block, bool zero, const char* payload, uint32_t block_size);
+// Appends one entry with explicit flags and payload (`len` bytes).
+void AppendRawEntry(std::string* out, uint32_t disk, uint64_t block, uint32_t flags, const char* payload, uint32_t len);
+// True when an entry's flags and payload_len agree (docs section 4).
+bool EntryShapeOk(uint32_t flags, uint32_t payload_len, uint32_t block_size);
 // Appends a batch marker or trailer (tag kBatchTag / kTrailerTag) that
 // will sit at file offset `offset`.
 void AppendMarker(std::string* out, uint32_t tag, uint64_t offset, uint64_t entry_count);

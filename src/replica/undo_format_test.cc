@@ -5,12 +5,44 @@
 namespace vmreplica::replica_internal {
 namespace {
 
-Manifest Sample() {
+Manifest Sample(bool carried = false) {
   Manifest m;
   m.vm_id = "vm-1";
   m.disks = {{"vda", 1 << 20}, {"vdb", 8192}};
   m.points = {{0, 0, 0, ""}, {3, 1000, 2, "gen"}};
+  if (carried) m.carried = {1, 2};
   return m;
+}
+
+TEST(ManifestTest, CarriedSegmentsRoundTripAsVersionTwo) {
+  std::string b = EncodeManifest(Sample(true));
+  EXPECT_EQ(GetU32(b.data() + 8), kManifestVersionCarried);
+  EXPECT_EQ(GetU32(EncodeManifest(Sample()).data() + 8), kFormatVersion);  // none: still version 1
+  auto d = DecodeManifest(b);
+  ASSERT_TRUE(d.ok()) << d.status().ToString();
+  EXPECT_EQ(d->carried, (std::vector<uint64_t>{1, 2}));
+  EXPECT_EQ(d->points.size(), 2u);
+  for (size_t i = 0; i < b.size(); ++i) {
+    std::string c = b;
+    c[i] ^= 0x10;
+    EXPECT_EQ(DecodeManifest(c).status().code(), Code::kCorruption) << "byte " << i;
+  }
+  for (size_t n = 0; n < b.size(); ++n)
+    EXPECT_EQ(DecodeManifest(b.substr(0, n)).status().code(), Code::kCorruption) << n;
+}
+
+TEST(ManifestTest, CarriedSegmentThatIsAPointOrOutOfRangeOrUnorderedIsCorruption) {
+  for (const std::vector<uint64_t>& bad : std::vector<std::vector<uint64_t>>{{0}, {3}, {4}, {2, 1}, {1, 1}}) {
+    Manifest m = Sample();
+    m.carried = bad;
+    EXPECT_EQ(DecodeManifest(EncodeManifest(m)).status().code(), Code::kCorruption) << bad[0];
+  }
+  Manifest m = Sample();
+  m.points = {{0, 0, 0, ""}, {2, 0, 0, ""}, {5, 0, 0, ""}};
+  m.carried = {2};
+  EXPECT_EQ(DecodeManifest(EncodeManifest(m)).status().code(), Code::kCorruption);
+  m.carried = {1, 4};
+  EXPECT_TRUE(DecodeManifest(EncodeManifest(m)).ok());
 }
 
 TEST(ManifestTest, RoundTrips) {
