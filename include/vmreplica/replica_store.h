@@ -61,9 +61,8 @@ struct ReplicaStoreOptions {
   // segments together stay within this many bytes. 0 = off.
   uint64_t extended_retention_bytes = 0;
   // Store a before-image zstd-compressed (level 1) when that saves at least
-  // an eighth of the block (docs section 4, entry flag 2). Off by default
-  // until every reader of undo segments (vmreplica-dump) knows the flag.
-  bool compress_undo = false;
+  // an eighth of the block (docs section 4, entry flag 2).
+  bool compress_undo = true;
   // Milliseconds since the Unix epoch; default: the system clock.
   std::function<int64_t()> now_ms;
   // Fault-injection seam (tests): called before and after every write,

@@ -19,8 +19,10 @@ Status Errno(const std::string& what, const std::string& path) {
 }  // namespace
 
 Status FsyncParentDir(const std::string& path) {
-  std::string dir = std::filesystem::path(path).parent_path().string();
-  if (dir.empty()) dir = ".";
+  // (Built so, not by assigning "." afterwards: GCC 12 at -O3 reports a
+  // false -Wrestrict on that assignment.)
+  const std::string parent = std::filesystem::path(path).parent_path().string();
+  const std::string dir = parent.empty() ? std::string(".") : parent;
   int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (fd < 0) return Errno("open directory", dir);
   int rc = ::fsync(fd);

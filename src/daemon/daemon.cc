@@ -8,6 +8,7 @@
 #include <filesystem>
 
 #include "service/tls.h"
+#include "vmreplica/security.h"
 
 namespace vmreplica::daemon {
 
@@ -57,11 +58,38 @@ Result<std::unique_ptr<Daemon>> Daemon::Create(DaemonConfig config) {
   d->env_.host_name = std::find(names.begin(), names.end(), cn) != names.end() ? cn : names.front();
   d->env_.version = PROJECT_VERSION_STRING;
   d->env_.options = d->config_.service;
+
+  ReplicaManagerOptions ropts;
+  ropts.staging.catalog = d->catalog_.get();
+  d->replicas_ = std::make_unique<ReplicaManager>(d->catalog_.get(), ropts);
+  d->replicas_->OpenAll();
+
+  ReplicationEngineOptions eopts;
+  eopts.run_dir = d->config_.state_dir + "/run";
+  eopts.max_parallel_transfers = d->config_.max_parallel_transfers;
+  eopts.bandwidth_bytes_per_s = d->config_.bandwidth_limit_bytes_per_s;
+  eopts.test_interval_override_ms = d->config_.test_replication_interval_override_ms;
+  if (eopts.test_interval_override_ms > 0) {
+    spdlog::warn("[testing] replication_interval_override_ms = {}: every ReplicationInterval is replaced; "
+                 "never use this in production",
+                 eopts.test_interval_override_ms);
+  }
+  Daemon* self = d.get();
+  eopts.open_channel = [self](const std::string& host,
+                              uint16_t port) -> Result<std::shared_ptr<grpc::Channel>> {
+    // The probe tells a refused certificate (32769) from an unreachable host (32777).
+    auto probe = security::ProbeTls(host, port, self->env_.identity, host, self->env_.options.connect_timeout);
+    if (!probe.ok()) return probe.status().WithContext("replica server " + service::JoinHostPort(host, port));
+    return service::MakeSecureChannel(host, port, self->env_.identity);
+  };
+  d->replication_ = std::make_unique<ReplicationEngine>(d->catalog_.get(), d->jobs_.get(), eopts);
+  d->env_.replication = d->replication_.get();
+
   d->local_control_ = std::make_unique<service::ControlService>(&d->env_, /*remote=*/false);
   d->remote_control_ = std::make_unique<service::ControlService>(&d->env_, /*remote=*/true);
   d->local_vm_ = std::make_unique<service::VmService>(&d->env_, /*remote=*/false);
   d->remote_vm_ = std::make_unique<service::VmService>(&d->env_, /*remote=*/true);
-  d->peer_ = std::make_unique<service::PeerService>(&d->env_);
+  d->peer_ = std::make_unique<service::PeerService>(&d->env_, d->replicas_.get());
   return d;
 }
 
@@ -84,6 +112,7 @@ Status Daemon::Start() {
   if (::chmod(sock.c_str(), 0600) != 0) return Status::IOError("chmod 0600 " + sock);
   spdlog::info("admin socket {} (mode 0600)", sock);
   if (config_.start_listener) VMR_RETURN_IF_ERROR(StartListener());
+  VMR_RETURN_IF_ERROR(replication_->Start());
   return Status::Ok();
 }
 
@@ -142,6 +171,7 @@ void Daemon::Stop() {
     if (stopped_) return;
     stopped_ = true;
   }
+  if (replication_) replication_->Stop();
   StopListener().IgnoreError();
   if (admin_server_) {
     admin_server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));

@@ -4,7 +4,9 @@
 //   Create(config)  lock state dir -> load identity -> open catalog
 //                   -> recover jobs   (any failure: clear error, nothing started)
 //   Start()         admin socket (0600) -> listener (if [listener] start)
-//   Stop()          listener -> admin socket -> jobs (waits for in-flight work)
+//                   -> replication engine (resumes relationships)
+//   Stop()          replication engine -> listener -> admin socket -> jobs
+//                   (waits for in-flight work)
 #pragma once
 
 #include <grpcpp/grpcpp.h>
@@ -17,6 +19,8 @@
 #include "service/peer_service.h"
 #include "service/vm_service.h"
 #include "vmreplica/fileutil.h"
+#include "vmreplica/replication.h"
+#include "vmreplica/transfer.h"
 
 namespace vmreplica::daemon {
 
@@ -43,6 +47,8 @@ class Daemon final : public service::ListenerControl {
   FileLock lock_;
   std::unique_ptr<Catalog> catalog_;
   std::unique_ptr<JobEngine> jobs_;
+  std::unique_ptr<ReplicaManager> replicas_;       // the replica side of replication
+  std::unique_ptr<ReplicationEngine> replication_;  // the primary side
   service::ServiceEnv env_;
   std::unique_ptr<service::ControlService> local_control_;
   std::unique_ptr<service::ControlService> remote_control_;

@@ -105,6 +105,9 @@ class ReplicaStoreTest : public ::testing::Test {
   ReplicaStoreOptions Options() {
     ReplicaStoreOptions o;
     o.now_ms = [this] { return now_; };
+    // Plain before-images unless a test turns compression (the product's
+    // default) on: both entry shapes stay covered.
+    o.compress_undo = false;
     return o;
   }
   void Create(ReplicaStoreOptions o) {

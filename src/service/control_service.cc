@@ -390,6 +390,177 @@ grpc::Status ControlService::CancelJob(grpc::ServerContext* ctx, const v1::JobRe
   return Answer(r, s);
 }
 
+// ---------------------------------------------------------------- replication
+
+namespace {
+
+Status NoEngine() { return Status::NotSupported("this daemon runs without the replication engine"); }
+
+void ToProto(const StatisticsRecord& s, v1::StatisticsResponse* resp) {
+  auto* p = resp->mutable_statistics();
+  p->set_start_statistic_time_unix_ms(s.start_ms);
+  p->set_end_statistic_time_unix_ms(s.end_ms);
+  p->set_replication_success_count(s.replication_success_count);
+  p->set_replication_size(s.replication_size_bytes);
+  p->set_max_replication_size(s.max_replication_size_bytes);
+  p->set_replication_latency_s(s.replication_latency_ms / 1000);
+  p->set_max_replication_latency_s(s.max_replication_latency_ms / 1000);
+  p->set_replication_miss_count(s.replication_miss_count);
+  p->set_network_failure_count(s.network_failure_count);
+  p->set_replication_failure_count(s.replication_failure_count);
+  p->set_pending_replication_size(s.pending_replication_size_bytes);
+  p->set_application_consistent_snapshot_failure_count(s.application_consistent_snapshot_failure_count);
+  p->set_replication_health(Number(s.replication_health));
+  p->set_last_test_failover_time_unix_ms(s.last_test_failover_ms);
+  p->set_initial_replication_size(s.initial_replication_size_bytes);
+  for (const auto& i : s.health_issues) resp->add_health_issues(i);
+}
+
+}  // namespace
+
+grpc::Status ControlService::CreateReplicationRelationship(grpc::ServerContext* ctx, const v1::VmSettingsRequest* req,
+                                                           v1::MethodResponse* resp) {
+  auto* r = resp->mutable_result();
+  if (!Authorize(*ctx, "CreateReplicationRelationship", r)) return grpc::Status::OK;
+  if (!env_->replication) return Answer(r, NoEngine());
+  auto settings = FromProto(req->settings());
+  if (!settings.ok()) return Answer(r, settings.status());
+  Status s = env_->replication->CreateRelationship(req->vm(), *settings);
+  if (s.ok()) spdlog::info("replication relationship created for VM {}", req->vm());
+  return Answer(r, s);
+}
+
+grpc::Status ControlService::StartReplication(grpc::ServerContext* ctx, const v1::StartReplicationRequest* req,
+                                              v1::MethodResponse* resp) {
+  auto* r = resp->mutable_result();
+  if (!Authorize(*ctx, "StartReplication", r)) return grpc::Status::OK;
+  if (!env_->replication) return Answer(r, NoEngine());
+  const uint32_t type = req->initial_replication_type();
+  if (type == Number(InitialReplicationType::kExport) || type == Number(InitialReplicationType::kSeededNetwork)) {
+    NotSupportedYet(r, "StartReplication", kInitialCapability);
+    return grpc::Status::OK;
+  }
+  if (type != Number(InitialReplicationType::kNetwork)) {
+    return Answer(r, Status::InvalidArgument("InitialReplicationType: " + std::to_string(type) +
+                                             " is not one of 1 (network), 2 (export), 3 (seeded)"));
+  }
+  auto job = env_->replication->StartReplication(req->vm(), req->start_time_unix_s());
+  if (!job.ok()) return Answer(r, job.status());
+  SetJobStarted(r, *job);
+  return grpc::Status::OK;
+}
+
+grpc::Status ControlService::ModifyReplicationSettings(grpc::ServerContext* ctx, const v1::VmSettingsRequest* req,
+                                                       v1::MethodResponse* resp) {
+  auto* r = resp->mutable_result();
+  if (!Authorize(*ctx, "ModifyReplicationSettings", r)) return grpc::Status::OK;
+  if (!env_->replication) return Answer(r, NoEngine());
+  auto settings = FromProto(req->settings());
+  if (!settings.ok()) return Answer(r, settings.status());
+  return Answer(r, env_->replication->ModifySettings(req->vm(), *settings));
+}
+
+grpc::Status ControlService::RemoveReplicationRelationship(grpc::ServerContext* ctx, const v1::VmRequest* req,
+                                                           v1::MethodResponse* resp) {
+  auto* r = resp->mutable_result();
+  if (!Authorize(*ctx, "RemoveReplicationRelationship", r)) return grpc::Status::OK;
+  if (!env_->replication) return Answer(r, NoEngine());
+  return Answer(r, env_->replication->RemoveRelationship(req->vm(), 0));
+}
+
+grpc::Status ControlService::RemoveReplicationRelationshipEx(grpc::ServerContext* ctx,
+                                                             const v1::VmRelationshipRequest* req,
+                                                             v1::MethodResponse* resp) {
+  auto* r = resp->mutable_result();
+  if (!Authorize(*ctx, "RemoveReplicationRelationshipEx", r)) return grpc::Status::OK;
+  if (!env_->replication) return Answer(r, NoEngine());
+  if (req->relationship_index() > 1) {
+    return Answer(r, Status::InvalidArgument("RelationshipType: " + std::to_string(req->relationship_index()) +
+                                             " is not 0 or 1"));
+  }
+  return Answer(r, env_->replication->RemoveRelationship(req->vm(), static_cast<int>(req->relationship_index())));
+}
+
+grpc::Status ControlService::GetReplicationStatistics(grpc::ServerContext* ctx, const v1::VmRequest* req,
+                                                      v1::StatisticsResponse* resp) {
+  auto* r = resp->mutable_result();
+  if (!Authorize(*ctx, "GetReplicationStatistics", r)) return grpc::Status::OK;
+  if (!env_->replication) return Answer(r, NoEngine());
+  auto stats = env_->replication->GetStatistics(req->vm(), 0);
+  if (!stats.ok()) return Answer(r, stats.status());
+  ToProto(*stats, resp);
+  SetResult(r, ReturnCode::kCompleted);
+  return grpc::Status::OK;
+}
+
+grpc::Status ControlService::GetReplicationStatisticsEx(grpc::ServerContext* ctx, const v1::VmRelationshipRequest* req,
+                                                        v1::StatisticsResponse* resp) {
+  auto* r = resp->mutable_result();
+  if (!Authorize(*ctx, "GetReplicationStatisticsEx", r)) return grpc::Status::OK;
+  if (!env_->replication) return Answer(r, NoEngine());
+  if (req->relationship_index() > 1) {
+    return Answer(r, Status::InvalidArgument("RelationshipType: " + std::to_string(req->relationship_index()) +
+                                             " is not 0 or 1"));
+  }
+  auto stats = env_->replication->GetStatistics(req->vm(), static_cast<int>(req->relationship_index()));
+  if (!stats.ok()) return Answer(r, stats.status());
+  ToProto(*stats, resp);
+  SetResult(r, ReturnCode::kCompleted);
+  return grpc::Status::OK;
+}
+
+grpc::Status ControlService::ResetReplicationStatistics(grpc::ServerContext* ctx, const v1::VmRequest* req,
+                                                        v1::MethodResponse* resp) {
+  auto* r = resp->mutable_result();
+  if (!Authorize(*ctx, "ResetReplicationStatistics", r)) return grpc::Status::OK;
+  if (!env_->replication) return Answer(r, NoEngine());
+  return Answer(r, env_->replication->ResetStatistics(req->vm(), 0));
+}
+
+grpc::Status ControlService::ResetReplicationStatisticsEx(grpc::ServerContext* ctx,
+                                                          const v1::VmRelationshipRequest* req,
+                                                          v1::MethodResponse* resp) {
+  auto* r = resp->mutable_result();
+  if (!Authorize(*ctx, "ResetReplicationStatisticsEx", r)) return grpc::Status::OK;
+  if (!env_->replication) return Answer(r, NoEngine());
+  if (req->relationship_index() > 1) {
+    return Answer(r, Status::InvalidArgument("RelationshipType: " + std::to_string(req->relationship_index()) +
+                                             " is not 0 or 1"));
+  }
+  return Answer(r, env_->replication->ResetStatistics(req->vm(), static_cast<int>(req->relationship_index())));
+}
+
+grpc::Status ControlService::RequestReplicationStateChange(grpc::ServerContext* ctx,
+                                                           const v1::StateChangeRequest* req,
+                                                           v1::MethodResponse* resp) {
+  auto* r = resp->mutable_result();
+  if (!Authorize(*ctx, "RequestReplicationStateChange", r)) return grpc::Status::OK;
+  return ChangeState(req->vm(), 0, req->requested_state(), r);
+}
+
+grpc::Status ControlService::RequestReplicationStateChangeEx(grpc::ServerContext* ctx,
+                                                             const v1::StateChangeRequest* req,
+                                                             v1::MethodResponse* resp) {
+  auto* r = resp->mutable_result();
+  if (!Authorize(*ctx, "RequestReplicationStateChangeEx", r)) return grpc::Status::OK;
+  if (req->relationship_index() > 1) {
+    return Answer(r, Status::InvalidArgument("RelationshipType: " + std::to_string(req->relationship_index()) +
+                                             " is not 0 or 1"));
+  }
+  return ChangeState(req->vm(), static_cast<int>(req->relationship_index()), req->requested_state(), r);
+}
+
+grpc::Status ControlService::ChangeState(const std::string& vm, int index, uint32_t requested,
+                                         v1::MethodResult* r) {
+  if (!env_->replication) return Answer(r, NoEngine());
+  auto state = Parse<RequestedReplicationState>(std::to_string(requested));
+  if (!state) {
+    return Answer(r, Status::InvalidArgument("RequestedState: " + std::to_string(requested) +
+                                             " is not one of 1, 2, 3, 4, 7, 9"));
+  }
+  return Answer(r, env_->replication->RequestStateChange(vm, index, *state));
+}
+
 // ---------------------------------------------------------------- not yet
 
 #define VMR_NOT_YET(Method, Request, Response, capability)                                   \
@@ -401,8 +572,6 @@ grpc::Status ControlService::CancelJob(grpc::ServerContext* ctx, const v1::JobRe
     return grpc::Status::OK;                                                                 \
   }
 
-VMR_NOT_YET(CreateReplicationRelationship, VmSettingsRequest, MethodResponse, kReplicationCapability)
-VMR_NOT_YET(StartReplication, StartReplicationRequest, MethodResponse, kReplicationCapability)
 VMR_NOT_YET(ImportInitialReplica, ImportInitialReplicaRequest, MethodResponse, kInitialCapability)
 VMR_NOT_YET(InitiateFailover, FailoverRequest, MethodResponse, kFailoverCapability)
 VMR_NOT_YET(RevertFailover, VmRequest, MethodResponse, kFailoverCapability)
@@ -413,15 +582,6 @@ VMR_NOT_YET(ReverseReplicationRelationship, VmSettingsRequest, MethodResponse, k
 VMR_NOT_YET(InitiateFailback, FailbackRequest, MethodResponse, kFailoverCapability)
 VMR_NOT_YET(ChangeReplicationModeToPrimary, VmRelationshipRequest, MethodResponse, kFailoverCapability)
 VMR_NOT_YET(Resynchronize, ResynchronizeRequest, MethodResponse, kInitialCapability)
-VMR_NOT_YET(ModifyReplicationSettings, VmSettingsRequest, MethodResponse, kReplicationCapability)
-VMR_NOT_YET(RemoveReplicationRelationship, VmRequest, MethodResponse, kReplicationCapability)
-VMR_NOT_YET(RemoveReplicationRelationshipEx, VmRelationshipRequest, MethodResponse, kReplicationCapability)
-VMR_NOT_YET(GetReplicationStatistics, VmRequest, StatisticsResponse, kReplicationCapability)
-VMR_NOT_YET(GetReplicationStatisticsEx, VmRelationshipRequest, StatisticsResponse, kReplicationCapability)
-VMR_NOT_YET(ResetReplicationStatistics, VmRequest, MethodResponse, kReplicationCapability)
-VMR_NOT_YET(ResetReplicationStatisticsEx, VmRelationshipRequest, MethodResponse, kReplicationCapability)
-VMR_NOT_YET(RequestReplicationStateChange, StateChangeRequest, MethodResponse, kReplicationCapability)
-VMR_NOT_YET(RequestReplicationStateChangeEx, StateChangeRequest, MethodResponse, kReplicationCapability)
 VMR_NOT_YET(SetFailoverNetworkAdapterSettings, FailoverNetworkRequest, MethodResponse, kFailoverCapability)
 
 #undef VMR_NOT_YET

@@ -48,7 +48,7 @@ class ControlService final : public v1::ReplicationService::Service {
   grpc::Status WaitJob(grpc::ServerContext*, const v1::WaitJobRequest*, v1::JobResponse*) override;
   grpc::Status CancelJob(grpc::ServerContext*, const v1::JobRequest*, v1::MethodResponse*) override;
 
-  // Relationship methods: not supported until their issues land.
+  // Relationship methods (replication; the failover family answers 32770 until it lands).
   grpc::Status CreateReplicationRelationship(grpc::ServerContext*, const v1::VmSettingsRequest*,
                                              v1::MethodResponse*) override;
   grpc::Status StartReplication(grpc::ServerContext*, const v1::StartReplicationRequest*,
@@ -93,6 +93,7 @@ class ControlService final : public v1::ReplicationService::Service {
   // The listener cannot stop itself from one of its own handlers.
   bool RefuseOverOwnListener(const char* what, v1::MethodResult* result) const;
   Status SetListenerRunning(bool running);
+  grpc::Status ChangeState(const std::string& vm, int index, uint32_t requested, v1::MethodResult* r);
 
   ServiceEnv* const env_;
   const bool remote_;

@@ -5,6 +5,7 @@
 #include <algorithm>
 
 #include "service/authorization.h"
+#include "service/convert.h"
 #include "service/tls.h"
 
 namespace vmreplica::service {
@@ -19,8 +20,10 @@ grpc::Status PeerService::Hello(grpc::ServerContext* context, const v1::HelloReq
     return grpc::Status::OK;
   }
   response->set_protocol_version(std::min(request->protocol_version(), kProtocolVersion));
+  std::vector<std::string> ours = kFeatures;
+  if (replicas_ != nullptr) ours.push_back(kDeltaFeature);
   for (const auto& f : request->features()) {
-    if (std::find(kFeatures.begin(), kFeatures.end(), f) != kFeatures.end()) response->add_features(f);
+    if (std::find(ours.begin(), ours.end(), f) != ours.end()) response->add_features(f);
   }
 
   auto settings = env_->catalog->GetServerSettings();
@@ -43,8 +46,9 @@ grpc::Status PeerService::Hello(grpc::ServerContext* context, const v1::HelloReq
     response->set_message(env_->host_name + " does not accept certificate authentication (AllowedAuthenticationType " +
                           std::string(Name(allowed)) + ")");
   } else if (!match) {
-    response->set_message("no authorization entry on " + env_->host_name + " matches " +
-                          (names.empty() ? std::string("(no certificate names)") : fmt::format("{}", fmt::join(names, ", "))));
+    response->set_message(
+        "no authorization entry on " + env_->host_name + " matches " +
+        (names.empty() ? std::string("(no certificate names)") : fmt::format("{}", fmt::join(names, ", "))));
   } else {
     response->set_authorized(true);
     response->set_authorized_by(match->allowed_primary_host_system);
@@ -52,6 +56,108 @@ grpc::Status PeerService::Hello(grpc::ServerContext* context, const v1::HelloReq
   }
   spdlog::info("hello from {}: authorized={} {}", fmt::join(names, ","), response->authorized(),
                response->authorized() ? "by " + response->authorized_by() : response->message());
+  return grpc::Status::OK;
+}
+
+Result<PrimaryCaller> PeerService::Authorize(const grpc::ServerContext& context) {
+  PrimaryCaller caller;
+  caller.names = PeerNames(context);
+  if (caller.names.empty()) return Status::PermissionDenied("the call did not come with a client certificate");
+  VMR_ASSIGN_OR_RETURN(auto settings, env_->catalog->GetServerSettings());
+  if (!settings.recovery_server_enabled) {
+    return Status::PermissionDenied(env_->host_name + " is not configured as a replica server");
+  }
+  const auto allowed = settings.allowed_authentication_type;
+  if (allowed != AllowedAuthenticationType::kCertificate &&
+      allowed != AllowedAuthenticationType::kKerberosAndCertificate) {
+    return Status::PermissionDenied(env_->host_name + " does not accept certificate authentication");
+  }
+  VMR_ASSIGN_OR_RETURN(auto entries, env_->catalog->ListAuthorizationEntries());
+  auto match = FindAuthorization(entries, caller.names);
+  if (!match) {
+    return Status::PermissionDenied(
+        fmt::format("no authorization entry on {} matches {}", env_->host_name, fmt::join(caller.names, ", ")));
+  }
+  caller.entry = *match;
+  return caller;
+}
+
+namespace {
+
+void ToProto(const ReplicaStatusInfo& s, v1::ReplicaStatus* p) {
+  p->set_expected_sequence(s.expected_sequence);
+  p->set_latest_applied(s.latest_applied);
+  p->set_state(Number(s.state));
+}
+
+grpc::Status Refuse(const char* method, const std::vector<std::string>& names, const Status& s) {
+  spdlog::warn("{} from {}: {}", method, fmt::join(names, ","), s.ToString());
+  return StatusToGrpc(s);
+}
+
+class GrpcDeltaStream final : public DeltaStream {
+ public:
+  explicit GrpcDeltaStream(grpc::ServerReaderWriter<v1::DeltaReply, v1::DeltaMessage>* s) : s_(s) {}
+  bool Read(v1::DeltaMessage* m) override { return s_->Read(m); }
+  bool Write(const v1::DeltaReply& r) override { return s_->Write(r); }
+
+ private:
+  grpc::ServerReaderWriter<v1::DeltaReply, v1::DeltaMessage>* s_;
+};
+
+}  // namespace
+
+grpc::Status PeerService::CreateReplica(grpc::ServerContext* context, const v1::CreateReplicaRequest* request,
+                                        v1::ReplicaStatus* response) {
+  if (replicas_ == nullptr) return grpc::Status(grpc::StatusCode::UNIMPLEMENTED, "no data plane on this host");
+  auto caller = Authorize(*context);
+  if (!caller.ok()) return Refuse("CreateReplica", PeerNames(*context), caller.status());
+  if (request->relationship_index() != 0) {
+    return Refuse("CreateReplica", caller->names, Status::InvalidArgument("only relationship 0 can be created"));
+  }
+  CreateReplicaParams p;
+  p.vm_id = request->vm_id();
+  p.vm_name = request->vm_name();
+  p.definition_json = request->definition_json();
+  for (const auto& d : request->disks()) p.disks.push_back(ReplicaDisk{d.name(), d.size_bytes()});
+  auto settings = FromProto(request->settings());
+  if (!settings.ok()) return Refuse("CreateReplica", caller->names, settings.status());
+  p.settings = *settings;
+  auto r = replicas_->CreateReplica(*caller, p);
+  if (!r.ok()) return Refuse("CreateReplica", caller->names, r.status());
+  ToProto(*r, response);
+  return grpc::Status::OK;
+}
+
+grpc::Status PeerService::GetReplicaStatus(grpc::ServerContext* context, const v1::ReplicaRef* request,
+                                           v1::ReplicaStatus* response) {
+  if (replicas_ == nullptr) return grpc::Status(grpc::StatusCode::UNIMPLEMENTED, "no data plane on this host");
+  auto caller = Authorize(*context);
+  if (!caller.ok()) return Refuse("GetReplicaStatus", PeerNames(*context), caller.status());
+  auto r = replicas_->GetReplicaStatus(*caller, request->vm_id(), request->relationship_index());
+  if (!r.ok()) return Refuse("GetReplicaStatus", caller->names, r.status());
+  ToProto(*r, response);
+  return grpc::Status::OK;
+}
+
+grpc::Status PeerService::RemoveReplica(grpc::ServerContext* context, const v1::ReplicaRef* request,
+                                        v1::RemoveReplicaResponse*) {
+  if (replicas_ == nullptr) return grpc::Status(grpc::StatusCode::UNIMPLEMENTED, "no data plane on this host");
+  auto caller = Authorize(*context);
+  if (!caller.ok()) return Refuse("RemoveReplica", PeerNames(*context), caller.status());
+  Status s = replicas_->RemoveReplica(*caller, request->vm_id(), request->relationship_index());
+  if (!s.ok()) return Refuse("RemoveReplica", caller->names, s);
+  return grpc::Status::OK;
+}
+
+grpc::Status PeerService::PushDelta(grpc::ServerContext* context,
+                                    grpc::ServerReaderWriter<v1::DeltaReply, v1::DeltaMessage>* stream) {
+  if (replicas_ == nullptr) return grpc::Status(grpc::StatusCode::UNIMPLEMENTED, "no data plane on this host");
+  auto caller = Authorize(*context);
+  if (!caller.ok()) return Refuse("PushDelta", PeerNames(*context), caller.status());
+  GrpcDeltaStream ds(stream);
+  Status s = replicas_->ReceiveDelta(*caller, ds);
+  if (!s.ok()) return Refuse("PushDelta", caller->names, s);
   return grpc::Status::OK;
 }
 

@@ -1,14 +1,20 @@
-// The host-to-host service a replica server answers on its mTLS listener.
+// The host-to-host service a replica server answers on its mTLS listener:
+// Hello and the data plane (docs/protocol.md). The data-plane handlers
+// authorise every call from the caller's certificate and hand it to the
+// ReplicaReceiver (the daemon's ReplicaManager, include/vmreplica/transfer.h).
 #pragma once
 
 #include "service/service_env.h"
 #include "vmreplica/peer.grpc.pb.h"
+#include "vmreplica/transfer.h"
 
 namespace vmreplica::service {
 
 class PeerService final : public v1::ReplicaPeer::Service {
  public:
-  explicit PeerService(ServiceEnv* env) : env_(env) {}
+  // `replicas` may be null: the data-plane methods then answer UNIMPLEMENTED
+  // and Hello does not offer "delta-v1". Both pointers outlive the service.
+  explicit PeerService(ServiceEnv* env, ReplicaReceiver* replicas = nullptr) : env_(env), replicas_(replicas) {}
 
   // Tells the caller whether this host is a replica server and whether the
   // names of its certificate match an authorization entry. Never fails the
@@ -16,8 +22,22 @@ class PeerService final : public v1::ReplicaPeer::Service {
   grpc::Status Hello(grpc::ServerContext* context, const v1::HelloRequest* request,
                      v1::HelloResponse* response) override;
 
+  grpc::Status CreateReplica(grpc::ServerContext* context, const v1::CreateReplicaRequest* request,
+                             v1::ReplicaStatus* response) override;
+  grpc::Status GetReplicaStatus(grpc::ServerContext* context, const v1::ReplicaRef* request,
+                                v1::ReplicaStatus* response) override;
+  grpc::Status RemoveReplica(grpc::ServerContext* context, const v1::ReplicaRef* request,
+                             v1::RemoveReplicaResponse* response) override;
+  grpc::Status PushDelta(grpc::ServerContext* context,
+                         grpc::ServerReaderWriter<v1::DeltaReply, v1::DeltaMessage>* stream) override;
+
  private:
+  // The caller's entry, or PermissionDenied (docs/protocol.md "Authorisation
+  // on every call", steps 1-3).
+  Result<PrimaryCaller> Authorize(const grpc::ServerContext& context);
+
   ServiceEnv* const env_;
+  ReplicaReceiver* const replicas_;
 };
 
 }  // namespace vmreplica::service

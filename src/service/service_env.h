@@ -9,6 +9,7 @@
 
 #include "vmreplica/catalog.h"
 #include "vmreplica/jobs.h"
+#include "vmreplica/replication.h"
 #include "vmreplica/security.h"
 #include "vmreplica/status.h"
 
@@ -46,6 +47,7 @@ struct ServiceEnv {
   Catalog* catalog = nullptr;
   JobEngine* jobs = nullptr;
   ListenerControl* listener = nullptr;
+  ReplicationEngine* replication = nullptr;  // the primary side of replication; may be null in tests
   security::TlsIdentity identity;
   std::string host_name;  // this host's name, from its certificate
   std::string version;    // vmreplica version string

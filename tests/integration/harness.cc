@@ -133,7 +133,7 @@ Daemon::Daemon(const TempDir& dir, DaemonSpec spec) : spec_(std::move(spec)) {
   std::ofstream f(config_);
   f << "[daemon]\nstate_dir = \"" << state_dir_ << "\"\nadmin_socket = \"" << socket_
     << "\"\nlog_level = \"debug\"\n"
-    << "[listener]\naddress = \"127.0.0.1\"\nport = " << spec_.port << "\n"
+    << "[listener]\naddress = \"" << spec_.listen_address << "\"\nport = " << spec_.port << "\n"
     << "[tls]\nca = \"" << spec_.ca_file << "\"\ncertificate = \"" << spec_.cert_file << "\"\nkey = \""
     << spec_.key_file << "\"\n"
     << spec_.extra_toml << "\n";
@@ -144,7 +144,12 @@ Daemon::~Daemon() {
 }
 
 bool Daemon::Start(std::string* error) {
-  const std::string bin = DaemonBinary();  // may throw: not in the child
+  // Built before the fork: DaemonBinary() may throw, the child must not.
+  std::vector<std::string> argv = spec_.exec_prefix;
+  argv.insert(argv.end(), {DaemonBinary(), "--config", config_});
+  std::vector<char*> args;
+  for (auto& a : argv) args.push_back(a.data());
+  args.push_back(nullptr);
   pid_ = ::fork();
   if (pid_ == 0) {
     int devnull = ::open("/dev/null", O_RDONLY);
@@ -152,7 +157,7 @@ bool Daemon::Start(std::string* error) {
     int log = ::open(log_.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
     ::dup2(log, 1);
     ::dup2(log, 2);
-    ::execl(bin.c_str(), bin.c_str(), "--config", config_.c_str(), static_cast<char*>(nullptr));
+    ::execv(args[0], args.data());
     ::_exit(127);
   }
   auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);

@@ -52,6 +52,14 @@ struct DaemonSpec {
   std::string key_file;
   uint16_t port = 0;           // listener port
   std::string extra_toml;      // appended to the generated config
+  // [listener] address; a namespace's own address for a daemon run in one.
+  std::string listen_address = "127.0.0.1";
+  // Prepended to the daemon's command line, e.g. {"/usr/sbin/ip", "netns",
+  // "exec", "<ns>"} to run it in a network namespace (see netns.h). The
+  // prefix must exec the daemon in the same process (no fork), so that
+  // Stop() and Kill() signal the daemon itself; its first element is an
+  // absolute path. Empty: the daemon is started directly.
+  std::vector<std::string> exec_prefix = {};
 };
 
 // One vmreplicad process with its own state dir and admin socket.

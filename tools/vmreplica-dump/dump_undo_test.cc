@@ -26,7 +26,10 @@ using dump_testing::RunResult;
 
 class DumpUndoTest : public ::testing::Test {
  protected:
-  void SetUp() override {
+  void SetUp() override { MakeStore(/*compress_undo=*/false); }
+
+  // Two deltas into a fresh store; the undo segment of point 1 is kept.
+  void MakeStore(bool compress_undo) {
     tool_ = dump_testing::ToolPath();
     ASSERT_FALSE(tool_.empty()) << "vmreplica-dump not found under $VMREPLICA_BUILD_DIR (run through ctest)";
     std::string tmpl = (fs::temp_directory_path() / "dump_undo_test.XXXXXX").string();
@@ -34,6 +37,7 @@ class DumpUndoTest : public ::testing::Test {
     dir_ = tmpl;
     store_dir_ = dir_ + "/store";
     ReplicaStoreOptions options;
+    options.compress_undo = compress_undo;
     options.now_ms = [] { return int64_t{1'700'000'000'000}; };  // every point stays in the fine window
     auto store = ReplicaStore::Create(store_dir_, "vm-undo", {{"vda", 1 << 20}, {"vdb", 1 << 20}}, nullptr, options);
     ASSERT_TRUE(store.ok()) << store.status().ToString();
@@ -82,6 +86,17 @@ TEST_F(DumpUndoTest, StoreSegmentExitsZeroAndListsEntries) {
   EXPECT_NE(r.out.find("disk 1 block 5 offset 20480 was-zero payload 0"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("disk 0 block 1 offset 4096 data"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("batch @"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("trailer complete entries 3 data 2 was-zero 1"), std::string::npos) << r.out;
+}
+
+TEST_F(DumpUndoTest, CompressedBeforeImagesAreShownAndVerified) {
+  TearDown();
+  MakeStore(/*compress_undo=*/true);
+  RunResult r = Run(segment_);
+  EXPECT_EQ(r.exit_code, 0) << r.out;
+  // 4096 bytes of 'a' compress to a few bytes: a zstd entry, payload < 4096.
+  EXPECT_NE(r.out.find("entry @64 disk 0 block 0 offset 0 data zstd payload "), std::string::npos) << r.out;
+  EXPECT_EQ(r.out.find("data zstd payload 4096"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("trailer complete entries 3 data 2 was-zero 1"), std::string::npos) << r.out;
 }
 

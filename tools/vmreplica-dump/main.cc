@@ -248,14 +248,15 @@ int DumpUndoSegment(const std::string& path, const DumpOptions& options) {
     }
     ri::RecordHeader r = ri::ParseRecordHeader(rec);
     if (r.tag == ri::kEntryTag) {
-      if ((r.flags & ~ri::kEntryFlagZero) != 0) {
+      if ((r.flags & ~(ri::kEntryFlagZero | ri::kEntryFlagZstd)) != 0) {
         tail_error = UndoCorrupt(offset, "entry has unknown flags " + std::to_string(r.flags));
         break;
       }
       bool zero = (r.flags & ri::kEntryFlagZero) != 0;
-      if (r.payload_len != (zero ? 0 : h.block_size)) {
-        tail_error = UndoCorrupt(offset, "entry payload_len " + std::to_string(r.payload_len) + " (zero flag " +
-                                             (zero ? "set" : "clear") + ")");
+      const bool zstd = (r.flags & ri::kEntryFlagZstd) != 0;
+      if (!ri::EntryShapeOk(r.flags, r.payload_len, h.block_size)) {
+        tail_error = UndoCorrupt(offset, "entry payload_len " + std::to_string(r.payload_len) + " does not fit flags " +
+                                             std::to_string(r.flags));
         break;
       }
       if (r.payload_len > 0) {
@@ -293,12 +294,13 @@ int DumpUndoSegment(const std::string& path, const DumpOptions& options) {
                                     {"block", r.block},
                                     {"offset", r.block * h.block_size},
                                     {"was_zero", zero},
+                                    {"zstd", zstd},
                                     {"payload_len", r.payload_len},
                                     {"checksum", Hex64(r.checksum)},
                                     {"checksum_ok", true}});
         } else {
           std::cout << "entry @" << offset << " disk " << r.disk << " block " << r.block << " offset "
-                    << r.block * h.block_size << (zero ? " was-zero" : " data") << " payload " << r.payload_len
+                    << r.block * h.block_size << (zero ? " was-zero" : zstd ? " data zstd" : " data") << " payload " << r.payload_len
                     << " checksum " << Hex64(r.checksum) << " ok\n";
         }
       }
@@ -406,8 +408,10 @@ int DumpManifest(const std::string& path, const DumpOptions& options) {
     return fail(Status::Corruption("at offset " + std::to_string(at) + ": " + m.status().message()));
   }
   const uint64_t checksum = ri::GetU64(bytes.data() + bytes.size() - 8);
+  const uint32_t version = ri::GetU32(bytes.data() + 8);  // DecodeManifest checked the header
   if (options.json) {
-    out["header"] = {{"version", ri::kFormatVersion}, {"block_size", m->block_size}, {"vm_id", m->vm_id}};
+    out["header"] = {{"version", version}, {"block_size", m->block_size}, {"vm_id", m->vm_id}};
+    out["carried"] = m->carried;
     out["disks"] = nlohmann::json::array();
     for (const ReplicaDisk& d : m->disks) out["disks"].push_back({{"name", d.name}, {"size_bytes", d.size}});
     out["points"] = nlohmann::json::array();
@@ -419,7 +423,7 @@ int DumpManifest(const std::string& path, const DumpOptions& options) {
     out["ok"] = true;
     std::cout << out.dump(2) << "\n";
   } else {
-    std::cout << "file " << path << "\nformat replica-manifest version " << ri::kFormatVersion << "\n"
+    std::cout << "file " << path << "\nformat replica-manifest version " << version << "\n"
               << "block_size " << m->block_size << "\nvm_id " << m->vm_id << "\ndisks " << m->disks.size() << "\n";
     for (size_t i = 0; i < m->disks.size(); ++i) {
       std::cout << "  disk " << i << " " << m->disks[i].name << " size " << m->disks[i].size << "\n";
@@ -430,6 +434,11 @@ int DumpManifest(const std::string& path, const DumpOptions& options) {
         std::cout << "  point " << p.sequence << " time_ms " << p.time_ms << " kind " << p.kind << " generation "
                   << (p.generation.empty() ? "-" : p.generation) << "\n";
       }
+    }
+    if (!m->carried.empty()) {
+      std::cout << "carried segments";
+      for (uint64_t c : m->carried) std::cout << " " << c;
+      std::cout << "\n";
     }
     std::cout << "checksum " << Hex64(checksum) << " ok\nOK\n";
   }

@@ -1,0 +1,312 @@
+// The replication data plane (docs/protocol.md, "Data plane"): the client a
+// primary uses to create a replica and stream delta logs to it
+// (ReplicaClient), and the replica side that receives, stages and applies
+// them (ReplicaManager, called by the PeerService handlers).
+//
+// Sender, one log:
+//
+//   start --> [resume_chunk r] --> chunks r.. (window of unacked chunks kept)
+//         --> end --> [committed] ==> SendDelta returns OK
+//          \__ stream broken: new stream, start again, resend from r
+//              (up to max_attempts; r older than the window: Unavailable)
+//
+// Receiver, one log (per VM, one stream at a time):
+//
+//   start --> BeginReceive (or continue the partial log) --> chunks:
+//   verify (index, bounds, XXH3) + LogWriter::Add --> ack --> end -->
+//   Finish + Staging::CommitReceived ==> committed --> applier thread:
+//   Staging::ApplyReady --> catalog (sequence, last apply, state 2 -> 3)
+//          \__ checksum / bound / record refused: partial log dropped
+//
+// Thread safety: ReplicaClient methods may be called from any thread, one
+// SendDelta per client at a time. ReplicaManager methods may be called
+// concurrently from any threads (gRPC handlers); it owns one applier thread
+// per open replica, stopped by RemoveReplica and by its destructor.
+#pragma once
+
+#include <grpcpp/grpcpp.h>
+
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "vmreplica/catalog.h"
+#include "vmreplica/delta.h"
+#include "vmreplica/logformat.h"
+#include "vmreplica/model/enums.h"
+#include "vmreplica/model/settings.h"
+#include "vmreplica/peer.grpc.pb.h"
+#include "vmreplica/replica_store.h"
+#include "vmreplica/staging.h"
+#include "vmreplica/status.h"
+
+namespace vmreplica {
+
+// Feature name a replica with a data plane answers in Hello.
+inline constexpr const char* kDeltaFeature = "delta-v1";
+
+// Limits of protocol version 1 (docs/protocol.md, "Limits").
+inline constexpr uint32_t kMaxChunkBodyBytes = (16u << 20) + (64u << 10);
+inline constexpr uint32_t kMaxGrpcMessageBytes = 17u << 20;  // set on the server and the channel
+inline constexpr uint64_t kMaxRecordsPerLog = uint64_t{1} << 24;
+inline constexpr size_t kMaxDefinitionBytes = 1u << 20;
+inline constexpr size_t kMaxChunksInFlight = 16;
+
+// ---------------------------------------------------------------------------
+// Client (primary side).
+
+struct CreateReplicaParams {
+  std::string vm_id;  // UUID (the primary's VM id; the replica VM gets the same id)
+  std::string vm_name;
+  std::string definition_json;     // stored as the replica VM's definition
+  std::vector<ReplicaDisk> disks;  // names + sizes (sizes rounded up to kReplicaBlockSize by the caller)
+  RelationshipSettings settings;   // recovery_history etc. drive the replica's retention
+};
+
+struct ReplicaStatusInfo {
+  uint64_t expected_sequence = 0;
+  uint64_t latest_applied = 0;
+  ReplicationState state{};
+};
+
+struct DeltaInfo {
+  std::string vm_id;
+  uint32_t relationship_index = 0;
+  uint64_t sequence = 0;
+  GenerationId base_generation{}, new_generation{};
+  uint64_t cut_time_unix_ms = 0;
+  ReplicationType kind = ReplicationType::kRegular;  // regular / app-consistent / planned
+  bool initial = false;                              // the initial copy: sequence 1 in version 1
+};
+
+struct SendOptions {
+  bool compress = true;
+  uint32_t chunk_bytes = 1 << 20;                     // 4 KiB .. 16 MiB of record data per chunk
+  std::function<void(uint64_t bytes_sent)> progress;  // may be empty; total payload bytes so far
+  std::function<void(uint64_t bytes)> throttle;       // called before each chunk is sent; may block; may be empty
+  std::chrono::milliseconds rpc_timeout{60000};       // per unary call; per wait for progress on the stream
+  int max_attempts = 5;                               // stream attempts (the first one included)
+};
+
+// records, data_bytes, zero_bytes count the records as sent (data records
+// longer than chunk_bytes are split); wire_bytes is the payload bytes
+// written, resends included; resumed counts attempts after the first.
+struct SendStats {
+  uint64_t records = 0, data_bytes = 0, zero_bytes = 0, wire_bytes = 0, chunks = 0, resumed = 0;
+};
+
+// TEST ONLY fault seams of ReplicaClient::SendDelta. Never set in production.
+struct TestOnlySendHooks {
+  // Called with each chunk's payload just before it is written (after the
+  // checksum was computed): a test may flip a byte.
+  std::function<void(uint64_t chunk_index, std::string* payload)> mutate_payload;
+  // Called after each chunk was written, with the attempt (from 1) and the
+  // chunks the replica acknowledged so far; answering true cancels the
+  // stream (ClientContext::TryCancel), as a broken connection would.
+  std::function<bool(uint64_t chunk_index, int attempt, uint64_t acked_chunks)> break_after_chunk;
+};
+
+class ReplicaClient {
+ public:
+  explicit ReplicaClient(std::shared_ptr<grpc::Channel> channel);  // mTLS channel made by the caller (service/tls.h)
+
+  // Idempotent for the same vm id and disks; AlreadyExists when different.
+  Result<ReplicaStatusInfo> CreateReplica(const CreateReplicaParams& params);
+  Result<ReplicaStatusInfo> GetReplicaStatus(const std::string& vm_id, uint32_t relationship_index);
+  // Streams the records of `source` as log `info.sequence`; returns only
+  // after the replica acknowledged the log as durably staged. A broken
+  // stream is resumed (up to max_attempts). `source` is read once: chunks
+  // not yet acknowledged are kept in memory (at most kMaxChunksInFlight),
+  // so a resume never re-reads it. Errors: InvalidArgument (bad info or
+  // options), FailedPrecondition (out of sequence), PermissionDenied,
+  // Corruption (the replica saw a checksum failure), Unavailable (after
+  // all attempts, or the replica lost the partial log: send it again);
+  // errors of `source` are returned as they are.
+  Result<SendStats> SendDelta(const DeltaInfo& info, DeltaSource& source, const SendOptions& options);
+  // The replica side stops; its store and VM are kept.
+  Status RemoveReplica(const std::string& vm_id, uint32_t relationship_index);
+
+  // TEST ONLY: see TestOnlySendHooks.
+  void SetTestOnlySendHooks(TestOnlySendHooks hooks) { test_hooks_ = std::move(hooks); }
+
+ private:
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<v1::ReplicaPeer::Stub> stub_;
+  std::chrono::milliseconds unary_timeout_{60000};
+  TestOnlySendHooks test_hooks_;
+};
+
+// gRPC status of a call -> Status, and Status -> gRPC status for a
+// handler's answer (the table in docs/protocol.md). Inline: PeerService
+// uses them without linking this library.
+inline Status StatusFromGrpc(const grpc::Status& s) {
+  const std::string& m = s.error_message();
+  switch (s.error_code()) {
+    case grpc::StatusCode::OK:
+      return Status::Ok();
+    case grpc::StatusCode::PERMISSION_DENIED:
+    case grpc::StatusCode::UNAUTHENTICATED:
+      return Status::PermissionDenied(m);
+    case grpc::StatusCode::INVALID_ARGUMENT:
+    case grpc::StatusCode::RESOURCE_EXHAUSTED:
+    case grpc::StatusCode::OUT_OF_RANGE:
+      return Status::InvalidArgument(m);
+    case grpc::StatusCode::ALREADY_EXISTS:
+      return Status::AlreadyExists(m);
+    case grpc::StatusCode::FAILED_PRECONDITION:
+      return Status::FailedPrecondition(m);
+    case grpc::StatusCode::NOT_FOUND:
+      return Status::NotFound(m);
+    case grpc::StatusCode::UNAVAILABLE:
+    case grpc::StatusCode::ABORTED:
+    case grpc::StatusCode::CANCELLED:
+      return Status::Unavailable(m);
+    case grpc::StatusCode::DATA_LOSS:
+      return Status::Corruption(m);
+    case grpc::StatusCode::DEADLINE_EXCEEDED:
+      return Status::Timeout(m);
+    case grpc::StatusCode::UNIMPLEMENTED:
+      return Status::NotSupported(m);
+    default:
+      return Status::Internal(m);
+  }
+}
+
+inline grpc::Status StatusToGrpc(const Status& s) {
+  using C = grpc::StatusCode;
+  C c = C::INTERNAL;
+  switch (s.code()) {
+    case Code::kOk:
+      return grpc::Status::OK;
+    case Code::kPermissionDenied:
+      c = C::PERMISSION_DENIED;
+      break;
+    case Code::kInvalidArgument:
+      c = C::INVALID_ARGUMENT;
+      break;
+    case Code::kAlreadyExists:
+      c = C::ALREADY_EXISTS;
+      break;
+    case Code::kFailedPrecondition:
+      c = C::FAILED_PRECONDITION;
+      break;
+    case Code::kNotFound:
+      c = C::NOT_FOUND;
+      break;
+    case Code::kUnavailable:
+    case Code::kBusy:
+      c = C::UNAVAILABLE;
+      break;
+    case Code::kCorruption:
+      c = C::DATA_LOSS;
+      break;
+    case Code::kTimeout:
+      c = C::DEADLINE_EXCEEDED;
+      break;
+    case Code::kNotSupported:
+      c = C::UNIMPLEMENTED;
+      break;
+    default:
+      c = C::INTERNAL;
+      break;
+  }
+  return grpc::Status(c, s.message());
+}
+
+// ---------------------------------------------------------------------------
+// Replica side.
+
+// The authorised caller of a data-plane call, as PeerService found it from
+// the verified certificate (never from the request).
+struct PrimaryCaller {
+  std::vector<std::string> names;  // certificate names
+  AuthorizationEntry entry;        // the most specific matching entry
+};
+
+// The bidirectional stream of one PushDelta call, as the handler sees it.
+class DeltaStream {
+ public:
+  virtual ~DeltaStream() = default;
+  virtual bool Read(v1::DeltaMessage* message) = 0;  // false: the stream ended or broke
+  virtual bool Write(const v1::DeltaReply& reply) = 0;
+};
+
+// What PeerService calls. An interface so that the service library does not
+// link the transfer library: the daemon owns the ReplicaManager.
+class ReplicaReceiver {
+ public:
+  virtual ~ReplicaReceiver() = default;
+  virtual Result<ReplicaStatusInfo> CreateReplica(const PrimaryCaller& caller, const CreateReplicaParams& params) = 0;
+  virtual Result<ReplicaStatusInfo> GetReplicaStatus(const PrimaryCaller& caller, const std::string& vm_id,
+                                                     uint32_t relationship_index) = 0;
+  virtual Status RemoveReplica(const PrimaryCaller& caller, const std::string& vm_id, uint32_t relationship_index) = 0;
+  // Runs one PushDelta stream to its end (OK once the log is committed).
+  virtual Status ReceiveDelta(const PrimaryCaller& caller, DeltaStream& stream) = 0;
+};
+
+struct ReplicaManagerOptions {
+  // Options of each replica's staging; staging.catalog defaults to the
+  // manager's catalog (staged logs are mirrored there).
+  StagingOptions staging;
+  // Every delta is its own recovery point while newer than this (ms).
+  int64_t fine_window_ms = 3600 * 1000;
+  // A new stream waits this long for the previous stream of the same VM to
+  // end (its break not yet noticed) before answering Unavailable.
+  std::chrono::milliseconds resume_wait{10000};
+  // Milliseconds since the Unix epoch; default: the system clock.
+  std::function<int64_t()> now_ms;
+};
+
+// '<storage>/<vm_id>' when it stays inside the resolved storage location
+// (docs/protocol.md "Authorisation on every call", step 5), resolved.
+// PermissionDenied when it escapes (nothing is created); InvalidArgument
+// when vm_id is not a UUID; NotFound when the storage location is missing.
+Result<std::string> ConfinedStoreDir(const std::string& storage_location, const std::string& vm_id);
+
+class ReplicaManager final : public ReplicaReceiver {
+ public:
+  // `catalog` must outlive the manager. Nothing is opened here: stores are
+  // opened on first use (a status, a delta) or by OpenAll(). Destroy the
+  // manager only after the gRPC server that calls it has shut down.
+  ReplicaManager(Catalog* catalog, ReplicaManagerOptions options);
+  ~ReplicaManager() override;  // stops and joins the applier threads
+  ReplicaManager(const ReplicaManager&) = delete;
+  ReplicaManager& operator=(const ReplicaManager&) = delete;
+
+  // Opens every replica relationship of the catalog whose store is found
+  // through the authorization entries, and applies staged logs. Errors of
+  // single replicas are logged, not returned.
+  void OpenAll();
+
+  Result<ReplicaStatusInfo> CreateReplica(const PrimaryCaller& caller, const CreateReplicaParams& params) override;
+  Result<ReplicaStatusInfo> GetReplicaStatus(const PrimaryCaller& caller, const std::string& vm_id,
+                                             uint32_t relationship_index) override;
+  Status RemoveReplica(const PrimaryCaller& caller, const std::string& vm_id, uint32_t relationship_index) override;
+  Status ReceiveDelta(const PrimaryCaller& caller, DeltaStream& stream) override;
+
+  // Waits until the replica of `vm_id` applied every staged log (or failed).
+  // For tests and orderly shutdown. NotFound when it is not open.
+  Status WaitApplied(const std::string& vm_id, std::chrono::milliseconds timeout);
+
+  struct Replica;  // one open replica (src/transfer/replica_manager.cc)
+
+ private:
+  Result<std::shared_ptr<Replica>> Get(const PrimaryCaller& caller, const std::string& vm_id, uint32_t index);
+  Result<std::shared_ptr<Replica>> OpenLocked(const std::string& dir, const RelationshipRecord& rel);
+  Result<ReplicaStatusInfo> StatusOf(Replica& r);
+
+  // Constant after construction.
+  Catalog* const catalog_;
+  const ReplicaManagerOptions options_;
+
+  std::mutex mu_;  // guards replicas_; held while opening / creating / removing
+  std::map<std::string, std::shared_ptr<Replica>> replicas_;  // by vm id
+};
+
+}  // namespace vmreplica

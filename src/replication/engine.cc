@@ -1,0 +1,795 @@
+#include <grpcpp/grpcpp.h>
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <nlohmann/json.hpp>
+#include <random>
+#include <thread>
+
+#include "vmreplica/fileutil.h"
+#include "vmreplica/model/transitions.h"
+#include "vmreplica/nbd_reader.h"
+#include "vmreplica/replica_store.h"
+#include "vmreplica/replication.h"
+#include "vmreplica/tracker.h"
+#include "vmreplica/transfer.h"
+#include "vmreplica/vm_binding.h"
+
+namespace vmreplica {
+namespace {
+
+constexpr int kPrimaryIndex = 0;
+
+std::string HexId(const GenerationId& g) {
+  static const char* kHex = "0123456789abcdef";
+  std::string out;
+  for (uint8_t b : g) {
+    out.push_back(kHex[b >> 4]);
+    out.push_back(kHex[b & 15]);
+  }
+  return out;
+}
+
+Result<GenerationId> ParseHexId(const std::string& s) {
+  GenerationId g{};
+  if (s.size() != 32) return Status::Corruption("generation id '" + s + "' is not 32 hex digits");
+  for (size_t i = 0; i < 16; ++i) {
+    unsigned v = 0;
+    for (int k = 0; k < 2; ++k) {
+      char c = s[2 * i + k];
+      unsigned d = (c >= '0' && c <= '9') ? c - '0' : (c >= 'a' && c <= 'f') ? c - 'a' + 10 : 99;
+      if (d > 15) return Status::Corruption("generation id '" + s + "' is not 32 hex digits");
+      v = v * 16 + d;
+    }
+    g[i] = static_cast<uint8_t>(v);
+  }
+  return g;
+}
+
+GenerationId RandomId() {
+  std::random_device rd;
+  GenerationId g{};
+  for (auto& b : g) b = static_cast<uint8_t>(rd());
+  return g;
+}
+
+// The disks that replicate, in the definition's order (the replica's order).
+Result<std::vector<VmDiskSpec>> IncludedDisks(const VmDefinition& def, const RelationshipSettings& s) {
+  std::vector<VmDiskSpec> out;
+  for (const auto& name : s.included_disks) {
+    bool found = std::any_of(def.disks.begin(), def.disks.end(), [&](const VmDiskSpec& d) { return d.name == name; });
+    if (!found) return Status::InvalidArgument("IncludedDisks: the VM has no disk named '" + name + "'");
+  }
+  for (const auto& d : def.disks) {
+    if (s.included_disks.empty() ||
+        std::find(s.included_disks.begin(), s.included_disks.end(), d.name) != s.included_disks.end()) {
+      out.push_back(d);
+    }
+  }
+  if (out.empty()) return Status::InvalidArgument("IncludedDisks: no disk of the VM is included");
+  return out;
+}
+
+Result<VmDefinition> DefinitionOf(const VmRecord& vm) {
+  auto j = nlohmann::json::parse(vm.definition_json, nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded()) return Status::Corruption("VM " + vm.id + ": its stored definition is not JSON");
+  return VmDefinition::FromJson(j);
+}
+
+bool IsNetworkError(const Status& s) {
+  return s.code() == Code::kUnavailable || s.code() == Code::kTimeout;
+}
+
+}  // namespace
+
+struct ReplicationEngine::Worker {
+  std::string vm_id;
+  std::thread thread;
+  std::mutex mu;
+  std::condition_variable cv;
+  bool kicked = false;  // guarded by mu
+  bool stop = false;    // guarded by mu
+};
+
+ReplicationEngine::ReplicationEngine(Catalog* catalog, JobEngine* jobs, ReplicationEngineOptions options)
+    : catalog_(catalog), jobs_(jobs), options_(std::move(options)) {}
+
+ReplicationEngine::~ReplicationEngine() { Stop(); }
+
+int64_t ReplicationEngine::Now() const {
+  if (options_.now_ms) return options_.now_ms();
+  return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+std::chrono::milliseconds ReplicationEngine::IntervalOf(const RelationshipRecord& rel) const {
+  if (options_.test_interval_override_ms > 0) return std::chrono::milliseconds(options_.test_interval_override_ms);
+  return std::chrono::seconds(rel.settings.replication_interval_s);
+}
+
+std::shared_ptr<std::mutex> ReplicationEngine::VmLock(const std::string& vm_id) {
+  std::lock_guard<std::mutex> lock(vm_locks_mu_);
+  auto& m = vm_locks_[vm_id];
+  if (!m) m = std::make_shared<std::mutex>();
+  return m;
+}
+
+void ReplicationEngine::AcquireSlot() {
+  std::unique_lock<std::mutex> lock(slots_mu_);
+  const int max = std::max(1, options_.max_parallel_transfers);
+  slots_cv_.wait(lock, [&] { return slots_used_ < max; });
+  ++slots_used_;
+}
+
+void ReplicationEngine::ReleaseSlot() {
+  {
+    std::lock_guard<std::mutex> lock(slots_mu_);
+    --slots_used_;
+  }
+  slots_cv_.notify_one();
+}
+
+// A token bucket shared by all transfers: at most one second of burst.
+void ReplicationEngine::Throttle(uint64_t bytes) {
+  const double rate = static_cast<double>(options_.bandwidth_bytes_per_s);
+  if (rate <= 0) return;
+  std::unique_lock<std::mutex> lock(bucket_mu_);
+  auto now = std::chrono::steady_clock::now();
+  if (bucket_time_ == std::chrono::steady_clock::time_point{}) {
+    bucket_time_ = now;
+    bucket_tokens_ = rate;
+  }
+  bucket_tokens_ = std::min(rate, bucket_tokens_ + rate * std::chrono::duration<double>(now - bucket_time_).count());
+  bucket_time_ = now;
+  bucket_tokens_ -= static_cast<double>(bytes);
+  if (bucket_tokens_ < 0) {
+    auto wait = std::chrono::duration<double>(-bucket_tokens_ / rate);
+    lock.unlock();  // other transfers may take their turn meanwhile
+    std::this_thread::sleep_for(wait);
+  }
+}
+
+Result<VmRecord> ReplicationEngine::ResolveVm(const std::string& vm) {
+  if (vm.empty()) return Status::InvalidArgument("VM: a name or id is required");
+  VMR_ASSIGN_OR_RETURN(auto by_id, catalog_->GetVm(vm));
+  if (by_id) return *by_id;
+  VMR_ASSIGN_OR_RETURN(auto by_name, catalog_->FindVmByName(vm));
+  if (by_name) return *by_name;
+  return Status::NotFound("no VM named or with id '" + vm + "' on this host (`vmreplica vm add` binds one)");
+}
+
+Status ReplicationEngine::UpdateRelationship(const std::string& vm_id,
+                                             const std::function<Status(RelationshipRecord&)>& change) {
+  return catalog_->RunInTransaction([&]() -> Status {
+    VMR_ASSIGN_OR_RETURN(auto rel, catalog_->GetRelationship(vm_id, kPrimaryIndex));
+    if (!rel) return Status::NotFound("VM " + vm_id + " has no replication relationship");
+    VMR_RETURN_IF_ERROR(change(*rel));
+    return catalog_->PutRelationship(*rel);
+  });
+}
+
+// ------------------------------------------------------------------ start/stop
+
+Status ReplicationEngine::Start() {
+  VMR_ASSIGN_OR_RETURN(auto rels, catalog_->ListRelationships());
+  std::lock_guard<std::mutex> lock(mu_);
+  stopping_ = false;
+  for (const auto& rel : rels) {
+    if (rel.index != kPrimaryIndex || rel.local_mode != ReplicationMode::kPrimary) continue;
+    if (rel.state == ReplicationState::kReplicating || rel.state == ReplicationState::kCritical ||
+        rel.state == ReplicationState::kSuspended) {
+      spdlog::info("replication of VM {} resumes after the daemon restart (state {})", rel.vm_id,
+                   Name(rel.state));
+      StartWorkerLocked(rel.vm_id);
+    } else if (rel.state == ReplicationState::kWaitingToCompleteInitialReplication) {
+      // The initial copy's job ended with the daemon; its state goes back so
+      // that StartReplication may run again (the replica keeps what it has).
+      Status s = UpdateRelationship(rel.vm_id, [](RelationshipRecord& r) {
+        r.state = ReplicationState::kReadyForReplication;
+        return Status::Ok();
+      });
+      spdlog::warn("VM {}: the initial replication was interrupted by a daemon restart; run StartReplication "
+                   "again ({})",
+                   rel.vm_id, s.ok() ? "state back to ReadyForReplication" : s.ToString());
+    }
+  }
+  return Status::Ok();
+}
+
+void ReplicationEngine::Stop() {
+  std::map<std::string, std::unique_ptr<Worker>> workers;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stopping_ = true;
+    workers.swap(workers_);
+  }
+  for (auto& [id, w] : workers) {
+    {
+      std::lock_guard<std::mutex> l(w->mu);
+      w->stop = true;
+    }
+    w->cv.notify_all();
+  }
+  for (auto& [id, w] : workers) {
+    if (w->thread.joinable()) w->thread.join();
+  }
+}
+
+void ReplicationEngine::StartWorkerLocked(const std::string& vm_id) {
+  if (stopping_ || workers_.count(vm_id)) return;
+  auto w = std::make_unique<Worker>();
+  w->vm_id = vm_id;
+  Worker* raw = w.get();
+  workers_[vm_id] = std::move(w);
+  raw->thread = std::thread([this, raw] { WorkerLoop(raw); });
+}
+
+void ReplicationEngine::KickWorker(const std::string& vm_id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = workers_.find(vm_id);
+  if (it == workers_.end()) {
+    StartWorkerLocked(vm_id);
+    return;
+  }
+  {
+    std::lock_guard<std::mutex> l(it->second->mu);
+    it->second->kicked = true;
+  }
+  it->second->cv.notify_all();
+}
+
+// ------------------------------------------------------------------ the cycle
+
+Result<CycleReport> ReplicationEngine::RunCycle(const std::string& vm_id, bool initial, JobContext* job) {
+  const auto started = std::chrono::steady_clock::now();
+  VMR_ASSIGN_OR_RETURN(auto vm_opt, catalog_->GetVm(vm_id));
+  if (!vm_opt) return Status::NotFound("VM " + vm_id + " is no longer in the catalog");
+  VMR_ASSIGN_OR_RETURN(auto rel_opt, catalog_->GetRelationship(vm_id, kPrimaryIndex));
+  if (!rel_opt) return Status::NotFound("VM " + vm_id + " has no replication relationship");
+  const RelationshipRecord rel = *rel_opt;
+  VMR_ASSIGN_OR_RETURN(auto def, DefinitionOf(*vm_opt));
+  VMR_ASSIGN_OR_RETURN(auto included, IncludedDisks(def, rel.settings));
+
+  const std::string run_dir = options_.run_dir + "/" + vm_id;
+  VMR_RETURN_IF_ERROR(MakeDirs(run_dir));
+  VMR_ASSIGN_OR_RETURN(auto attached, AttachVm(def, run_dir));
+  std::vector<TrackedDisk> tracked;
+  for (const auto& d : included) {
+    bool found = false;
+    for (const auto& t : attached->tracked_disks()) {
+      if (t.name == d.name) {
+        tracked.push_back(t);
+        found = true;
+      }
+    }
+    if (!found) return Status::FailedPrecondition("disk " + d.name + " of VM " + vm_id + " is not attached");
+  }
+  TrackerOptions topt;
+  topt.nbd_socket = attached->nbd_socket();
+  ChangeTracker tracker(attached->qmp(), vm_id, tracked, topt);
+  VMR_ASSIGN_OR_RETURN(auto reconciled, tracker.Reconcile());
+  for (const auto& a : reconciled.actions) spdlog::info("VM {}: reconcile: {}", vm_id, a);
+  GenerationId generation{};
+  if (initial) {
+    // The initial copy reads everything allocated; tracking starts at its cut.
+    if (reconciled.generation != 0) {
+      VMR_RETURN_IF_ERROR(tracker.RestartTracking());
+    } else {
+      VMR_RETURN_IF_ERROR(tracker.Enable());
+    }
+    generation = RandomId();
+  } else {
+    VMR_RETURN_IF_ERROR(tracker.CheckTracking());
+    VMR_ASSIGN_OR_RETURN(generation, ParseHexId(rel.generation_id));
+  }
+
+  if (!options_.open_channel) return Status::Internal("replication engine: no channel factory");
+  VMR_ASSIGN_OR_RETURN(auto channel, options_.open_channel(rel.settings.recovery_connection_point,
+                                                           static_cast<uint16_t>(rel.settings.recovery_server_port)));
+  ReplicaClient client(channel);
+  VMR_ASSIGN_OR_RETURN(auto replica, client.GetReplicaStatus(vm_id, kPrimaryIndex));
+
+  VMR_ASSIGN_OR_RETURN(auto cut, tracker.TakeCut(attached->export_dir()));
+  CycleReport report;
+  report.initial = initial;
+  report.sequence = replica.expected_sequence;
+  report.cut_time_ms = Now();
+  auto abort = [&](const Status& why) -> Status {
+    Status a = tracker.Abort(cut);
+    if (!a.ok()) spdlog::error("VM {}: aborting cut g{} failed too: {}", vm_id, cut.generation, a.ToString());
+    return why;
+  };
+
+  std::vector<std::unique_ptr<DeltaSource>> parts;
+  uint64_t total_bytes = 0;
+  std::vector<uint64_t> disk_base;
+  for (size_t i = 0; i < cut.disks.size(); ++i) {
+    const auto& cd = cut.disks[i];
+    std::optional<std::string> bitmap;
+    if (!initial) bitmap = cd.bitmap_context;
+    auto reader = NbdDeltaReader::Open(cd.socket_path, cd.export_name, static_cast<uint32_t>(i), bitmap);
+    if (!reader.ok()) return abort(reader.status());
+    disk_base.push_back(total_bytes);
+    total_bytes += cd.size_bytes;
+    parts.push_back(std::move(*reader));
+  }
+  ConcatDeltaSource source(std::move(parts));
+  if (job != nullptr && total_bytes > 0) {
+    source.set_observer([job, &disk_base, total_bytes](size_t part, uint64_t end) {
+      job->SetProgress(static_cast<uint32_t>((disk_base[part] + end) * 99 / total_bytes));
+    });
+  }
+
+  DeltaInfo info;
+  info.vm_id = vm_id;
+  info.relationship_index = kPrimaryIndex;
+  info.sequence = replica.expected_sequence;
+  info.base_generation = initial ? GenerationId{} : generation;
+  info.new_generation = generation;
+  info.cut_time_unix_ms = static_cast<uint64_t>(report.cut_time_ms);
+  info.kind = ReplicationType::kRegular;
+  info.initial = initial;
+  SendOptions so;
+  so.compress = rel.settings.compression_enabled;
+  so.throttle = [this](uint64_t bytes) { Throttle(bytes); };
+  auto sent = client.SendDelta(info, source, so);
+  if (!sent.ok()) return abort(sent.status());
+
+  if (Status c = tracker.Commit(cut); !c.ok()) {
+    // The replica holds the log; bitmap g stays and merges into g+1 at the
+    // next Reconcile, so the next delta resends a superset: no loss.
+    spdlog::warn("VM {}: commit of cut g{} failed ({}); its changes will be sent again", vm_id, cut.generation,
+                 c.ToString());
+  }
+  report.records = sent->records;
+  report.data_bytes = sent->data_bytes;
+  report.zero_bytes = sent->zero_bytes;
+  report.wire_bytes = sent->wire_bytes;
+  report.resumed = sent->resumed;
+  report.duration_ms =
+      std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - started).count();
+  if (initial) {
+    std::string gen = HexId(generation);
+    VMR_RETURN_IF_ERROR(UpdateRelationship(vm_id, [&](RelationshipRecord& r) {
+      r.generation_id = gen;
+      return Status::Ok();
+    }));
+  }
+  return report;
+}
+
+Status ReplicationEngine::RecordSuccess(const std::string& vm_id, const CycleReport& report) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    failures_[vm_id] = 0;
+  }
+  return catalog_->RunInTransaction([&]() -> Status {
+    VMR_ASSIGN_OR_RETURN(auto rel, catalog_->GetRelationship(vm_id, kPrimaryIndex));
+    if (!rel) return Status::NotFound("VM " + vm_id + " has no replication relationship");
+    rel->sequence = report.sequence;
+    rel->last_replication_ms = report.cut_time_ms;
+    rel->last_replication_type = ReplicationType::kRegular;
+    if (rel->state == ReplicationState::kCritical) {
+      spdlog::info("VM {}: replication recovered", vm_id);
+      rel->state = ReplicationState::kReplicating;
+    }
+    VMR_ASSIGN_OR_RETURN(auto stats, catalog_->GetStatistics(vm_id, kPrimaryIndex));
+    StatisticsRecord s = stats.value_or(StatisticsRecord{});
+    s.vm_id = vm_id;
+    s.index = kPrimaryIndex;
+    if (s.start_ms == 0) s.start_ms = Now();
+    if (report.initial) {
+      s.initial_replication_size_bytes = report.data_bytes;
+    } else {
+      s.replication_success_count += 1;
+      s.replication_size_bytes += report.data_bytes;
+      s.max_replication_size_bytes = std::max(s.max_replication_size_bytes, report.data_bytes);
+      s.replication_latency_ms += static_cast<uint64_t>(report.duration_ms);
+      s.max_replication_latency_ms =
+          std::max(s.max_replication_latency_ms, static_cast<uint64_t>(report.duration_ms));
+    }
+    HealthVerdict h = EvaluateHealth(*rel, s, Now(), 0);
+    rel->health = h.health;
+    s.replication_health = h.health;
+    s.health_issues = h.issues;
+    VMR_RETURN_IF_ERROR(catalog_->PutRelationship(*rel));
+    return catalog_->PutStatistics(s);
+  });
+}
+
+Status ReplicationEngine::RecordFailure(const std::string& vm_id, const Status& why, bool network) {
+  int failures = 0;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    failures = ++failures_[vm_id];
+  }
+  const bool resync = why.code() == Code::kFailedPrecondition &&
+                      why.message().find("resynchronization required") != std::string::npos;
+  return catalog_->RunInTransaction([&]() -> Status {
+    VMR_ASSIGN_OR_RETURN(auto rel, catalog_->GetRelationship(vm_id, kPrimaryIndex));
+    if (!rel) return Status::Ok();  // removed meanwhile
+    VMR_ASSIGN_OR_RETURN(auto stats, catalog_->GetStatistics(vm_id, kPrimaryIndex));
+    StatisticsRecord s = stats.value_or(StatisticsRecord{});
+    s.vm_id = vm_id;
+    s.index = kPrimaryIndex;
+    if (s.start_ms == 0) s.start_ms = Now();
+    if (network) {
+      s.network_failure_count += 1;
+    } else {
+      s.replication_failure_count += 1;
+    }
+    if (resync) {
+      rel->state = ReplicationState::kWaitingForStartResynchronize;
+    } else if (failures >= options_.failures_before_critical && rel->state == ReplicationState::kReplicating) {
+      spdlog::error("VM {}: {} replication cycles in a row failed; state Critical: {}", vm_id, failures,
+                    why.ToString());
+      rel->state = ReplicationState::kCritical;
+    }
+    HealthVerdict h = EvaluateHealth(*rel, s, Now(), failures);
+    h.issues.push_back("last failure: " + why.ToString());
+    rel->health = h.health;
+    s.replication_health = h.health;
+    s.health_issues = h.issues;
+    VMR_RETURN_IF_ERROR(catalog_->PutRelationship(*rel));
+    return catalog_->PutStatistics(s);
+  });
+}
+
+void ReplicationEngine::WorkerLoop(Worker* w) {
+  const std::string vm_id = w->vm_id;
+  int64_t due = Now();  // a resumed relationship replicates at once
+  {
+    auto rel = catalog_->GetRelationship(vm_id, kPrimaryIndex);
+    if (rel.ok() && *rel && (*rel)->last_replication_ms > 0) {
+      due = std::max(Now(), (*rel)->last_replication_ms + IntervalOf(**rel).count());
+    }
+  }
+  int64_t misses_counted = 0;
+  auto backoff = options_.retry_initial;
+  bool retrying = false;
+  int64_t retry_at = 0;
+  while (true) {
+    {
+      std::unique_lock<std::mutex> lock(w->mu);
+      int64_t until = retrying ? retry_at : due;
+      while (!w->stop && !w->kicked && Now() < until) {
+        w->cv.wait_for(lock, std::chrono::milliseconds(std::min<int64_t>(until - Now(), 1000)));
+      }
+      if (w->stop) return;
+      w->kicked = false;
+    }
+    auto rel = catalog_->GetRelationship(vm_id, kPrimaryIndex);
+    if (!rel.ok() || !*rel) return;  // removed
+    const ReplicationState state = (*rel)->state;
+    if (state != ReplicationState::kReplicating && state != ReplicationState::kCritical) {
+      // Suspended, resync required, ...: wait for a kick (resume) or stop.
+      std::unique_lock<std::mutex> lock(w->mu);
+      w->cv.wait(lock, [&] { return w->stop || w->kicked; });
+      if (w->stop) return;
+      due = Now();
+      retrying = false;
+      misses_counted = 0;
+      continue;
+    }
+    const int64_t interval = IntervalOf(**rel).count();
+    Result<CycleReport> r = Status::Unavailable("not run");
+    {
+      auto vm_lock = VmLock(vm_id);
+      std::lock_guard<std::mutex> l(*vm_lock);
+      AcquireSlot();
+      r = RunCycle(vm_id, /*initial=*/false, nullptr);
+      ReleaseSlot();
+    }
+    const int64_t end = Now();
+    // Every interval boundary passed since the cycle was due without a
+    // successful cycle is a missed cycle.
+    const int64_t boundaries = interval > 0 ? std::max<int64_t>(0, (end - due) / interval) : 0;
+    const int64_t new_misses = boundaries - misses_counted;
+    misses_counted = boundaries;
+    if (new_misses > 0) {
+      Status s = catalog_->RunInTransaction([&]() -> Status {
+        VMR_ASSIGN_OR_RETURN(auto st, catalog_->GetStatistics(vm_id, kPrimaryIndex));
+        if (!st) return Status::Ok();
+        st->replication_miss_count += static_cast<uint64_t>(new_misses);
+        return catalog_->PutStatistics(*st);
+      });
+      if (!s.ok()) spdlog::warn("VM {}: recording missed cycles failed: {}", vm_id, s.ToString());
+    }
+    if (r.ok()) {
+      spdlog::info("VM {}: delta {} sent {} bytes changed ({} on the wire, {} zero) in {} ms", vm_id,
+                   r->sequence, r->data_bytes, r->wire_bytes, r->zero_bytes, r->duration_ms);
+      if (Status s = RecordSuccess(vm_id, *r); !s.ok()) {
+        spdlog::error("VM {}: recording cycle {} failed: {}", vm_id, r->sequence, s.ToString());
+      }
+      due = due + (boundaries + 1) * interval;
+      misses_counted = 0;
+      retrying = false;
+      backoff = options_.retry_initial;
+    } else {
+      spdlog::warn("VM {}: cycle failed: {}", vm_id, r.status().ToString());
+      if (Status s = RecordFailure(vm_id, r.status(), IsNetworkError(r.status())); !s.ok()) {
+        spdlog::error("VM {}: recording a failed cycle failed: {}", vm_id, s.ToString());
+      }
+      retrying = true;
+      retry_at = Now() + backoff.count();
+      // Retry at least once an interval, whatever the backoff has grown to.
+      backoff = std::min({backoff * 2, options_.retry_max,
+                          std::max(options_.retry_initial, std::chrono::milliseconds(interval))});
+    }
+  }
+}
+
+// ------------------------------------------------------------------ methods
+
+Status ReplicationEngine::CreateRelationship(const std::string& vm, const RelationshipSettings& settings) {
+  VMR_ASSIGN_OR_RETURN(auto rec, ResolveVm(vm));
+  VMR_ASSIGN_OR_RETURN(auto existing, catalog_->GetRelationship(rec.id, kPrimaryIndex));
+  if (existing) {
+    return Status::FailedPrecondition("VM " + rec.name + " already has a replication relationship (state " +
+                                      std::string(Name(existing->state)) + ")");
+  }
+  if (rec.mode != ReplicationMode::kNone && rec.mode != ReplicationMode::kPrimary) {
+    return Status::FailedPrecondition("VM " + rec.name + " is a " + std::string(Name(rec.mode)) +
+                                      " VM; only a VM of this host can be replicated from here");
+  }
+  VMR_RETURN_IF_ERROR(ValidateRelationshipSettings(settings, /*extended=*/false));
+  VMR_ASSIGN_OR_RETURN(auto def, DefinitionOf(rec));
+  VMR_ASSIGN_OR_RETURN(auto included, IncludedDisks(def, settings));
+
+  CreateReplicaParams params;
+  params.vm_id = rec.id;
+  params.vm_name = rec.name;
+  params.definition_json = rec.definition_json;
+  for (const auto& d : included) {
+    ReplicaDisk rd;
+    rd.name = d.name;
+    rd.size = (d.size_bytes + kReplicaBlockSize - 1) / kReplicaBlockSize * kReplicaBlockSize;
+    params.disks.push_back(rd);
+  }
+  params.settings = settings;
+  if (!options_.open_channel) return Status::Internal("replication engine: no channel factory");
+  VMR_ASSIGN_OR_RETURN(auto channel, options_.open_channel(settings.recovery_connection_point,
+                                                           static_cast<uint16_t>(settings.recovery_server_port)));
+  ReplicaClient client(channel);
+  VMR_ASSIGN_OR_RETURN(auto replica, client.CreateReplica(params));
+  (void)replica;
+
+  return catalog_->RunInTransaction([&]() -> Status {
+    VmRecord v = rec;
+    v.mode = ReplicationMode::kPrimary;
+    VMR_RETURN_IF_ERROR(catalog_->PutVm(v));
+    RelationshipRecord r;
+    r.vm_id = rec.id;
+    r.index = kPrimaryIndex;
+    r.local_mode = ReplicationMode::kPrimary;
+    r.state = ReplicationState::kReadyForReplication;
+    r.settings = settings;
+    StatisticsRecord s;
+    HealthVerdict h = EvaluateHealth(r, s, Now(), 0);
+    r.health = h.health;
+    VMR_RETURN_IF_ERROR(catalog_->PutRelationship(r));
+    s.vm_id = rec.id;
+    s.index = kPrimaryIndex;
+    s.start_ms = Now();
+    s.replication_health = h.health;
+    s.health_issues = h.issues;
+    return catalog_->PutStatistics(s);
+  });
+}
+
+Result<JobRecord> ReplicationEngine::StartReplication(const std::string& vm, int64_t start_unix_s) {
+  VMR_ASSIGN_OR_RETURN(auto rec, ResolveVm(vm));
+  VMR_ASSIGN_OR_RETURN(auto rel, catalog_->GetRelationship(rec.id, kPrimaryIndex));
+  if (!rel) return Status::FailedPrecondition("VM " + rec.name + " has no replication relationship");
+  VMR_ASSIGN_OR_RETURN(auto t, CheckTransition(TableMode::kPrimary, rel->state, Operation::kStartReplication));
+  const int64_t now_s = Now() / 1000;
+  if (start_unix_s != 0 && (start_unix_s < now_s - 60 || start_unix_s > now_s + 7 * 86400)) {
+    return Status::InvalidArgument("ScheduledStartTime: must be within the next 7 days");
+  }
+  const std::string vm_id = rec.id;
+  VMR_RETURN_IF_ERROR(UpdateRelationship(vm_id, [&](RelationshipRecord& r) {
+    r.state = t.during;
+    return Status::Ok();
+  }));
+  nlohmann::json params = {{"vm", vm_id}, {"start_time_unix_s", start_unix_s}};
+  auto job = jobs_->Start(JobType::kInitialReplicationNetwork, rec.name, params.dump(), /*cancellable=*/true,
+                          /*resumable=*/false, [this, vm_id, start_unix_s](JobContext& jc) -> Status {
+                            while (start_unix_s != 0 && Now() / 1000 < start_unix_s) {
+                              if (jc.CancelRequested()) return Status::Cancelled("cancelled before its start time");
+                              std::this_thread::sleep_for(std::chrono::milliseconds(200));
+                            }
+                            return RunInitial(vm_id, &jc);
+                          });
+  if (!job.ok()) {
+    Status undo = UpdateRelationship(vm_id, [&](RelationshipRecord& r) {
+      r.state = rel->state;
+      return Status::Ok();
+    });
+    (void)undo;
+    return job.status();
+  }
+  return job;
+}
+
+Status ReplicationEngine::RunInitial(const std::string& vm_id, JobContext* job) {
+  Result<CycleReport> r = Status::Unavailable("not run");
+  {
+    auto vm_lock = VmLock(vm_id);
+    std::lock_guard<std::mutex> l(*vm_lock);
+    AcquireSlot();
+    r = RunCycle(vm_id, /*initial=*/true, job);
+    ReleaseSlot();
+  }
+  if (!r.ok()) {
+    Status undo = UpdateRelationship(vm_id, [](RelationshipRecord& rel) {
+      rel.state = ReplicationState::kReadyForReplication;
+      return Status::Ok();
+    });
+    if (!undo.ok()) spdlog::error("VM {}: resetting the state failed: {}", vm_id, undo.ToString());
+    Status f = RecordFailure(vm_id, r.status(), IsNetworkError(r.status()));
+    (void)f;
+    return r.status().WithContext("initial replication");
+  }
+  VMR_RETURN_IF_ERROR(UpdateRelationship(vm_id, [](RelationshipRecord& rel) {
+    rel.state = ReplicationState::kReplicating;
+    return Status::Ok();
+  }));
+  VMR_RETURN_IF_ERROR(RecordSuccess(vm_id, *r));
+  if (job) {
+    nlohmann::json out = {{"sequence", r->sequence},   {"data_bytes", r->data_bytes},
+                          {"zero_bytes", r->zero_bytes}, {"wire_bytes", r->wire_bytes},
+                          {"records", r->records},       {"duration_ms", r->duration_ms}};
+    job->SetResult(out.dump());
+  }
+  spdlog::info("VM {}: initial replication done: {} bytes of data ({} on the wire) in {} ms", vm_id,
+               r->data_bytes, r->wire_bytes, r->duration_ms);
+  KickWorker(vm_id);
+  return Status::Ok();
+}
+
+Status ReplicationEngine::RequestStateChange(const std::string& vm, int index, RequestedReplicationState requested) {
+  if (index != kPrimaryIndex) return Status::NotSupported("extended replication is not supported yet");
+  VMR_ASSIGN_OR_RETURN(auto rec, ResolveVm(vm));
+  VMR_ASSIGN_OR_RETURN(auto rel, catalog_->GetRelationship(rec.id, index));
+  if (!rel) return Status::FailedPrecondition("VM " + rec.name + " has no replication relationship");
+  auto op = OperationForRequestedState(requested);
+  if (!op) return Status::InvalidArgument("RequestedState: not a replication state change");
+  if (*op != Operation::kRequestSuspend && *op != Operation::kRequestResume &&
+      *op != Operation::kRequestCancelInitialReplication) {
+    return Status::NotSupported("RequestedState " + std::to_string(static_cast<int>(requested)) +
+                                " is not supported by this vmreplica build yet");
+  }
+  VMR_ASSIGN_OR_RETURN(auto t, CheckTransition(TableMode::kPrimary, rel->state, *op));
+  if (*op == Operation::kRequestCancelInitialReplication) {
+    auto jobs = jobs_->List();
+    if (jobs.ok()) {
+      for (const auto& j : *jobs) {
+        if (j.type == JobType::kInitialReplicationNetwork && j.parameters_json.find(rec.id) != std::string::npos &&
+            (j.state == JobState::kNew || j.state == JobState::kStarting || j.state == JobState::kRunning)) {
+          Status c = jobs_->Cancel(j.id);
+          (void)c;
+        }
+      }
+    }
+  }
+  VMR_RETURN_IF_ERROR(UpdateRelationship(rec.id, [&](RelationshipRecord& r) {
+    r.state = t.after;
+    StatisticsRecord none;
+    r.health = EvaluateHealth(r, none, Now(), 0).health;
+    return Status::Ok();
+  }));
+  spdlog::info("VM {}: replication state {} -> {}", rec.name, Name(rel->state), Name(t.after));
+  if (t.after == ReplicationState::kReplicating) KickWorker(rec.id);
+  return Status::Ok();
+}
+
+Status ReplicationEngine::ModifySettings(const std::string& vm, const RelationshipSettings& settings) {
+  VMR_ASSIGN_OR_RETURN(auto rec, ResolveVm(vm));
+  VMR_ASSIGN_OR_RETURN(auto rel, catalog_->GetRelationship(rec.id, kPrimaryIndex));
+  if (!rel) return Status::FailedPrecondition("VM " + rec.name + " has no replication relationship");
+  VMR_RETURN_IF_ERROR(CheckTransition(TableMode::kPrimary, rel->state, Operation::kModifyReplicationSettings).status());
+  VMR_RETURN_IF_ERROR(ValidateRelationshipSettings(settings, /*extended=*/false));
+  if (settings.recovery_connection_point != rel->settings.recovery_connection_point ||
+      settings.recovery_server_port != rel->settings.recovery_server_port) {
+    return Status::InvalidArgument(
+        "RecoveryConnectionPoint/RecoveryServerPortNumber: the replica server of a relationship cannot change; "
+        "remove and create the relationship again");
+  }
+  if (settings.included_disks != rel->settings.included_disks) {
+    return Status::InvalidArgument("IncludedDisks: the replicated disks cannot change after the relationship exists");
+  }
+  VMR_RETURN_IF_ERROR(UpdateRelationship(rec.id, [&](RelationshipRecord& r) {
+    r.settings = settings;
+    return Status::Ok();
+  }));
+  KickWorker(rec.id);
+  return Status::Ok();
+}
+
+Status ReplicationEngine::RemoveRelationship(const std::string& vm, int index) {
+  if (index != kPrimaryIndex) return Status::NotSupported("extended replication is not supported yet");
+  VMR_ASSIGN_OR_RETURN(auto rec, ResolveVm(vm));
+  VMR_ASSIGN_OR_RETURN(auto rel, catalog_->GetRelationship(rec.id, index));
+  if (!rel) return Status::FailedPrecondition("VM " + rec.name + " has no replication relationship");
+  VMR_RETURN_IF_ERROR(CheckTransition(TableMode::kPrimary, rel->state, Operation::kRemoveReplicationRelationship)
+                          .status());
+  std::unique_ptr<Worker> worker;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = workers_.find(rec.id);
+    if (it != workers_.end()) {
+      worker = std::move(it->second);
+      workers_.erase(it);
+    }
+    failures_.erase(rec.id);
+  }
+  if (worker) {
+    {
+      std::lock_guard<std::mutex> l(worker->mu);
+      worker->stop = true;
+    }
+    worker->cv.notify_all();
+    worker->thread.join();
+  }
+  auto vm_lock = VmLock(rec.id);
+  std::lock_guard<std::mutex> l(*vm_lock);
+  // Tell the replica (best effort: each side is removed separately).
+  if (options_.open_channel) {
+    auto channel = options_.open_channel(rel->settings.recovery_connection_point,
+                                         static_cast<uint16_t>(rel->settings.recovery_server_port));
+    if (channel.ok()) {
+      ReplicaClient client(*channel);
+      Status s = client.RemoveReplica(rec.id, index);
+      if (!s.ok()) spdlog::warn("VM {}: the replica side was not removed: {}", rec.name, s.ToString());
+    }
+  }
+  // Stop tracking: drop this relationship's bitmaps when QEMU is reachable.
+  auto def = DefinitionOf(rec);
+  if (def.ok()) {
+    const std::string run_dir = options_.run_dir + "/" + rec.id;
+    if (MakeDirs(run_dir).ok()) {
+      auto attached = AttachVm(*def, run_dir);
+      if (attached.ok()) {
+        ChangeTracker tracker((*attached)->qmp(), rec.id, (*attached)->tracked_disks(), {});
+        auto rep = tracker.Reconcile();
+        Status s = rep.ok() ? tracker.Disable() : rep.status();
+        if (!s.ok()) spdlog::warn("VM {}: tracking bitmaps not dropped: {}", rec.name, s.ToString());
+      }
+    }
+  }
+  return catalog_->RunInTransaction([&]() -> Status {
+    VMR_RETURN_IF_ERROR(catalog_->DeleteRelationship(rec.id, index));
+    VmRecord v = rec;
+    v.mode = ReplicationMode::kNone;
+    return catalog_->PutVm(v);
+  });
+}
+
+Result<StatisticsRecord> ReplicationEngine::GetStatistics(const std::string& vm, int index) {
+  VMR_ASSIGN_OR_RETURN(auto rec, ResolveVm(vm));
+  VMR_ASSIGN_OR_RETURN(auto rel, catalog_->GetRelationship(rec.id, index));
+  if (!rel) return Status::FailedPrecondition("VM " + rec.name + " has no replication relationship");
+  VMR_ASSIGN_OR_RETURN(auto stats, catalog_->GetStatistics(rec.id, index));
+  StatisticsRecord s = stats.value_or(StatisticsRecord{});
+  s.vm_id = rec.id;
+  s.index = index;
+  int failures = 0;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = failures_.find(rec.id);
+    if (it != failures_.end()) failures = it->second;
+  }
+  HealthVerdict h = EvaluateHealth(*rel, s, Now(), failures);
+  s.replication_health = h.health;
+  if (rel->local_mode == ReplicationMode::kPrimary) s.health_issues = h.issues;
+  return s;
+}
+
+Status ReplicationEngine::ResetStatistics(const std::string& vm, int index) {
+  VMR_ASSIGN_OR_RETURN(auto rec, ResolveVm(vm));
+  VMR_ASSIGN_OR_RETURN(auto rel, catalog_->GetRelationship(rec.id, index));
+  if (!rel) return Status::FailedPrecondition("VM " + rec.name + " has no replication relationship");
+  return catalog_->ResetStatistics(rec.id, index, Now());
+}
+
+}  // namespace vmreplica

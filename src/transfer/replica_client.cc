@@ -1,0 +1,378 @@
+// ReplicaClient: the sender side of docs/protocol.md "Data plane".
+#include <spdlog/spdlog.h>
+#include <xxhash.h>
+#include <zstd.h>
+
+#include <algorithm>
+#include <deque>
+#include <thread>
+
+#include "vmreplica/transfer.h"
+
+namespace vmreplica {
+
+namespace {
+
+void SetDeadline(grpc::ClientContext* ctx, std::chrono::milliseconds timeout) {
+  ctx->set_deadline(std::chrono::system_clock::now() + timeout);
+}
+
+ReplicaStatusInfo FromProto(const v1::ReplicaStatus& p) {
+  ReplicaStatusInfo s;
+  s.expected_sequence = p.expected_sequence();
+  s.latest_applied = p.latest_applied();
+  s.state = static_cast<ReplicationState>(p.state());
+  return s;
+}
+
+void SettingsToProto(const RelationshipSettings& s, v1::RelationshipSettings* p) {
+  p->set_recovery_connection_point(s.recovery_connection_point);
+  p->set_recovery_server_port_number(s.recovery_server_port);
+  p->set_authentication_type(static_cast<uint32_t>(s.authentication_type));
+  p->set_certificate_thumbprint(s.certificate_thumbprint);
+  p->set_compression_enabled(s.compression_enabled);
+  p->set_replication_interval(s.replication_interval_s);
+  p->set_recovery_history(s.recovery_history);
+  p->set_application_consistent_snapshot_interval(s.application_consistent_snapshot_interval_h);
+  for (const auto& d : s.included_disks) p->add_included_disks(d);
+  p->set_auto_resynchronize_enabled(s.auto_resynchronize_enabled);
+  p->set_auto_resynchronize_interval_start_min(s.auto_resynchronize_interval_start_min);
+  p->set_auto_resynchronize_interval_end_min(s.auto_resynchronize_interval_end_min);
+  p->set_enable_write_order_preservation_across_disks(s.enable_write_order_preservation_across_disks);
+  p->set_bypass_proxy_server(s.bypass_proxy_server);
+  p->set_replicate_host_kvp_items(s.replicate_host_kvp_items);
+  p->set_recovery_host_system(s.recovery_host_system);
+  p->set_primary_connection_point(s.primary_connection_point);
+  p->set_primary_host_system(s.primary_host_system);
+}
+
+struct Chunk {
+  uint64_t index = 0;
+  v1::DeltaMessage message;  // the chunk as written (payload possibly mutated by a test hook)
+};
+
+// Cuts the source's records into chunk bodies. Reads the source once.
+class Chunker {
+ public:
+  Chunker(DeltaSource& source, const SendOptions& options, SendStats* stats)
+      : source_(source), options_(options), stats_(stats) {}
+
+  // The next chunk, or nullopt at the end of the source.
+  Result<std::optional<Chunk>> Next() {
+    v1::ChunkBody body;
+    uint64_t data = 0;
+    while (data < options_.chunk_bytes && body.records_size() < 65536) {
+      if (!carry_) {
+        if (eof_) break;
+        VMR_ASSIGN_OR_RETURN(auto r, source_.Next());
+        if (!r) {
+          eof_ = true;
+          break;
+        }
+        carry_ = std::move(*r);
+      }
+      DeltaRecord& r = *carry_;
+      auto* out = body.add_records();
+      out->set_disk(r.disk);
+      out->set_offset(r.offset);
+      if (r.zero) {
+        out->set_length(r.length);
+        out->set_zero(true);
+        stats_->zero_bytes += r.length;
+        data += 32;
+        carry_.reset();
+      } else {
+        if (r.data.size() != r.length)
+          return Status::InvalidArgument("a data record's payload differs from its length");
+        const uint64_t room = options_.chunk_bytes - std::min<uint64_t>(data, options_.chunk_bytes);
+        const uint64_t take = std::min<uint64_t>(r.length, std::max<uint64_t>(room, 1));
+        out->set_length(take);
+        if (take == r.length) {
+          out->set_data(std::move(r.data));
+          carry_.reset();
+        } else {
+          out->set_data(r.data.substr(0, take));
+          r.data.erase(0, take);
+          r.offset += take;
+          r.length -= take;
+        }
+        stats_->data_bytes += take;
+        data += take;
+      }
+      ++stats_->records;
+    }
+    if (body.records_size() == 0) return std::optional<Chunk>();
+    Chunk c;
+    c.index = next_index_++;
+    auto* m = c.message.mutable_chunk();
+    m->set_index(c.index);
+    std::string raw;
+    if (!body.SerializeToString(&raw)) return Status::Internal("cannot serialise a chunk");
+    if (raw.size() > kMaxChunkBodyBytes) return Status::Internal("chunk body over the limit");
+    m->set_raw_size(static_cast<uint32_t>(raw.size()));
+    m->set_checksum(XXH3_64bits(raw.data(), raw.size()));
+    if (options_.compress) {
+      std::string z(ZSTD_compressBound(raw.size()), '\0');
+      size_t n = ZSTD_compress(z.data(), z.size(), raw.data(), raw.size(), 1);
+      if (!ZSTD_isError(n) && n < raw.size()) {
+        z.resize(n);
+        m->set_compression(1);
+        m->set_payload(std::move(z));
+        ++stats_->chunks;
+        return std::optional<Chunk>(std::move(c));
+      }
+    }
+    m->set_compression(0);
+    m->set_payload(std::move(raw));
+    ++stats_->chunks;
+    return std::optional<Chunk>(std::move(c));
+  }
+
+  uint64_t chunks_made() const { return next_index_; }
+  bool done() const { return eof_ && !carry_; }
+
+ private:
+  DeltaSource& source_;
+  const SendOptions& options_;
+  SendStats* stats_;
+  std::optional<DeltaRecord> carry_;  // the rest of a split data record
+  bool eof_ = false;
+  uint64_t next_index_ = 0;
+};
+
+// Replies of one stream, filled by its reader thread.
+struct ReplyState {
+  std::mutex mu;
+  std::condition_variable cv;
+  bool started = false;
+  uint64_t resume_chunk = 0;
+  uint64_t acked = 0;
+  bool committed = false;
+  bool done = false;  // the reader saw the end of the stream
+};
+
+}  // namespace
+
+ReplicaClient::ReplicaClient(std::shared_ptr<grpc::Channel> channel)
+    : channel_(std::move(channel)), stub_(v1::ReplicaPeer::NewStub(channel_)) {}
+
+Result<ReplicaStatusInfo> ReplicaClient::CreateReplica(const CreateReplicaParams& params) {
+  v1::CreateReplicaRequest req;
+  req.set_vm_id(params.vm_id);
+  req.set_relationship_index(0);
+  req.set_vm_name(params.vm_name);
+  req.set_definition_json(params.definition_json);
+  for (const auto& d : params.disks) {
+    auto* p = req.add_disks();
+    p->set_name(d.name);
+    p->set_size_bytes(d.size);
+  }
+  SettingsToProto(params.settings, req.mutable_settings());
+  grpc::ClientContext ctx;
+  SetDeadline(&ctx, unary_timeout_);
+  v1::ReplicaStatus resp;
+  VMR_RETURN_IF_ERROR(StatusFromGrpc(stub_->CreateReplica(&ctx, req, &resp)).WithContext("CreateReplica"));
+  return FromProto(resp);
+}
+
+Result<ReplicaStatusInfo> ReplicaClient::GetReplicaStatus(const std::string& vm_id, uint32_t relationship_index) {
+  v1::ReplicaRef req;
+  req.set_vm_id(vm_id);
+  req.set_relationship_index(relationship_index);
+  grpc::ClientContext ctx;
+  SetDeadline(&ctx, unary_timeout_);
+  v1::ReplicaStatus resp;
+  VMR_RETURN_IF_ERROR(StatusFromGrpc(stub_->GetReplicaStatus(&ctx, req, &resp)).WithContext("GetReplicaStatus"));
+  return FromProto(resp);
+}
+
+Status ReplicaClient::RemoveReplica(const std::string& vm_id, uint32_t relationship_index) {
+  v1::ReplicaRef req;
+  req.set_vm_id(vm_id);
+  req.set_relationship_index(relationship_index);
+  grpc::ClientContext ctx;
+  SetDeadline(&ctx, unary_timeout_);
+  v1::RemoveReplicaResponse resp;
+  return StatusFromGrpc(stub_->RemoveReplica(&ctx, req, &resp)).WithContext("RemoveReplica");
+}
+
+Result<SendStats> ReplicaClient::SendDelta(const DeltaInfo& info, DeltaSource& source, const SendOptions& options) {
+  if (options.chunk_bytes < 4096 || options.chunk_bytes > (16u << 20)) {
+    return Status::InvalidArgument("chunk_bytes must be 4 KiB .. 16 MiB");
+  }
+  if (options.max_attempts < 1) return Status::InvalidArgument("max_attempts must be >= 1");
+  if (info.sequence == 0) return Status::InvalidArgument("sequence 0 is not a log");
+
+  v1::DeltaMessage start_msg;
+  auto* st = start_msg.mutable_start();
+  st->set_vm_id(info.vm_id);
+  st->set_relationship_index(info.relationship_index);
+  st->set_sequence(info.sequence);
+  st->set_base_generation(std::string(info.base_generation.begin(), info.base_generation.end()));
+  st->set_new_generation(std::string(info.new_generation.begin(), info.new_generation.end()));
+  st->set_cut_time_unix_ms(info.cut_time_unix_ms);
+  st->set_kind(static_cast<uint32_t>(info.kind));
+  st->set_initial(info.initial);
+
+  SendStats stats;
+  Chunker chunker(source, options, &stats);
+  std::deque<Chunk> window;  // written, not yet acknowledged, oldest first
+  uint64_t bytes_sent = 0;
+  Status last = Status::Unavailable("no attempt made");
+
+  for (int attempt = 1; attempt <= options.max_attempts; ++attempt) {
+    if (attempt > 1) {
+      ++stats.resumed;
+      // Back-off before reconnecting (not a synchronisation).
+      std::this_thread::sleep_for(std::chrono::milliseconds(100 * (attempt - 1)));
+    }
+    grpc::ClientContext ctx;
+    auto stream = stub_->PushDelta(&ctx);
+    ReplyState rs;
+    std::thread reader([&] {
+      v1::DeltaReply r;
+      while (stream->Read(&r)) {
+        std::lock_guard<std::mutex> l(rs.mu);
+        if (r.started()) {
+          rs.started = true;
+          rs.resume_chunk = r.resume_chunk();
+          rs.acked = std::max(rs.acked, r.resume_chunk());
+        }
+        rs.acked = std::max(rs.acked, r.acked_chunks());
+        if (r.committed()) rs.committed = true;
+        rs.cv.notify_all();
+      }
+      std::lock_guard<std::mutex> l(rs.mu);
+      rs.done = true;
+      rs.cv.notify_all();
+    });
+    // Set when this side must end the stream (no progress in time, a test
+    // break); otherwise the replica ended it and Finish() tells why.
+    bool cancel = false;
+    // Waits until `pred` holds; false when the stream ended first or after
+    // rpc_timeout without it (then the stream is to be cancelled).
+    auto wait_for = [&](auto pred) {
+      std::unique_lock<std::mutex> l(rs.mu);
+      if (!rs.cv.wait_for(l, options.rpc_timeout, [&] { return pred() || rs.done; })) cancel = true;
+      return pred();
+    };
+    auto holds = [&](auto pred) {
+      std::lock_guard<std::mutex> l(rs.mu);
+      return pred();
+    };
+    auto drop_acked = [&] {
+      std::lock_guard<std::mutex> l(rs.mu);
+      while (!window.empty() && window.front().index < rs.acked) window.pop_front();
+    };
+
+    Status attempt_status;  // a non-retryable error found here
+    bool broken = false;
+    bool committed = false;
+    if (!stream->Write(start_msg)) {
+      broken = true;
+    } else if (!wait_for([&] { return rs.started; })) {
+      broken = true;
+    } else if (holds([&] { return rs.committed; })) {
+      committed = true;  // an earlier attempt's commit answer was lost
+    } else {
+      const uint64_t resume = holds([&] { return rs.resume_chunk; });
+      const uint64_t oldest = window.empty() ? chunker.chunks_made() : window.front().index;
+      if (resume < oldest) {
+        attempt_status =
+            Status::Unavailable("the replica lost the partial log (it wants chunk " + std::to_string(resume) +
+                                ", the oldest kept is " + std::to_string(oldest) + "): send the delta again");
+      } else if (resume > chunker.chunks_made()) {
+        attempt_status = Status::Internal("the replica wants chunk " + std::to_string(resume) + " of " +
+                                          std::to_string(chunker.chunks_made()) + " sent");
+      } else {
+        while (!window.empty() && window.front().index < resume) window.pop_front();
+        // Resend the window, then new chunks; each write waits for room.
+        size_t next_in_window = 0;
+        while (attempt_status.ok() && !broken) {
+          drop_acked();
+          const Chunk* c = nullptr;
+          // Index of the next chunk to write in this attempt.
+          uint64_t want = resume + next_in_window;
+          {
+            // chunks already in the window are resent first
+            auto it = std::find_if(window.begin(), window.end(), [&](const Chunk& k) { return k.index == want; });
+            if (it != window.end()) c = &*it;
+          }
+          if (c == nullptr) {
+            if (window.size() >= kMaxChunksInFlight) {
+              if (!wait_for([&] { return !window.empty() && rs.acked > window.front().index; })) {
+                broken = true;
+                break;
+              }
+              continue;
+            }
+            auto made = chunker.Next();
+            if (!made.ok()) {
+              attempt_status = made.status();
+              break;
+            }
+            if (!*made) break;  // end of the source
+            window.push_back(std::move(**made));
+            c = &window.back();
+            if (test_hooks_.mutate_payload) {
+              test_hooks_.mutate_payload(c->index, window.back().message.mutable_chunk()->mutable_payload());
+            }
+          }
+          const uint64_t n = c->message.chunk().payload().size();
+          if (options.throttle) options.throttle(n);
+          if (!stream->Write(c->message)) {
+            broken = true;
+            break;
+          }
+          bytes_sent += n;
+          stats.wire_bytes += n;
+          if (options.progress) options.progress(bytes_sent);
+          ++next_in_window;
+          const uint64_t acked_now = holds([&] { return rs.acked; });
+          if (test_hooks_.break_after_chunk && test_hooks_.break_after_chunk(c->index, attempt, acked_now)) {
+            cancel = true;
+            broken = true;
+            break;
+          }
+        }
+        if (attempt_status.ok() && !broken) {
+          v1::DeltaMessage end;
+          end.mutable_end()->set_chunk_count(chunker.chunks_made());
+          end.mutable_end()->set_record_count(stats.records);
+          end.mutable_end()->set_data_bytes(stats.data_bytes);
+          end.mutable_end()->set_zero_bytes(stats.zero_bytes);
+          if (!stream->Write(end) || !wait_for([&] { return rs.committed; })) {
+            broken = true;
+          } else {
+            committed = true;
+          }
+        }
+      }
+    }
+    if (committed) {
+      stream->WritesDone();
+    } else if (cancel || !attempt_status.ok()) {
+      ctx.TryCancel();
+    } else {
+      // The replica ended the stream (or the connection broke): the reader
+      // sees the end; cancel only when it does not within the timeout.
+      std::unique_lock<std::mutex> l(rs.mu);
+      if (!rs.cv.wait_for(l, options.rpc_timeout, [&] { return rs.done; })) ctx.TryCancel();
+    }
+    reader.join();
+    grpc::Status gs = stream->Finish();
+    if (committed) return stats;
+    if (!attempt_status.ok()) return attempt_status;
+    Status s = StatusFromGrpc(gs);
+    if (s.ok()) s = Status::Unavailable("the stream ended before the replica committed the log");
+    if (s.code() != Code::kUnavailable && s.code() != Code::kTimeout) return s;
+    drop_acked();
+    last = s;
+    spdlog::warn("delta {} of {}: attempt {} broke ({}); {} chunk(s) unacknowledged", info.sequence, info.vm_id,
+                 attempt, s.ToString(), window.size());
+  }
+  return Status::Unavailable("delta " + std::to_string(info.sequence) + " not acknowledged after " +
+                             std::to_string(options.max_attempts) + " attempts: " + last.message());
+}
+
+}  // namespace vmreplica

@@ -1,0 +1,769 @@
+// ReplicaManager: the replica side of docs/protocol.md "Data plane".
+#include <fcntl.h>
+#include <limits.h>
+#include <spdlog/spdlog.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <xxhash.h>
+#include <zstd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <thread>
+
+#include "vmreplica/fileutil.h"
+#include "vmreplica/transfer.h"
+
+namespace vmreplica {
+
+namespace {
+
+int64_t SystemNowMs() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+bool IsUuid(const std::string& s) {
+  if (s.size() != 36) return false;
+  for (size_t i = 0; i < s.size(); ++i) {
+    const char c = s[i];
+    if (i == 8 || i == 13 || i == 18 || i == 23) {
+      if (c != '-') return false;
+    } else if (!std::isxdigit(static_cast<unsigned char>(c))) {
+      return false;
+    }
+  }
+  return true;
+}
+
+Result<std::string> RealPath(const std::string& path) {
+  char buf[PATH_MAX];
+  if (::realpath(path.c_str(), buf) == nullptr) {
+    const int e = errno;
+    if (e == ENOENT) return Status::NotFound("no such path: " + path);
+    return Status::IOError("realpath " + path + ": " + std::strerror(e));
+  }
+  return std::string(buf);
+}
+
+// Whether `path` exists (without following a final symlink).
+Result<bool> Exists(const std::string& path) {
+  struct stat st;
+  if (::lstat(path.c_str(), &st) == 0) return true;
+  if (errno == ENOENT) return false;
+  return Status::IOError("lstat " + path + ": " + std::strerror(errno));
+}
+
+bool ValidDiskName(const std::string& n) {
+  if (n.empty() || n.size() > 64 || n[0] == '.') return false;
+  for (char c : n) {
+    if (!std::isalnum(static_cast<unsigned char>(c)) && c != '.' && c != '_' && c != '-') return false;
+  }
+  return true;
+}
+
+Status ValidateDisks(const std::vector<ReplicaDisk>& disks) {
+  if (disks.empty() || disks.size() > kLogMaxDisks) return Status::InvalidArgument("a replica needs 1..64 disks");
+  for (size_t i = 0; i < disks.size(); ++i) {
+    const auto& d = disks[i];
+    if (!ValidDiskName(d.name)) return Status::InvalidArgument("bad disk name '" + d.name + "'");
+    if (d.size == 0 || d.size % kReplicaBlockSize != 0 || d.size > kLogMaxDiskSize) {
+      return Status::InvalidArgument("disk " + d.name + ": size must be a positive multiple of 4096");
+    }
+    for (size_t j = 0; j < i; ++j) {
+      if (disks[j].name == d.name) return Status::InvalidArgument("disk " + d.name + " given twice");
+    }
+  }
+  return Status::Ok();
+}
+
+bool SameDisks(const std::vector<ReplicaDisk>& a, const std::vector<ReplicaDisk>& b) {
+  if (a.size() != b.size()) return false;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (a[i].name != b[i].name || a[i].size != b[i].size) return false;
+  }
+  return true;
+}
+
+// The ownership record beside a store (docs/protocol.md step 6).
+struct Owner {
+  std::string trust_group;
+  std::string authorized_by;
+  std::vector<std::string> names;
+};
+
+std::string OwnerPath(const std::string& dir) { return dir + ".primary"; }
+
+Result<std::optional<Owner>> ReadOwner(const std::string& dir) {
+  const std::string path = OwnerPath(dir);
+  struct stat st;
+  if (::lstat(path.c_str(), &st) != 0) {
+    if (errno == ENOENT) return std::optional<Owner>();
+    return Status::IOError("lstat " + path + ": " + std::strerror(errno));
+  }
+  if (!S_ISREG(st.st_mode)) return Status::PermissionDenied(path + " is not a regular file");
+  VMR_ASSIGN_OR_RETURN(std::string text, ReadFile(path, 1 << 20));
+  auto j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded() || !j.is_object() || !j.contains("trust_group") || !j["trust_group"].is_string()) {
+    return Status::Corruption(path + ": not an ownership record");
+  }
+  Owner o;
+  o.trust_group = j["trust_group"].get<std::string>();
+  if (j.contains("authorized_by") && j["authorized_by"].is_string()) o.authorized_by = j["authorized_by"];
+  return std::optional<Owner>(o);
+}
+
+Status WriteOwner(const std::string& dir, const PrimaryCaller& caller) {
+  nlohmann::json j;
+  j["trust_group"] = caller.entry.trust_group;
+  j["authorized_by"] = caller.entry.allowed_primary_host_system;
+  j["names"] = caller.names;
+  return WriteFileAtomic(OwnerPath(dir), j.dump(2) + "\n", 0600);
+}
+
+Status CheckOwner(const std::string& dir, const std::string& vm_id, const PrimaryCaller& caller) {
+  VMR_ASSIGN_OR_RETURN(auto owner, ReadOwner(dir));
+  if (!owner) {
+    return Status::PermissionDenied("VM " + vm_id + " was not created here by a primary of this storage location");
+  }
+  if (owner->trust_group != caller.entry.trust_group) {
+    return Status::PermissionDenied("VM " + vm_id + " belongs to trust group '" + owner->trust_group +
+                                    "', the caller's entry has '" + caller.entry.trust_group + "'");
+  }
+  return Status::Ok();
+}
+
+std::string GenerationText(const std::string& bytes) {
+  static const char* hex = "0123456789abcdef";
+  std::string out;
+  for (unsigned char c : bytes) {
+    out.push_back(hex[c >> 4]);
+    out.push_back(hex[c & 15]);
+  }
+  return out;
+}
+
+bool SameStart(const v1::DeltaStart& a, const v1::DeltaStart& b) {
+  return a.vm_id() == b.vm_id() && a.relationship_index() == b.relationship_index() && a.sequence() == b.sequence() &&
+         a.base_generation() == b.base_generation() && a.new_generation() == b.new_generation() &&
+         a.cut_time_unix_ms() == b.cut_time_unix_ms() && a.kind() == b.kind() && a.initial() == b.initial();
+}
+
+}  // namespace
+
+Result<std::string> ConfinedStoreDir(const std::string& storage_location, const std::string& vm_id) {
+  if (storage_location.empty() || storage_location[0] != '/') {
+    return Status::FailedPrecondition("storage location '" + storage_location + "' is not an absolute path");
+  }
+  // Anything that is not one plain path component would leave the location.
+  if (vm_id.empty() || vm_id == "." || vm_id == ".." || vm_id.find('/') != std::string::npos ||
+      vm_id.find('\0') != std::string::npos) {
+    return Status::PermissionDenied("VM id '" + vm_id + "' would leave the storage location");
+  }
+  if (!IsUuid(vm_id)) return Status::InvalidArgument("VM id '" + vm_id + "' is not a UUID");
+  VMR_ASSIGN_OR_RETURN(std::string root, RealPath(storage_location));
+  const std::string candidate = (root == "/" ? std::string() : root) + "/" + vm_id;
+  VMR_ASSIGN_OR_RETURN(bool exists, Exists(candidate));
+  if (exists) {
+    auto real = RealPath(candidate);
+    if (!real.ok() || *real != candidate) {
+      return Status::PermissionDenied(candidate + " resolves outside the storage location " + root + " (a symlink?)");
+    }
+  }
+  VMR_ASSIGN_OR_RETURN(bool owner_exists, Exists(OwnerPath(candidate)));
+  if (owner_exists) {
+    auto real = RealPath(OwnerPath(candidate));
+    if (!real.ok() || *real != OwnerPath(candidate)) {
+      return Status::PermissionDenied(OwnerPath(candidate) + " resolves outside the storage location");
+    }
+  }
+  return candidate;
+}
+
+// One open replica. Members are grouped by the lock that guards them.
+struct ReplicaManager::Replica {
+  // Constant after open.
+  std::string vm_id;
+  uint32_t index = 0;
+  std::string dir;
+  Catalog* catalog = nullptr;
+  std::function<int64_t()> now_ms;
+  std::unique_ptr<ReplicaStore> store;  // declared before staging: destroyed after it
+  std::unique_ptr<Staging> staging;
+
+  // The receiver (one stream at a time).
+  struct Partial {
+    v1::DeltaStart start;
+    std::unique_ptr<LogWriter> writer;
+    uint64_t next_chunk = 0;
+    LogTrailer totals;  // counts received so far (chain unused)
+  };
+  std::mutex recv_mu;
+  std::condition_variable recv_cv;
+  bool receiving = false;                   // guarded by recv_mu
+  bool removed = false;                     // guarded by recv_mu
+  std::optional<Partial> partial;           // guarded by recv_mu (owned by the receiving stream)
+  std::optional<v1::DeltaStart> committed;  // guarded by recv_mu: the last committed log
+
+  // The applier thread.
+  std::mutex apply_mu;
+  std::condition_variable apply_cv;
+  uint64_t apply_requests = 0;  // guarded by apply_mu
+  uint64_t apply_done = 0;      // guarded by apply_mu: requests handled
+  bool stop = false;            // guarded by apply_mu
+  bool failed = false;          // guarded by apply_mu: a log was rejected; nothing more is applied
+  std::thread applier;
+
+  std::mutex rel_mu;  // serialises read-modify-write of the relationship row
+
+  void RequestApply() {
+    std::lock_guard<std::mutex> l(apply_mu);
+    ++apply_requests;
+    apply_cv.notify_all();
+  }
+
+  void Stop() {
+    {
+      std::lock_guard<std::mutex> l(apply_mu);
+      stop = true;
+      apply_cv.notify_all();
+    }
+    if (applier.joinable()) applier.join();
+  }
+
+  // Updates the relationship row; `edit` answers false to skip the write.
+  void EditRelationship(const std::function<bool(RelationshipRecord&)>& edit) {
+    std::lock_guard<std::mutex> l(rel_mu);
+    auto rel = catalog->GetRelationship(vm_id, static_cast<int>(index));
+    if (!rel.ok() || !*rel) return;  // removed meanwhile
+    if (!edit(**rel)) return;
+    Status s = catalog->PutRelationship(**rel);
+    if (!s.ok()) spdlog::error("replica {}: cannot update the relationship: {}", vm_id, s.ToString());
+  }
+
+  void ApplierLoop() {
+    for (;;) {
+      uint64_t target;
+      bool is_failed;
+      {
+        std::unique_lock<std::mutex> l(apply_mu);
+        apply_cv.wait(l, [&] { return stop || apply_requests > apply_done; });
+        if (stop) return;
+        target = apply_requests;
+        is_failed = failed;
+      }
+      if (!is_failed) {
+        auto n = staging->ApplyReady(*store);
+        const uint64_t latest = store->latest_sequence();
+        if (!n.ok()) {
+          spdlog::error("replica {}: applying staged logs: {}", vm_id, n.status().ToString());
+          if (n.status().code() == Code::kCorruption) {
+            std::lock_guard<std::mutex> l(apply_mu);
+            failed = true;
+          }
+        }
+        const bool corrupt = !n.ok() && n.status().code() == Code::kCorruption;
+        const bool applied = n.ok() && *n > 0;
+        if (applied || corrupt) {
+          const int64_t now = now_ms();
+          EditRelationship([&](RelationshipRecord& r) {
+            r.sequence = latest;
+            if (applied) r.last_apply_ms = now;
+            if (latest >= 1 && r.state == ReplicationState::kWaitingToCompleteInitialReplication) {
+              spdlog::info("replica {}: initial replication applied: state {} -> {}", vm_id, Name(r.state),
+                           Name(ReplicationState::kReplicating));
+              r.state = ReplicationState::kReplicating;
+            }
+            if (corrupt) r.health = ReplicationHealth::kCritical;
+            return true;
+          });
+        }
+      }
+      std::lock_guard<std::mutex> l(apply_mu);
+      apply_done = target;
+      apply_cv.notify_all();
+    }
+  }
+};
+
+ReplicaManager::ReplicaManager(Catalog* catalog, ReplicaManagerOptions options)
+    : catalog_(catalog), options_(std::move(options)) {}
+
+ReplicaManager::~ReplicaManager() {
+  std::map<std::string, std::shared_ptr<Replica>> all;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    all.swap(replicas_);
+  }
+  for (auto& [id, r] : all) r->Stop();
+}
+
+Result<std::shared_ptr<ReplicaManager::Replica>> ReplicaManager::OpenLocked(const std::string& dir,
+                                                                            const RelationshipRecord& rel) {
+  ReplicaStoreOptions so;
+  so.fine_window_ms = options_.fine_window_ms;
+  so.recovery_history_hours = static_cast<int>(rel.settings.recovery_history);
+  so.now_ms = options_.now_ms;
+  VMR_ASSIGN_OR_RETURN(auto store, ReplicaStore::Open(dir, catalog_, so));
+  StagingOptions staging_options = options_.staging;
+  if (staging_options.catalog == nullptr) staging_options.catalog = catalog_;  // staged logs mirrored
+  VMR_ASSIGN_OR_RETURN(auto staging, Staging::Open(dir + "/staging", *store, staging_options));
+  auto r = std::make_shared<Replica>();
+  r->vm_id = rel.vm_id;
+  r->index = static_cast<uint32_t>(rel.index);
+  r->dir = dir;
+  r->catalog = catalog_;
+  r->now_ms = options_.now_ms ? options_.now_ms : SystemNowMs;
+  r->store = std::move(store);
+  r->staging = std::move(staging);
+  r->applier = std::thread([p = r.get()] { p->ApplierLoop(); });
+  r->RequestApply();  // staged logs left from before a restart
+  replicas_[rel.vm_id] = r;
+  spdlog::info("replica {}: opened store {} at sequence {}", rel.vm_id, dir, r->store->latest_sequence());
+  return r;
+}
+
+Result<std::shared_ptr<ReplicaManager::Replica>> ReplicaManager::Get(const PrimaryCaller& caller,
+                                                                     const std::string& vm_id, uint32_t index) {
+  VMR_ASSIGN_OR_RETURN(std::string dir, ConfinedStoreDir(caller.entry.replica_storage_location, vm_id));
+  std::lock_guard<std::mutex> l(mu_);
+  VMR_RETURN_IF_ERROR(CheckOwner(dir, vm_id, caller));
+  auto it = replicas_.find(vm_id);
+  if (it != replicas_.end()) {
+    if (it->second->dir != dir)
+      return Status::PermissionDenied("VM " + vm_id + " is not in the caller's storage location");
+    if (it->second->index != index) {
+      return Status::NotFound("VM " + vm_id + " has no replica relationship " + std::to_string(index));
+    }
+    return it->second;
+  }
+  VMR_ASSIGN_OR_RETURN(auto rel, catalog_->GetRelationship(vm_id, static_cast<int>(index)));
+  if (!rel || rel->local_mode != ReplicationMode::kReplica) {
+    return Status::NotFound("VM " + vm_id + " has no replica relationship " + std::to_string(index));
+  }
+  return OpenLocked(dir, *rel);
+}
+
+Result<ReplicaStatusInfo> ReplicaManager::StatusOf(Replica& r) {
+  ReplicaStatusInfo s;
+  s.latest_applied = r.store->latest_sequence();
+  VMR_ASSIGN_OR_RETURN(s.expected_sequence, r.staging->expected_sequence());
+  VMR_ASSIGN_OR_RETURN(auto rel, catalog_->GetRelationship(r.vm_id, static_cast<int>(r.index)));
+  if (!rel) return Status::NotFound("VM " + r.vm_id + " has no replica relationship");
+  s.state = rel->state;
+  return s;
+}
+
+void ReplicaManager::OpenAll() {
+  auto rels = catalog_->ListRelationships();
+  auto entries = catalog_->ListAuthorizationEntries();
+  if (!rels.ok() || !entries.ok()) {
+    spdlog::error("replica manager: cannot list relationships / entries");
+    return;
+  }
+  std::lock_guard<std::mutex> l(mu_);
+  for (const auto& rel : *rels) {
+    if (rel.local_mode != ReplicationMode::kReplica || replicas_.count(rel.vm_id) != 0) continue;
+    for (const auto& e : *entries) {
+      auto dir = ConfinedStoreDir(e.replica_storage_location, rel.vm_id);
+      if (!dir.ok()) continue;
+      auto manifest = Exists(*dir + "/MANIFEST");
+      if (!manifest.ok() || !*manifest) continue;
+      auto r = OpenLocked(*dir, rel);
+      if (!r.ok()) spdlog::error("replica {}: cannot open {}: {}", rel.vm_id, *dir, r.status().ToString());
+      break;
+    }
+  }
+}
+
+Result<ReplicaStatusInfo> ReplicaManager::CreateReplica(const PrimaryCaller& caller, const CreateReplicaParams& p) {
+  const std::string& storage = caller.entry.replica_storage_location;
+  auto confined = ConfinedStoreDir(storage, p.vm_id);
+  if (!confined.ok() && confined.status().code() == Code::kNotFound) {
+    // The id passed the path checks; the administrator's configured
+    // location does not exist yet.
+    VMR_RETURN_IF_ERROR(MakeDirs(storage, 0700));
+    confined = ConfinedStoreDir(storage, p.vm_id);
+  }
+  VMR_ASSIGN_OR_RETURN(std::string dir, std::move(confined));
+  if (p.vm_name.empty() || p.vm_name.size() > 1024) return Status::InvalidArgument("VM name must be 1..1024 bytes");
+  if (p.definition_json.size() > kMaxDefinitionBytes) return Status::InvalidArgument("definition over 1 MiB");
+  VMR_RETURN_IF_ERROR(ValidateDisks(p.disks));
+  VMR_RETURN_IF_ERROR(ValidateRelationshipSettings(p.settings, /*extended=*/false, 0));
+
+  std::lock_guard<std::mutex> l(mu_);
+  VMR_ASSIGN_OR_RETURN(auto vm, catalog_->GetVm(p.vm_id));
+  VMR_ASSIGN_OR_RETURN(auto owner, ReadOwner(dir));
+  VMR_ASSIGN_OR_RETURN(bool store_exists, Exists(dir + "/MANIFEST"));
+  if (vm || owner) {
+    VMR_RETURN_IF_ERROR(CheckOwner(dir, p.vm_id, caller));
+    if (!vm) {
+      // A create that crashed half-way: the ownership record exists without the rest.
+      if (store_exists) return Status::FailedPrecondition("VM " + p.vm_id + ": a store without a catalog row");
+    } else {
+      if (vm->mode != ReplicationMode::kReplica) {
+        return Status::FailedPrecondition("VM " + p.vm_id + " exists here and is not a replica");
+      }
+      auto it = replicas_.find(p.vm_id);
+      std::shared_ptr<Replica> r;
+      if (it != replicas_.end()) {
+        r = it->second;
+      } else {
+        if (!store_exists) return Status::FailedPrecondition("VM " + p.vm_id + " exists here without its store");
+        VMR_ASSIGN_OR_RETURN(auto rel, catalog_->GetRelationship(p.vm_id, 0));
+        RelationshipRecord use;
+        if (rel) {
+          use = *rel;
+        } else {
+          use.vm_id = p.vm_id;
+          use.index = 0;
+          use.settings = p.settings;
+        }
+        VMR_ASSIGN_OR_RETURN(r, OpenLocked(dir, use));
+        if (!rel) {
+          // Continuing a replica whose relationship was removed.
+          if (!SameDisks(r->store->disks(), p.disks)) {
+            replicas_.erase(p.vm_id);
+            r->Stop();
+            return Status::AlreadyExists("VM " + p.vm_id + " exists here with other disks");
+          }
+          use.local_mode = ReplicationMode::kReplica;
+          use.settings.primary_host_system = caller.entry.allowed_primary_host_system;
+          use.sequence = r->store->latest_sequence();
+          use.state = use.sequence >= 1 ? ReplicationState::kReplicating
+                                        : ReplicationState::kWaitingToCompleteInitialReplication;
+          use.health = ReplicationHealth::kNormal;
+          VMR_RETURN_IF_ERROR(catalog_->PutRelationship(use));
+        }
+      }
+      if (!SameDisks(r->store->disks(), p.disks)) {
+        return Status::AlreadyExists("VM " + p.vm_id + " exists here with other disks");
+      }
+      return StatusOf(*r);
+    }
+  }
+
+  // A new replica: ownership record, catalog rows, store, staging; undone on failure.
+  VMR_ASSIGN_OR_RETURN(bool dir_existed, Exists(dir));
+  bool wrote_owner = false, wrote_catalog = false;
+  auto undo = [&](const Status& why) -> Status {
+    spdlog::error("replica {}: create failed, undoing: {}", p.vm_id, why.ToString());
+    if (wrote_catalog) catalog_->DeleteVm(p.vm_id).IgnoreError();
+    if (!dir_existed) {
+      std::error_code ec;
+      std::filesystem::remove_all(dir, ec);
+    }
+    if (wrote_owner) ::unlink(OwnerPath(dir).c_str());
+    return why;
+  };
+  Status s = WriteOwner(dir, caller);
+  if (!s.ok()) return undo(s);
+  wrote_owner = true;
+  const int64_t now = (options_.now_ms ? options_.now_ms : SystemNowMs)();
+  RelationshipRecord rel;
+  rel.vm_id = p.vm_id;
+  rel.index = 0;
+  rel.local_mode = ReplicationMode::kReplica;
+  rel.state = ReplicationState::kWaitingToCompleteInitialReplication;
+  rel.health = ReplicationHealth::kNormal;
+  rel.settings = p.settings;
+  rel.settings.primary_host_system = caller.entry.allowed_primary_host_system;
+  s = catalog_->RunInTransaction([&]() -> Status {
+    VmRecord v;
+    v.id = p.vm_id;
+    v.name = p.vm_name;
+    v.mode = ReplicationMode::kReplica;
+    v.definition_json = p.definition_json;
+    v.created_ms = now;
+    VMR_RETURN_IF_ERROR(catalog_->PutVm(v));
+    std::vector<DiskRecord> disks;
+    for (const auto& d : p.disks) {
+      DiskRecord r;
+      r.vm_id = p.vm_id;
+      r.name = d.name;
+      r.size_bytes = d.size;
+      r.path = dir + "/disks/" + d.name + ".img";
+      disks.push_back(std::move(r));
+    }
+    VMR_RETURN_IF_ERROR(catalog_->PutDisks(p.vm_id, disks));
+    return catalog_->PutRelationship(rel);
+  });
+  if (!s.ok()) return undo(s);
+  wrote_catalog = true;
+  ReplicaStoreOptions so;
+  so.fine_window_ms = options_.fine_window_ms;
+  so.recovery_history_hours = static_cast<int>(p.settings.recovery_history);
+  so.now_ms = options_.now_ms;
+  {
+    auto store = ReplicaStore::Create(dir, p.vm_id, p.disks, catalog_, so);
+    if (!store.ok()) return undo(store.status());
+  }  // closed again: OpenLocked opens it with its staging
+  auto r = OpenLocked(dir, rel);
+  if (!r.ok()) return undo(r.status());
+  spdlog::info("replica {} ({}) created in {} for {} (trust group '{}')", p.vm_id, p.vm_name, dir,
+               caller.entry.allowed_primary_host_system, caller.entry.trust_group);
+  return StatusOf(**r);
+}
+
+Result<ReplicaStatusInfo> ReplicaManager::GetReplicaStatus(const PrimaryCaller& caller, const std::string& vm_id,
+                                                           uint32_t index) {
+  VMR_ASSIGN_OR_RETURN(auto r, Get(caller, vm_id, index));
+  return StatusOf(*r);
+}
+
+Status ReplicaManager::RemoveReplica(const PrimaryCaller& caller, const std::string& vm_id, uint32_t index) {
+  VMR_ASSIGN_OR_RETURN(auto r, Get(caller, vm_id, index));
+  {
+    std::unique_lock<std::mutex> l(r->recv_mu);
+    if (!r->recv_cv.wait_for(l, options_.resume_wait, [&] { return !r->receiving; })) {
+      return Status::Busy("a delta of VM " + vm_id + " is being received");
+    }
+    r->removed = true;
+    if (r->partial) {
+      r->partial->writer->Abandon();
+      r->partial.reset();
+    }
+  }
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    replicas_.erase(vm_id);
+  }
+  r->Stop();
+  {
+    std::lock_guard<std::mutex> l(r->rel_mu);
+    VMR_RETURN_IF_ERROR(catalog_->DeleteRelationship(vm_id, static_cast<int>(index)));
+  }
+  spdlog::info("replica {}: relationship {} removed; VM, store and points kept", vm_id, index);
+  return Status::Ok();
+}
+
+Status ReplicaManager::WaitApplied(const std::string& vm_id, std::chrono::milliseconds timeout) {
+  std::shared_ptr<Replica> r;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    auto it = replicas_.find(vm_id);
+    if (it == replicas_.end()) return Status::NotFound("replica " + vm_id + " is not open");
+    r = it->second;
+  }
+  std::unique_lock<std::mutex> l(r->apply_mu);
+  const uint64_t target = r->apply_requests;
+  if (!r->apply_cv.wait_for(l, timeout, [&] { return r->stop || r->apply_done >= target; })) {
+    return Status::Timeout("replica " + vm_id + ": staged logs not applied in time");
+  }
+  return Status::Ok();
+}
+
+namespace {
+
+// Decodes one chunk's body (docs/protocol.md "PushDelta"): bounds first,
+// then decompression into exactly raw_size bytes, then the checksum.
+Result<v1::ChunkBody> DecodeChunk(const v1::DeltaChunk& c) {
+  if (c.raw_size() > kMaxChunkBodyBytes || c.payload().size() > kMaxChunkBodyBytes) {
+    return Status::InvalidArgument("chunk " + std::to_string(c.index()) + " over the size limit");
+  }
+  std::string raw;
+  if (c.compression() == 0) {
+    if (c.payload().size() != c.raw_size()) {
+      return Status::Corruption("chunk " + std::to_string(c.index()) + ": payload size differs from raw_size");
+    }
+    raw = c.payload();
+  } else if (c.compression() == 1) {
+    const unsigned long long declared = ZSTD_getFrameContentSize(c.payload().data(), c.payload().size());
+    if (declared != c.raw_size()) {
+      return Status::Corruption("chunk " + std::to_string(c.index()) + ": zstd frame size differs from raw_size");
+    }
+    raw.resize(c.raw_size());
+    const size_t n = ZSTD_decompress(raw.data(), raw.size(), c.payload().data(), c.payload().size());
+    if (ZSTD_isError(n) || n != c.raw_size()) {
+      return Status::Corruption("chunk " + std::to_string(c.index()) + ": bad zstd frame");
+    }
+  } else {
+    return Status::InvalidArgument("chunk " + std::to_string(c.index()) + ": unknown compression " +
+                                   std::to_string(c.compression()));
+  }
+  if (XXH3_64bits(raw.data(), raw.size()) != c.checksum()) {
+    return Status::Corruption("chunk " + std::to_string(c.index()) + ": checksum mismatch");
+  }
+  v1::ChunkBody body;
+  if (!body.ParseFromString(raw)) return Status::Corruption("chunk " + std::to_string(c.index()) + ": bad body");
+  return body;
+}
+
+}  // namespace
+
+Status ReplicaManager::ReceiveDelta(const PrimaryCaller& caller, DeltaStream& stream) {
+  v1::DeltaMessage msg;
+  if (!stream.Read(&msg)) return Status::Unavailable("the stream ended before its start");
+  if (!msg.has_start()) return Status::InvalidArgument("the first message of a delta stream must be its start");
+  const v1::DeltaStart start = msg.start();
+  VMR_ASSIGN_OR_RETURN(auto r, Get(caller, start.vm_id(), start.relationship_index()));
+  const std::string& vm = r->vm_id;
+  if (start.sequence() == 0) return Status::InvalidArgument("sequence 0 is not a log");
+  if (start.base_generation().size() != 16 || start.new_generation().size() != 16) {
+    return Status::InvalidArgument("generation ids must be 16 bytes");
+  }
+  if (start.kind() < 1 || start.kind() > 3) return Status::InvalidArgument("kind must be 1, 2 or 3");
+  if (start.initial() != (start.sequence() == 1)) {
+    return Status::InvalidArgument("the initial log is sequence 1 and only it (got sequence " +
+                                   std::to_string(start.sequence()) + (start.initial() ? ", initial)" : ")"));
+  }
+
+  std::unique_lock<std::mutex> l(r->recv_mu);
+  if (!r->recv_cv.wait_for(l, options_.resume_wait, [&] { return !r->receiving; })) {
+    return Status::Unavailable("another stream of VM " + vm + " is still running");
+  }
+  if (r->removed) return Status::NotFound("the replica of VM " + vm + " was removed");
+  r->receiving = true;
+  // Released on every return; the partial log stays unless dropped below.
+  struct Release {
+    Replica* r;
+    std::unique_lock<std::mutex>* l;
+    ~Release() {
+      if (!l->owns_lock()) l->lock();
+      r->receiving = false;
+      r->recv_cv.notify_all();
+    }
+  } release{r.get(), &l};
+  auto drop = [&](const Status& why) {
+    spdlog::warn("replica {}: partial log {} dropped: {}", vm, start.sequence(), why.ToString());
+    if (r->partial) {
+      r->partial->writer->Abandon();
+      r->partial.reset();
+    }
+    return why;
+  };
+
+  if (r->committed && SameStart(*r->committed, start)) {
+    // The sender lost our commit answer: the log is staged already.
+    v1::DeltaReply rep;
+    rep.set_started(true);
+    rep.set_committed(true);
+    stream.Write(rep);
+    return Status::Ok();
+  }
+  if (r->partial && !SameStart(r->partial->start, start)) drop(Status::Cancelled("another log started")).IgnoreError();
+  if (!r->partial) {
+    VMR_ASSIGN_OR_RETURN(uint64_t expected, r->staging->expected_sequence());
+    if (start.sequence() != expected) {
+      return Status::FailedPrecondition("VM " + vm + ": log " + std::to_string(start.sequence()) +
+                                        " is out of sequence, expected " + std::to_string(expected));
+    }
+    VMR_ASSIGN_OR_RETURN(auto rel, catalog_->GetRelationship(vm, static_cast<int>(r->index)));
+    if (!rel) return Status::NotFound("VM " + vm + " has no replica relationship");
+    if (rel->state != ReplicationState::kWaitingToCompleteInitialReplication &&
+        rel->state != ReplicationState::kReplicating) {
+      return Status::FailedPrecondition("VM " + vm + " is in state " + std::string(Name(rel->state)) +
+                                        ": it does not receive logs");
+    }
+    LogHeader h;
+    h.relationship_id = vm;
+    h.relationship_index = r->index;
+    h.sequence = start.sequence();
+    std::copy(start.base_generation().begin(), start.base_generation().end(), h.base_generation.begin());
+    std::copy(start.new_generation().begin(), start.new_generation().end(), h.new_generation.begin());
+    h.cut_time_unix_ms = start.cut_time_unix_ms();
+    h.kind = static_cast<ReplicationType>(start.kind());
+    for (const auto& d : r->store->disks()) h.disks.push_back(LogDisk{d.name, d.size});
+    VMR_ASSIGN_OR_RETURN(auto writer, r->staging->BeginReceive(h));
+    r->partial.emplace();
+    r->partial->start = start;
+    r->partial->writer = std::move(writer);
+    spdlog::info("replica {}: receiving log {} ({} -> {})", vm, start.sequence(),
+                 GenerationText(start.base_generation()), GenerationText(start.new_generation()));
+  } else {
+    spdlog::info("replica {}: resuming log {} at chunk {}", vm, start.sequence(), r->partial->next_chunk);
+  }
+  Replica::Partial& part = *r->partial;
+  l.unlock();  // the partial log is ours while `receiving` is set
+
+  v1::DeltaReply rep;
+  rep.set_started(true);
+  rep.set_resume_chunk(part.next_chunk);
+  rep.set_acked_chunks(part.next_chunk);
+  if (!stream.Write(rep)) return Status::Unavailable("the stream broke");
+
+  for (;;) {
+    if (!stream.Read(&msg)) return Status::Unavailable("the stream ended before the log's end");
+    if (msg.has_chunk()) {
+      const v1::DeltaChunk& c = msg.chunk();
+      if (c.index() != part.next_chunk) {
+        l.lock();
+        return drop(Status::FailedPrecondition("chunk " + std::to_string(c.index()) + " out of order, expected " +
+                                               std::to_string(part.next_chunk)));
+      }
+      auto body = DecodeChunk(c);
+      if (!body.ok()) {
+        l.lock();
+        return drop(body.status());
+      }
+      if (part.totals.record_count + body->records_size() > kMaxRecordsPerLog) {
+        l.lock();
+        return drop(Status::InvalidArgument("the log has more than 2^24 records"));
+      }
+      for (auto& pr : *body->mutable_records()) {
+        DeltaRecord rec;
+        rec.disk = pr.disk();
+        rec.offset = pr.offset();
+        rec.length = pr.length();
+        rec.zero = pr.zero();
+        if (rec.zero) {
+          if (!pr.data().empty()) {
+            l.lock();
+            return drop(Status::InvalidArgument("a zero record with data"));
+          }
+          part.totals.zero_bytes += rec.length;
+        } else {
+          rec.data = std::move(*pr.mutable_data());
+          part.totals.data_bytes += rec.length;
+        }
+        Status s = part.writer->Add(rec);
+        if (!s.ok()) {
+          l.lock();
+          return drop(s);
+        }
+        ++part.totals.record_count;
+      }
+      ++part.next_chunk;
+      v1::DeltaReply ack;
+      ack.set_acked_chunks(part.next_chunk);
+      if (!stream.Write(ack)) return Status::Unavailable("the stream broke");
+    } else if (msg.has_end()) {
+      const v1::DeltaEnd& e = msg.end();
+      l.lock();
+      if (e.chunk_count() != part.next_chunk || e.record_count() != part.totals.record_count ||
+          e.data_bytes() != part.totals.data_bytes || e.zero_bytes() != part.totals.zero_bytes) {
+        return drop(Status::Corruption("the log's end does not match what was received (" +
+                                       std::to_string(part.next_chunk) + " chunks, " +
+                                       std::to_string(part.totals.record_count) + " records)"));
+      }
+      Status s = part.writer->Finish();
+      if (s.ok()) s = r->staging->CommitReceived(start.sequence());
+      if (!s.ok()) return drop(s);
+      r->partial.reset();
+      r->committed = start;
+      l.unlock();
+      const int64_t now = r->now_ms();
+      r->EditRelationship([&](RelationshipRecord& rel) {
+        rel.last_replication_ms = now;
+        rel.last_replication_type = static_cast<ReplicationType>(start.kind());
+        if (start.kind() == 2) rel.last_app_consistent_ms = now;
+        return true;
+      });
+      spdlog::info("replica {}: log {} staged ({} records)", vm, start.sequence(), e.record_count());
+      r->RequestApply();
+      v1::DeltaReply done;
+      done.set_committed(true);
+      done.set_acked_chunks(e.chunk_count());
+      stream.Write(done);  // a lost answer is handled by the sender's resume
+      return Status::Ok();
+    } else {
+      l.lock();
+      return drop(Status::InvalidArgument("a second start in one stream"));
+    }
+  }
+}
+
+}  // namespace vmreplica

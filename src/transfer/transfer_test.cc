@@ -1,0 +1,533 @@
+// End-to-end tests of the data plane: a real PeerService + ReplicaManager
+// behind a gRPC server with mutual TLS on 127.0.0.1, certificates from the
+// lab PKI, a real catalog and real replica stores. Expected disk images are
+// computed here from the records, independently of the code under test.
+#include "vmreplica/transfer.h"
+
+#include <gtest/gtest.h>
+#include <stdlib.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <xxhash.h>
+
+#include <filesystem>
+#include <random>
+#include <set>
+
+#include "service/peer_service.h"
+#include "service/tls.h"
+#include "vmreplica/security.h"
+
+namespace vmreplica {
+namespace {
+
+namespace fs = std::filesystem;
+
+const char* kVm = "6f1c2a9e-3b4d-4e5f-8a7b-0c1d2e3f4a5b";
+const std::vector<ReplicaDisk> kDisks = {{"vda", 1 << 20}, {"vdb", 512 << 10}};
+
+// Every file and directory under `root` (relative names), symlinks not followed.
+std::set<std::string> Tree(const std::string& root) {
+  std::set<std::string> out;
+  for (auto it = fs::recursive_directory_iterator(root); it != fs::recursive_directory_iterator(); ++it) {
+    out.insert(fs::relative(it->path(), root).string());
+  }
+  return out;
+}
+
+class TransferTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    char tmpl[] = "/tmp/vmr-xfer-XXXXXX";
+    ASSERT_NE(::mkdtemp(tmpl), nullptr);
+    root_ = tmpl;
+    pki_ = root_ + "/pki";
+    storage_ = root_ + "/storage";
+    outside_ = root_ + "/outside";
+    fs::create_directories(pki_);
+    fs::create_directories(storage_);
+    fs::create_directories(outside_);
+    ASSERT_TRUE(security::CreateLabCa(pki_ + "/ca.crt", pki_ + "/ca.key", "xfer test CA", 2).ok());
+    for (const std::string name : {"replica.lab", "primary-a.lab", "primary-a2.lab", "primary-b.lab", "intruder.lab"}) {
+      std::vector<std::string> sans = {name};
+      if (name == "replica.lab") sans.push_back("127.0.0.1");
+      ASSERT_TRUE(security::IssueHostCertificate(pki_ + "/ca.crt", pki_ + "/ca.key", name, sans,
+                                                 pki_ + "/" + name + ".crt", pki_ + "/" + name + ".key", 2)
+                      .ok());
+    }
+    auto cat = Catalog::Open(root_ + "/catalog.db");
+    ASSERT_TRUE(cat.ok()) << cat.status().ToString();
+    catalog_ = std::move(*cat);
+    ServerSettings ss;
+    ss.recovery_server_enabled = true;
+    ASSERT_TRUE(catalog_->PutServerSettings(ss).ok());
+    ASSERT_TRUE(catalog_->AddAuthorizationEntry({"primary-a.lab", storage_, "tg-a"}).ok());
+    ASSERT_TRUE(catalog_->AddAuthorizationEntry({"primary-a2.lab", storage_, "tg-a"}).ok());
+    ASSERT_TRUE(catalog_->AddAuthorizationEntry({"primary-b.lab", storage_, "tg-b"}).ok());
+
+    env_.catalog = catalog_.get();
+    env_.host_name = "replica.lab";
+    env_.identity = Identity("replica.lab");
+    StartServer();
+  }
+
+  void StartServer() {
+    manager_ = std::make_unique<ReplicaManager>(catalog_.get(), ReplicaManagerOptions{});
+    peer_ = std::make_unique<service::PeerService>(&env_, manager_.get());
+    grpc::ServerBuilder b;
+    int port = 0;
+    b.AddListeningPort("127.0.0.1:0", service::MakeServerCredentials(env_.identity), &port);
+    b.RegisterService(peer_.get());
+    b.SetMaxReceiveMessageSize(kMaxGrpcMessageBytes);
+    server_ = b.BuildAndStart();
+    ASSERT_NE(server_, nullptr);
+    ASSERT_GT(port, 0);
+    port_ = static_cast<uint16_t>(port);
+  }
+
+  void StopServer() {
+    server_->Shutdown();
+    server_.reset();
+    peer_.reset();
+    manager_.reset();
+  }
+
+  void TearDown() override {
+    if (server_) StopServer();
+    catalog_.reset();
+    std::error_code ec;
+    fs::remove_all(root_, ec);
+  }
+
+  security::TlsIdentity Identity(const std::string& name) {
+    auto id = service::LoadIdentity(pki_ + "/ca.crt", pki_ + "/" + name + ".crt", pki_ + "/" + name + ".key");
+    EXPECT_TRUE(id.ok()) << id.status().ToString();
+    return id.ok() ? *id : security::TlsIdentity{};
+  }
+
+  std::unique_ptr<ReplicaClient> Client(const std::string& name) {
+    return std::make_unique<ReplicaClient>(service::MakeSecureChannel("127.0.0.1", port_, Identity(name)));
+  }
+
+  std::unique_ptr<v1::ReplicaPeer::Stub> RawStub(const std::string& name) {
+    return v1::ReplicaPeer::NewStub(service::MakeSecureChannel("127.0.0.1", port_, Identity(name)));
+  }
+
+  static CreateReplicaParams Params(const std::string& vm_id = kVm) {
+    CreateReplicaParams p;
+    p.vm_id = vm_id;
+    p.vm_name = "web01";
+    p.definition_json = R"({"memory_mib":256})";
+    p.disks = kDisks;
+    p.settings.recovery_connection_point = "replica.lab";
+    p.settings.recovery_server_port = 443;
+    p.settings.certificate_thumbprint = std::string(40, 'a');
+    p.settings.recovery_history = 2;
+    return p;
+  }
+
+  static DeltaInfo Info(uint64_t seq, uint8_t gen_tag = 0) {
+    DeltaInfo d;
+    d.vm_id = kVm;
+    d.sequence = seq;
+    d.base_generation.fill(static_cast<uint8_t>(seq - 1));
+    d.new_generation.fill(static_cast<uint8_t>(seq + gen_tag));
+    // Recent cut times: every point stays inside the store's fine window.
+    static const auto base =
+        std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch());
+    d.cut_time_unix_ms = static_cast<uint64_t>(base.count()) - 60000 + seq * 1000;
+    d.kind = seq % 3 == 0 ? ReplicationType::kApplicationConsistent : ReplicationType::kRegular;
+    d.initial = seq == 1;
+    return d;
+  }
+
+  // Random records of block-aligned extents on both disks; some large ones
+  // (split by the sender), some zero ones. Applies them to `images` as the
+  // expected result.
+  static std::vector<DeltaRecord> RandomDelta(std::mt19937_64& rng, std::vector<std::string>& images, int count) {
+    std::vector<DeltaRecord> out;
+    for (int i = 0; i < count; ++i) {
+      const uint32_t disk = rng() % kDisks.size();
+      const uint64_t blocks = kDisks[disk].size / 4096;
+      const uint64_t len_blocks = 1 + rng() % (i % 7 == 0 ? 40 : 4);
+      const uint64_t start = rng() % (blocks - len_blocks + 1);
+      const uint64_t off = start * 4096, len = len_blocks * 4096;
+      if (rng() % 5 == 0) {
+        out.push_back(ZeroRecord(disk, off, len));
+        std::fill(images[disk].begin() + off, images[disk].begin() + off + len, '\0');
+      } else {
+        std::string data(len, '\0');
+        // Compressible and incompressible data alternate.
+        const bool compressible = rng() % 2 == 0;
+        for (size_t k = 0; k < len; ++k) {
+          data[k] = compressible ? static_cast<char>('a' + (k / 512 + i) % 26) : static_cast<char>(rng());
+        }
+        std::copy(data.begin(), data.end(), images[disk].begin() + off);
+        out.push_back(DataRecord(disk, off, std::move(data)));
+      }
+    }
+    return out;
+  }
+
+  static std::vector<std::string> EmptyImages() {
+    std::vector<std::string> im;
+    for (const auto& d : kDisks) im.emplace_back(d.size, '\0');
+    return im;
+  }
+
+  // Closes the replica (RemoveReplica) and compares every point with `expected[seq]`.
+  void ExpectPoints(const std::map<uint64_t, std::vector<std::string>>& expected) {
+    ASSERT_TRUE(manager_->WaitApplied(kVm, std::chrono::seconds(60)).ok());
+    ASSERT_TRUE(Client("primary-a.lab")->RemoveReplica(kVm, 0).ok());
+    auto store = ReplicaStore::Open(storage_ + "/" + kVm, nullptr, ReplicaStoreOptions{});
+    ASSERT_TRUE(store.ok()) << store.status().ToString();
+    for (const auto& [seq, images] : expected) {
+      for (uint32_t d = 0; d < kDisks.size(); ++d) {
+        std::string got(kDisks[d].size, '\x55');
+        ASSERT_TRUE((*store)->ReadPoint(seq, d, 0, got.size(), got.data()).ok()) << "point " << seq;
+        EXPECT_TRUE(got == images[d]) << "point " << seq << " disk " << kDisks[d].name << " differs";
+      }
+    }
+  }
+
+  std::string root_, pki_, storage_, outside_;
+  std::unique_ptr<Catalog> catalog_;
+  service::ServiceEnv env_;
+  std::unique_ptr<ReplicaManager> manager_;
+  std::unique_ptr<service::PeerService> peer_;
+  std::unique_ptr<grpc::Server> server_;
+  uint16_t port_ = 0;
+};
+
+TEST_F(TransferTest, CreateAndSeveralDeltasGiveExactPoints) {
+  auto client = Client("primary-a.lab");
+  auto st = client->CreateReplica(Params());
+  ASSERT_TRUE(st.ok()) << st.status().ToString();
+  EXPECT_EQ(st->expected_sequence, 1u);
+  EXPECT_EQ(st->latest_applied, 0u);
+  EXPECT_EQ(st->state, ReplicationState::kWaitingToCompleteInitialReplication);
+  auto vm = catalog_->GetVm(kVm);
+  ASSERT_TRUE(vm.ok() && *vm);
+  EXPECT_EQ((*vm)->mode, ReplicationMode::kReplica);
+  EXPECT_EQ((*vm)->definition_json, R"({"memory_mib":256})");
+
+  // Idempotent for the same disks; AlreadyExists for others.
+  auto again = client->CreateReplica(Params());
+  ASSERT_TRUE(again.ok()) << again.status().ToString();
+  auto other = Params();
+  other.disks[1].size += 4096;
+  EXPECT_EQ(client->CreateReplica(other).status().code(), Code::kAlreadyExists);
+
+  std::mt19937_64 rng(42);
+  auto images = EmptyImages();
+  std::map<uint64_t, std::vector<std::string>> expected;
+  expected[0] = images;
+  for (uint64_t seq = 1; seq <= 4; ++seq) {
+    VectorDeltaSource src(RandomDelta(rng, images, seq == 1 ? 60 : 25));
+    expected[seq] = images;
+    SendOptions o;
+    o.compress = seq % 2 == 1;
+    o.chunk_bytes = 16 << 10;
+    uint64_t throttled = 0, progress = 0;
+    o.throttle = [&](uint64_t b) { throttled += b; };
+    o.progress = [&](uint64_t b) { progress = b; };
+    auto stats = client->SendDelta(Info(seq), src, o);
+    ASSERT_TRUE(stats.ok()) << "seq " << seq << ": " << stats.status().ToString();
+    EXPECT_GT(stats->chunks, 1u);
+    EXPECT_EQ(stats->resumed, 0u);
+    EXPECT_EQ(throttled, stats->wire_bytes);
+    EXPECT_EQ(progress, stats->wire_bytes);
+  }
+  ASSERT_TRUE(manager_->WaitApplied(kVm, std::chrono::seconds(60)).ok());
+  auto status = client->GetReplicaStatus(kVm, 0);
+  ASSERT_TRUE(status.ok()) << status.status().ToString();
+  EXPECT_EQ(status->latest_applied, 4u);
+  EXPECT_EQ(status->expected_sequence, 5u);
+  EXPECT_EQ(status->state, ReplicationState::kReplicating);
+  auto rel = catalog_->GetRelationship(kVm, 0);
+  ASSERT_TRUE(rel.ok() && *rel);
+  EXPECT_EQ((*rel)->sequence, 4u);
+  EXPECT_GT((*rel)->last_apply_ms, 0);
+  EXPECT_GT((*rel)->last_replication_ms, 0);
+  auto points = catalog_->ListRecoveryPoints(kVm);
+  ASSERT_TRUE(points.ok());
+  EXPECT_EQ(points->size(), 5u);  // points 0..4, mirrored by the store
+
+  ExpectPoints(expected);
+  // Removal kept the VM and its points, dropped the relationship.
+  EXPECT_TRUE(catalog_->GetVm(kVm)->has_value());
+  EXPECT_FALSE(catalog_->GetRelationship(kVm, 0)->has_value());
+  EXPECT_EQ(catalog_->ListRecoveryPoints(kVm)->size(), 5u);
+}
+
+TEST_F(TransferTest, BrokenStreamResumesFromLastAckedChunk) {
+  auto client = Client("primary-a.lab");
+  ASSERT_TRUE(client->CreateReplica(Params()).ok());
+  std::mt19937_64 rng(7);
+  auto images = EmptyImages();
+  VectorDeltaSource src(RandomDelta(rng, images, 120));
+  std::map<int, std::vector<uint64_t>> sent;  // attempt -> chunk indexes written
+  uint64_t acked_at_break = 0;
+  TestOnlySendHooks hooks;
+  hooks.break_after_chunk = [&](uint64_t index, int attempt, uint64_t acked) {
+    sent[attempt].push_back(index);
+    if (attempt == 1 && acked >= 3) {
+      acked_at_break = acked;
+      return true;
+    }
+    return false;
+  };
+  client->SetTestOnlySendHooks(hooks);
+  SendOptions o;
+  o.compress = false;
+  o.chunk_bytes = 8 << 10;
+  auto stats = client->SendDelta(Info(1), src, o);
+  ASSERT_TRUE(stats.ok()) << stats.status().ToString();
+  EXPECT_GT(stats->resumed, 0u);
+  ASSERT_GE(acked_at_break, 3u);
+  ASSERT_FALSE(sent[2].empty());
+  // The second attempt started where the replica said, never before the
+  // chunks acknowledged in the first one, and went on without gaps.
+  EXPECT_GE(sent[2].front(), acked_at_break);
+  for (size_t i = 1; i < sent[2].size(); ++i) EXPECT_EQ(sent[2][i], sent[2][i - 1] + 1);
+  EXPECT_EQ(sent[2].back() + 1, stats->chunks);
+  ExpectPoints({{1, images}});
+}
+
+TEST_F(TransferTest, OutOfSequenceAndDuplicateLogsAreRefused) {
+  auto client = Client("primary-a.lab");
+  ASSERT_TRUE(client->CreateReplica(Params()).ok());
+  std::mt19937_64 rng(9);
+  auto images = EmptyImages();
+  SendOptions o;
+  {
+    VectorDeltaSource src(RandomDelta(rng, images, 3));
+    auto info = Info(2);
+    info.initial = false;
+    EXPECT_EQ(client->SendDelta(info, src, o).status().code(), Code::kFailedPrecondition);
+  }
+  {
+    VectorDeltaSource src(RandomDelta(rng, images, 3));
+    auto info = Info(1);
+    info.initial = false;  // sequence 1 is the initial log
+    EXPECT_EQ(client->SendDelta(info, src, o).status().code(), Code::kInvalidArgument);
+  }
+  images = EmptyImages();
+  auto recs = RandomDelta(rng, images, 5);
+  {
+    VectorDeltaSource src(recs);
+    ASSERT_TRUE(client->SendDelta(Info(1), src, o).ok());
+  }
+  {
+    // The same log again (a sender that lost the commit answer): answered
+    // as committed without sending anything.
+    VectorDeltaSource src(recs);
+    auto again = client->SendDelta(Info(1), src, o);
+    ASSERT_TRUE(again.ok()) << again.status().ToString();
+    EXPECT_EQ(again->wire_bytes, 0u);
+  }
+  {
+    VectorDeltaSource src(recs);  // the same sequence again, another generation
+    EXPECT_EQ(client->SendDelta(Info(1, 9), src, o).status().code(), Code::kFailedPrecondition);
+  }
+  {
+    auto copy = images;
+    VectorDeltaSource src(RandomDelta(rng, copy, 3));
+    EXPECT_EQ(client->SendDelta(Info(3), src, o).status().code(), Code::kFailedPrecondition);
+  }
+  // Chunks out of order and duplicated on the wire.
+  for (uint64_t bad_index : {uint64_t{1}, uint64_t{0}}) {
+    auto stub = RawStub("primary-a.lab");
+    grpc::ClientContext ctx;
+    auto stream = stub->PushDelta(&ctx);
+    v1::DeltaMessage m;
+    auto* s = m.mutable_start();
+    s->set_vm_id(kVm);
+    s->set_sequence(2);
+    s->set_base_generation(std::string(16, '\1'));
+    s->set_new_generation(std::string(16, '\2'));
+    s->set_kind(1);
+    ASSERT_TRUE(stream->Write(m));
+    v1::DeltaReply r;
+    ASSERT_TRUE(stream->Read(&r));
+    EXPECT_TRUE(r.started());
+    v1::ChunkBody body;
+    auto* rec = body.add_records();
+    rec->set_disk(0);
+    rec->set_offset(0);
+    rec->set_length(4);
+    rec->set_data("abcd");
+    std::string raw = body.SerializeAsString();
+    v1::DeltaMessage c;
+    c.mutable_chunk()->set_raw_size(raw.size());
+    c.mutable_chunk()->set_checksum(XXH3_64bits(raw.data(), raw.size()));
+    c.mutable_chunk()->set_payload(raw);
+    if (bad_index == 0) {  // chunk 0 accepted, then chunk 0 again
+      c.mutable_chunk()->set_index(0);
+      ASSERT_TRUE(stream->Write(c));
+      ASSERT_TRUE(stream->Read(&r));
+      EXPECT_EQ(r.acked_chunks(), 1u);
+    }
+    c.mutable_chunk()->set_index(bad_index);
+    stream->Write(c);
+    stream->WritesDone();
+    while (stream->Read(&r)) {
+    }
+    EXPECT_EQ(stream->Finish().error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  }
+  ExpectPoints({{1, images}});
+}
+
+TEST_F(TransferTest, CorruptChunkIsRefusedAndNothingApplied) {
+  auto client = Client("primary-a.lab");
+  ASSERT_TRUE(client->CreateReplica(Params()).ok());
+  std::mt19937_64 rng(11);
+  auto images = EmptyImages();
+  auto recs = RandomDelta(rng, images, 30);
+  for (bool compress : {false, true}) {
+    TestOnlySendHooks hooks;
+    hooks.mutate_payload = [](uint64_t index, std::string* payload) {
+      if (index == 2) (*payload)[payload->size() / 2] ^= 0x01;
+    };
+    client->SetTestOnlySendHooks(hooks);
+    VectorDeltaSource src(recs);
+    SendOptions o;
+    o.compress = compress;
+    o.chunk_bytes = 8 << 10;
+    EXPECT_EQ(client->SendDelta(Info(1), src, o).status().code(), Code::kCorruption) << "compress " << compress;
+    auto st = client->GetReplicaStatus(kVm, 0);
+    ASSERT_TRUE(st.ok());
+    EXPECT_EQ(st->expected_sequence, 1u);
+    EXPECT_EQ(st->latest_applied, 0u);
+    for (const auto& e : fs::directory_iterator(storage_ + "/" + kVm + "/staging")) {
+      EXPECT_NE(e.path().extension(), ".vrl") << e.path();
+    }
+  }
+  EXPECT_EQ(catalog_->ListRecoveryPoints(kVm)->size(), 1u);  // point 0 only
+  // The same log sent intact is accepted afterwards.
+  client->SetTestOnlySendHooks({});
+  VectorDeltaSource src(recs);
+  ASSERT_TRUE(client->SendDelta(Info(1), src, SendOptions{}).ok());
+  ExpectPoints({{1, images}});
+}
+
+TEST_F(TransferTest, UnauthorisedCertificateIsRefused) {
+  const auto before = Tree(root_);
+  auto client = Client("intruder.lab");
+  EXPECT_EQ(client->CreateReplica(Params()).status().code(), Code::kPermissionDenied);
+  EXPECT_EQ(client->GetReplicaStatus(kVm, 0).status().code(), Code::kPermissionDenied);
+  EXPECT_EQ(Tree(root_), before);
+  EXPECT_FALSE(catalog_->GetVm(kVm)->has_value());
+}
+
+TEST_F(TransferTest, WrongTrustGroupIsRefused) {
+  ASSERT_TRUE(Client("primary-a.lab")->CreateReplica(Params()).ok());
+  // Another primary of the same trust group may continue the VM...
+  auto same = Client("primary-a2.lab")->GetReplicaStatus(kVm, 0);
+  EXPECT_TRUE(same.ok()) << same.status().ToString();
+  // ... one of another trust group may not, whatever the call.
+  auto b = Client("primary-b.lab");
+  EXPECT_EQ(b->CreateReplica(Params()).status().code(), Code::kPermissionDenied);
+  EXPECT_EQ(b->GetReplicaStatus(kVm, 0).status().code(), Code::kPermissionDenied);
+  std::mt19937_64 rng(3);
+  auto images = EmptyImages();
+  VectorDeltaSource src(RandomDelta(rng, images, 3));
+  EXPECT_EQ(b->SendDelta(Info(1), src, SendOptions{}).status().code(), Code::kPermissionDenied);
+  EXPECT_EQ(b->RemoveReplica(kVm, 0).code(), Code::kPermissionDenied);
+  EXPECT_TRUE(catalog_->GetRelationship(kVm, 0)->has_value());
+}
+
+TEST_F(TransferTest, VmIdWithDotDotCannotLeaveTheStorageLocation) {
+  const auto before = Tree(root_);
+  auto client = Client("primary-a.lab");
+  for (const std::string id : {"..", "../outside", "../outside/6f1c2a9e-3b4d-4e5f-8a7b-0c1d2e3f4a5b",
+                               "6f1c2a9e-3b4d-4e5f-8a7b-0c1d2e3f4a5b/../../outside"}) {
+    EXPECT_EQ(client->CreateReplica(Params(id)).status().code(), Code::kPermissionDenied) << id;
+  }
+  EXPECT_EQ(client->CreateReplica(Params("not-a-uuid")).status().code(), Code::kInvalidArgument);
+  EXPECT_EQ(Tree(root_), before);
+}
+
+TEST_F(TransferTest, SymlinkPlantedInTheStorageLocationIsRefused) {
+  // The store path itself is a symlink to a directory outside.
+  fs::create_symlink(outside_, storage_ + "/" + kVm);
+  // The ownership record of another VM id points outside.
+  const std::string vm2 = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d";
+  fs::create_symlink(outside_ + "/owner-target", storage_ + "/" + vm2 + ".primary");
+  const auto before = Tree(root_);
+  auto client = Client("primary-a.lab");
+  EXPECT_EQ(client->CreateReplica(Params()).status().code(), Code::kPermissionDenied);
+  EXPECT_EQ(client->CreateReplica(Params(vm2)).status().code(), Code::kPermissionDenied);
+  EXPECT_EQ(Tree(root_), before);
+  EXPECT_TRUE(fs::is_empty(outside_));
+  EXPECT_FALSE(catalog_->GetVm(kVm)->has_value());
+  EXPECT_FALSE(catalog_->GetVm(vm2)->has_value());
+}
+
+TEST_F(TransferTest, HelloOffersTheDeltaFeature) {
+  auto stub = RawStub("primary-a.lab");
+  grpc::ClientContext ctx;
+  v1::HelloRequest req;
+  req.set_protocol_version(1);
+  req.add_features(kDeltaFeature);
+  v1::HelloResponse resp;
+  ASSERT_TRUE(stub->Hello(&ctx, req, &resp).ok());
+  ASSERT_EQ(resp.features_size(), 1);
+  EXPECT_EQ(resp.features(0), kDeltaFeature);
+  EXPECT_TRUE(resp.authorized());
+}
+
+TEST_F(TransferTest, StagedLogsAreAppliedAfterARestart) {
+  auto client = Client("primary-a.lab");
+  ASSERT_TRUE(client->CreateReplica(Params()).ok());
+  std::mt19937_64 rng(5);
+  auto images = EmptyImages();
+  std::map<uint64_t, std::vector<std::string>> expected;
+  for (uint64_t seq = 1; seq <= 2; ++seq) {
+    VectorDeltaSource src(RandomDelta(rng, images, 10));
+    expected[seq] = images;
+    ASSERT_TRUE(client->SendDelta(Info(seq), src, SendOptions{}).ok());
+  }
+  ASSERT_TRUE(manager_->WaitApplied(kVm, std::chrono::seconds(60)).ok());
+  StopServer();
+  {
+    // While the daemon is down, log 3 is staged but not applied (as after a
+    // crash between the acknowledgement and the apply).
+    auto store = ReplicaStore::Open(storage_ + "/" + kVm, nullptr, ReplicaStoreOptions{});
+    ASSERT_TRUE(store.ok()) << store.status().ToString();
+    auto staging = Staging::Open(storage_ + "/" + kVm + "/staging", **store);
+    ASSERT_TRUE(staging.ok()) << staging.status().ToString();
+    LogHeader h;
+    h.relationship_id = kVm;
+    h.sequence = 3;
+    const DeltaInfo info = Info(3);
+    h.base_generation = info.base_generation;
+    h.new_generation = info.new_generation;
+    h.cut_time_unix_ms = info.cut_time_unix_ms;
+    h.kind = info.kind;
+    for (const auto& d : kDisks) h.disks.push_back(LogDisk{d.name, d.size});
+    auto writer = (*staging)->BeginReceive(h);
+    ASSERT_TRUE(writer.ok()) << writer.status().ToString();
+    for (const auto& r : RandomDelta(rng, images, 10)) ASSERT_TRUE((*writer)->Add(r).ok());
+    expected[3] = images;
+    ASSERT_TRUE((*writer)->Finish().ok());
+    ASSERT_TRUE((*staging)->CommitReceived(3).ok());
+  }
+  StartServer();
+  manager_->OpenAll();  // as the daemon does at start: applies log 3
+  ASSERT_TRUE(manager_->WaitApplied(kVm, std::chrono::seconds(60)).ok());
+  client = Client("primary-a.lab");
+  auto st = client->GetReplicaStatus(kVm, 0);
+  ASSERT_TRUE(st.ok()) << st.status().ToString();
+  EXPECT_EQ(st->latest_applied, 3u);
+  EXPECT_EQ(st->expected_sequence, 4u);
+  EXPECT_EQ(st->state, ReplicationState::kReplicating);
+  EXPECT_EQ((*catalog_->GetRelationship(kVm, 0))->sequence, 3u);
+  VectorDeltaSource src(RandomDelta(rng, images, 10));
+  expected[4] = images;
+  ASSERT_TRUE(client->SendDelta(Info(4), src, SendOptions{}).ok());
+  ExpectPoints(expected);
+}
+
+}  // namespace
+}  // namespace vmreplica
