@@ -46,7 +46,8 @@ namespace vmreplica {
 
 struct ReplicationEngineOptions {
   // Per-VM work directories (fleecing overlays, NBD sockets, the
-  // qemu-storage-daemon of a VM that is off) go under <run_dir>/<vm id>.
+  // qemu-storage-daemon of a VM that is off) go under <run_dir>/<the first
+  // 16 hex digits of the VM's UUID>.
   std::string run_dir;
   // Transfers (initial copies and cycles) running at once, server-wide.
   int max_parallel_transfers = 3;
@@ -155,6 +156,7 @@ class ReplicationEngine {
   Status UpdateRelationship(const std::string& vm_id, const std::function<Status(RelationshipRecord&)>& change);
   std::chrono::milliseconds IntervalOf(const RelationshipRecord& rel) const;
   int64_t Now() const;
+  std::string RunDirOf(const std::string& vm_id) const;
   void AcquireSlot();
   void ReleaseSlot();
   void Throttle(uint64_t bytes);

@@ -82,6 +82,18 @@ bool IsNetworkError(const Status& s) {
 
 }  // namespace
 
+// <run_dir>/<the first 16 hex digits of the VM's UUID>: unix sockets go
+// there and their paths are limited to 107 bytes, so the full UUID would
+// leave too little room. 64 bits keep two VMs of one host apart.
+std::string ReplicationEngine::RunDirOf(const std::string& vm_id) const {
+  std::string hex;
+  for (char c : vm_id) {
+    if (c != '-') hex.push_back(c);
+    if (hex.size() == 16) break;
+  }
+  return options_.run_dir + "/" + hex;
+}
+
 struct ReplicationEngine::Worker {
   std::string vm_id;
   std::thread thread;
@@ -250,7 +262,7 @@ Result<CycleReport> ReplicationEngine::RunCycle(const std::string& vm_id, bool i
   VMR_ASSIGN_OR_RETURN(auto def, DefinitionOf(*vm_opt));
   VMR_ASSIGN_OR_RETURN(auto included, IncludedDisks(def, rel.settings));
 
-  const std::string run_dir = options_.run_dir + "/" + vm_id;
+  const std::string run_dir = RunDirOf(vm_id);
   VMR_RETURN_IF_ERROR(MakeDirs(run_dir));
   VMR_ASSIGN_OR_RETURN(auto attached, AttachVm(def, run_dir));
   std::vector<TrackedDisk> tracked;
@@ -746,7 +758,7 @@ Status ReplicationEngine::RemoveRelationship(const std::string& vm, int index) {
   // Stop tracking: drop this relationship's bitmaps when QEMU is reachable.
   auto def = DefinitionOf(rec);
   if (def.ok()) {
-    const std::string run_dir = options_.run_dir + "/" + rec.id;
+    const std::string run_dir = RunDirOf(rec.id);
     if (MakeDirs(run_dir).ok()) {
       auto attached = AttachVm(*def, run_dir);
       if (attached.ok()) {

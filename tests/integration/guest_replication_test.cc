@@ -1,0 +1,144 @@
+// A real Linux guest (the tiny TCG guest of tests/guest) keeps writing files
+// to its ext4 disk while vmreplica replicates that disk to a second daemon.
+// The replica's latest point must be a crash-consistent file system: after
+// the journal replay a mount would do, e2fsck finds nothing to fix.
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <filesystem>
+#include <nlohmann/json.hpp>
+#include <sstream>
+#include <thread>
+
+#include "guest/test_guest.h"
+#include "integration/harness.h"
+
+namespace vmreplica::testing {
+namespace {
+
+using nlohmann::json;
+using namespace std::chrono_literals;
+
+int64_t Num(const json& j) {
+  if (j.is_string()) return std::stoll(j.get<std::string>());
+  if (j.is_number()) return j.get<int64_t>();
+  return 0;
+}
+
+json LastJsonDocument(const std::string& out) {
+  std::string last;
+  std::istringstream lines(out);
+  for (std::string line; std::getline(lines, line);) {
+    if (!line.empty()) last = line;
+  }
+  return json::parse(last);
+}
+
+int64_t NowMs() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+TEST(GuestReplicationTest, GuestWritingDuringReplicationLeavesAConsistentFileSystemOnTheReplica) {
+  Status artifacts = CheckGuestArtifacts();
+  ASSERT_TRUE(artifacts.ok()) << artifacts.ToString();
+  TempDir dir;
+  MakeCa(dir / "ca", "vmreplica guest test CA");
+  MakeHost(dir / "ca", dir / "pki", "primary.vmreplica.test", {"localhost", "127.0.0.1"});
+  MakeHost(dir / "ca", dir / "pki", "replica.vmreplica.test", {"localhost", "127.0.0.1"});
+  // A journalled ext4 made on the host (busybox's mke2fs makes ext2, which
+  // is not crash-safe), converted to the guest's qcow2 disk.
+  auto r = RunProgram({"/sbin/mkfs.ext4", "-q", "-F", dir / "vda.raw", "64M"});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  r = RunProgram({"/usr/bin/qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", dir / "vda.raw", dir / "vda.qcow2"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+
+  GuestOptions go;
+  go.disks.push_back(GuestDisk{dir / "vda.qcow2", "qcow2", "vda"});
+  go.run_dir = dir / "guest";
+  std::filesystem::create_directories(go.run_dir);
+  auto guest = TestGuest::Launch(go);
+  ASSERT_TRUE(guest.ok()) << guest.status().ToString();
+  auto g = (*guest)->Run("mkdir -p /mnt/d && mount -t ext4 -o commit=1 /dev/vda /mnt/d && echo mounted");
+  ASSERT_TRUE(g.ok()) << g.status().ToString();
+  ASSERT_EQ(g->first, 0) << g->second;
+  // A writer that never stops: files rewritten, appended, renamed; the
+  // journal commits every second (commit=1) and every 20 rounds it syncs,
+  // so the disk keeps changing under the cuts.
+  g = (*guest)->Run(
+      "(i=0; while true; do dd if=/dev/urandom of=/mnt/d/f$((i % 16)) bs=4k count=$((i % 7 + 1)) 2>/dev/null; "
+      "echo $i >> /mnt/d/log; mv /mnt/d/f$((i % 16)) /mnt/d/g$((i % 5)) 2>/dev/null; "
+      "[ $((i % 20)) -eq 0 ] && sync; i=$((i + 1)); done) >/dev/null 2>&1 & echo started");
+  ASSERT_TRUE(g.ok()) << g.status().ToString();
+  ASSERT_EQ(g->first, 0) << g->second;
+
+  auto spec = [&](const std::string& host, const std::string& extra) {
+    return DaemonSpec{host, dir / "ca/ca.crt", dir / ("pki/" + host + ".crt"), dir / ("pki/" + host + ".key"),
+                      FreePort(), extra};
+  };
+  Daemon primary(dir, spec("primary.vmreplica.test", "[testing]\nreplication_interval_override_ms = 1000\n"));
+  Daemon replica(dir, spec("replica.vmreplica.test", ""));
+  std::string err;
+  ASSERT_TRUE(primary.Start(&err)) << err;
+  ASSERT_TRUE(replica.Start(&err)) << err;
+  ASSERT_EQ(replica.Cli({"server", "set", "--enable", "--auth", "certificate"}).exit_code, 0);
+  ASSERT_EQ(replica.Cli({"auth", "add", "*.vmreplica.test", "--storage", dir / "replicas"}).exit_code, 0);
+
+  // The guest's QEMU, bound by its QMP socket; vmreplica starts the NBD
+  // server for its cuts itself (QEMU runs none).
+  r = primary.Cli({"vm", "add", "guest", "--qmp", (*guest)->qmp_socket(), "--disk", "vda=vda"});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  r = primary.Cli({"--json", "vm", "get", "guest"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const std::string vm_id = LastJsonDocument(r.out)["vm"]["id"].get<std::string>();
+  r = primary.Cli({"enable", "guest", "--replica-server", "127.0.0.1", "--replica-port",
+                   std::to_string(replica.port())});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  r = primary.Cli({"start", "guest"});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err << ReadText(primary.log_path());
+
+  // Cycles cut while the guest writes: wait 4 s of writing, then for two
+  // more cycles.
+  std::this_thread::sleep_for(4s);
+  const int64_t started = NowMs();
+  auto last_replication = [&]() -> int64_t {
+    auto out = primary.Cli({"--json", "get", "guest"});
+    if (out.exit_code != 0) return 0;
+    json doc = LastJsonDocument(out.out);
+    return Num(doc["relationships"][0]["last_replication_time_unix_ms"]);
+  };
+  auto deadline = std::chrono::steady_clock::now() + 120s;
+  int64_t first = 0;
+  while (std::chrono::steady_clock::now() < deadline) {
+    int64_t t = last_replication();
+    if (first == 0 && t > started) first = t;
+    if (first != 0 && t > first) break;
+    std::this_thread::sleep_for(200ms);
+  }
+  ASSERT_GT(last_replication(), first) << "no two cycles during the writes\n" << ReadText(primary.log_path());
+  // The guest is still writing: the last point was cut mid-stream.
+  g = (*guest)->Run("tail -n 1 /mnt/d/log");
+  ASSERT_TRUE(g.ok() && g->first == 0);
+
+  // Freeze the replica at its latest point: no more deltas, let the
+  // applier finish, stop the daemon cleanly, then read its image.
+  ASSERT_EQ(primary.Cli({"suspend", "guest"}).exit_code, 0);
+  std::this_thread::sleep_for(2s);
+  ASSERT_TRUE(replica.Stop());
+  const std::string image = dir / ("replicas/" + vm_id + "/disks/vda.img");
+  ASSERT_TRUE(std::filesystem::exists(image)) << image;
+  std::filesystem::copy_file(image, dir / "check.img");
+  // What a mount does first: replay the journal. Then a full read-only
+  // check must find nothing to fix.
+  r = RunProgram({"/sbin/e2fsck", "-E", "journal_only", "-p", dir / "check.img"});
+  EXPECT_LE(r.exit_code, 1) << r.out << r.err;
+  r = RunProgram({"/sbin/e2fsck", "-f", "-n", dir / "check.img"});
+  EXPECT_EQ(r.exit_code, 0) << "the replica's file system is not consistent:\n" << r.out << r.err;
+  // And the guest's files are there.
+  r = RunProgram({"/sbin/debugfs", "-R", "ls -l /", dir / "check.img"});
+  EXPECT_NE(r.out.find("log"), std::string::npos) << r.out << r.err;
+  (void)(*guest)->Shutdown(30s);
+}
+
+}  // namespace
+}  // namespace vmreplica::testing
