@@ -22,6 +22,7 @@
 #pragma once
 
 #include <chrono>
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
@@ -144,6 +145,9 @@ class ReplicationEngine {
   // Resolves `vm` (id or unique name) to its record.
   Result<VmRecord> ResolveVm(const std::string& vm);
 
+  // NotSupported unless this host is the primary of `rel`.
+  static Status RequirePrimary(const VmRecord& vm, const RelationshipRecord& rel, const char* method);
+
  private:
   struct Worker;
   Status RunInitial(const std::string& vm_id, JobContext* job);
@@ -169,6 +173,7 @@ class ReplicationEngine {
   std::map<std::string, std::unique_ptr<Worker>> workers_;  // by vm id; guarded by mu_
   std::map<std::string, int> failures_;                     // consecutive failures; guarded by mu_
   bool stopping_ = false;                                   // guarded by mu_
+  std::atomic<bool> stop_flag_{false};                      // Stop() called: transfers end early
 
   // One mutex per VM serialises its cycles and its initial copy.
   std::mutex vm_locks_mu_;

@@ -79,7 +79,12 @@ Result<std::unique_ptr<Daemon>> Daemon::Create(DaemonConfig config) {
                               uint16_t port) -> Result<std::shared_ptr<grpc::Channel>> {
     // The probe tells a refused certificate (32769) from an unreachable host (32777).
     auto probe = security::ProbeTls(host, port, self->env_.identity, host, self->env_.options.connect_timeout);
-    if (!probe.ok()) return probe.status().WithContext("replica server " + service::JoinHostPort(host, port));
+    if (!probe.ok()) {
+      const std::string where = "replica server " + service::JoinHostPort(host, port);
+      // No answer in time is "not reachable" for the replication methods (32777).
+      if (probe.status().code() == Code::kTimeout) return Status::Unavailable(where + ": " + probe.status().message());
+      return probe.status().WithContext(where);
+    }
     return service::MakeSecureChannel(host, port, self->env_.identity);
   };
   d->replication_ = std::make_unique<ReplicationEngine>(d->catalog_.get(), d->jobs_.get(), eopts);
@@ -96,6 +101,9 @@ Result<std::unique_ptr<Daemon>> Daemon::Create(DaemonConfig config) {
 Daemon::~Daemon() { Stop(); }
 
 Status Daemon::Start() {
+  // Before any request can arrive: the engine resets the state of an
+  // initial copy that a stop interrupted, which must not race a new one.
+  VMR_RETURN_IF_ERROR(replication_->Start());
   const std::string& sock = config_.admin_socket;
   VMR_RETURN_IF_ERROR(MakeDirs(std::filesystem::path(sock).parent_path().string(), 0755));
   // We hold the state-dir lock, so a socket file left here is a dead daemon's.
@@ -112,7 +120,6 @@ Status Daemon::Start() {
   if (::chmod(sock.c_str(), 0600) != 0) return Status::IOError("chmod 0600 " + sock);
   spdlog::info("admin socket {} (mode 0600)", sock);
   if (config_.start_listener) VMR_RETURN_IF_ERROR(StartListener());
-  VMR_RETURN_IF_ERROR(replication_->Start());
   return Status::Ok();
 }
 

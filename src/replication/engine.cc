@@ -101,6 +101,7 @@ struct ReplicationEngine::Worker {
   std::condition_variable cv;
   bool kicked = false;  // guarded by mu
   bool stop = false;    // guarded by mu
+  bool exited = false;  // guarded by mu: the loop returned (relationship gone)
 };
 
 ReplicationEngine::ReplicationEngine(Catalog* catalog, JobEngine* jobs, ReplicationEngineOptions options)
@@ -170,6 +171,13 @@ Result<VmRecord> ReplicationEngine::ResolveVm(const std::string& vm) {
   return Status::NotFound("no VM named or with id '" + vm + "' on this host (`vmreplica vm add` binds one)");
 }
 
+Status ReplicationEngine::RequirePrimary(const VmRecord& vm, const RelationshipRecord& rel, const char* method) {
+  if (rel.local_mode == ReplicationMode::kPrimary) return Status::Ok();
+  return Status::NotSupported(std::string(method) + " on the " + std::string(Name(rel.local_mode)) +
+                              " side of VM " + vm.name +
+                              " is not supported by this vmreplica build yet; run it on the primary");
+}
+
 Status ReplicationEngine::UpdateRelationship(const std::string& vm_id,
                                              const std::function<Status(RelationshipRecord&)>& change) {
   return catalog_->RunInTransaction([&]() -> Status {
@@ -186,6 +194,7 @@ Status ReplicationEngine::Start() {
   VMR_ASSIGN_OR_RETURN(auto rels, catalog_->ListRelationships());
   std::lock_guard<std::mutex> lock(mu_);
   stopping_ = false;
+  stop_flag_ = false;
   for (const auto& rel : rels) {
     if (rel.index != kPrimaryIndex || rel.local_mode != ReplicationMode::kPrimary) continue;
     if (rel.state == ReplicationState::kReplicating || rel.state == ReplicationState::kCritical ||
@@ -213,6 +222,7 @@ void ReplicationEngine::Stop() {
   {
     std::lock_guard<std::mutex> lock(mu_);
     stopping_ = true;
+    stop_flag_ = true;
     workers.swap(workers_);
   }
   for (auto& [id, w] : workers) {
@@ -239,15 +249,22 @@ void ReplicationEngine::StartWorkerLocked(const std::string& vm_id) {
 void ReplicationEngine::KickWorker(const std::string& vm_id) {
   std::lock_guard<std::mutex> lock(mu_);
   auto it = workers_.find(vm_id);
-  if (it == workers_.end()) {
-    StartWorkerLocked(vm_id);
-    return;
+  if (it != workers_.end()) {
+    bool exited = false;
+    {
+      std::lock_guard<std::mutex> l(it->second->mu);
+      exited = it->second->exited;
+      it->second->kicked = true;
+    }
+    if (!exited) {
+      it->second->cv.notify_all();
+      return;
+    }
+    // Its loop ended (the relationship was gone for a while): replace it.
+    if (it->second->thread.joinable()) it->second->thread.join();
+    workers_.erase(it);
   }
-  {
-    std::lock_guard<std::mutex> l(it->second->mu);
-    it->second->kicked = true;
-  }
-  it->second->cv.notify_all();
+  StartWorkerLocked(vm_id);
 }
 
 // ------------------------------------------------------------------ the cycle
@@ -325,9 +342,25 @@ Result<CycleReport> ReplicationEngine::RunCycle(const std::string& vm_id, bool i
     total_bytes += cd.size_bytes;
     parts.push_back(std::move(*reader));
   }
-  ConcatDeltaSource source(std::move(parts));
+  ConcatDeltaSource concat(std::move(parts));
+  // Stops the transfer when the job is cancelled or the engine stops.
+  class CancellableSource : public DeltaSource {
+   public:
+    CancellableSource(DeltaSource* inner, std::function<bool()> cancelled)
+        : inner_(inner), cancelled_(std::move(cancelled)) {}
+    Result<std::optional<DeltaRecord>> Next() override {
+      if (cancelled_()) return Status::Cancelled("the transfer was cancelled");
+      return inner_->Next();
+    }
+
+   private:
+    DeltaSource* inner_;
+    std::function<bool()> cancelled_;
+  };
+  CancellableSource source(&concat, [this, job] { return stop_flag_.load() || (job && job->CancelRequested()); });
+  ConcatDeltaSource& observed = concat;
   if (job != nullptr && total_bytes > 0) {
-    source.set_observer([job, &disk_base, total_bytes](size_t part, uint64_t end) {
+    observed.set_observer([job, &disk_base, total_bytes](size_t part, uint64_t end) {
       job->SetProgress(static_cast<uint32_t>((disk_base[part] + end) * 99 / total_bytes));
     });
   }
@@ -346,6 +379,7 @@ Result<CycleReport> ReplicationEngine::RunCycle(const std::string& vm_id, bool i
   so.throttle = [this](uint64_t bytes) { Throttle(bytes); };
   auto sent = client.SendDelta(info, source, so);
   if (!sent.ok()) return abort(sent.status());
+  if (job && job->CancelRequested()) return abort(Status::Cancelled("initial replication cancelled"));
 
   if (Status c = tracker.Commit(cut); !c.ok()) {
     // The replica holds the log; bitmap g stays and merges into g+1 at the
@@ -471,7 +505,18 @@ void ReplicationEngine::WorkerLoop(Worker* w) {
       w->kicked = false;
     }
     auto rel = catalog_->GetRelationship(vm_id, kPrimaryIndex);
-    if (!rel.ok() || !*rel) return;  // removed
+    if (!rel.ok()) {
+      // A transient catalog error must not end replication: retry.
+      spdlog::error("VM {}: reading its relationship failed: {}; retrying", vm_id, rel.status().ToString());
+      retrying = true;
+      retry_at = Now() + options_.retry_initial.count();
+      continue;
+    }
+    if (!*rel || (*rel)->local_mode != ReplicationMode::kPrimary) {  // removed
+      std::lock_guard<std::mutex> lock(w->mu);
+      w->exited = true;
+      return;
+    }
     const ReplicationState state = (*rel)->state;
     if (state != ReplicationState::kReplicating && state != ReplicationState::kCritical) {
       // Suspended, resync required, ...: wait for a kick (resume) or stop.
@@ -593,13 +638,16 @@ Result<JobRecord> ReplicationEngine::StartReplication(const std::string& vm, int
   VMR_ASSIGN_OR_RETURN(auto rec, ResolveVm(vm));
   VMR_ASSIGN_OR_RETURN(auto rel, catalog_->GetRelationship(rec.id, kPrimaryIndex));
   if (!rel) return Status::FailedPrecondition("VM " + rec.name + " has no replication relationship");
-  VMR_ASSIGN_OR_RETURN(auto t, CheckTransition(TableMode::kPrimary, rel->state, Operation::kStartReplication));
+  VMR_RETURN_IF_ERROR(RequirePrimary(rec, *rel, "StartReplication"));
   const int64_t now_s = Now() / 1000;
   if (start_unix_s != 0 && (start_unix_s < now_s - 60 || start_unix_s > now_s + 7 * 86400)) {
     return Status::InvalidArgument("ScheduledStartTime: must be within the next 7 days");
   }
   const std::string vm_id = rec.id;
-  VMR_RETURN_IF_ERROR(UpdateRelationship(vm_id, [&](RelationshipRecord& r) {
+  // The check and the change in one transaction: two concurrent calls
+  // cannot both start a copy.
+  VMR_RETURN_IF_ERROR(UpdateRelationship(vm_id, [&](RelationshipRecord& r) -> Status {
+    VMR_ASSIGN_OR_RETURN(auto t, CheckTransition(TableMode::kPrimary, r.state, Operation::kStartReplication));
     r.state = t.during;
     return Status::Ok();
   }));
@@ -614,7 +662,7 @@ Result<JobRecord> ReplicationEngine::StartReplication(const std::string& vm, int
                           });
   if (!job.ok()) {
     Status undo = UpdateRelationship(vm_id, [&](RelationshipRecord& r) {
-      r.state = rel->state;
+      if (r.state == ReplicationState::kWaitingToCompleteInitialReplication) r.state = rel->state;
       return Status::Ok();
     });
     (void)undo;
@@ -634,7 +682,11 @@ Status ReplicationEngine::RunInitial(const std::string& vm_id, JobContext* job) 
   }
   if (!r.ok()) {
     Status undo = UpdateRelationship(vm_id, [](RelationshipRecord& rel) {
-      rel.state = ReplicationState::kReadyForReplication;
+      // Only the copy's own state goes back (a suspend or cancel meanwhile stays).
+      if (rel.state == ReplicationState::kWaitingToCompleteInitialReplication ||
+          rel.state == ReplicationState::kSuspended) {
+        rel.state = ReplicationState::kReadyForReplication;
+      }
       return Status::Ok();
     });
     if (!undo.ok()) spdlog::error("VM {}: resetting the state failed: {}", vm_id, undo.ToString());
@@ -642,11 +694,18 @@ Status ReplicationEngine::RunInitial(const std::string& vm_id, JobContext* job) 
     (void)f;
     return r.status().WithContext("initial replication");
   }
-  VMR_RETURN_IF_ERROR(UpdateRelationship(vm_id, [](RelationshipRecord& rel) {
-    rel.state = ReplicationState::kReplicating;
+  bool replicating = false;
+  VMR_RETURN_IF_ERROR(UpdateRelationship(vm_id, [&](RelationshipRecord& rel) {
+    // Suspended during the copy: stays suspended (resume starts the cycles).
+    if (rel.state == ReplicationState::kWaitingToCompleteInitialReplication) {
+      rel.state = ReplicationState::kReplicating;
+    }
+    replicating = rel.state == ReplicationState::kReplicating;
     return Status::Ok();
   }));
-  VMR_RETURN_IF_ERROR(RecordSuccess(vm_id, *r));
+  if (Status s = RecordSuccess(vm_id, *r); !s.ok()) {
+    spdlog::error("VM {}: recording the initial copy's statistics failed: {}", vm_id, s.ToString());
+  }
   if (job) {
     nlohmann::json out = {{"sequence", r->sequence},   {"data_bytes", r->data_bytes},
                           {"zero_bytes", r->zero_bytes}, {"wire_bytes", r->wire_bytes},
@@ -655,7 +714,7 @@ Status ReplicationEngine::RunInitial(const std::string& vm_id, JobContext* job) 
   }
   spdlog::info("VM {}: initial replication done: {} bytes of data ({} on the wire) in {} ms", vm_id,
                r->data_bytes, r->wire_bytes, r->duration_ms);
-  KickWorker(vm_id);
+  if (replicating) KickWorker(vm_id);
   return Status::Ok();
 }
 
@@ -671,7 +730,13 @@ Status ReplicationEngine::RequestStateChange(const std::string& vm, int index, R
     return Status::NotSupported("RequestedState " + std::to_string(static_cast<int>(requested)) +
                                 " is not supported by this vmreplica build yet");
   }
-  VMR_ASSIGN_OR_RETURN(auto t, CheckTransition(TableMode::kPrimary, rel->state, *op));
+  VMR_RETURN_IF_ERROR(RequirePrimary(rec, *rel, "RequestReplicationStateChange"));
+  VMR_RETURN_IF_ERROR(CheckTransition(TableMode::kPrimary, rel->state, *op).status());
+  if (*op == Operation::kRequestResume && rel->state != ReplicationState::kSuspended &&
+      rel->state != ReplicationState::kCritical) {
+    return Status::NotSupported("resuming from " + std::string(Name(rel->state)) +
+                                " needs a resynchronization, which this vmreplica build does not do yet");
+  }
   if (*op == Operation::kRequestCancelInitialReplication) {
     auto jobs = jobs_->List();
     if (jobs.ok()) {
@@ -684,14 +749,28 @@ Status ReplicationEngine::RequestStateChange(const std::string& vm, int index, R
       }
     }
   }
-  VMR_RETURN_IF_ERROR(UpdateRelationship(rec.id, [&](RelationshipRecord& r) {
+  ReplicationState after = rel->state;
+  VMR_RETURN_IF_ERROR(UpdateRelationship(rec.id, [&](RelationshipRecord& r) -> Status {
+    VMR_ASSIGN_OR_RETURN(auto t, CheckTransition(TableMode::kPrimary, r.state, *op));
     r.state = t.after;
+    // Resumed before the initial copy finished: there is nothing to send
+    // deltas against yet; StartReplication runs it again.
+    if (r.state == ReplicationState::kReplicating && r.generation_id.empty()) {
+      r.state = ReplicationState::kReadyForReplication;
+    }
+    after = r.state;
     StatisticsRecord none;
     r.health = EvaluateHealth(r, none, Now(), 0).health;
     return Status::Ok();
   }));
-  spdlog::info("VM {}: replication state {} -> {}", rec.name, Name(rel->state), Name(t.after));
-  if (t.after == ReplicationState::kReplicating) KickWorker(rec.id);
+  spdlog::info("VM {}: replication state {} -> {}", rec.name, Name(rel->state), Name(after));
+  if (after == ReplicationState::kReplicating) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      failures_[rec.id] = 0;
+    }
+    KickWorker(rec.id);
+  }
   return Status::Ok();
 }
 
@@ -699,6 +778,7 @@ Status ReplicationEngine::ModifySettings(const std::string& vm, const Relationsh
   VMR_ASSIGN_OR_RETURN(auto rec, ResolveVm(vm));
   VMR_ASSIGN_OR_RETURN(auto rel, catalog_->GetRelationship(rec.id, kPrimaryIndex));
   if (!rel) return Status::FailedPrecondition("VM " + rec.name + " has no replication relationship");
+  VMR_RETURN_IF_ERROR(RequirePrimary(rec, *rel, "ModifyReplicationSettings"));
   VMR_RETURN_IF_ERROR(CheckTransition(TableMode::kPrimary, rel->state, Operation::kModifyReplicationSettings).status());
   VMR_RETURN_IF_ERROR(ValidateRelationshipSettings(settings, /*extended=*/false));
   if (settings.recovery_connection_point != rel->settings.recovery_connection_point ||
@@ -723,6 +803,7 @@ Status ReplicationEngine::RemoveRelationship(const std::string& vm, int index) {
   VMR_ASSIGN_OR_RETURN(auto rec, ResolveVm(vm));
   VMR_ASSIGN_OR_RETURN(auto rel, catalog_->GetRelationship(rec.id, index));
   if (!rel) return Status::FailedPrecondition("VM " + rec.name + " has no replication relationship");
+  VMR_RETURN_IF_ERROR(RequirePrimary(rec, *rel, "RemoveReplicationRelationship"));
   VMR_RETURN_IF_ERROR(CheckTransition(TableMode::kPrimary, rel->state, Operation::kRemoveReplicationRelationship)
                           .status());
   std::unique_ptr<Worker> worker;
@@ -753,6 +834,9 @@ Status ReplicationEngine::RemoveRelationship(const std::string& vm, int index) {
       ReplicaClient client(*channel);
       Status s = client.RemoveReplica(rec.id, index);
       if (!s.ok()) spdlog::warn("VM {}: the replica side was not removed: {}", rec.name, s.ToString());
+    } else {
+      spdlog::warn("VM {}: the replica server was not reached, its side was not removed: {}", rec.name,
+                   channel.status().ToString());
     }
   }
   // Stop tracking: drop this relationship's bitmaps when QEMU is reachable.
