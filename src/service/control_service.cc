@@ -6,6 +6,7 @@
 
 #include "service/authorization.h"
 #include "service/connection_test.h"
+#include "service/admin_auth.h"
 #include "service/convert.h"
 #include "service/tls.h"
 #include "vmreplica/model/return_code.h"
@@ -51,19 +52,8 @@ constexpr const char* kInitialCapability = "export/import and seeded initial rep
 }  // namespace
 
 bool ControlService::Authorize(const grpc::ServerContext& context, const char* method,
-                               v1::MethodResult* result) const {
-  if (!remote_) return true;  // the local socket is mode 0600, owned by the daemon's user
-  std::vector<std::string> names = PeerNames(context);
-  for (const auto& pattern : env_->options.remote_admin_principals) {
-    for (const auto& n : names) {
-      if (HostMatchesPattern(n, pattern)) return true;
-    }
-  }
-  std::string who = names.empty() ? std::string("an unnamed peer") : names.front();
-  spdlog::warn("remote {} from {} refused: not in [admin] remote_principals", method, who);
-  SetResult(result, ReturnCode::kAccessDenied,
-            who + " may not administer " + env_->host_name + " remotely (not in [admin] remote_principals)");
-  return false;
+                       v1::MethodResult* result) const {
+  return AuthorizeAdmin(*env_, remote_, context, method, result);
 }
 
 bool ControlService::RefuseOverOwnListener(const char* what, v1::MethodResult* result) const {

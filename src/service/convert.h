@@ -3,6 +3,7 @@
 // nothing here trusts a number it has not checked.
 #pragma once
 
+#include "protoconv/settings_convert.h"
 #include "vmreplica/job.h"
 #include "vmreplica/model/settings.h"
 #include "vmreplica/security.h"
@@ -17,8 +18,10 @@ void ToProto(const ServerSettings& s, v1::ServerSettings* p);
 AuthorizationEntry FromProto(const v1::AuthorizationEntry& p);
 void ToProto(const AuthorizationEntry& e, v1::AuthorizationEntry* p);
 
-Result<RelationshipSettings> FromProto(const v1::RelationshipSettings& p);
-void ToProto(const RelationshipSettings& s, v1::RelationshipSettings* p);
+inline Result<RelationshipSettings> FromProto(const v1::RelationshipSettings& p) {
+  return RelationshipSettingsFromProto(p);
+}
+inline void ToProto(const RelationshipSettings& s, v1::RelationshipSettings* p) { RelationshipSettingsToProto(s, p); }
 
 void ToProto(const JobRecord& j, int64_t now_ms, v1::Job* p);
 void ToProto(const security::CertificateInfo& c, const std::string& role, v1::Certificate* p);

@@ -2,6 +2,7 @@
 
 #include <spdlog/spdlog.h>
 
+#include "service/admin_auth.h"
 #include "service/convert.h"
 #include "service/tls.h"
 #include "vmreplica/model/return_code.h"
@@ -110,19 +111,9 @@ Result<VmRecord> FindVm(Catalog* catalog, const std::string& vm) {
 
 }  // namespace
 
-bool VmService::Authorize(const grpc::ServerContext& context, const char* method, v1::MethodResult* result) const {
-  if (!remote_) return true;  // the local socket is mode 0600, owned by the daemon's user
-  std::vector<std::string> names = PeerNames(context);
-  for (const auto& pattern : env_->options.remote_admin_principals) {
-    for (const auto& n : names) {
-      if (HostMatchesPattern(n, pattern)) return true;
-    }
-  }
-  std::string who = names.empty() ? std::string("an unnamed peer") : names.front();
-  spdlog::warn("remote {} from {} refused: not in [admin] remote_principals", method, who);
-  SetResult(result, ReturnCode::kAccessDenied,
-            who + " may not administer " + env_->host_name + " remotely (not in [admin] remote_principals)");
-  return false;
+bool VmService::Authorize(const grpc::ServerContext& context, const char* method,
+                       v1::MethodResult* result) const {
+  return AuthorizeAdmin(*env_, remote_, context, method, result);
 }
 
 grpc::Status VmService::AddVm(grpc::ServerContext* ctx, const v1::AddVmRequest* req, v1::VmResponse* resp) {

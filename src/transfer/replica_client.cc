@@ -7,6 +7,7 @@
 #include <deque>
 #include <thread>
 
+#include "protoconv/settings_convert.h"
 #include "vmreplica/transfer.h"
 
 namespace vmreplica {
@@ -17,33 +18,18 @@ void SetDeadline(grpc::ClientContext* ctx, std::chrono::milliseconds timeout) {
   ctx->set_deadline(std::chrono::system_clock::now() + timeout);
 }
 
-ReplicaStatusInfo FromProto(const v1::ReplicaStatus& p) {
+// The replica's answer; its state number is checked like any network input.
+Result<ReplicaStatusInfo> FromProto(const v1::ReplicaStatus& p) {
   ReplicaStatusInfo s;
   s.expected_sequence = p.expected_sequence();
   s.latest_applied = p.latest_applied();
-  s.state = static_cast<ReplicationState>(p.state());
+  auto state = Parse<ReplicationState>(std::to_string(p.state()));
+  if (!state) {
+    return Status::Corruption("replica status: state " + std::to_string(p.state()) +
+                              " is not a ReplicationState number");
+  }
+  s.state = *state;
   return s;
-}
-
-void SettingsToProto(const RelationshipSettings& s, v1::RelationshipSettings* p) {
-  p->set_recovery_connection_point(s.recovery_connection_point);
-  p->set_recovery_server_port_number(s.recovery_server_port);
-  p->set_authentication_type(static_cast<uint32_t>(s.authentication_type));
-  p->set_certificate_thumbprint(s.certificate_thumbprint);
-  p->set_compression_enabled(s.compression_enabled);
-  p->set_replication_interval(s.replication_interval_s);
-  p->set_recovery_history(s.recovery_history);
-  p->set_application_consistent_snapshot_interval(s.application_consistent_snapshot_interval_h);
-  for (const auto& d : s.included_disks) p->add_included_disks(d);
-  p->set_auto_resynchronize_enabled(s.auto_resynchronize_enabled);
-  p->set_auto_resynchronize_interval_start_min(s.auto_resynchronize_interval_start_min);
-  p->set_auto_resynchronize_interval_end_min(s.auto_resynchronize_interval_end_min);
-  p->set_enable_write_order_preservation_across_disks(s.enable_write_order_preservation_across_disks);
-  p->set_bypass_proxy_server(s.bypass_proxy_server);
-  p->set_replicate_host_kvp_items(s.replicate_host_kvp_items);
-  p->set_recovery_host_system(s.recovery_host_system);
-  p->set_primary_connection_point(s.primary_connection_point);
-  p->set_primary_host_system(s.primary_host_system);
 }
 
 struct Chunk {
@@ -167,7 +153,7 @@ Result<ReplicaStatusInfo> ReplicaClient::CreateReplica(const CreateReplicaParams
     p->set_name(d.name);
     p->set_size_bytes(d.size);
   }
-  SettingsToProto(params.settings, req.mutable_settings());
+  RelationshipSettingsToProto(params.settings, req.mutable_settings());
   grpc::ClientContext ctx;
   SetDeadline(&ctx, unary_timeout_);
   v1::ReplicaStatus resp;

@@ -19,26 +19,6 @@ namespace {
 using nlohmann::json;
 using namespace std::chrono_literals;
 
-int64_t Num(const json& j) {
-  if (j.is_string()) return std::stoll(j.get<std::string>());
-  if (j.is_number()) return j.get<int64_t>();
-  return 0;
-}
-
-json LastJsonDocument(const std::string& out) {
-  std::string last;
-  std::istringstream lines(out);
-  for (std::string line; std::getline(lines, line);) {
-    if (!line.empty()) last = line;
-  }
-  return json::parse(last);
-}
-
-int64_t NowMs() {
-  return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch())
-      .count();
-}
-
 TEST(GuestReplicationTest, GuestWritingDuringReplicationLeavesAConsistentFileSystemOnTheReplica) {
   Status artifacts = CheckGuestArtifacts();
   ASSERT_TRUE(artifacts.ok()) << artifacts.ToString();
@@ -105,7 +85,7 @@ TEST(GuestReplicationTest, GuestWritingDuringReplicationLeavesAConsistentFileSys
     auto out = primary.Cli({"--json", "get", "guest"});
     if (out.exit_code != 0) return 0;
     json doc = LastJsonDocument(out.out);
-    return Num(doc["relationships"][0]["last_replication_time_unix_ms"]);
+    return JsonInt(doc["relationships"][0]["last_replication_time_unix_ms"]);
   };
   auto deadline = std::chrono::steady_clock::now() + 120s;
   int64_t first = 0;

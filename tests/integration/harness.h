@@ -6,6 +6,8 @@
 #include <sys/types.h>
 
 #include <chrono>
+#include <cstdint>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
@@ -96,5 +98,21 @@ class Daemon {
 };
 
 std::string ReadText(const std::string& path);
+
+// The last non-empty line of `out` parsed as JSON (`vmreplica --json` prints
+// one document per line; the final one is the outcome). A discarded value
+// when it does not parse.
+nlohmann::json LastJsonDocument(const std::string& out);
+
+// A JSON integer; proto3's JSON mapping writes 64-bit fields as strings.
+// -1 (with a test failure) for anything else.
+int64_t JsonInt(const nlohmann::json& v);
+
+// SHA-256 (hex) of the first `length` bytes of `path`; bytes past the end of
+// a shorter (sparse) file count as zeros, as they read on a replica.
+std::string Sha256Padded(const std::string& path, uint64_t length);
+
+// Unix time in milliseconds.
+int64_t NowMs();
 
 }  // namespace vmreplica::testing

@@ -16,10 +16,8 @@
 #include "integration/netns.h"
 
 #include <gtest/gtest.h>
-#include <openssl/evp.h>
 #include <unistd.h>
 
-#include <charconv>
 #include <chrono>
 #include <filesystem>
 #include <fstream>
@@ -43,69 +41,6 @@ constexpr uint64_t kDiskBytes = 64ull << 20;
 constexpr int64_t kConnectTimeoutMs = 5000;
 constexpr int64_t kIntervalMs = 2000;  // [testing] replication_interval_override_ms
 constexpr uint16_t kPort = 7443;       // any port is free in a fresh namespace
-
-// The last non-empty line of `out` parsed as JSON (--json prints one
-// document per line; the final one is the outcome). Null when unparsable.
-json LastJsonDocument(const std::string& out) {
-  std::string last;
-  std::istringstream lines(out);
-  for (std::string line; std::getline(lines, line);) {
-    if (!line.empty()) last = line;
-  }
-  return json::parse(last, nullptr, /*allow_exceptions=*/false);
-}
-
-// SHA-256 (hex) of the first `length` bytes of `path`; bytes past the end of
-// a shorter (sparse) file count as zeros, as they read on the replica.
-std::string Sha256Padded(const std::string& path, uint64_t length) {
-  std::unique_ptr<EVP_MD_CTX, decltype(&EVP_MD_CTX_free)> ctx(EVP_MD_CTX_new(), EVP_MD_CTX_free);
-  EVP_DigestInit_ex(ctx.get(), EVP_sha256(), nullptr);
-  std::vector<char> buf(1 << 20);
-  std::ifstream in(path, std::ios::binary);
-  uint64_t done = 0;
-  while (done < length && in) {
-    in.read(buf.data(), static_cast<std::streamsize>(std::min<uint64_t>(buf.size(), length - done)));
-    const auto n = static_cast<uint64_t>(in.gcount());
-    if (n == 0) break;
-    EVP_DigestUpdate(ctx.get(), buf.data(), n);
-    done += n;
-  }
-  std::fill(buf.begin(), buf.end(), 0);
-  while (done < length) {
-    const uint64_t n = std::min<uint64_t>(buf.size(), length - done);
-    EVP_DigestUpdate(ctx.get(), buf.data(), n);
-    done += n;
-  }
-  unsigned char md[EVP_MAX_MD_SIZE];
-  unsigned int md_len = 0;
-  EVP_DigestFinal_ex(ctx.get(), md, &md_len);
-  static const char kHex[] = "0123456789abcdef";
-  std::string hex;
-  for (unsigned i = 0; i < md_len; ++i) {
-    hex += kHex[md[i] >> 4];
-    hex += kHex[md[i] & 15];
-  }
-  return hex;
-}
-
-// A JSON integer; proto3's JSON mapping writes 64-bit fields as strings.
-// -1 (with a test failure) for anything else.
-int64_t JsonInt(const json& v) {
-  if (v.is_number_integer()) return v.get<int64_t>();
-  if (v.is_string()) {
-    const std::string& s = v.get_ref<const std::string&>();
-    int64_t n = 0;
-    auto [end, ec] = std::from_chars(s.data(), s.data() + s.size(), n);
-    if (ec == std::errc() && end == s.data() + s.size()) return n;
-  }
-  ADD_FAILURE() << "not an integer: " << v.dump();
-  return -1;
-}
-
-int64_t NowMs() {
-  return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch())
-      .count();
-}
 
 // A tool the test runs: absolute path, or a failure naming it.
 std::string Tool(const std::string& name) {

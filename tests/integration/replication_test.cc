@@ -5,7 +5,6 @@
 // shortened with the test-only config key [testing]
 // replication_interval_override_ms.
 #include <gtest/gtest.h>
-#include <openssl/evp.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -26,51 +25,6 @@ using nlohmann::json;
 using namespace std::chrono_literals;
 
 constexpr uint64_t kDiskBytes = 64ull << 20;
-
-std::string Sha256OfFile(const std::string& path, uint64_t length) {
-  std::ifstream in(path, std::ios::binary);
-  EVP_MD_CTX* ctx = EVP_MD_CTX_new();
-  EVP_DigestInit_ex(ctx, EVP_sha256(), nullptr);
-  std::vector<char> buf(1 << 20);
-  uint64_t left = length;
-  while (left > 0 && in) {
-    in.read(buf.data(), static_cast<std::streamsize>(std::min<uint64_t>(buf.size(), left)));
-    auto n = static_cast<uint64_t>(in.gcount());
-    if (n == 0) break;
-    EVP_DigestUpdate(ctx, buf.data(), n);
-    left -= n;
-  }
-  // A sparse file shorter than the disk reads as zeros past its end.
-  std::vector<char> zeros(1 << 20, 0);
-  while (left > 0) {
-    uint64_t n = std::min<uint64_t>(zeros.size(), left);
-    EVP_DigestUpdate(ctx, zeros.data(), n);
-    left -= n;
-  }
-  unsigned char md[32];
-  unsigned int len = 0;
-  EVP_DigestFinal_ex(ctx, md, &len);
-  EVP_MD_CTX_free(ctx);
-  std::ostringstream hex;
-  for (unsigned i = 0; i < len; ++i) hex << std::hex << (md[i] >> 4) << (md[i] & 15);
-  return hex.str();
-}
-
-// Protobuf's JSON form prints 64-bit integers as strings.
-int64_t Num(const json& j) {
-  if (j.is_string()) return std::stoll(j.get<std::string>());
-  if (j.is_number()) return j.get<int64_t>();
-  return 0;
-}
-
-json LastJsonDocument(const std::string& out) {
-  std::string last;
-  std::istringstream lines(out);
-  for (std::string line; std::getline(lines, line);) {
-    if (!line.empty()) last = line;
-  }
-  return json::parse(last);
-}
 
 class ReplicationTest : public ::testing::Test {
  protected:
@@ -164,7 +118,7 @@ class ReplicationTest : public ::testing::Test {
   int64_t LastReplicationMs(Daemon& d) {
     json rel = Relationship(d);
     if (rel.is_null() || !rel.contains("last_replication_time_unix_ms")) return 0;
-    return Num(rel["last_replication_time_unix_ms"]);
+    return JsonInt(rel["last_replication_time_unix_ms"]);
   }
 
   // Waits for a cycle whose cut was taken after `after_ms`.
@@ -180,7 +134,7 @@ class ReplicationTest : public ::testing::Test {
   std::string PrimaryHash() {
     auto r = RunProgram({"/usr/bin/qemu-img", "convert", "-f", "raw", "-O", "raw", NbdUri(), dir_ / "primary.raw"});
     EXPECT_EQ(r.exit_code, 0) << r.err;
-    return Sha256OfFile(dir_ / "primary.raw", kDiskBytes);
+    return Sha256Padded(dir_ / "primary.raw", kDiskBytes);
   }
 
   std::string ReplicaDiskPath() const { return dir_ / ("replicas/" + vm_id_ + "/disks/vda.img"); }
@@ -192,18 +146,12 @@ class ReplicationTest : public ::testing::Test {
     std::string got;
     auto deadline = std::chrono::steady_clock::now() + 30s;
     while (std::chrono::steady_clock::now() < deadline) {
-      got = Sha256OfFile(ReplicaDiskPath(), kDiskBytes);
+      got = Sha256Padded(ReplicaDiskPath(), kDiskBytes);
       if (got == want) return;
       std::this_thread::sleep_for(200ms);
     }
     ADD_FAILURE() << "replica " << got << " != primary " << want << "\n"
                   << ReadText(primary_->log_path()) << ReadText(replica_->log_path());
-  }
-
-  static int64_t NowMs() {
-    return std::chrono::duration_cast<std::chrono::milliseconds>(
-               std::chrono::system_clock::now().time_since_epoch())
-        .count();
   }
 
   TempDir dir_;
@@ -233,9 +181,9 @@ TEST_F(ReplicationTest, InitialCopyThenCyclesDeliverEveryWrite) {
   auto r = primary_->Cli({"--json", "measure", "demo"});
   ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
   json stats = LastJsonDocument(r.out);
-  EXPECT_GE(Num(stats["statistics"]["replication_success_count"]), 3) << r.out;
+  EXPECT_GE(JsonInt(stats["statistics"]["replication_success_count"]), 3) << r.out;
   // Exactly the written data: zeros and unallocated clusters are not sent.
-  EXPECT_EQ(Num(stats["statistics"]["initial_replication_size"]), 5 << 20) << r.out;
+  EXPECT_EQ(JsonInt(stats["statistics"]["initial_replication_size"]), 5 << 20) << r.out;
   EXPECT_EQ(stats["statistics"]["replication_health"], 1) << r.out;  // Normal
 }
 
@@ -273,8 +221,8 @@ TEST_F(ReplicationTest, ReplicaDownForSeveralIntervalsLosesNothingAndRecovers) {
   auto r = primary_->Cli({"--json", "measure", "demo"});
   ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
   json stats = LastJsonDocument(r.out)["statistics"];
-  EXPECT_GE(Num(stats["network_failure_count"]), 1) << r.out;
-  EXPECT_GE(Num(stats["replication_miss_count"]), 2) << r.out;
+  EXPECT_GE(JsonInt(stats["network_failure_count"]), 1) << r.out;
+  EXPECT_GE(JsonInt(stats["replication_miss_count"]), 2) << r.out;
 }
 
 TEST_F(ReplicationTest, ReplicaSideCannotActAsPrimaryAndPrimaryRemovalKeepsTheReplica) {
@@ -295,7 +243,7 @@ TEST_F(ReplicationTest, ReplicaSideCannotActAsPrimaryAndPrimaryRemovalKeepsTheRe
   // ModifyReplicationSettings: the interval may change, the replica server may not.
   r = primary_->Cli({"set", "demo", "--interval", "300"});
   EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
-  EXPECT_EQ(Num(Relationship(*primary_)["settings"]["replication_interval"]), 300);
+  EXPECT_EQ(JsonInt(Relationship(*primary_)["settings"]["replication_interval"]), 300);
   r = primary_->Cli({"set", "demo", "--replica-server", "other.vmreplica.test"});
   EXPECT_EQ(r.exit_code, 1) << r.out << r.err;
   EXPECT_NE(r.err.find("32773"), std::string::npos) << r.err;

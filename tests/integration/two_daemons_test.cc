@@ -21,15 +21,6 @@ namespace {
 
 using nlohmann::json;
 
-json LastJsonDocument(const std::string& out) {
-  std::string last;
-  std::istringstream lines(out);
-  for (std::string line; std::getline(lines, line);) {
-    if (!line.empty()) last = line;
-  }
-  return json::parse(last);
-}
-
 // primary.vmreplica.test and replica.vmreplica.test under one CA; a third
 // host ("rogue") whose certificate comes from another CA but which trusts
 // both (so only the replica's refusal of its certificate can stop it).
