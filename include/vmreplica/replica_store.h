@@ -137,6 +137,10 @@ class ReplicaStore {
 
   // Re-applies retention now (also done after every Apply).
   Status ApplyRetention();
+  // ModifyReplicationSettings on the replica: the new RecoveryHistory
+  // (hours, 0..24) applies from now on; retention runs at once (points a
+  // shorter history no longer keeps are dropped).
+  Status SetRecoveryHistory(int hours);
 
   // Pins point `sequence` so that retention keeps it (docs section 6) until
   // every pin on it is released (pins are counted). Used by exports: a

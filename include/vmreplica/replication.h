@@ -29,6 +29,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -45,6 +46,14 @@ class Channel;
 
 namespace vmreplica {
 
+// One window of the bandwidth schedule, in local time.
+struct BandwidthWindow {
+  uint32_t start_min = 0;      // minutes after local midnight, 0..1439
+  uint32_t end_min = 0;        // exclusive; before start_min = wraps past midnight; == start_min = the whole day
+  uint8_t days_mask = 0x7f;    // bit 0 Sunday .. bit 6 Saturday (the day the window starts)
+  uint64_t bytes_per_s = 0;    // the limit inside the window; 0 = unlimited
+};
+
 struct ReplicationEngineOptions {
   // Per-VM work directories (fleecing overlays, NBD sockets, the
   // qemu-storage-daemon of a VM that is off) go under <run_dir>/<the first
@@ -52,12 +61,19 @@ struct ReplicationEngineOptions {
   std::string run_dir;
   // Transfers (initial copies and cycles) running at once, server-wide.
   int max_parallel_transfers = 3;
-  // Bytes per second over all transfers; 0 = unlimited.
+  // Bytes per second over all transfers; 0 = unlimited. The first window
+  // of `bandwidth_schedule` that holds the local time overrides it.
   uint64_t bandwidth_bytes_per_s = 0;
+  std::vector<BandwidthWindow> bandwidth_schedule;
   // TEST ONLY: when > 0 replaces every ReplicationInterval by this many
   // milliseconds. Set by the config key [testing]
   // replication_interval_override_ms; the daemon logs a warning.
   int64_t test_interval_override_ms = 0;
+  // TEST ONLY: when > 0 replaces every ApplicationConsistentSnapshotInterval
+  // by this many milliseconds ([testing] app_consistent_interval_override_ms).
+  int64_t test_app_consistent_interval_override_ms = 0;
+  // Each guest-agent call (freeze, thaw) around an application-consistent cut.
+  std::chrono::milliseconds guest_agent_timeout{10000};
   // Retry backoff after a failed cycle: first wait, doubled up to the max.
   std::chrono::milliseconds retry_initial{2000};
   std::chrono::milliseconds retry_max{60000};
@@ -76,6 +92,8 @@ struct ReplicationEngineOptions {
 struct CycleReport {
   uint64_t sequence = 0;
   bool initial = false;
+  ReplicationType kind = ReplicationType::kRegular;  // kApplicationConsistent when the guest was frozen
+  std::string app_consistent_failure;  // an app-consistent point was due but the guest was not frozen: why
   uint64_t records = 0;
   uint64_t data_bytes = 0;  // changed bytes read from the cut and sent
   uint64_t zero_bytes = 0;  // bytes sent as zero records (no payload)
@@ -83,6 +101,7 @@ struct CycleReport {
   uint64_t resumed = 0;     // stream resumes after a broken connection
   int64_t cut_time_ms = 0;
   int64_t duration_ms = 0;
+  uint64_t pending_bytes = 0;  // still dirty on the primary after the cycle (PendingReplicationSize)
 };
 
 // Health and its messages by the reference's rules (section 5, "Health").
@@ -93,6 +112,26 @@ struct HealthVerdict {
 // Pure: from the relationship, its statistics window and the time now.
 HealthVerdict EvaluateHealth(const RelationshipRecord& rel, const StatisticsRecord& stats, int64_t now_ms,
                              int consecutive_failures);
+
+// The replica's own state folded into the primary's health: paused or
+// needing a resync on the replica is Critical (reference section 5).
+void ApplyReplicaSideHealth(HealthVerdict& v, ReplicationState replica_state);
+
+// Statistics windows (reference 4.2 MonitoringInterval / MonitoringStartTime):
+// windows start at the local times that are MonitoringStartTime plus a
+// multiple of MonitoringInterval. The start of the window holding `now_ms`.
+int64_t StatisticsWindowStart(const ServerSettings& server, int64_t now_ms);
+// Starts a new window when `s`'s began before the current one (counters to
+// zero; health, initial size, pending size and last test failover stay).
+// A record with no start gets `now_ms`. Answers whether it rolled.
+bool RollStatisticsWindow(StatisticsRecord& s, const ServerSettings& server, int64_t now_ms);
+
+// "HH:MM" -> minutes after midnight; InvalidArgument otherwise.
+Result<uint32_t> ParseTimeOfDay(const std::string& text);
+// The bandwidth limit at `now_ms` (local time): the first window holding
+// it, else the default. 0 = unlimited.
+uint64_t BandwidthLimitAt(const std::vector<BandwidthWindow>& schedule, uint64_t default_bytes_per_s,
+                          int64_t now_ms);
 
 // Streams several sources one after the other (one per disk).
 class ConcatDeltaSource : public DeltaSource {
@@ -150,7 +189,10 @@ class ReplicationEngine {
 
  private:
   struct Worker;
-  Status RunInitial(const std::string& vm_id, JobContext* job);
+  // `epoch` numbers the StartReplication calls of a VM: a copy that failed
+  // or was cancelled resets the state only while no newer one started.
+  Status RunInitial(const std::string& vm_id, JobContext* job, uint64_t epoch);
+  bool IsCurrentInitial(const std::string& vm_id, uint64_t epoch);
   Result<CycleReport> RunCycle(const std::string& vm_id, bool initial, JobContext* job);
   void WorkerLoop(Worker* w);
   void StartWorkerLocked(const std::string& vm_id);
@@ -161,9 +203,29 @@ class ReplicationEngine {
   std::chrono::milliseconds IntervalOf(const RelationshipRecord& rel) const;
   int64_t Now() const;
   std::string RunDirOf(const std::string& vm_id) const;
+  // Holds one of the server-wide transfer slots while it lives.
+  class Slot {
+   public:
+    explicit Slot(ReplicationEngine* e) : e_(e) { e_->AcquireSlot(); }
+    ~Slot() { e_->ReleaseSlot(); }
+    Slot(const Slot&) = delete;
+    Slot& operator=(const Slot&) = delete;
+
+   private:
+    ReplicationEngine* e_;
+  };
   void AcquireSlot();
   void ReleaseSlot();
   void Throttle(uint64_t bytes);
+  Result<JobRecord> StartInitialJob(const std::string& vm_id, const std::string& vm_name, int64_t start_unix_s,
+                                    ReplicationState state_before);
+  // The statistics row of `vm_id` (created when missing), its window rolled
+  // to now. Call inside a catalog transaction.
+  Result<StatisticsRecord> LoadStatistics(const std::string& vm_id);
+  bool AppConsistentDue(const RelationshipRecord& rel) const;
+  // EvaluateHealth plus what only the engine knows: the replica's reported
+  // state and the last failure's reason.
+  HealthVerdict FullHealth(const RelationshipRecord& rel, const StatisticsRecord& s, int failures);
 
   Catalog* const catalog_;
   JobEngine* const jobs_;
@@ -172,6 +234,11 @@ class ReplicationEngine {
   std::mutex mu_;
   std::map<std::string, std::unique_ptr<Worker>> workers_;  // by vm id; guarded by mu_
   std::map<std::string, int> failures_;                     // consecutive failures; guarded by mu_
+  std::map<std::string, std::string> last_failure_;         // why the last cycle failed; guarded by mu_
+  std::map<std::string, ReplicationState> replica_state_;   // as the replica last reported it; guarded by mu_
+  std::map<std::string, uint64_t> pending_;                 // dirty bytes not yet sent; guarded by mu_
+  std::set<std::string> replica_settings_synced_;           // the replica has our settings; guarded by mu_
+  std::map<std::string, uint64_t> initial_epoch_;           // StartReplication calls per VM; guarded by mu_
   bool stopping_ = false;                                   // guarded by mu_
   std::atomic<bool> stop_flag_{false};                      // Stop() called: transfers end early
 

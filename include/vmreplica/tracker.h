@@ -110,6 +110,11 @@ class ChangeTracker {
   // FailedPrecondition("resynchronization required: <reason>").
   Status CheckTracking();
 
+  // Bytes marked dirty in this relationship's bitmaps on all disks: changes
+  // not yet held by the replica (PendingReplicationSize). A region dirty in
+  // two generations (a cut open) counts twice.
+  Result<uint64_t> PendingBytes();
+
   // Drops every bitmap of this relationship (also inconsistent ones) and
   // starts afresh with a new generation: the start of a resynchronization,
   // which then compares the whole disks. Refused while a cut is open.
@@ -149,6 +154,7 @@ class ChangeTracker {
     bool recording = false;
     bool inconsistent = false;
     bool busy = false;
+    uint64_t count = 0;  // dirty bytes
   };
   struct NodeState {
     bool found = false;

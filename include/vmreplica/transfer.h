@@ -73,6 +73,7 @@ struct ReplicaStatusInfo {
   uint64_t expected_sequence = 0;
   uint64_t latest_applied = 0;
   ReplicationState state{};
+  int64_t last_apply_ms = 0;  // LastApplyTime on the replica (0 = none yet)
 };
 
 struct DeltaInfo {
@@ -131,6 +132,9 @@ class ReplicaClient {
   Result<SendStats> SendDelta(const DeltaInfo& info, DeltaSource& source, const SendOptions& options);
   // The replica side stops; its store and VM are kept.
   Status RemoveReplica(const std::string& vm_id, uint32_t relationship_index);
+  // New settings for the replica side (RecoveryHistory).
+  Result<ReplicaStatusInfo> ModifyReplica(const std::string& vm_id, uint32_t relationship_index,
+                                          const RelationshipSettings& settings);
 
   // TEST ONLY: see TestOnlySendHooks.
   void SetTestOnlySendHooks(TestOnlySendHooks hooks) { test_hooks_ = std::move(hooks); }
@@ -246,6 +250,8 @@ class ReplicaReceiver {
   virtual Result<ReplicaStatusInfo> GetReplicaStatus(const PrimaryCaller& caller, const std::string& vm_id,
                                                      uint32_t relationship_index) = 0;
   virtual Status RemoveReplica(const PrimaryCaller& caller, const std::string& vm_id, uint32_t relationship_index) = 0;
+  virtual Result<ReplicaStatusInfo> ModifyReplica(const PrimaryCaller& caller, const std::string& vm_id,
+                                                  uint32_t relationship_index, const RelationshipSettings& settings) = 0;
   // Runs one PushDelta stream to its end (OK once the log is committed).
   virtual Status ReceiveDelta(const PrimaryCaller& caller, DeltaStream& stream) = 0;
 };
@@ -288,6 +294,8 @@ class ReplicaManager final : public ReplicaReceiver {
   Result<ReplicaStatusInfo> GetReplicaStatus(const PrimaryCaller& caller, const std::string& vm_id,
                                              uint32_t relationship_index) override;
   Status RemoveReplica(const PrimaryCaller& caller, const std::string& vm_id, uint32_t relationship_index) override;
+  Result<ReplicaStatusInfo> ModifyReplica(const PrimaryCaller& caller, const std::string& vm_id,
+                                          uint32_t relationship_index, const RelationshipSettings& settings) override;
   Status ReceiveDelta(const PrimaryCaller& caller, DeltaStream& stream) override;
 
   // Waits until the replica of `vm_id` applied every staged log (or failed).

@@ -60,9 +60,11 @@ struct VmDefinition {
   VmSourceKind kind = VmSourceKind::kQmp;
   std::string qmp_socket;                   // kQmp
   std::string nbd_socket;                   // kQmp: the NBD server QEMU already runs ("" = none; the tracker starts one)
+  std::string qga_socket;                   // kQmp: the host end of the guest agent's channel ("" = no agent)
   std::string libvirt_uri, libvirt_domain;  // kLibvirt
 
-  // {"version":1,"kind":"qmp",...}: every field above, always all present.
+  // {"version":1,"kind":"qmp",...}: every field above, always all present
+  // when written; "qga_socket" (added later) may be absent when read.
   nlohmann::json ToJson() const;
   // Strict: unknown version, missing or mistyped members and every value
   // rule above answer InvalidArgument naming the field ("disks[1].format").
@@ -77,6 +79,7 @@ struct VmAddRequest {
   std::string uuid;  // "" = taken from QEMU/libvirt or generated
   std::string qmp_socket;
   std::string nbd_socket;  // kQmp: unix socket of an NBD server QEMU already runs ("" = none)
+  std::string qga_socket;  // kQmp: unix socket of the guest agent's channel ("" = none)
   std::vector<std::pair<std::string, std::string>> disk_nodes;  // kQmp: disk name -> block node
   std::string libvirt_uri = "qemu:///system";
   std::string libvirt_domain;                                    // kLibvirt ("" = name)

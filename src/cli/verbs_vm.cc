@@ -57,6 +57,7 @@ void PrintVm(Session& s, const v1::Vm& vm) {
       .Add("ReplicationMode", NumberAndName<ReplicationMode>(vm.replication_mode()));
   if (vm.kind() == 1) t.Add("QmpSocket", vm.qmp_socket());
   if (vm.kind() == 1 && !vm.nbd_socket().empty()) t.Add("NbdSocket", vm.nbd_socket());
+  if (vm.kind() == 1 && !vm.qga_socket().empty()) t.Add("GuestAgentSocket", vm.qga_socket());
   if (vm.kind() == 2) t.Add("LibvirtUri", vm.libvirt_uri()).Add("LibvirtDomain", vm.libvirt_domain());
   s.out() << t.Render();
   Table disks({"Disk", "Node", "Format", "Size", "Path"});
@@ -81,7 +82,7 @@ Status ParseBinding(const std::string& text) {
 }
 
 struct AddOptions {
-  std::string name, uuid, qmp, nbd, libvirt, uri = "qemu:///system";
+  std::string name, uuid, qmp, nbd, qga, libvirt, uri = "qemu:///system";
   std::vector<std::string> disks, images;
   uint64_t memory = 0;
   uint32_t vcpus = 0;
@@ -99,6 +100,7 @@ int Add(Session& s, const AddOptions& o) {
     req.set_kind(1);
     req.set_qmp_socket(o.qmp);
     req.set_nbd_socket(o.nbd);
+    req.set_qga_socket(o.qga);
     bindings = &o.disks;
     if (o.disks.empty()) return s.Error("vm add --qmp needs at least one --disk DISK=NODE", kExitUsage);
   } else if (o.o_libvirt->count() > 0) {
@@ -142,6 +144,10 @@ void AddVmVerbs(Registry& reg) {
   add->add_option("--nbd-socket", o->nbd,
                   "with --qmp: the unix socket of an NBD server that QEMU already runs (e.g. qemu-storage-daemon "
                   "--nbd-server); vmreplica adds its exports there")
+      ->needs(o->o_qmp);
+  add->add_option("--qga-socket", o->qga,
+                  "with --qmp: the host end of the VM's guest-agent channel (a chardev socket of a virtserialport "
+                  "named org.qemu.guest_agent.0); needed for application-consistent recovery points")
       ->needs(o->o_qmp);
   o->o_libvirt = add->add_option("--libvirt", o->libvirt, "a libvirt domain name")->excludes(o->o_qmp);
   add->add_option("--uri", o->uri, "with --libvirt: the libvirt connection URI (default qemu:///system)")

@@ -22,8 +22,8 @@ const std::map<std::string, std::set<std::string>>& KnownKeys() {
       {"tls", {"ca", "certificate", "key"}},
       {"admin", {"remote_principals"}},
       {"knobs", {"connect_timeout_ms", "rpc_timeout_ms", "job_workers"}},
-      {"replication", {"max_parallel_transfers", "bandwidth_limit_bytes_per_s"}},
-      {"testing", {"replication_interval_override_ms"}},
+      {"replication", {"max_parallel_transfers", "bandwidth_limit_bytes_per_s", "bandwidth_schedule"}},
+      {"testing", {"replication_interval_override_ms", "app_consistent_interval_override_ms"}},
   };
   return keys;
 }
@@ -42,6 +42,57 @@ Status CheckKeys(const Table& root) {
     }
   }
   return Status::Ok();
+}
+
+// [[replication.bandwidth_schedule]]: start = "HH:MM", end = "HH:MM",
+// bytes_per_s = N (0 = unlimited), days = ["mon", ...] (optional: every day).
+Result<std::vector<BandwidthWindow>> ParseBandwidthSchedule(const toml::node* node) {
+  static const char* kDays[] = {"sun", "mon", "tue", "wed", "thu", "fri", "sat"};
+  const toml::array* arr = node ? node->as_array() : nullptr;
+  if (arr == nullptr) return Status::InvalidArgument("replication.bandwidth_schedule must be an array of tables");
+  if (arr->size() > 64) return Status::InvalidArgument("replication.bandwidth_schedule: at most 64 windows");
+  std::vector<BandwidthWindow> out;
+  for (size_t i = 0; i < arr->size(); ++i) {
+    const std::string f = "replication.bandwidth_schedule[" + std::to_string(i) + "]";
+    const toml::table* t = (*arr)[i].as_table();
+    if (t == nullptr) return Status::InvalidArgument(f + " must be a table");
+    for (const auto& [k, v] : *t) {
+      (void)v;
+      const std::string key(k.str());
+      if (key != "start" && key != "end" && key != "bytes_per_s" && key != "days") {
+        return Status::InvalidArgument("unknown key " + f + "." + key);
+      }
+    }
+    BandwidthWindow w;
+    for (const char* key : {"start", "end"}) {
+      auto s = (*t)[key].value<std::string>();
+      if (!s) return Status::InvalidArgument(f + "." + key + " must be a time of day \"HH:MM\"");
+      auto m = ParseTimeOfDay(*s);
+      if (!m.ok()) return Status::InvalidArgument(f + "." + key + ": " + m.status().message());
+      (std::string(key) == "start" ? w.start_min : w.end_min) = *m;
+    }
+    auto rate = (*t)["bytes_per_s"].value<int64_t>();
+    if (!rate || !(*t)["bytes_per_s"].is_integer() || *rate < 0 || *rate > (int64_t{1} << 40)) {
+      return Status::InvalidArgument(f + ".bytes_per_s must be an integer in 0..2^40 (0 = unlimited)");
+    }
+    w.bytes_per_s = static_cast<uint64_t>(*rate);
+    if (auto days = (*t)["days"]) {
+      const toml::array* d = days.as_array();
+      if (d == nullptr || d->empty()) return Status::InvalidArgument(f + ".days must be a non-empty array of sun..sat");
+      w.days_mask = 0;
+      for (const auto& item : *d) {
+        auto name = item.value<std::string>();
+        int found = -1;
+        for (int k = 0; k < 7 && name; ++k) {
+          if (*name == kDays[k]) found = k;
+        }
+        if (found < 0) return Status::InvalidArgument(f + ".days: each day is one of sun mon tue wed thu fri sat");
+        w.days_mask = static_cast<uint8_t>(w.days_mask | (1u << found));
+      }
+    }
+    out.push_back(w);
+  }
+  return out;
 }
 
 std::string Resolve(const std::string& p, const std::string& base) {
@@ -135,6 +186,11 @@ Result<DaemonConfig> ParseConfig(const std::string& text, const std::string& bas
   if (found) c.bandwidth_limit_bytes_per_s = static_cast<uint64_t>(v);
   VMR_RETURN_IF_ERROR(GetInt(root, "testing", "replication_interval_override_ms", 100, 3600000, &v, &found));
   if (found) c.test_replication_interval_override_ms = v;
+  VMR_RETURN_IF_ERROR(GetInt(root, "testing", "app_consistent_interval_override_ms", 100, 43200000, &v, &found));
+  if (found) c.test_app_consistent_interval_override_ms = v;
+  if (auto node = root["replication"]["bandwidth_schedule"]) {
+    VMR_ASSIGN_OR_RETURN(c.bandwidth_schedule, ParseBandwidthSchedule(node.node()));
+  }
 
   if (auto node = root["admin"]["remote_principals"]) {
     auto* arr = node.as_array();

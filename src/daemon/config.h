@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "service/service_env.h"
+#include "vmreplica/replication.h"
 #include "vmreplica/status.h"
 
 namespace vmreplica::daemon {
@@ -35,6 +36,8 @@ struct DaemonConfig {
   // [testing]: never in production. Replaces every ReplicationInterval by
   // this many milliseconds (the daemon logs a warning at start).
   int64_t test_replication_interval_override_ms = 0;  // 0 = off, 100..3600000
+  int64_t test_app_consistent_interval_override_ms = 0;  // 0 = off, 100..43200000
+  std::vector<BandwidthWindow> bandwidth_schedule;      // [[replication.bandwidth_schedule]]
 };
 
 // Parses a config file. Relative paths are resolved against the file's directory.

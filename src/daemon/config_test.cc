@@ -27,8 +27,18 @@ job_workers = 2
 [replication]
 max_parallel_transfers = 5
 bandwidth_limit_bytes_per_s = 1000000
+[[replication.bandwidth_schedule]]
+start = "08:00"
+end = "18:30"
+bytes_per_s = 500000
+days = ["mon", "fri"]
+[[replication.bandwidth_schedule]]
+start = "22:00"
+end = "06:00"
+bytes_per_s = 0
 [testing]
 replication_interval_override_ms = 2000
+app_consistent_interval_override_ms = 3000
 )", "/etc/vmreplica");
   ASSERT_TRUE(c.ok()) << c.status().ToString();
   EXPECT_EQ(c->admin_socket, "/etc/vmreplica/run/admin.sock");
@@ -41,6 +51,15 @@ replication_interval_override_ms = 2000
   EXPECT_EQ(c->max_parallel_transfers, 5);
   EXPECT_EQ(c->bandwidth_limit_bytes_per_s, 1000000u);
   EXPECT_EQ(c->test_replication_interval_override_ms, 2000);
+  EXPECT_EQ(c->test_app_consistent_interval_override_ms, 3000);
+  ASSERT_EQ(c->bandwidth_schedule.size(), 2u);
+  EXPECT_EQ(c->bandwidth_schedule[0].start_min, 8u * 60);
+  EXPECT_EQ(c->bandwidth_schedule[0].end_min, 18u * 60 + 30);
+  EXPECT_EQ(c->bandwidth_schedule[0].bytes_per_s, 500000u);
+  EXPECT_EQ(c->bandwidth_schedule[0].days_mask, (1u << 1) | (1u << 5));
+  EXPECT_EQ(c->bandwidth_schedule[1].start_min, 22u * 60);
+  EXPECT_EQ(c->bandwidth_schedule[1].end_min, 6u * 60);
+  EXPECT_EQ(c->bandwidth_schedule[1].days_mask, 0x7f);
   EXPECT_EQ(c->service.remote_admin_principals.size(), 2u);
 }
 
@@ -75,6 +94,20 @@ TEST(ConfigTest, BadFilesAreRefusedNamingTheKey) {
       {"[replication]\nparallel = 2", "unknown key replication.parallel"},
       {"[testing]\nreplication_interval_override_ms = 5", "testing.replication_interval_override_ms"},
       {"[admin]\nremote_principals = \"x\"", "admin.remote_principals must be an array"},
+      {"[replication]\nbandwidth_schedule = 5", "replication.bandwidth_schedule must be an array of tables"},
+      {"[[replication.bandwidth_schedule]]\nstart = \"8:00\"\nend = \"09:00\"\nbytes_per_s = 1",
+       "replication.bandwidth_schedule[0].start"},
+      {"[[replication.bandwidth_schedule]]\nstart = \"08:00\"\nend = \"24:00\"\nbytes_per_s = 1",
+       "replication.bandwidth_schedule[0].end"},
+      {"[[replication.bandwidth_schedule]]\nstart = \"08:00\"\nend = \"09:00\"",
+       "replication.bandwidth_schedule[0].bytes_per_s"},
+      {"[[replication.bandwidth_schedule]]\nstart = \"08:00\"\nend = \"09:00\"\nbytes_per_s = -2",
+       "replication.bandwidth_schedule[0].bytes_per_s"},
+      {"[[replication.bandwidth_schedule]]\nstart = \"08:00\"\nend = \"09:00\"\nbytes_per_s = 1\ndays = [\"monday\"]",
+       "replication.bandwidth_schedule[0].days"},
+      {"[[replication.bandwidth_schedule]]\nstart = \"08:00\"\nend = \"09:00\"\nbytes_per_s = 1\nrate = 2",
+       "unknown key replication.bandwidth_schedule[0].rate"},
+      {"[testing]\napp_consistent_interval_override_ms = 1", "testing.app_consistent_interval_override_ms"},
       {"[admin]\nremote_principals = [\"a.*.com\"]", "admin.remote_principals"},
   };
   for (const auto& c : cases) {

@@ -69,6 +69,13 @@ Result<std::unique_ptr<Daemon>> Daemon::Create(DaemonConfig config) {
   eopts.max_parallel_transfers = d->config_.max_parallel_transfers;
   eopts.bandwidth_bytes_per_s = d->config_.bandwidth_limit_bytes_per_s;
   eopts.test_interval_override_ms = d->config_.test_replication_interval_override_ms;
+  eopts.test_app_consistent_interval_override_ms = d->config_.test_app_consistent_interval_override_ms;
+  eopts.bandwidth_schedule = d->config_.bandwidth_schedule;
+  if (eopts.test_app_consistent_interval_override_ms > 0) {
+    spdlog::warn("[testing] app_consistent_interval_override_ms = {}: every ApplicationConsistentSnapshotInterval "
+                 "is replaced; never use this in production",
+                 eopts.test_app_consistent_interval_override_ms);
+  }
   if (eopts.test_interval_override_ms > 0) {
     spdlog::warn("[testing] replication_interval_override_ms = {}: every ReplicationInterval is replaced; "
                  "never use this in production",
@@ -101,8 +108,8 @@ Result<std::unique_ptr<Daemon>> Daemon::Create(DaemonConfig config) {
 Daemon::~Daemon() { Stop(); }
 
 Status Daemon::Start() {
-  // Before any request can arrive: the engine resets the state of an
-  // initial copy that a stop interrupted, which must not race a new one.
+  // Before any request can arrive: the engine restarts an initial copy that
+  // a stop interrupted, which must not race a new StartReplication.
   VMR_RETURN_IF_ERROR(replication_->Start());
   const std::string& sock = config_.admin_socket;
   VMR_RETURN_IF_ERROR(MakeDirs(std::filesystem::path(sock).parent_path().string(), 0755));

@@ -142,6 +142,7 @@ Result<std::vector<ChangeTracker::NodeState>> ChangeTracker::QueryDisks() {
           bi.recording = b.value("recording", false);
           bi.inconsistent = b.value("inconsistent", false);
           bi.busy = b.value("busy", false);
+          bi.count = b.value("count", uint64_t{0});
           st.bitmaps.push_back(bi);
         }
         std::sort(st.bitmaps.begin(), st.bitmaps.end(),
@@ -152,6 +153,15 @@ Result<std::vector<ChangeTracker::NodeState>> ChangeTracker::QueryDisks() {
     return Status::Corruption(std::string("unexpected query-named-block-nodes reply: ") + e.what());
   }
   return out;
+}
+
+Result<uint64_t> ChangeTracker::PendingBytes() {
+  VMR_ASSIGN_OR_RETURN(auto states, QueryDisks());
+  uint64_t total = 0;
+  for (const auto& st : states) {
+    for (const auto& b : st.bitmaps) total += b.count;
+  }
+  return total;
 }
 
 Status ChangeTracker::Enable() {

@@ -128,7 +128,8 @@ struct ScanResult {
 }  // namespace
 
 struct ReplicaStore::Impl {
-  // Constant after construction.
+  // Constant after construction (but opt.recovery_history_hours, which
+  // SetRecoveryHistory changes under apply_mu; Retention reads it under it).
   std::string dir;
   Catalog* catalog = nullptr;
   ReplicaStoreOptions opt;
@@ -934,6 +935,14 @@ Status ReplicaStore::ApplyRetention() {
   std::lock_guard alk(impl_->apply_mu);
   if (impl_->broken)
     return Status::FailedPrecondition("replica store " + impl_->dir + ": a failed apply left it unsure; reopen it");
+  return impl_->Retention();
+}
+
+Status ReplicaStore::SetRecoveryHistory(int hours) {
+  if (hours < 0 || hours > 24) return Status::InvalidArgument("RecoveryHistory: " + std::to_string(hours) + " is not in 0..24");
+  std::lock_guard alk(impl_->apply_mu);
+  impl_->opt.recovery_history_hours = hours;
+  if (impl_->broken) return Status::Ok();  // retention runs once the store is reopened
   return impl_->Retention();
 }
 

@@ -7,6 +7,7 @@
 #include <thread>
 
 #include "vmreplica/fileutil.h"
+#include "vmreplica/guest_agent.h"
 #include "vmreplica/model/transitions.h"
 #include "vmreplica/nbd_reader.h"
 #include "vmreplica/replica_store.h"
@@ -144,7 +145,8 @@ void ReplicationEngine::ReleaseSlot() {
 
 // A token bucket shared by all transfers: at most one second of burst.
 void ReplicationEngine::Throttle(uint64_t bytes) {
-  const double rate = static_cast<double>(options_.bandwidth_bytes_per_s);
+  const double rate =
+      static_cast<double>(BandwidthLimitAt(options_.bandwidth_schedule, options_.bandwidth_bytes_per_s, Now()));
   if (rate <= 0) return;
   std::unique_lock<std::mutex> lock(bucket_mu_);
   auto now = std::chrono::steady_clock::now();
@@ -192,7 +194,8 @@ Status ReplicationEngine::UpdateRelationship(const std::string& vm_id,
 
 Status ReplicationEngine::Start() {
   VMR_ASSIGN_OR_RETURN(auto rels, catalog_->ListRelationships());
-  std::lock_guard<std::mutex> lock(mu_);
+  std::vector<std::string> restart_initial;
+  std::unique_lock<std::mutex> lock(mu_);
   stopping_ = false;
   stop_flag_ = false;
   for (const auto& rel : rels) {
@@ -203,15 +206,30 @@ Status ReplicationEngine::Start() {
                    Name(rel.state));
       StartWorkerLocked(rel.vm_id);
     } else if (rel.state == ReplicationState::kWaitingToCompleteInitialReplication) {
-      // The initial copy's job ended with the daemon; its state goes back so
-      // that StartReplication may run again (the replica keeps what it has).
-      Status s = UpdateRelationship(rel.vm_id, [](RelationshipRecord& r) {
-        r.state = ReplicationState::kReadyForReplication;
+      restart_initial.push_back(rel.vm_id);
+    }
+  }
+  lock.unlock();
+  // An initial copy interrupted by the daemon's end starts again by itself
+  // (a new cut: the replica drops the partial log of the old one; a log it
+  // had already staged is kept and the copy goes under the next number).
+  for (const auto& vm_id : restart_initial) {
+    auto vm = catalog_->GetVm(vm_id);
+    const std::string name = vm.ok() && *vm ? (*vm)->name : vm_id;
+    auto job = StartInitialJob(vm_id, name, 0, ReplicationState::kReadyForReplication);
+    if (job.ok()) {
+      spdlog::warn("VM {}: the initial replication was interrupted by a daemon restart; it starts again as job {}",
+                   vm_id, job->id);
+    } else {
+      Status s = UpdateRelationship(vm_id, [](RelationshipRecord& r) {
+        if (r.state == ReplicationState::kWaitingToCompleteInitialReplication) {
+          r.state = ReplicationState::kReadyForReplication;
+        }
         return Status::Ok();
       });
-      spdlog::warn("VM {}: the initial replication was interrupted by a daemon restart; run StartReplication "
-                   "again ({})",
-                   rel.vm_id, s.ok() ? "state back to ReadyForReplication" : s.ToString());
+      spdlog::error("VM {}: restarting the interrupted initial replication failed: {}; run StartReplication "
+                    "again ({})",
+                    vm_id, job.status().ToString(), s.ok() ? "state back to ReadyForReplication" : s.ToString());
     }
   }
   return Status::Ok();
@@ -310,6 +328,11 @@ Result<CycleReport> ReplicationEngine::RunCycle(const std::string& vm_id, bool i
   } else {
     VMR_RETURN_IF_ERROR(tracker.CheckTracking());
     VMR_ASSIGN_OR_RETURN(generation, ParseHexId(rel.generation_id));
+    // What waits to be sent, kept for the statistics even if this cycle fails.
+    if (auto pending = tracker.PendingBytes(); pending.ok()) {
+      std::lock_guard<std::mutex> lock(mu_);
+      pending_[vm_id] = *pending;
+    }
   }
 
   if (!options_.open_channel) return Status::Internal("replication engine: no channel factory");
@@ -317,12 +340,81 @@ Result<CycleReport> ReplicationEngine::RunCycle(const std::string& vm_id, bool i
                                                            static_cast<uint16_t>(rel.settings.recovery_server_port)));
   ReplicaClient client(channel);
   VMR_ASSIGN_OR_RETURN(auto replica, client.GetReplicaStatus(vm_id, kPrimaryIndex));
+  bool settings_synced = false;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    replica_state_[vm_id] = replica.state;
+    settings_synced = replica_settings_synced_.count(vm_id) != 0;
+  }
+  // Settings modified while the replica was not reachable (or since this
+  // daemon started): the replica gets them now. Not fatal for the cycle.
+  if (!settings_synced) {
+    auto m = client.ModifyReplica(vm_id, kPrimaryIndex, rel.settings);
+    if (m.ok()) {
+      std::lock_guard<std::mutex> lock(mu_);
+      replica_settings_synced_.insert(vm_id);
+    } else {
+      spdlog::warn("VM {}: the replica did not take the relationship's settings yet: {}", vm_id,
+                   m.status().ToString());
+    }
+  }
+  if (replica.last_apply_ms > rel.last_apply_ms) {
+    Status s = UpdateRelationship(vm_id, [&](RelationshipRecord& r) {
+      r.last_apply_ms = std::max(r.last_apply_ms, replica.last_apply_ms);
+      return Status::Ok();
+    });
+    if (!s.ok()) spdlog::warn("VM {}: recording LastApplyTime failed: {}", vm_id, s.ToString());
+  }
+  // The replica already holds a log although we never recorded the initial
+  // copy as done (we crashed between its acknowledgement and our record, or
+  // an earlier copy was cancelled after it was staged): the full copy goes
+  // as an ordinary log under the next number. It is a superset of any change.
+  const bool initial_log = initial && replica.expected_sequence <= 1;
 
-  VMR_ASSIGN_OR_RETURN(auto cut, tracker.TakeCut(attached->export_dir()));
   CycleReport report;
   report.initial = initial;
   report.sequence = replica.expected_sequence;
+  // An application-consistent point when one is due: the guest's file
+  // systems are frozen only for the moment of the cut (one QMP
+  // transaction), and thawed whatever the cut's outcome. When the agent
+  // does not answer, the point is crash-consistent and the failure counted.
+  std::unique_ptr<GuestAgentClient> agent;
+  bool frozen = false;
+  if (!initial && AppConsistentDue(rel)) {
+    const std::string sock = attached->guest_agent_socket();
+    if (sock.empty()) {
+      report.app_consistent_failure = "the VM has no guest-agent channel (vm add --qga-socket)";
+    } else {
+      auto c = GuestAgentClient::Connect(sock, options_.guest_agent_timeout);
+      if (!c.ok()) {
+        report.app_consistent_failure = c.status().ToString();
+      } else {
+        agent = std::move(c).value();
+        auto f = agent->FreezeFileSystems(options_.guest_agent_timeout);
+        if (f.ok()) {
+          frozen = true;
+        } else {
+          report.app_consistent_failure = f.status().ToString();
+          // A freeze that timed out may still complete in the guest.
+          auto t = agent->ThawFileSystems(options_.guest_agent_timeout);
+          (void)t;
+        }
+      }
+    }
+  }
+  auto cut_or = tracker.TakeCut(attached->export_dir());
   report.cut_time_ms = Now();
+  if (frozen) {
+    auto t = agent->ThawFileSystems(options_.guest_agent_timeout);
+    if (!t.ok()) spdlog::error("VM {}: thawing the guest's file systems failed: {}", vm_id, t.status().ToString());
+    if (cut_or.ok()) report.kind = ReplicationType::kApplicationConsistent;
+  }
+  agent.reset();
+  if (!report.app_consistent_failure.empty()) {
+    spdlog::warn("VM {}: application-consistent point not taken, crash-consistent instead: {}", vm_id,
+                 report.app_consistent_failure);
+  }
+  VMR_ASSIGN_OR_RETURN(auto cut, std::move(cut_or));
   auto abort = [&](const Status& why) -> Status {
     Status a = tracker.Abort(cut);
     if (!a.ok()) spdlog::error("VM {}: aborting cut g{} failed too: {}", vm_id, cut.generation, a.ToString());
@@ -337,12 +429,17 @@ Result<CycleReport> ReplicationEngine::RunCycle(const std::string& vm_id, bool i
     std::optional<std::string> bitmap;
     if (!initial) bitmap = cd.bitmap_context;
     auto reader = NbdDeltaReader::Open(cd.socket_path, cd.export_name, static_cast<uint32_t>(i), bitmap);
-    if (!reader.ok()) return abort(reader.status());
+    if (!reader.ok()) {
+      parts.clear();  // close the readers opened so far before the exports go
+      return abort(reader.status());
+    }
     disk_base.push_back(total_bytes);
     total_bytes += cd.size_bytes;
     parts.push_back(std::move(*reader));
   }
-  ConcatDeltaSource concat(std::move(parts));
+  // Owned here so that the NBD connections close before an Abort: QEMU
+  // removes an export only once its clients are gone.
+  auto concat = std::make_unique<ConcatDeltaSource>(std::move(parts));
   // Stops the transfer when the job is cancelled or the engine stops.
   class CancellableSource : public DeltaSource {
    public:
@@ -357,8 +454,9 @@ Result<CycleReport> ReplicationEngine::RunCycle(const std::string& vm_id, bool i
     DeltaSource* inner_;
     std::function<bool()> cancelled_;
   };
-  CancellableSource source(&concat, [this, job] { return stop_flag_.load() || (job && job->CancelRequested()); });
-  ConcatDeltaSource& observed = concat;
+  CancellableSource source(concat.get(),
+                           [this, job] { return stop_flag_.load() || (job && job->CancelRequested()); });
+  ConcatDeltaSource& observed = *concat;
   if (job != nullptr && total_bytes > 0) {
     observed.set_observer([job, &disk_base, total_bytes](size_t part, uint64_t end) {
       job->SetProgress(static_cast<uint32_t>((disk_base[part] + end) * 99 / total_bytes));
@@ -372,12 +470,13 @@ Result<CycleReport> ReplicationEngine::RunCycle(const std::string& vm_id, bool i
   info.base_generation = initial ? GenerationId{} : generation;
   info.new_generation = generation;
   info.cut_time_unix_ms = static_cast<uint64_t>(report.cut_time_ms);
-  info.kind = ReplicationType::kRegular;
-  info.initial = initial;
+  info.kind = report.kind;
+  info.initial = initial_log;
   SendOptions so;
   so.compress = rel.settings.compression_enabled;
   so.throttle = [this](uint64_t bytes) { Throttle(bytes); };
   auto sent = client.SendDelta(info, source, so);
+  concat.reset();
   if (!sent.ok()) return abort(sent.status());
   if (job && job->CancelRequested()) return abort(Status::Cancelled("initial replication cancelled"));
 
@@ -394,6 +493,11 @@ Result<CycleReport> ReplicationEngine::RunCycle(const std::string& vm_id, bool i
   report.resumed = sent->resumed;
   report.duration_ms =
       std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - started).count();
+  if (auto pending = tracker.PendingBytes(); pending.ok()) {
+    report.pending_bytes = *pending;
+    std::lock_guard<std::mutex> lock(mu_);
+    pending_[vm_id] = *pending;
+  }
   if (initial) {
     std::string gen = HexId(generation);
     VMR_RETURN_IF_ERROR(UpdateRelationship(vm_id, [&](RelationshipRecord& r) {
@@ -414,16 +518,15 @@ Status ReplicationEngine::RecordSuccess(const std::string& vm_id, const CycleRep
     if (!rel) return Status::NotFound("VM " + vm_id + " has no replication relationship");
     rel->sequence = report.sequence;
     rel->last_replication_ms = report.cut_time_ms;
-    rel->last_replication_type = ReplicationType::kRegular;
+    rel->last_replication_type = report.kind;
+    if (report.kind == ReplicationType::kApplicationConsistent) rel->last_app_consistent_ms = report.cut_time_ms;
     if (rel->state == ReplicationState::kCritical) {
       spdlog::info("VM {}: replication recovered", vm_id);
       rel->state = ReplicationState::kReplicating;
     }
-    VMR_ASSIGN_OR_RETURN(auto stats, catalog_->GetStatistics(vm_id, kPrimaryIndex));
-    StatisticsRecord s = stats.value_or(StatisticsRecord{});
-    s.vm_id = vm_id;
-    s.index = kPrimaryIndex;
-    if (s.start_ms == 0) s.start_ms = Now();
+    VMR_ASSIGN_OR_RETURN(StatisticsRecord s, LoadStatistics(vm_id));
+    s.pending_replication_size_bytes = report.pending_bytes;
+    if (!report.app_consistent_failure.empty()) s.application_consistent_snapshot_failure_count += 1;
     if (report.initial) {
       s.initial_replication_size_bytes = report.data_bytes;
     } else {
@@ -434,7 +537,7 @@ Status ReplicationEngine::RecordSuccess(const std::string& vm_id, const CycleRep
       s.max_replication_latency_ms =
           std::max(s.max_replication_latency_ms, static_cast<uint64_t>(report.duration_ms));
     }
-    HealthVerdict h = EvaluateHealth(*rel, s, Now(), 0);
+    HealthVerdict h = FullHealth(*rel, s, 0);
     rel->health = h.health;
     s.replication_health = h.health;
     s.health_issues = h.issues;
@@ -443,22 +546,58 @@ Status ReplicationEngine::RecordSuccess(const std::string& vm_id, const CycleRep
   });
 }
 
+Result<StatisticsRecord> ReplicationEngine::LoadStatistics(const std::string& vm_id) {
+  VMR_ASSIGN_OR_RETURN(auto stats, catalog_->GetStatistics(vm_id, kPrimaryIndex));
+  StatisticsRecord s = stats.value_or(StatisticsRecord{});
+  s.vm_id = vm_id;
+  s.index = kPrimaryIndex;
+  VMR_ASSIGN_OR_RETURN(auto server, catalog_->GetServerSettings());
+  if (RollStatisticsWindow(s, server, Now())) {
+    spdlog::info("VM {}: a new statistics window starts (MonitoringInterval {} s)", vm_id,
+                 server.monitoring_interval_s);
+  }
+  return s;
+}
+
+bool ReplicationEngine::AppConsistentDue(const RelationshipRecord& rel) const {
+  const uint32_t hours = rel.settings.application_consistent_snapshot_interval_h;
+  if (hours == 0) return false;
+  const int64_t interval_ms = options_.test_app_consistent_interval_override_ms > 0
+                                  ? options_.test_app_consistent_interval_override_ms
+                                  : int64_t{hours} * 3600 * 1000;
+  return rel.last_app_consistent_ms == 0 || Now() - rel.last_app_consistent_ms >= interval_ms;
+}
+
+HealthVerdict ReplicationEngine::FullHealth(const RelationshipRecord& rel, const StatisticsRecord& s, int failures) {
+  HealthVerdict h = EvaluateHealth(rel, s, Now(), failures);
+  std::string last_failure;
+  std::optional<ReplicationState> replica_state;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (auto it = replica_state_.find(rel.vm_id); it != replica_state_.end()) replica_state = it->second;
+    if (auto it = last_failure_.find(rel.vm_id); it != last_failure_.end() && failures > 0) last_failure = it->second;
+  }
+  if (replica_state) ApplyReplicaSideHealth(h, *replica_state);
+  if (!last_failure.empty()) h.issues.push_back("last failure: " + last_failure);
+  return h;
+}
+
 Status ReplicationEngine::RecordFailure(const std::string& vm_id, const Status& why, bool network) {
   int failures = 0;
+  uint64_t pending = 0;
   {
     std::lock_guard<std::mutex> lock(mu_);
     failures = ++failures_[vm_id];
+    last_failure_[vm_id] = why.ToString();
+    pending = pending_[vm_id];
   }
   const bool resync = why.code() == Code::kFailedPrecondition &&
                       why.message().find("resynchronization required") != std::string::npos;
   return catalog_->RunInTransaction([&]() -> Status {
     VMR_ASSIGN_OR_RETURN(auto rel, catalog_->GetRelationship(vm_id, kPrimaryIndex));
     if (!rel) return Status::Ok();  // removed meanwhile
-    VMR_ASSIGN_OR_RETURN(auto stats, catalog_->GetStatistics(vm_id, kPrimaryIndex));
-    StatisticsRecord s = stats.value_or(StatisticsRecord{});
-    s.vm_id = vm_id;
-    s.index = kPrimaryIndex;
-    if (s.start_ms == 0) s.start_ms = Now();
+    VMR_ASSIGN_OR_RETURN(StatisticsRecord s, LoadStatistics(vm_id));
+    s.pending_replication_size_bytes = pending;
     if (network) {
       s.network_failure_count += 1;
     } else {
@@ -471,8 +610,7 @@ Status ReplicationEngine::RecordFailure(const std::string& vm_id, const Status& 
                     why.ToString());
       rel->state = ReplicationState::kCritical;
     }
-    HealthVerdict h = EvaluateHealth(*rel, s, Now(), failures);
-    h.issues.push_back("last failure: " + why.ToString());
+    HealthVerdict h = FullHealth(*rel, s, failures);
     rel->health = h.health;
     s.replication_health = h.health;
     s.health_issues = h.issues;
@@ -482,25 +620,28 @@ Status ReplicationEngine::RecordFailure(const std::string& vm_id, const Status& 
 }
 
 void ReplicationEngine::WorkerLoop(Worker* w) {
+  // The schedule runs on the steady clock: a wall-clock step (NTP, an
+  // operator changing the time) neither fires a burst of cycles nor stalls
+  // them. Wall time (Now()) is only recorded.
+  using Steady = std::chrono::steady_clock;
   const std::string vm_id = w->vm_id;
-  int64_t due = Now();  // a resumed relationship replicates at once
+  Steady::time_point due = Steady::now();  // a resumed relationship replicates at once
   {
     auto rel = catalog_->GetRelationship(vm_id, kPrimaryIndex);
     if (rel.ok() && *rel && (*rel)->last_replication_ms > 0) {
-      due = std::max(Now(), (*rel)->last_replication_ms + IntervalOf(**rel).count());
+      const int64_t wait_ms = (*rel)->last_replication_ms + IntervalOf(**rel).count() - Now();
+      if (wait_ms > 0) due += std::chrono::milliseconds(std::min<int64_t>(wait_ms, IntervalOf(**rel).count()));
     }
   }
   int64_t misses_counted = 0;
   auto backoff = options_.retry_initial;
   bool retrying = false;
-  int64_t retry_at = 0;
+  Steady::time_point retry_at{};
   while (true) {
     {
       std::unique_lock<std::mutex> lock(w->mu);
-      int64_t until = retrying ? retry_at : due;
-      while (!w->stop && !w->kicked && Now() < until) {
-        w->cv.wait_for(lock, std::chrono::milliseconds(std::min<int64_t>(until - Now(), 1000)));
-      }
+      const Steady::time_point until = retrying ? retry_at : due;
+      w->cv.wait_until(lock, until, [&] { return w->stop || w->kicked; });
       if (w->stop) return;
       w->kicked = false;
     }
@@ -509,7 +650,7 @@ void ReplicationEngine::WorkerLoop(Worker* w) {
       // A transient catalog error must not end replication: retry.
       spdlog::error("VM {}: reading its relationship failed: {}; retrying", vm_id, rel.status().ToString());
       retrying = true;
-      retry_at = Now() + options_.retry_initial.count();
+      retry_at = Steady::now() + options_.retry_initial;
       continue;
     }
     if (!*rel || (*rel)->local_mode != ReplicationMode::kPrimary) {  // removed
@@ -523,38 +664,39 @@ void ReplicationEngine::WorkerLoop(Worker* w) {
       std::unique_lock<std::mutex> lock(w->mu);
       w->cv.wait(lock, [&] { return w->stop || w->kicked; });
       if (w->stop) return;
-      due = Now();
+      due = Steady::now();
       retrying = false;
       misses_counted = 0;
       continue;
     }
-    const int64_t interval = IntervalOf(**rel).count();
+    const auto interval = IntervalOf(**rel);
     Result<CycleReport> r = Status::Unavailable("not run");
     {
       auto vm_lock = VmLock(vm_id);
       std::lock_guard<std::mutex> l(*vm_lock);
-      AcquireSlot();
+      Slot slot(this);
       r = RunCycle(vm_id, /*initial=*/false, nullptr);
-      ReleaseSlot();
     }
-    const int64_t end = Now();
+    const Steady::time_point end = Steady::now();
     // Every interval boundary passed since the cycle was due without a
     // successful cycle is a missed cycle.
-    const int64_t boundaries = interval > 0 ? std::max<int64_t>(0, (end - due) / interval) : 0;
+    const int64_t boundaries = interval.count() > 0 && end > due ? (end - due) / interval : 0;
     const int64_t new_misses = boundaries - misses_counted;
     misses_counted = boundaries;
     if (new_misses > 0) {
       Status s = catalog_->RunInTransaction([&]() -> Status {
-        VMR_ASSIGN_OR_RETURN(auto st, catalog_->GetStatistics(vm_id, kPrimaryIndex));
-        if (!st) return Status::Ok();
-        st->replication_miss_count += static_cast<uint64_t>(new_misses);
-        return catalog_->PutStatistics(*st);
+        VMR_ASSIGN_OR_RETURN(auto rel_now, catalog_->GetRelationship(vm_id, kPrimaryIndex));
+        if (!rel_now) return Status::Ok();
+        VMR_ASSIGN_OR_RETURN(StatisticsRecord st, LoadStatistics(vm_id));
+        st.replication_miss_count += static_cast<uint64_t>(new_misses);
+        return catalog_->PutStatistics(st);
       });
       if (!s.ok()) spdlog::warn("VM {}: recording missed cycles failed: {}", vm_id, s.ToString());
     }
     if (r.ok()) {
-      spdlog::info("VM {}: delta {} sent {} bytes changed ({} on the wire, {} zero) in {} ms", vm_id,
-                   r->sequence, r->data_bytes, r->wire_bytes, r->zero_bytes, r->duration_ms);
+      spdlog::info("VM {}: delta {} sent {} bytes changed ({} on the wire, {} zero) in {} ms{}", vm_id,
+                   r->sequence, r->data_bytes, r->wire_bytes, r->zero_bytes, r->duration_ms,
+                   r->kind == ReplicationType::kApplicationConsistent ? " (application-consistent)" : "");
       if (Status s = RecordSuccess(vm_id, *r); !s.ok()) {
         spdlog::error("VM {}: recording cycle {} failed: {}", vm_id, r->sequence, s.ToString());
       }
@@ -568,10 +710,9 @@ void ReplicationEngine::WorkerLoop(Worker* w) {
         spdlog::error("VM {}: recording a failed cycle failed: {}", vm_id, s.ToString());
       }
       retrying = true;
-      retry_at = Now() + backoff.count();
+      retry_at = Steady::now() + backoff;
       // Retry at least once an interval, whatever the backoff has grown to.
-      backoff = std::min({backoff * 2, options_.retry_max,
-                          std::max(options_.retry_initial, std::chrono::milliseconds(interval))});
+      backoff = std::min({backoff * 2, options_.retry_max, std::max(options_.retry_initial, interval)});
     }
   }
 }
@@ -651,18 +792,40 @@ Result<JobRecord> ReplicationEngine::StartReplication(const std::string& vm, int
     r.state = t.during;
     return Status::Ok();
   }));
+  return StartInitialJob(vm_id, rec.name, start_unix_s, rel->state);
+}
+
+// The initial copy's job. Before its StartTime the job waits (state
+// Running, 0%); a cancel then returns the relationship to the state it had.
+Result<JobRecord> ReplicationEngine::StartInitialJob(const std::string& vm_id, const std::string& vm_name,
+                                                     int64_t start_unix_s, ReplicationState state_before) {
   nlohmann::json params = {{"vm", vm_id}, {"start_time_unix_s", start_unix_s}};
-  auto job = jobs_->Start(JobType::kInitialReplicationNetwork, rec.name, params.dump(), /*cancellable=*/true,
-                          /*resumable=*/false, [this, vm_id, start_unix_s](JobContext& jc) -> Status {
-                            while (start_unix_s != 0 && Now() / 1000 < start_unix_s) {
-                              if (jc.CancelRequested()) return Status::Cancelled("cancelled before its start time");
-                              std::this_thread::sleep_for(std::chrono::milliseconds(200));
-                            }
-                            return RunInitial(vm_id, &jc);
-                          });
+  uint64_t epoch = 0;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    epoch = ++initial_epoch_[vm_id];
+  }
+  auto job = jobs_->Start(
+      JobType::kInitialReplicationNetwork, vm_name, params.dump(), /*cancellable=*/true,
+      /*resumable=*/false, [this, vm_id, start_unix_s, state_before, epoch](JobContext& jc) -> Status {
+        while (start_unix_s != 0 && Now() / 1000 < start_unix_s) {
+          if (jc.CancelRequested() || stop_flag_.load()) {
+            if (IsCurrentInitial(vm_id, epoch)) {
+              Status undo = UpdateRelationship(vm_id, [&](RelationshipRecord& r) {
+                if (r.state == ReplicationState::kWaitingToCompleteInitialReplication) r.state = state_before;
+                return Status::Ok();
+              });
+              if (!undo.ok()) spdlog::error("VM {}: resetting the state failed: {}", vm_id, undo.ToString());
+            }
+            return Status::Cancelled("the initial replication was cancelled before its start time");
+          }
+          std::this_thread::sleep_for(std::chrono::milliseconds(200));
+        }
+        return RunInitial(vm_id, &jc, epoch);
+      });
   if (!job.ok()) {
     Status undo = UpdateRelationship(vm_id, [&](RelationshipRecord& r) {
-      if (r.state == ReplicationState::kWaitingToCompleteInitialReplication) r.state = rel->state;
+      if (r.state == ReplicationState::kWaitingToCompleteInitialReplication) r.state = state_before;
       return Status::Ok();
     });
     (void)undo;
@@ -671,18 +834,23 @@ Result<JobRecord> ReplicationEngine::StartReplication(const std::string& vm, int
   return job;
 }
 
-Status ReplicationEngine::RunInitial(const std::string& vm_id, JobContext* job) {
+bool ReplicationEngine::IsCurrentInitial(const std::string& vm_id, uint64_t epoch) {
+  std::lock_guard<std::mutex> lock(mu_);
+  return initial_epoch_[vm_id] == epoch;
+}
+
+Status ReplicationEngine::RunInitial(const std::string& vm_id, JobContext* job, uint64_t epoch) {
   Result<CycleReport> r = Status::Unavailable("not run");
   {
     auto vm_lock = VmLock(vm_id);
     std::lock_guard<std::mutex> l(*vm_lock);
-    AcquireSlot();
+    Slot slot(this);
     r = RunCycle(vm_id, /*initial=*/true, job);
-    ReleaseSlot();
   }
   if (!r.ok()) {
-    Status undo = UpdateRelationship(vm_id, [](RelationshipRecord& rel) {
-      // Only the copy's own state goes back (a suspend or cancel meanwhile stays).
+    // Only the copy's own state goes back (a suspend or cancel meanwhile
+    // stays), and only when no newer StartReplication owns it by now.
+    Status undo = !IsCurrentInitial(vm_id, epoch) ? Status::Ok() : UpdateRelationship(vm_id, [](RelationshipRecord& rel) {
       if (rel.state == ReplicationState::kWaitingToCompleteInitialReplication ||
           rel.state == ReplicationState::kSuspended) {
         rel.state = ReplicationState::kReadyForReplication;
@@ -794,6 +962,25 @@ Status ReplicationEngine::ModifySettings(const std::string& vm, const Relationsh
     r.settings = settings;
     return Status::Ok();
   }));
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    replica_settings_synced_.erase(rec.id);
+  }
+  // The replica applies RecoveryHistory (its retention) now when it can be
+  // reached; otherwise the next cycle hands the settings over.
+  if (options_.open_channel) {
+    auto channel = options_.open_channel(settings.recovery_connection_point,
+                                         static_cast<uint16_t>(settings.recovery_server_port));
+    Status sent = channel.ok() ? ReplicaClient(*channel).ModifyReplica(rec.id, kPrimaryIndex, settings).status()
+                               : channel.status();
+    if (sent.ok()) {
+      std::lock_guard<std::mutex> lock(mu_);
+      replica_settings_synced_.insert(rec.id);
+    } else {
+      spdlog::warn("VM {}: new settings not yet on the replica ({}); the next cycle sends them", rec.name,
+                   sent.ToString());
+    }
+  }
   KickWorker(rec.id);
   return Status::Ok();
 }
@@ -869,13 +1056,19 @@ Result<StatisticsRecord> ReplicationEngine::GetStatistics(const std::string& vm,
   StatisticsRecord s = stats.value_or(StatisticsRecord{});
   s.vm_id = rec.id;
   s.index = index;
+  // The window as of now (a window that ended is reported as the new,
+  // empty one; the next recorded event stores it).
+  VMR_ASSIGN_OR_RETURN(auto server, catalog_->GetServerSettings());
+  RollStatisticsWindow(s, server, Now());
+  s.end_ms = Now();  // EndStatisticTime: the window is open; this is when it was read
   int failures = 0;
   {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = failures_.find(rec.id);
     if (it != failures_.end()) failures = it->second;
   }
-  HealthVerdict h = EvaluateHealth(*rel, s, Now(), failures);
+  HealthVerdict h = rel->local_mode == ReplicationMode::kPrimary ? FullHealth(*rel, s, failures)
+                                                                  : EvaluateHealth(*rel, s, Now(), failures);
   s.replication_health = h.health;
   if (rel->local_mode == ReplicationMode::kPrimary) s.health_issues = h.issues;
   return s;

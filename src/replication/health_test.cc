@@ -2,6 +2,10 @@
 // rule a case, each written from the rule's text; and ConcatDeltaSource.
 #include <gtest/gtest.h>
 
+#include <cstdlib>
+#include <ctime>
+#include <optional>
+
 #include "vmreplica/replication.h"
 
 namespace vmreplica {
@@ -108,6 +112,151 @@ TEST(ConcatDeltaSourceTest, StreamsPartsInOrderAndReportsProgress) {
   auto again = c.Next();
   ASSERT_TRUE(again.ok());
   EXPECT_FALSE(again->has_value());
+}
+
+}  // namespace
+}  // namespace vmreplica
+
+namespace vmreplica {
+namespace {
+
+// Local time is UTC in these tests (the rules are local-time rules).
+class PolicyTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    const char* tz = std::getenv("TZ");
+    saved_ = tz ? std::optional<std::string>(tz) : std::nullopt;
+    setenv("TZ", "UTC", 1);
+    tzset();
+  }
+  void TearDown() override {
+    if (saved_) {
+      setenv("TZ", saved_->c_str(), 1);
+    } else {
+      unsetenv("TZ");
+    }
+    tzset();
+  }
+  std::optional<std::string> saved_;
+};
+
+// 2027-01-15 (a Friday) at hh:mm UTC, in Unix ms.
+int64_t At(int hh, int mm, int day_offset = 0) {
+  constexpr int64_t kFri20270115 = 1'799'971'200;  // 2027-01-15 00:00:00 UTC
+  return (kFri20270115 + int64_t{day_offset} * 86400 + hh * 3600 + mm * 60) * 1000;
+}
+
+TEST_F(PolicyTest, TheTestDateIsAFridayAtMidnight) {
+  std::time_t t = static_cast<std::time_t>(At(0, 0) / 1000);
+  std::tm tm{};
+  ASSERT_NE(gmtime_r(&t, &tm), nullptr);
+  EXPECT_EQ(tm.tm_wday, 5);
+  EXPECT_EQ(tm.tm_hour, 0);
+  EXPECT_EQ(tm.tm_mday, 15);
+}
+
+TEST_F(PolicyTest, WindowsStartAtMonitoringStartTimePlusMultiplesOfTheInterval) {
+  ServerSettings s;  // defaults: 12 h from 09:00
+  EXPECT_EQ(StatisticsWindowStart(s, At(10, 0)), At(9, 0));
+  EXPECT_EQ(StatisticsWindowStart(s, At(20, 59)), At(9, 0));
+  EXPECT_EQ(StatisticsWindowStart(s, At(21, 0)), At(21, 0));
+  EXPECT_EQ(StatisticsWindowStart(s, At(8, 59)), At(21, 0, -1));
+  s.monitoring_interval_s = 3600;
+  s.monitoring_start_time_min = 30;
+  EXPECT_EQ(StatisticsWindowStart(s, At(14, 45)), At(14, 30));
+  EXPECT_EQ(StatisticsWindowStart(s, At(14, 15)), At(13, 30));
+}
+
+TEST_F(PolicyTest, AWindowThatEndedRollsOverKeepingWhatDescribesTheRelationship) {
+  ServerSettings server;
+  server.monitoring_interval_s = 3600;
+  server.monitoring_start_time_min = 0;
+  StatisticsRecord s;
+  s.vm_id = "vm";
+  s.start_ms = At(10, 5);
+  s.replication_success_count = 7;
+  s.replication_miss_count = 2;
+  s.network_failure_count = 1;
+  s.application_consistent_snapshot_failure_count = 3;
+  s.initial_replication_size_bytes = 4096;
+  s.pending_replication_size_bytes = 512;
+  s.last_test_failover_ms = At(9, 0);
+  EXPECT_FALSE(RollStatisticsWindow(s, server, At(10, 59)));
+  EXPECT_EQ(s.replication_success_count, 7u);
+  EXPECT_TRUE(RollStatisticsWindow(s, server, At(11, 1)));
+  EXPECT_EQ(s.vm_id, "vm");
+  EXPECT_EQ(s.start_ms, At(11, 0));
+  EXPECT_EQ(s.replication_success_count, 0u);
+  EXPECT_EQ(s.replication_miss_count, 0u);
+  EXPECT_EQ(s.network_failure_count, 0u);
+  EXPECT_EQ(s.application_consistent_snapshot_failure_count, 0u);
+  EXPECT_EQ(s.initial_replication_size_bytes, 4096u);
+  EXPECT_EQ(s.pending_replication_size_bytes, 512u);
+  EXPECT_EQ(s.last_test_failover_ms, At(9, 0));
+  StatisticsRecord fresh;
+  EXPECT_FALSE(RollStatisticsWindow(fresh, server, At(11, 30)));
+  EXPECT_EQ(fresh.start_ms, At(11, 30));
+}
+
+TEST_F(PolicyTest, TimesOfDayParseStrictly) {
+  EXPECT_EQ(*ParseTimeOfDay("00:00"), 0u);
+  EXPECT_EQ(*ParseTimeOfDay("23:59"), 23u * 60 + 59);
+  for (const char* bad : {"24:00", "7:00", "07:60", "07-00", "", "07:00 ", "aa:bb"}) {
+    auto r = ParseTimeOfDay(bad);
+    EXPECT_FALSE(r.ok()) << bad;
+    if (!r.ok()) {
+      EXPECT_EQ(r.status().code(), Code::kInvalidArgument);
+    }
+  }
+}
+
+TEST_F(PolicyTest, TheFirstScheduleWindowHoldingTheLocalTimeSetsTheLimit) {
+  std::vector<BandwidthWindow> schedule;
+  BandwidthWindow office;  // Monday..Friday 08:00-18:00: 1 MB/s
+  office.start_min = 8 * 60;
+  office.end_min = 18 * 60;
+  office.days_mask = 0b0111110;
+  office.bytes_per_s = 1'000'000;
+  BandwidthWindow night;  // every day 22:00-06:00: unlimited
+  night.start_min = 22 * 60;
+  night.end_min = 6 * 60;
+  night.bytes_per_s = 0;
+  schedule = {office, night};
+  const uint64_t def = 5'000'000;
+  EXPECT_EQ(BandwidthLimitAt({}, def, At(9, 0)), def);
+  EXPECT_EQ(BandwidthLimitAt(schedule, def, At(9, 0)), 1'000'000u);       // Friday 09:00
+  EXPECT_EQ(BandwidthLimitAt(schedule, def, At(18, 0)), def);             // end is exclusive
+  EXPECT_EQ(BandwidthLimitAt(schedule, def, At(7, 59)), def);
+  EXPECT_EQ(BandwidthLimitAt(schedule, def, At(9, 0, 1)), def);           // Saturday: office closed
+  EXPECT_EQ(BandwidthLimitAt(schedule, def, At(23, 0)), 0u);              // night, before midnight
+  EXPECT_EQ(BandwidthLimitAt(schedule, def, At(5, 59, 1)), 0u);           // night, after midnight
+  EXPECT_EQ(BandwidthLimitAt(schedule, def, At(6, 0, 1)), def);
+  // A night window only on Friday: Saturday 03:00 belongs to Friday's night.
+  night.days_mask = 1u << 5;
+  EXPECT_EQ(BandwidthLimitAt({night}, def, At(3, 0, 1)), 0u);
+  EXPECT_EQ(BandwidthLimitAt({night}, def, At(3, 0)), def);               // Friday 03:00 is Thursday's night
+  BandwidthWindow all_day;  // start == end: the whole day
+  all_day.start_min = all_day.end_min = 0;
+  all_day.days_mask = 1u << 6;
+  all_day.bytes_per_s = 7;
+  EXPECT_EQ(BandwidthLimitAt({all_day}, def, At(12, 0, 1)), 7u);
+  EXPECT_EQ(BandwidthLimitAt({all_day}, def, At(12, 0)), def);
+}
+
+TEST(ReplicaSideHealthTest, PausedOrResyncOnTheReplicaIsCritical) {
+  HealthVerdict v;
+  v.health = ReplicationHealth::kNormal;
+  ApplyReplicaSideHealth(v, ReplicationState::kReplicating);
+  EXPECT_EQ(v.health, ReplicationHealth::kNormal);
+  EXPECT_TRUE(v.issues.empty());
+  ApplyReplicaSideHealth(v, ReplicationState::kSuspended);
+  EXPECT_EQ(v.health, ReplicationHealth::kCritical);
+  ASSERT_EQ(v.issues.size(), 1u);
+  EXPECT_NE(v.issues[0].find("paused on the replica"), std::string::npos);
+  HealthVerdict w;
+  w.health = ReplicationHealth::kWarning;
+  ApplyReplicaSideHealth(w, ReplicationState::kWaitingForStartResynchronize);
+  EXPECT_EQ(w.health, ReplicationHealth::kCritical);
 }
 
 }  // namespace

@@ -88,6 +88,7 @@ void ToProto(const ReplicaStatusInfo& s, v1::ReplicaStatus* p) {
   p->set_expected_sequence(s.expected_sequence);
   p->set_latest_applied(s.latest_applied);
   p->set_state(Number(s.state));
+  p->set_last_apply_time_unix_ms(s.last_apply_ms);
 }
 
 grpc::Status Refuse(const char* method, const std::vector<std::string>& names, const Status& s) {
@@ -147,6 +148,19 @@ grpc::Status PeerService::RemoveReplica(grpc::ServerContext* context, const v1::
   if (!caller.ok()) return Refuse("RemoveReplica", PeerNames(*context), caller.status());
   Status s = replicas_->RemoveReplica(*caller, request->vm_id(), request->relationship_index());
   if (!s.ok()) return Refuse("RemoveReplica", caller->names, s);
+  return grpc::Status::OK;
+}
+
+grpc::Status PeerService::ModifyReplica(grpc::ServerContext* context, const v1::ModifyReplicaRequest* request,
+                                        v1::ReplicaStatus* response) {
+  if (replicas_ == nullptr) return grpc::Status(grpc::StatusCode::UNIMPLEMENTED, "no data plane on this host");
+  auto caller = Authorize(*context);
+  if (!caller.ok()) return Refuse("ModifyReplica", PeerNames(*context), caller.status());
+  auto settings = FromProto(request->settings());
+  if (!settings.ok()) return Refuse("ModifyReplica", caller->names, settings.status());
+  auto r = replicas_->ModifyReplica(*caller, request->vm_id(), request->relationship_index(), *settings);
+  if (!r.ok()) return Refuse("ModifyReplica", caller->names, r.status());
+  ToProto(*r, response);
   return grpc::Status::OK;
 }
 

@@ -28,6 +28,8 @@ class PeerService final : public v1::ReplicaPeer::Service {
                                 v1::ReplicaStatus* response) override;
   grpc::Status RemoveReplica(grpc::ServerContext* context, const v1::ReplicaRef* request,
                              v1::RemoveReplicaResponse* response) override;
+  grpc::Status ModifyReplica(grpc::ServerContext* context, const v1::ModifyReplicaRequest* request,
+                             v1::ReplicaStatus* response) override;
   grpc::Status PushDelta(grpc::ServerContext* context,
                          grpc::ServerReaderWriter<v1::DeltaReply, v1::DeltaMessage>* stream) override;
 

@@ -57,6 +57,7 @@ void ToProto(const VmRecord& rec, v1::Vm* p) {
   }
   p->set_qmp_socket(def->qmp_socket);
   p->set_nbd_socket(def->nbd_socket);
+  p->set_qga_socket(def->qga_socket);
   p->set_libvirt_uri(def->libvirt_uri);
   p->set_libvirt_domain(def->libvirt_domain);
 }
@@ -71,6 +72,7 @@ Result<VmAddRequest> FromProto(const v1::AddVmRequest& p) {
   r.uuid = p.uuid();
   r.qmp_socket = p.qmp_socket();
   r.nbd_socket = p.nbd_socket();
+  r.qga_socket = p.qga_socket();
   if (!p.libvirt_uri().empty()) r.libvirt_uri = p.libvirt_uri();
   r.libvirt_domain = p.libvirt_domain();
   r.memory_mib = p.memory_mib();
@@ -89,6 +91,9 @@ Result<VmAddRequest> FromProto(const v1::AddVmRequest& p) {
   }
   if (r.kind != VmSourceKind::kQmp && !r.nbd_socket.empty()) {
     return Status::InvalidArgument("nbd_socket: only for kind 1 (qmp)");
+  }
+  if (r.kind != VmSourceKind::kQmp && !r.qga_socket.empty()) {
+    return Status::InvalidArgument("qga_socket: only for kind 1 (qmp); libvirt names the agent's channel itself");
   }
   return r;
 }

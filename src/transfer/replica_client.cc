@@ -23,6 +23,7 @@ Result<ReplicaStatusInfo> FromProto(const v1::ReplicaStatus& p) {
   ReplicaStatusInfo s;
   s.expected_sequence = p.expected_sequence();
   s.latest_applied = p.latest_applied();
+  s.last_apply_ms = p.last_apply_time_unix_ms();
   auto state = Parse<ReplicationState>(std::to_string(p.state()));
   if (!state) {
     return Status::Corruption("replica status: state " + std::to_string(p.state()) +
@@ -180,6 +181,19 @@ Status ReplicaClient::RemoveReplica(const std::string& vm_id, uint32_t relations
   SetDeadline(&ctx, unary_timeout_);
   v1::RemoveReplicaResponse resp;
   return StatusFromGrpc(stub_->RemoveReplica(&ctx, req, &resp)).WithContext("RemoveReplica");
+}
+
+Result<ReplicaStatusInfo> ReplicaClient::ModifyReplica(const std::string& vm_id, uint32_t relationship_index,
+                                                       const RelationshipSettings& settings) {
+  v1::ModifyReplicaRequest req;
+  req.set_vm_id(vm_id);
+  req.set_relationship_index(relationship_index);
+  RelationshipSettingsToProto(settings, req.mutable_settings());
+  grpc::ClientContext ctx;
+  SetDeadline(&ctx, unary_timeout_);
+  v1::ReplicaStatus resp;
+  VMR_RETURN_IF_ERROR(StatusFromGrpc(stub_->ModifyReplica(&ctx, req, &resp)).WithContext("ModifyReplica"));
+  return FromProto(resp);
 }
 
 Result<SendStats> ReplicaClient::SendDelta(const DeltaInfo& info, DeltaSource& source, const SendOptions& options) {

@@ -354,6 +354,7 @@ Result<ReplicaStatusInfo> ReplicaManager::StatusOf(Replica& r) {
   VMR_ASSIGN_OR_RETURN(auto rel, catalog_->GetRelationship(r.vm_id, static_cast<int>(r.index)));
   if (!rel) return Status::NotFound("VM " + r.vm_id + " has no replica relationship");
   s.state = rel->state;
+  s.last_apply_ms = rel->last_apply_ms;
   return s;
 }
 
@@ -538,6 +539,28 @@ Status ReplicaManager::RemoveReplica(const PrimaryCaller& caller, const std::str
   }
   spdlog::info("replica {}: relationship {} removed; VM, store and points kept", vm_id, index);
   return Status::Ok();
+}
+
+Result<ReplicaStatusInfo> ReplicaManager::ModifyReplica(const PrimaryCaller& caller, const std::string& vm_id,
+                                                        uint32_t index, const RelationshipSettings& settings) {
+  VMR_RETURN_IF_ERROR(ValidateRelationshipSettings(settings, /*extended=*/false));
+  VMR_ASSIGN_OR_RETURN(auto r, Get(caller, vm_id, index));
+  {
+    std::lock_guard<std::mutex> l(r->rel_mu);
+    VMR_RETURN_IF_ERROR(catalog_->RunInTransaction([&]() -> Status {
+      VMR_ASSIGN_OR_RETURN(auto rel, catalog_->GetRelationship(vm_id, static_cast<int>(index)));
+      if (!rel) return Status::NotFound("VM " + vm_id + " has no replica relationship");
+      // What the replica server decided stays (its connection point, port).
+      RelationshipSettings next = settings;
+      next.recovery_connection_point = rel->settings.recovery_connection_point;
+      next.recovery_server_port = rel->settings.recovery_server_port;
+      rel->settings = next;
+      return catalog_->PutRelationship(*rel);
+    }));
+  }
+  VMR_RETURN_IF_ERROR(r->store->SetRecoveryHistory(static_cast<int>(settings.recovery_history)));
+  spdlog::info("replica {}: settings modified (recovery history {} h)", vm_id, settings.recovery_history);
+  return StatusOf(*r);
 }
 
 Status ReplicaManager::WaitApplied(const std::string& vm_id, std::chrono::milliseconds timeout) {

@@ -99,12 +99,13 @@ Result<std::optional<nlohmann::json>> Optional(QmpChannel* qmp, const std::strin
 class QmpAttachedVm : public AttachedVm {
  public:
   QmpAttachedVm(std::unique_ptr<QmpClient> qmp, std::unique_ptr<QsdProcess> qsd, std::vector<VmDiskSpec> disks,
-                std::string export_dir, std::string nbd_socket = "")
+                std::string export_dir, std::string nbd_socket = "", std::string qga_socket = "")
       : qsd_(std::move(qsd)),
         qmp_(std::move(qmp)),
         disks_(std::move(disks)),
         export_dir_(std::move(export_dir)),
-        nbd_socket_(std::move(nbd_socket)) {}
+        nbd_socket_(std::move(nbd_socket)),
+        qga_socket_(std::move(qga_socket)) {}
   ~QmpAttachedVm() override {
     qmp_.reset();
     if (qsd_) (void)qsd_->Stop();  // clean stop: qcow2 keeps its persistent bitmaps
@@ -113,7 +114,7 @@ class QmpAttachedVm : public AttachedVm {
   std::vector<TrackedDisk> tracked_disks() const override { return ToTracked(disks_); }
   std::string nbd_socket() const override { return qsd_ ? qsd_->nbd_socket() : nbd_socket_; }
   std::string export_dir() const override { return export_dir_; }
-  std::string guest_agent_socket() const override { return ""; }
+  std::string guest_agent_socket() const override { return qga_socket_; }
 
  private:
   std::unique_ptr<QsdProcess> qsd_;  // offline kind only; destroyed after qmp_
@@ -121,6 +122,7 @@ class QmpAttachedVm : public AttachedVm {
   const std::vector<VmDiskSpec> disks_;
   const std::string export_dir_;
   const std::string nbd_socket_;  // kQmp: the VM's own NBD server, if any
+  const std::string qga_socket_;  // kQmp: the guest agent's channel, if any
 };
 
 Result<VmDefinition> InspectQmp(const VmAddRequest& req) {
@@ -137,6 +139,7 @@ Result<VmDefinition> InspectQmp(const VmAddRequest& req) {
   def.kind = VmSourceKind::kQmp;
   def.qmp_socket = req.qmp_socket;
   def.nbd_socket = req.nbd_socket;
+  def.qga_socket = req.qga_socket;
   for (const auto& [disk, node] : req.disk_nodes) {
     if (!ValidDiskName(disk)) {
       return Status::InvalidArgument("disk_nodes: disk name \"" + disk + "\" must match [A-Za-z][A-Za-z0-9_]{0,25}");
@@ -196,7 +199,8 @@ Result<std::unique_ptr<AttachedVm>> AttachQmp(const VmDefinition& def, const std
     return Status::Unavailable("cannot reach QEMU at " + def.qmp_socket + ": " + client.status().message());
   }
   VMR_RETURN_IF_ERROR(CheckDisks(client->get(), def.disks));
-  return std::unique_ptr<AttachedVm>(new QmpAttachedVm(std::move(client).value(), nullptr, def.disks, run_dir, def.nbd_socket));
+  return std::unique_ptr<AttachedVm>(new QmpAttachedVm(std::move(client).value(), nullptr, def.disks, run_dir, def.nbd_socket,
+                                                           def.qga_socket));
 }
 
 Result<std::unique_ptr<AttachedVm>> AttachOffline(const VmDefinition& def, const std::string& run_dir) {

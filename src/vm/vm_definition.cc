@@ -55,6 +55,14 @@ class Reader {
     if (*out > max) return Status::InvalidArgument(Field(key) + ": out of range");
     return Status::Ok();
   }
+  // A string member that older definitions do not have ("" when absent).
+  Status OptionalString(const char* key, std::string* out) const {
+    if (!j_.contains(key)) {
+      out->clear();
+      return Status::Ok();
+    }
+    return String(key, out);
+  }
   Result<const nlohmann::json*> Array(const char* key) const {
     auto it = j_.find(key);
     if (it == j_.end() || !it->is_array()) return Status::InvalidArgument(Field(key) + ": missing or not an array");
@@ -159,6 +167,9 @@ Status VmDefinition::Validate() const {
       if (!nbd_socket.empty() && (nbd_socket[0] != '/' || nbd_socket.size() > 107 || !ValidText(nbd_socket, 107))) {
         return Status::InvalidArgument("nbd_socket: an absolute unix socket path (at most 107 bytes)");
       }
+      if (!qga_socket.empty() && (qga_socket[0] != '/' || qga_socket.size() > 107 || !ValidText(qga_socket, 107))) {
+        return Status::InvalidArgument("qga_socket: an absolute unix socket path (at most 107 bytes)");
+      }
       break;
     case VmSourceKind::kLibvirt:
       if (libvirt_uri.empty() || !ValidText(libvirt_uri, 1024)) {
@@ -199,6 +210,7 @@ nlohmann::json VmDefinition::ToJson() const {
   j["libvirt_xml"] = libvirt_xml;
   j["qmp_socket"] = qmp_socket;
   j["nbd_socket"] = nbd_socket;
+  j["qga_socket"] = qga_socket;
   j["libvirt_uri"] = libvirt_uri;
   j["libvirt_domain"] = libvirt_domain;
   return j;
@@ -251,6 +263,7 @@ Result<VmDefinition> VmDefinition::FromJson(const nlohmann::json& j) {
   VMR_RETURN_IF_ERROR(r.String("libvirt_xml", &d.libvirt_xml));
   VMR_RETURN_IF_ERROR(r.String("qmp_socket", &d.qmp_socket));
   VMR_RETURN_IF_ERROR(r.String("nbd_socket", &d.nbd_socket));
+  VMR_RETURN_IF_ERROR(r.OptionalString("qga_socket", &d.qga_socket));
   VMR_RETURN_IF_ERROR(r.String("libvirt_uri", &d.libvirt_uri));
   VMR_RETURN_IF_ERROR(r.String("libvirt_domain", &d.libvirt_domain));
   VMR_RETURN_IF_ERROR(d.Validate());

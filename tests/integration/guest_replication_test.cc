@@ -122,3 +122,116 @@ TEST(GuestReplicationTest, GuestWritingDuringReplicationLeavesAConsistentFileSys
 
 }  // namespace
 }  // namespace vmreplica::testing
+
+namespace vmreplica::testing {
+namespace {
+
+// The same writing guest with its agent reachable and an application-
+// consistent point due at every cycle (test-only override of the hours):
+// the guest's file systems are frozen around each cut, so the replica's
+// point is clean as it is: no journal to replay, nothing for e2fsck to fix.
+TEST(GuestReplicationTest, ApplicationConsistentPointsNeedNoJournalReplay) {
+  Status artifacts = CheckGuestArtifacts();
+  ASSERT_TRUE(artifacts.ok()) << artifacts.ToString();
+  TempDir dir;
+  MakeCa(dir / "ca", "vmreplica guest test CA");
+  MakeHost(dir / "ca", dir / "pki", "primary.vmreplica.test", {"localhost", "127.0.0.1"});
+  MakeHost(dir / "ca", dir / "pki", "replica.vmreplica.test", {"localhost", "127.0.0.1"});
+  auto r = RunProgram({"/sbin/mkfs.ext4", "-q", "-F", dir / "vda.raw", "64M"});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  r = RunProgram({"/usr/bin/qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", dir / "vda.raw", dir / "vda.qcow2"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+
+  GuestOptions go;
+  go.disks.push_back(GuestDisk{dir / "vda.qcow2", "qcow2", "vda"});
+  go.run_dir = dir / "guest";
+  go.guest_agent = true;
+  std::filesystem::create_directories(go.run_dir);
+  auto guest = TestGuest::Launch(go);
+  ASSERT_TRUE(guest.ok()) << guest.status().ToString();
+  auto g = (*guest)->Run("mkdir -p /mnt/d && mount -t ext4 -o commit=1 /dev/vda /mnt/d && echo mounted");
+  ASSERT_TRUE(g.ok()) << g.status().ToString();
+  ASSERT_EQ(g->first, 0) << g->second;
+  g = (*guest)->Run(
+      "(i=0; while true; do dd if=/dev/urandom of=/mnt/d/f$((i % 16)) bs=4k count=$((i % 7 + 1)) 2>/dev/null; "
+      "echo $i >> /mnt/d/log; mv /mnt/d/f$((i % 16)) /mnt/d/g$((i % 5)) 2>/dev/null; i=$((i + 1)); done) "
+      ">/dev/null 2>&1 & echo started");
+  ASSERT_TRUE(g.ok()) << g.status().ToString();
+  ASSERT_EQ(g->first, 0) << g->second;
+
+  auto spec = [&](const std::string& host, const std::string& extra) {
+    return DaemonSpec{host, dir / "ca/ca.crt", dir / ("pki/" + host + ".crt"), dir / ("pki/" + host + ".key"),
+                      FreePort(), extra};
+  };
+  Daemon primary(dir, spec("primary.vmreplica.test",
+                           "[testing]\nreplication_interval_override_ms = 1000\n"
+                           "app_consistent_interval_override_ms = 100\n"));
+  Daemon replica(dir, spec("replica.vmreplica.test", ""));
+  std::string err;
+  ASSERT_TRUE(primary.Start(&err)) << err;
+  ASSERT_TRUE(replica.Start(&err)) << err;
+  ASSERT_EQ(replica.Cli({"server", "set", "--enable", "--auth", "certificate"}).exit_code, 0);
+  ASSERT_EQ(replica.Cli({"auth", "add", "*.vmreplica.test", "--storage", dir / "replicas"}).exit_code, 0);
+  r = primary.Cli({"vm", "add", "guest", "--qmp", (*guest)->qmp_socket(), "--qga-socket", (*guest)->qga_socket(),
+                   "--disk", "vda=vda"});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  r = primary.Cli({"--json", "vm", "get", "guest"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const std::string vm_id = LastJsonDocument(r.out)["vm"]["id"].get<std::string>();
+  r = primary.Cli({"enable", "guest", "--replica-server", "127.0.0.1", "--replica-port",
+                   std::to_string(replica.port()), "--history", "1", "--vss-hours", "1"});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  r = primary.Cli({"start", "guest"});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err << ReadText(primary.log_path());
+
+  auto relationship = [&](Daemon& d) -> json {
+    auto out = d.Cli({"--json", "get", "guest"});
+    if (out.exit_code != 0) return json();
+    return LastJsonDocument(out.out)["relationships"][0];
+  };
+  // Two application-consistent cycles after the writing started.
+  const int64_t started = NowMs();
+  auto deadline = std::chrono::steady_clock::now() + 180s;
+  int64_t first = 0, second = 0;
+  while (std::chrono::steady_clock::now() < deadline && second == 0) {
+    json rel = relationship(primary);
+    const int64_t t = rel.is_null() ? 0 : JsonInt(rel["last_application_consistent_replication_time_unix_ms"]);
+    if (first == 0 && t > started) first = t;
+    if (first != 0 && t > first) second = t;
+    std::this_thread::sleep_for(200ms);
+  }
+  ASSERT_NE(second, 0) << "no two application-consistent cycles\n" << ReadText(primary.log_path());
+
+  // Stop at an application-consistent point: suspend, then check that the
+  // last cycle was one (the guest keeps writing all along).
+  ASSERT_EQ(primary.Cli({"suspend", "guest"}).exit_code, 0);
+  json rel = relationship(primary);
+  ASSERT_EQ(rel["last_replication_type"], 2) << rel.dump() << ReadText(primary.log_path());
+  auto stats = primary.Cli({"--json", "measure", "guest"});
+  ASSERT_EQ(stats.exit_code, 0) << stats.err;
+  EXPECT_EQ(JsonInt(LastJsonDocument(stats.out)["statistics"].value("application_consistent_snapshot_failure_count",
+                                                                     json(0))),
+            0)
+      << stats.out;
+  // The replica recorded the point's kind as it arrived.
+  auto replica_deadline = std::chrono::steady_clock::now() + 30s;
+  json rrel;
+  while (std::chrono::steady_clock::now() < replica_deadline) {
+    rrel = relationship(replica);
+    if (!rrel.is_null() && JsonInt(rrel["last_apply_time_unix_ms"]) >= JsonInt(rel["last_replication_time_unix_ms"]))
+      break;
+    std::this_thread::sleep_for(200ms);
+  }
+  EXPECT_EQ(rrel["last_replication_type"], 2) << rrel.dump();
+  std::this_thread::sleep_for(2s);
+  ASSERT_TRUE(replica.Stop());
+  const std::string image = dir / ("replicas/" + vm_id + "/disks/vda.img");
+  ASSERT_TRUE(std::filesystem::exists(image)) << image;
+  // No journal replay first: a frozen ext4 has its journal flushed.
+  r = RunProgram({"/sbin/e2fsck", "-f", "-n", image});
+  EXPECT_EQ(r.exit_code, 0) << "the application-consistent point is not clean as it is:\n" << r.out << r.err;
+  (void)(*guest)->Shutdown(30s);
+}
+
+}  // namespace
+}  // namespace vmreplica::testing

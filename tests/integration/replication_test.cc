@@ -68,17 +68,49 @@ class ReplicationTest : public ::testing::Test {
   // Binds the QSD as VM "demo", enables replication to the replica and runs
   // the initial copy (the CLI waits for the job).
   void Protect() {
-    auto r = primary_->Cli({"vm", "add", "demo", "--qmp", qsd_->qmp_socket(), "--nbd-socket", qsd_->nbd_socket(),
-                            "--disk", "vda=vda", "--memory", "256", "--vcpus", "1"});
+    Enable();
+    if (HasFatalFailure()) return;
+    auto r = primary_->Cli({"start", "demo"});
+    ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  }
+
+  // Binds the QSD as VM "demo" (with `vm_add_extra` arguments) and creates
+  // the relationship (with `enable_extra` arguments); no copy yet.
+  void Enable(const std::vector<std::string>& vm_add_extra = {}, const std::vector<std::string>& enable_extra = {}) {
+    std::vector<std::string> add = {"vm",   "add",      "demo", "--qmp",    qsd_->qmp_socket(), "--nbd-socket",
+                                    qsd_->nbd_socket(), "--disk", "vda=vda", "--memory", "256", "--vcpus", "1"};
+    add.insert(add.end(), vm_add_extra.begin(), vm_add_extra.end());
+    auto r = primary_->Cli(add);
     ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
     r = primary_->Cli({"--json", "vm", "get", "demo"});
     ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
     vm_id_ = LastJsonDocument(r.out)["vm"]["id"].get<std::string>();
-    r = primary_->Cli({"enable", "demo", "--replica-server", "127.0.0.1", "--replica-port",
-                       std::to_string(replica_->port()), "--interval", "30"});
+    std::vector<std::string> enable = {"enable", "demo", "--replica-server", "127.0.0.1", "--replica-port",
+                                       std::to_string(replica_->port()), "--interval", "30"};
+    enable.insert(enable.end(), enable_extra.begin(), enable_extra.end());
+    r = primary_->Cli(enable);
     ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
-    r = primary_->Cli({"start", "demo"});
-    ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  }
+
+  int State(Daemon& d) {
+    json rel = Relationship(d);
+    return rel.is_null() ? -1 : rel.value("replication_state", -1);
+  }
+
+  // Polls until the primary's relationship is in `state`.
+  bool WaitForState(int state, std::chrono::seconds timeout = 60s) {
+    auto deadline = std::chrono::steady_clock::now() + timeout;
+    while (std::chrono::steady_clock::now() < deadline) {
+      if (State(*primary_) == state) return true;
+      std::this_thread::sleep_for(200ms);
+    }
+    return false;
+  }
+
+  json Statistics() {
+    auto r = primary_->Cli({"--json", "measure", "demo"});
+    EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
+    return r.exit_code == 0 ? LastJsonDocument(r.out)["statistics"] : json();
   }
 
   void Write(const std::vector<std::string>& qemu_io_commands) {
@@ -185,6 +217,48 @@ TEST_F(ReplicationTest, InitialCopyThenCyclesDeliverEveryWrite) {
   // Exactly the written data: zeros and unallocated clusters are not sent.
   EXPECT_EQ(JsonInt(stats["statistics"]["initial_replication_size"]), 5 << 20) << r.out;
   EXPECT_EQ(stats["statistics"]["replication_health"], 1) << r.out;  // Normal
+  // The window is open: it started before the copy and is read now.
+  EXPECT_GT(JsonInt(stats["statistics"]["start_statistic_time_unix_ms"]), 0) << r.out;
+  EXPECT_GE(JsonInt(stats["statistics"]["end_statistic_time_unix_ms"]),
+            JsonInt(stats["statistics"]["start_statistic_time_unix_ms"]))
+      << r.out;
+  // The replica's LastApplyTime reaches the primary with the cycles.
+  EXPECT_GT(JsonInt(Relationship(*primary_)["last_apply_time_unix_ms"]), 0);
+}
+
+TEST_F(ReplicationTest, StartTimeDefersTheCopyAndCancellingBeforeItRestoresTheState) {
+  Enable();
+  if (HasFatalFailure()) return;
+  // Scheduled an hour ahead: the job waits, the state says so.
+  auto r = primary_->Cli({"--async", "start", "demo", "--at", std::to_string(NowMs() / 1000 + 3600)});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  EXPECT_EQ(State(*primary_), 2);  // WaitingToCompleteInitialReplication
+  r = primary_->Cli({"cancel-initial", "demo"});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  EXPECT_TRUE(WaitForState(1)) << Relationship(*primary_).dump();  // ReadyForReplication
+  // Nothing was copied.
+  EXPECT_EQ(LastReplicationMs(*primary_), 0);
+  // More than 7 days ahead: refused (32773).
+  r = primary_->Cli({"start", "demo", "--at", std::to_string(NowMs() / 1000 + 8 * 86400)});
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE((r.out + r.err).find("32773"), std::string::npos) << r.out << r.err;
+  // A start 3 s ahead: the copy's cut is taken after that time.
+  Write({"write -P 7 1M 1M"});
+  const int64_t at_s = NowMs() / 1000 + 3;
+  r = primary_->Cli({"start", "demo", "--at", std::to_string(at_s)});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err << ReadText(primary_->log_path());
+  EXPECT_GE(LastReplicationMs(*primary_), at_s * 1000);
+  ExpectReplicaEqualsPrimary();
+}
+
+TEST_F(ReplicationTest, ModifiedRecoveryHistoryReachesTheReplica) {
+  Protect();
+  if (HasFatalFailure()) return;
+  EXPECT_EQ(JsonInt(Relationship(*replica_)["settings"].value("recovery_history", json(0))), 0);
+  auto r = primary_->Cli({"set", "demo", "--history", "3"});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  EXPECT_EQ(JsonInt(Relationship(*primary_)["settings"]["recovery_history"]), 3);
+  EXPECT_EQ(JsonInt(Relationship(*replica_)["settings"]["recovery_history"]), 3) << Relationship(*replica_).dump();
 }
 
 TEST_F(ReplicationTest, SuspendStopsCyclesAndResumeCatchesUp) {
@@ -292,6 +366,34 @@ TEST_F(ReplicationTest, EnableIsRefusedWhenTheReplicaDoesNotAuthoriseUs) {
 
 // Transfers throttled to 2 MB/s so that a 16 MiB delta takes several
 // seconds: long enough to kill a daemon while its cut is open.
+// Application-consistent points every cycle (test-only override) for a VM
+// whose guest agent cannot be reached.
+class AppConsistentReplicationTest : public ReplicationTest {
+ protected:
+  std::string PrimaryConfig() const override {
+    return "[testing]\nreplication_interval_override_ms = 1000\napp_consistent_interval_override_ms = 1000\n";
+  }
+};
+
+TEST_F(AppConsistentReplicationTest, WithoutAnAnsweringAgentPointsAreCrashConsistentAndCounted) {
+  // The agent's socket: nobody listens there.
+  Enable({"--qga-socket", dir_ / "qsd/no-agent.sock"}, {"--history", "1", "--vss-hours", "1"});
+  if (HasFatalFailure()) return;
+  auto r = primary_->Cli({"start", "demo"});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  Write({"write -P 3 2M 64k"});
+  const int64_t written = NowMs();
+  ASSERT_TRUE(WaitForCycleAfter(written)) << ReadText(primary_->log_path());
+  ExpectReplicaEqualsPrimary();
+  json stats = Statistics();
+  EXPECT_GE(JsonInt(stats["application_consistent_snapshot_failure_count"]), 1) << stats.dump();
+  json rel = Relationship(*primary_);
+  EXPECT_EQ(rel["replication_state"], 3);
+  EXPECT_EQ(rel["last_replication_type"], 1) << rel.dump();  // Regular: crash-consistent
+  EXPECT_EQ(JsonInt(rel.value("last_application_consistent_replication_time_unix_ms", json(0))), 0);
+  EXPECT_NE(ReadText(primary_->log_path()).find("application-consistent point not taken"), std::string::npos);
+}
+
 class SlowReplicationTest : public ReplicationTest {
  protected:
   std::string PrimaryConfig() const override {
@@ -354,6 +456,50 @@ TEST_F(SlowReplicationTest, PrimaryDaemonKilledDuringACutRestartsAndLosesNothing
   std::string log = ReadText(primary_->log_path());
   EXPECT_NE(log.find("reconcile:"), std::string::npos) << "no leftovers were found after the kill:\n" << log;
   EXPECT_EQ(Relationship(*primary_)["replication_state"], 3);
+}
+
+TEST_F(SlowReplicationTest, InitialCopyCancelledMidwayCanBeStartedAgain) {
+  Enable();
+  if (HasFatalFailure()) return;
+  WriteRandom16M();
+  if (HasFatalFailure()) return;
+  auto r = primary_->Cli({"--async", "start", "demo"});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  ASSERT_TRUE(WaitForTransferInFlight()) << ReadText(primary_->log_path());
+  r = primary_->Cli({"cancel-initial", "demo"});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  ASSERT_TRUE(WaitForState(1)) << Relationship(*primary_).dump() << ReadText(primary_->log_path());
+  // The job ended without success.
+  r = primary_->Cli({"--json", "jobs", "list"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  json jobs = LastJsonDocument(r.out)["jobs"];
+  ASSERT_FALSE(jobs.empty()) << r.out;
+  EXPECT_NE(jobs.back()["job_state"], 7) << r.out;  // not Completed
+  // Started again: the copy completes and cycles follow.
+  r = primary_->Cli({"start", "demo"});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err << ReadText(primary_->log_path());
+  Write({"write -P 5 30M 1M"});
+  ASSERT_TRUE(WaitForCycleAfter(NowMs())) << ReadText(primary_->log_path());
+  ExpectReplicaEqualsPrimary();
+}
+
+TEST_F(SlowReplicationTest, PrimaryDaemonKilledDuringTheInitialCopyRestartsItByItself) {
+  Enable();
+  if (HasFatalFailure()) return;
+  WriteRandom16M();
+  if (HasFatalFailure()) return;
+  auto r = primary_->Cli({"--async", "start", "demo"});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  ASSERT_TRUE(WaitForTransferInFlight()) << ReadText(primary_->log_path());
+  primary_->Kill();
+  std::string err;
+  ASSERT_TRUE(primary_->Start(&err)) << err;
+  // No operator action: the copy starts again and replication follows.
+  ASSERT_TRUE(WaitForState(3, 120s)) << Relationship(*primary_).dump() << ReadText(primary_->log_path());
+  Write({"write -P 6 30M 1M"});
+  ASSERT_TRUE(WaitForCycleAfter(NowMs())) << ReadText(primary_->log_path());
+  ExpectReplicaEqualsPrimary();
+  EXPECT_NE(ReadText(primary_->log_path()).find("it starts again as job"), std::string::npos);
 }
 
 TEST_F(SlowReplicationTest, ReplicaDaemonKilledMidTransferLosesNothing) {

@@ -1,0 +1,115 @@
+// Time-of-day rules of the replication engine: the statistics window
+// (MonitoringInterval / MonitoringStartTime) and the bandwidth schedule.
+// Both read local time, as the reference's settings are local times.
+#include <algorithm>
+#include <ctime>
+#include <string>
+
+#include "vmreplica/replication.h"
+
+namespace vmreplica {
+namespace {
+
+// Seconds east of UTC of the local time zone at `unix_s`.
+int64_t LocalOffsetS(int64_t unix_s) {
+  std::time_t t = static_cast<std::time_t>(unix_s);
+  std::tm tm{};
+  if (localtime_r(&t, &tm) == nullptr) return 0;
+  return tm.tm_gmtoff;
+}
+
+int64_t FloorDiv(int64_t a, int64_t b) {
+  int64_t q = a / b;
+  if ((a % b != 0) && ((a < 0) != (b < 0))) --q;
+  return q;
+}
+
+}  // namespace
+
+int64_t StatisticsWindowStart(const ServerSettings& server, int64_t now_ms) {
+  const int64_t interval_ms = int64_t{std::max<uint32_t>(server.monitoring_interval_s, 60)} * 1000;
+  const int64_t offset_ms = LocalOffsetS(now_ms / 1000) * 1000;
+  const int64_t anchor_ms = int64_t{server.monitoring_start_time_min % 1440} * 60 * 1000;
+  // Boundaries are the local times t with (t - anchor) a multiple of the
+  // interval, counted from the Unix epoch in local time: 12 h from 09:00
+  // gives 09:00 and 21:00 every day; 7 days gives one fixed weekday.
+  const int64_t local_ms = now_ms + offset_ms;
+  const int64_t boundary_local = FloorDiv(local_ms - anchor_ms, interval_ms) * interval_ms + anchor_ms;
+  return boundary_local - offset_ms;
+}
+
+bool RollStatisticsWindow(StatisticsRecord& s, const ServerSettings& server, int64_t now_ms) {
+  const int64_t boundary = StatisticsWindowStart(server, now_ms);
+  if (s.start_ms == 0) {
+    s.start_ms = now_ms;
+    return false;
+  }
+  if (s.start_ms >= boundary) return false;
+  // The window ended at `boundary`: a new one starts there. What describes
+  // the relationship rather than the window stays.
+  StatisticsRecord fresh;
+  fresh.vm_id = s.vm_id;
+  fresh.index = s.index;
+  fresh.start_ms = boundary;
+  fresh.replication_health = s.replication_health;
+  fresh.health_issues = s.health_issues;
+  fresh.last_test_failover_ms = s.last_test_failover_ms;
+  fresh.initial_replication_size_bytes = s.initial_replication_size_bytes;
+  fresh.pending_replication_size_bytes = s.pending_replication_size_bytes;
+  s = std::move(fresh);
+  return true;
+}
+
+Result<uint32_t> ParseTimeOfDay(const std::string& text) {
+  auto bad = [&] { return Status::InvalidArgument("\"" + text + "\" is not a time of day HH:MM (00:00 .. 23:59)"); };
+  if (text.size() != 5 || text[2] != ':') return bad();
+  for (int i : {0, 1, 3, 4}) {
+    if (text[i] < '0' || text[i] > '9') return bad();
+  }
+  const uint32_t h = (text[0] - '0') * 10 + (text[1] - '0');
+  const uint32_t m = (text[3] - '0') * 10 + (text[4] - '0');
+  if (h > 23 || m > 59) return bad();
+  return h * 60 + m;
+}
+
+uint64_t BandwidthLimitAt(const std::vector<BandwidthWindow>& schedule, uint64_t default_bytes_per_s,
+                          int64_t now_ms) {
+  if (schedule.empty()) return default_bytes_per_s;
+  std::time_t t = static_cast<std::time_t>(FloorDiv(now_ms, 1000));
+  std::tm tm{};
+  if (localtime_r(&t, &tm) == nullptr) return default_bytes_per_s;
+  const uint32_t minute = static_cast<uint32_t>(tm.tm_hour * 60 + tm.tm_min);
+  const int today = tm.tm_wday;             // 0 = Sunday
+  const int yesterday = (today + 6) % 7;
+  for (const auto& w : schedule) {
+    bool inside = false;
+    if (w.start_min == w.end_min) {
+      inside = (w.days_mask >> today) & 1;  // the whole day
+    } else if (w.start_min < w.end_min) {
+      inside = ((w.days_mask >> today) & 1) && minute >= w.start_min && minute < w.end_min;
+    } else {
+      // Wraps past midnight: the part after midnight belongs to the day it started.
+      inside = (((w.days_mask >> today) & 1) && minute >= w.start_min) ||
+               (((w.days_mask >> yesterday) & 1) && minute < w.end_min);
+    }
+    if (inside) return w.bytes_per_s;
+  }
+  return default_bytes_per_s;
+}
+
+void ApplyReplicaSideHealth(HealthVerdict& v, ReplicationState replica_state) {
+  switch (replica_state) {
+    case ReplicationState::kSuspended:
+      v.health = ReplicationHealth::kCritical;
+      v.issues.push_back("replication is paused on the replica server");
+      break;
+    case ReplicationState::kWaitingForStartResynchronize:
+      v.health = ReplicationHealth::kCritical;
+      v.issues.push_back("the replica server requires a resynchronization");
+      break;
+    default:
+      break;
+  }
+}
+
+}  // namespace vmreplica
