@@ -2,7 +2,7 @@
 // get, enable, set, start, import, suspend, resume, cancel-initial,
 // mark-replica, cancel-resync, failover, stop-failover, complete-failover,
 // reverse, failback, change-mode-to-primary, resync, remove, measure,
-// reset-statistics, set-failover-ip.
+// reset-statistics, points, set-failover-ip.
 #include "cli/format.h"
 #include "cli/parse.h"
 #include "cli/verbs.h"
@@ -542,6 +542,23 @@ void AddMaintenanceVerbs(Registry& reg) {
             {"GetReplicationStatistics", "GetReplicationStatisticsEx"}, true, [](Session& s, const VmArgs& a) {
               return CallVmOrEx(s, a, VMR_RPC(GetReplicationStatistics), VMR_RPC(GetReplicationStatisticsEx),
                                 [&s](const v1::StatisticsResponse& r) { PrintStatistics(s, r); });
+            });
+  AddVmVerb(reg, "points", "the recovery points of a replica VM, oldest first (ListRecoveryPoints)",
+            {"ListRecoveryPoints"}, false, [](Session& s, const VmArgs& a) {
+              v1::VmRequest request;
+              request.set_vm(a.vm);
+              return s.Invoke(VMR_RPC(ListRecoveryPoints), request, [&s](const v1::RecoveryPointsResponse& r) {
+                Table t({"Id", "Time", "Kind", "Sequence"});
+                for (const auto& p : r.points()) {
+                  t.AddRow({p.id(), FormatUnixMs(p.time_unix_ms()), NumberAndName<ReplicationType>(p.kind()),
+                            std::to_string(p.sequence())});
+                }
+                if (r.points().empty()) {
+                  s.out() << "no recovery points\n";
+                } else {
+                  s.out() << t.Render();
+                }
+              });
             });
   AddVmVerb(reg, "reset-statistics", "start a new statistics window (ResetReplicationStatistics(Ex))",
             {"ResetReplicationStatistics", "ResetReplicationStatisticsEx"}, true, [](Session& s, const VmArgs& a) {

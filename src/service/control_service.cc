@@ -338,6 +338,29 @@ grpc::Status ControlService::ListReplications(grpc::ServerContext* ctx, const v1
   return grpc::Status::OK;
 }
 
+grpc::Status ControlService::ListRecoveryPoints(grpc::ServerContext* ctx, const v1::VmRequest* req,
+                                                v1::RecoveryPointsResponse* resp) {
+  auto* r = resp->mutable_result();
+  if (!Authorize(*ctx, "ListRecoveryPoints", r)) return grpc::Status::OK;
+  if (!env_->replication) return Answer(r, Status::NotSupported("this daemon runs without the replication engine"));
+  auto vm = env_->replication->ResolveVm(req->vm());
+  if (!vm.ok()) return Answer(r, vm.status());
+  auto points = env_->catalog->ListRecoveryPoints(vm->id);
+  if (!points.ok()) return Answer(r, points.status());
+  for (const auto& p : *points) {
+    if (p.sequence == 0) continue;  // the empty store before the initial copy: nothing to recover
+    auto* out = resp->add_points();
+    out->set_id(p.id);
+    out->set_vm_id(p.vm_id);
+    out->set_time_unix_ms(p.time_ms);
+    out->set_kind(p.kind);
+    out->set_sequence(p.sequence);
+    out->set_generation_id(p.generation_id);
+  }
+  SetResult(r, ReturnCode::kCompleted);
+  return grpc::Status::OK;
+}
+
 // ---------------------------------------------------------------- jobs
 
 grpc::Status ControlService::GetJob(grpc::ServerContext* ctx, const v1::JobRequest* req, v1::JobResponse* resp) {

@@ -41,6 +41,7 @@ class ControlService final : public v1::ReplicationService::Service {
                                         v1::AuthorizationEntriesResponse*) override;
   grpc::Status GetServiceStatus(grpc::ServerContext*, const v1::Empty*, v1::ServiceStatusResponse*) override;
   grpc::Status ListReplications(grpc::ServerContext*, const v1::Empty*, v1::ReplicationsResponse*) override;
+  grpc::Status ListRecoveryPoints(grpc::ServerContext*, const v1::VmRequest*, v1::RecoveryPointsResponse*) override;
 
   // Jobs.
   grpc::Status GetJob(grpc::ServerContext*, const v1::JobRequest*, v1::JobResponse*) override;

@@ -223,6 +223,12 @@ TEST(GuestReplicationTest, ApplicationConsistentPointsNeedNoJournalReplay) {
     std::this_thread::sleep_for(200ms);
   }
   EXPECT_EQ(rrel["last_replication_type"], 2) << rrel.dump();
+  // Its recovery points carry the kind: the newest is application-consistent.
+  auto pts = replica.Cli({"--json", "points", "guest"});
+  ASSERT_EQ(pts.exit_code, 0) << pts.out << pts.err;
+  json points = LastJsonDocument(pts.out).value("points", json::array());
+  ASSERT_FALSE(points.empty()) << pts.out;
+  EXPECT_EQ(points.back()["kind"], 2) << pts.out;
   std::this_thread::sleep_for(2s);
   ASSERT_TRUE(replica.Stop());
   const std::string image = dir / ("replicas/" + vm_id + "/disks/vda.img");

@@ -224,6 +224,24 @@ TEST_F(ReplicationTest, InitialCopyThenCyclesDeliverEveryWrite) {
       << r.out;
   // The replica's LastApplyTime reaches the primary with the cycles.
   EXPECT_GT(JsonInt(Relationship(*primary_)["last_apply_time_unix_ms"]), 0);
+  // The replica lists its recovery points: standard ones, the newest being
+  // the latest applied sequence; the primary holds none.
+  r = replica_->Cli({"--json", "points", "demo"});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  json points = LastJsonDocument(r.out)["points"];
+  ASSERT_FALSE(points.empty()) << r.out;
+  for (const auto& p : points) {
+    EXPECT_EQ(p["kind"], 1) << r.out;
+    EXPECT_EQ(p["vm_id"], vm_id_) << r.out;
+  }
+  EXPECT_GE(JsonInt(points.back()["sequence"]), 4) << r.out;
+  r = replica_->Cli({"points", "demo"});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  EXPECT_NE(r.out.find("1 (Regular)"), std::string::npos) << r.out;
+  r = primary_->Cli({"--json", "points", "demo"});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  EXPECT_TRUE(LastJsonDocument(r.out).value("points", json::array()).empty()) << r.out;
+  EXPECT_NE(primary_->Cli({"points", "no-such-vm"}).exit_code, 0);
 }
 
 TEST_F(ReplicationTest, StartTimeDefersTheCopyAndCancellingBeforeItRestoresTheState) {
