@@ -1,0 +1,171 @@
+// Block hashing for seeded initial replication and resynchronisation: both
+// sides hash a disk in fixed blocks with XXH3-128, reading every byte once,
+// exchange the compact hash lists and send only the blocks that differ.
+// Serialised format: docs/export_format.md section 9. Code: src/exportimport.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "vmreplica/delta.h"
+#include "vmreplica/status.h"
+
+namespace vmreplica {
+
+// One XXH3-128 value.
+struct Hash128 {
+  uint64_t high = 0;
+  uint64_t low = 0;
+  friend bool operator==(const Hash128&, const Hash128&) = default;
+};
+
+// XXH3-128 (seed 0) of `length` bytes.
+Hash128 HashBytes(const void* data, size_t length);
+// XXH3-128 of `length` zero bytes (what an all-zero block hashes to).
+Hash128 HashOfZeros(uint64_t length);
+// 32 lowercase hex digits, high half first (the canonical form).
+std::string HashToHex(const Hash128& h);
+// Parses HashToHex's form (exactly 32 lowercase hex digits).
+Result<Hash128> HashFromHex(std::string_view hex);
+
+// The hashes of one disk, or of a run of its blocks (so that a paused resync
+// can continue without hashing again what it did). Block i covers
+// [i*block_size, min((i+1)*block_size, disk_size)); hashes[k] is block
+// first_block + k; 1 <= hashes.size() and first_block + hashes.size() <=
+// TotalBlocks().
+struct BlockHashList {
+  uint32_t block_size = 0;
+  uint64_t disk_size = 0;
+  uint64_t first_block = 0;
+  std::vector<Hash128> hashes;
+
+  // ceil(disk_size / block_size): the blocks of the whole disk.
+  uint64_t TotalBlocks() const;
+};
+
+constexpr uint32_t kMinHashBlockSize = 4096;
+constexpr uint32_t kMaxHashBlockSize = 64u << 20;
+constexpr uint64_t kMaxHashBlocks = 1ull << 28;
+
+// Checks block_size, disk_size, first_block and the count (InvalidArgument
+// otherwise).
+Status ValidateBlockHashList(const BlockHashList& list);
+// The serialised form (docs/export_format.md section 9). `list` must be valid.
+std::string SerializeBlockHashes(const BlockHashList& list);
+// Parses and checks a serialised list; anything malformed is InvalidArgument.
+Result<BlockHashList> ParseBlockHashes(std::string_view bytes);
+
+// A maximal run of differing blocks.
+struct BlockRange {
+  uint64_t first_block = 0;
+  uint64_t block_count = 0;
+  uint64_t offset = 0;  // first_block * block_size
+  uint64_t length = 0;  // bytes covered, clamped at the disk end
+  friend bool operator==(const BlockRange&, const BlockRange&) = default;
+};
+
+// The runs of blocks whose hashes differ, merged, in increasing order (block
+// numbers of the disk, not of the list). InvalidArgument when the lists differ
+// in block size or disk size (a copy of another size) or cover other blocks,
+// or either list is invalid.
+Result<std::vector<BlockRange>> DiffBlocks(const BlockHashList& a, const BlockHashList& b);
+
+// Tunables of the hashers. Ranges are checked (InvalidArgument).
+struct BlockHashOptions {
+  uint32_t block_size = 64u << 10;    // power of two, 4 KiB .. 64 MiB
+  uint32_t request_bytes = 1u << 20;  // bytes per read request, 64 KiB .. 32 MiB;
+                                      // rounded down to a multiple of block_size
+                                      // (at least one block)
+  uint32_t parallelism = 4;           // file: reader threads; NBD: requests in flight; 1..64
+  std::chrono::milliseconds io_timeout{30'000};  // NBD: no progress for this long fails
+  const std::atomic<bool>* cancel = nullptr;     // when set and true: stop with Cancelled
+  // The blocks to hash: from first_block, block_count of them (0 = up to the
+  // end of the disk). first_block must lie inside the disk; a count reaching
+  // past the end is cut at the end.
+  uint64_t first_block = 0;
+  uint64_t block_count = 0;
+};
+
+// What a hasher did.
+struct BlockHashStats {
+  uint64_t bytes_read = 0;   // bytes read (every byte of the hashed blocks once)
+  uint64_t zero_blocks = 0;  // blocks found to be all zeros (their hash is HashOfZeros)
+  uint64_t read_requests = 0;
+};
+
+// Called with (bytes hashed so far, bytes of the blocks to hash), from the calling thread for
+// NBD and from any reader thread for files (serialised by the hasher).
+using HashProgress = std::function<void(uint64_t done, uint64_t total)>;
+
+// Hashes a local file or block device (its size is the disk size) with pread from
+// `options.parallelism` threads, each taking the next request-sized range
+// (every byte read exactly once). The threads live only during the call.
+Result<BlockHashList> HashFileBlocks(const std::string& path, const BlockHashOptions& options,
+                                     BlockHashStats* stats = nullptr,
+                                     const HashProgress& progress = {});
+
+// Hashes an NBD export (unix socket, export name) through libnbd with up to
+// `options.parallelism` read requests in flight on one connection, all from
+// the calling thread. A server that stops answering for io_timeout is Timeout;
+// a lost connection is Unavailable.
+Result<BlockHashList> HashNbdBlocks(const std::string& socket_path, const std::string& export_name,
+                                    const BlockHashOptions& options,
+                                    BlockHashStats* stats = nullptr,
+                                    const HashProgress& progress = {});
+
+class NbdBlockReader;  // internal to src/exportimport
+
+// The sending side of a seeded replication or resync in one pass over its
+// disk: given the other side's hash list, reads the same blocks of an NBD
+// export once (up to options.parallelism requests in flight), hashes them and
+// yields a record (disk `disk_index`) for every maximal run of blocks whose
+// hash differs, in increasing offset order: a zero record when the run's
+// blocks are all zeros, a data record otherwise (at most request_bytes per
+// record). Blocks with equal hashes are not sent. Used by one thread at a
+// time.
+class NbdBlockDiffSource final : public DeltaSource {
+ public:
+  // `remote`: the other side's list; its block size must equal
+  // options.block_size and its range (first_block, count) is the range read
+  // here (options.first_block / block_count are ignored). InvalidArgument when
+  // the export's size differs from remote.disk_size (a copy of another size).
+  static Result<std::unique_ptr<NbdBlockDiffSource>> Open(const std::string& socket_path,
+                                                          const std::string& export_name,
+                                                          uint32_t disk_index, BlockHashList remote,
+                                                          const BlockHashOptions& options);
+  ~NbdBlockDiffSource() override;
+  NbdBlockDiffSource(const NbdBlockDiffSource&) = delete;
+  NbdBlockDiffSource& operator=(const NbdBlockDiffSource&) = delete;
+
+  Result<std::optional<DeltaRecord>> Next() override;
+
+  // This side's hashes of the range: complete once Next() answered nullopt
+  // (a resync can verify the result against them).
+  const BlockHashList& local() const { return local_; }
+  // Bytes read from the export so far, zero blocks seen, requests.
+  const BlockHashStats& stats() const;
+  // Sum of the lengths of the records handed out so far.
+  uint64_t sent_bytes() const { return sent_bytes_; }
+
+ private:
+  NbdBlockDiffSource(std::unique_ptr<NbdBlockReader> reader, uint32_t disk_index,
+                     BlockHashList remote, BlockHashList local);
+
+  std::unique_ptr<NbdBlockReader> reader_;
+  const uint32_t disk_index_;
+  const BlockHashList remote_;
+  BlockHashList local_;
+  const Hash128 zero_full_;
+  std::deque<DeltaRecord> pending_;  // runs of the current piece not yet handed out
+  bool done_ = false;
+  uint64_t sent_bytes_ = 0;
+};
+
+}  // namespace vmreplica

@@ -1,0 +1,700 @@
+#include "vmreplica/block_hash.h"
+
+#include <fcntl.h>
+#include <libnbd.h>
+#include <linux/fs.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <xxhash.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <deque>
+#include <limits>
+#include <mutex>
+#include <thread>
+
+namespace vmreplica {
+namespace {
+
+constexpr char kMagic[8] = {'V', 'M', 'R', 'B', 'H', 'A', 'S', 'H'};
+constexpr uint32_t kVersion = 1;
+constexpr size_t kHeaderBytes = 40;
+constexpr size_t kHashBytes = 16;
+constexpr size_t kChecksumBytes = 8;
+constexpr uint64_t kMaxDiskSize = 1ull << 62;
+constexpr uint32_t kMinRequestBytes = 64u << 10;
+constexpr uint32_t kMaxRequestBytes = 32u << 20;
+
+void PutLe32(std::string& out, uint32_t v) {
+  for (int i = 0; i < 4; ++i) out.push_back(static_cast<char>((v >> (8 * i)) & 0xff));
+}
+void PutLe64(std::string& out, uint64_t v) {
+  for (int i = 0; i < 8; ++i) out.push_back(static_cast<char>((v >> (8 * i)) & 0xff));
+}
+uint32_t GetLe32(const unsigned char* p) {
+  uint32_t v = 0;
+  for (int i = 3; i >= 0; --i) v = (v << 8) | p[i];
+  return v;
+}
+uint64_t GetLe64(const unsigned char* p) {
+  uint64_t v = 0;
+  for (int i = 7; i >= 0; --i) v = (v << 8) | p[i];
+  return v;
+}
+
+bool IsPowerOfTwo(uint64_t v) { return v != 0 && (v & (v - 1)) == 0; }
+
+Status ValidateShape(uint32_t block_size, uint64_t disk_size) {
+  if (!IsPowerOfTwo(block_size) || block_size < kMinHashBlockSize || block_size > kMaxHashBlockSize)
+    return Status::InvalidArgument("block size " + std::to_string(block_size) +
+                                   " is not a power of two in [4 KiB, 64 MiB]");
+  if (disk_size == 0 || disk_size > kMaxDiskSize)
+    return Status::InvalidArgument("disk size " + std::to_string(disk_size) + " outside [1, 2^62]");
+  const uint64_t count = (disk_size + block_size - 1) / block_size;
+  if (count > kMaxHashBlocks)
+    return Status::InvalidArgument("disk of " + std::to_string(disk_size) + " bytes has " +
+                                   std::to_string(count) + " blocks of " +
+                                   std::to_string(block_size) + " (more than 2^28)");
+  return Status::Ok();
+}
+
+Status ValidateOptions(const BlockHashOptions& o) {
+  if (!IsPowerOfTwo(o.block_size) || o.block_size < kMinHashBlockSize ||
+      o.block_size > kMaxHashBlockSize)
+    return Status::InvalidArgument("block_size " + std::to_string(o.block_size) +
+                                   " is not a power of two in [4 KiB, 64 MiB]");
+  if (o.request_bytes < kMinRequestBytes || o.request_bytes > kMaxRequestBytes)
+    return Status::InvalidArgument("request_bytes " + std::to_string(o.request_bytes) +
+                                   " outside [64 KiB, 32 MiB]");
+  if (o.parallelism < 1 || o.parallelism > 64)
+    return Status::InvalidArgument("parallelism " + std::to_string(o.parallelism) +
+                                   " outside [1, 64]");
+  if (o.io_timeout < std::chrono::milliseconds(1) || o.io_timeout > std::chrono::hours(1))
+    return Status::InvalidArgument("io_timeout outside [1 ms, 1 h]");
+  return Status::Ok();
+}
+
+// Bytes per request: a multiple of the block size, at least one block.
+uint64_t RequestSpan(const BlockHashOptions& o) {
+  return std::max<uint64_t>(o.block_size, o.request_bytes - o.request_bytes % o.block_size);
+}
+
+bool AllZero(const unsigned char* p, size_t n) {
+  // Compare in words; the buffer comes from std::string / vector (aligned
+  // enough for memcpy-based loads).
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    uint64_t w;
+    std::memcpy(&w, p + i, 8);
+    if (w != 0) return false;
+  }
+  for (; i < n; ++i)
+    if (p[i] != 0) return false;
+  return true;
+}
+
+// Hashes the blocks of one request buffer that starts at block `first`.
+// Returns the number of all-zero blocks. `zero_full` is HashOfZeros(block
+// size); short (tail) blocks are hashed normally.
+uint64_t HashRequest(const unsigned char* buf, uint64_t bytes, uint64_t first, uint32_t block_size,
+                     const Hash128& zero_full, std::vector<Hash128>& out) {
+  uint64_t zeros = 0;
+  for (uint64_t off = 0, i = first; off < bytes; off += block_size, ++i) {
+    const uint64_t n = std::min<uint64_t>(block_size, bytes - off);
+    if (AllZero(buf + off, n)) {
+      ++zeros;
+      out[i] = n == block_size ? zero_full : HashOfZeros(n);
+    } else {
+      out[i] = HashBytes(buf + off, n);
+    }
+  }
+  return zeros;
+}
+
+Status Errno(const std::string& what) {
+  return Status::IOError(what + ": " + std::strerror(errno));
+}
+
+struct ByteRange {
+  uint64_t begin;
+  uint64_t end;
+};
+
+// Sets list.first_block and sizes list.hashes for the blocks `o` asks for
+// (list.block_size and disk_size set); answers their bytes.
+Result<ByteRange> PlanRange(const BlockHashOptions& o, BlockHashList& list) {
+  VMR_RETURN_IF_ERROR(ValidateShape(list.block_size, list.disk_size));
+  const uint64_t total = list.TotalBlocks();
+  if (o.first_block >= total)
+    return Status::InvalidArgument("first block " + std::to_string(o.first_block) +
+                                   " beyond the disk's " + std::to_string(total) + " blocks");
+  const uint64_t left = total - o.first_block;
+  const uint64_t count = o.block_count == 0 ? left : std::min(o.block_count, left);
+  list.first_block = o.first_block;
+  list.hashes.resize(count);
+  return ByteRange{o.first_block * list.block_size,
+                   std::min((o.first_block + count) * list.block_size, list.disk_size)};
+}
+
+}  // namespace
+
+Hash128 HashBytes(const void* data, size_t length) {
+  XXH128_hash_t h = XXH3_128bits(data, length);
+  return Hash128{h.high64, h.low64};
+}
+
+Hash128 HashOfZeros(uint64_t length) {
+  // Stream zeros through the hasher: no buffer of `length` bytes needed.
+  static const std::vector<unsigned char> zeros(1u << 20, 0);
+  XXH3_state_t* st = XXH3_createState();
+  XXH3_128bits_reset(st);
+  for (uint64_t left = length; left > 0;) {
+    const size_t n = static_cast<size_t>(std::min<uint64_t>(left, zeros.size()));
+    XXH3_128bits_update(st, zeros.data(), n);
+    left -= n;
+  }
+  XXH128_hash_t h = XXH3_128bits_digest(st);
+  XXH3_freeState(st);
+  return Hash128{h.high64, h.low64};
+}
+
+std::string HashToHex(const Hash128& h) {
+  static const char* kDigits = "0123456789abcdef";
+  std::string s(32, '0');
+  for (int i = 0; i < 16; ++i) {
+    s[15 - i] = kDigits[(h.high >> (4 * i)) & 0xf];
+    s[31 - i] = kDigits[(h.low >> (4 * i)) & 0xf];
+  }
+  return s;
+}
+
+Result<Hash128> HashFromHex(std::string_view hex) {
+  if (hex.size() != 32) return Status::InvalidArgument("hash is not 32 hex digits");
+  Hash128 h;
+  for (size_t i = 0; i < 32; ++i) {
+    const char c = hex[i];
+    uint64_t d = 0;
+    if (c >= '0' && c <= '9') {
+      d = static_cast<uint64_t>(c - '0');
+    } else if (c >= 'a' && c <= 'f') {
+      d = static_cast<uint64_t>(c - 'a' + 10);
+    } else {
+      return Status::InvalidArgument("hash is not 32 lowercase hex digits");
+    }
+    uint64_t& half = i < 16 ? h.high : h.low;
+    half = (half << 4) | d;
+  }
+  return h;
+}
+
+uint64_t BlockHashList::TotalBlocks() const {
+  if (block_size == 0) return 0;
+  return disk_size / block_size + (disk_size % block_size != 0 ? 1 : 0);
+}
+
+namespace {
+
+Status ValidateRange(const BlockHashList& list, uint64_t count) {
+  const uint64_t total = list.TotalBlocks();
+  if (count == 0 || list.first_block >= total || count > total - list.first_block)
+    return Status::InvalidArgument("hash list of blocks [" + std::to_string(list.first_block) +
+                                   ", +" + std::to_string(count) + ") does not fit a disk of " +
+                                   std::to_string(list.disk_size) + " bytes (" +
+                                   std::to_string(total) + " blocks)");
+  return Status::Ok();
+}
+
+}  // namespace
+
+Status ValidateBlockHashList(const BlockHashList& list) {
+  VMR_RETURN_IF_ERROR(ValidateShape(list.block_size, list.disk_size));
+  return ValidateRange(list, list.hashes.size());
+}
+
+std::string SerializeBlockHashes(const BlockHashList& list) {
+  std::string out;
+  out.reserve(kHeaderBytes + kHashBytes * list.hashes.size() + kChecksumBytes);
+  out.append(kMagic, sizeof kMagic);
+  PutLe32(out, kVersion);
+  PutLe32(out, list.block_size);
+  PutLe64(out, list.disk_size);
+  PutLe64(out, list.first_block);
+  PutLe64(out, list.hashes.size());
+  for (const Hash128& h : list.hashes) {
+    XXH128_canonical_t c;
+    XXH128_canonicalFromHash(&c, XXH128_hash_t{h.low, h.high});
+    out.append(reinterpret_cast<const char*>(c.digest), sizeof c.digest);
+  }
+  PutLe64(out, XXH3_64bits(out.data(), out.size()));
+  return out;
+}
+
+Result<BlockHashList> ParseBlockHashes(std::string_view bytes) {
+  if (bytes.size() < kHeaderBytes + kChecksumBytes)
+    return Status::InvalidArgument("hash list of " + std::to_string(bytes.size()) +
+                                   " bytes is shorter than its header");
+  const auto* p = reinterpret_cast<const unsigned char*>(bytes.data());
+  if (std::memcmp(p, kMagic, sizeof kMagic) != 0)
+    return Status::InvalidArgument("not a block hash list (bad magic)");
+  const uint64_t count = GetLe64(p + 32);
+  // Check the length against count before trusting count for anything.
+  if (count > kMaxHashBlocks || bytes.size() != kHeaderBytes + kHashBytes * count + kChecksumBytes)
+    return Status::InvalidArgument("hash list length " + std::to_string(bytes.size()) +
+                                   " does not match its count " + std::to_string(count));
+  const size_t body = bytes.size() - kChecksumBytes;
+  if (XXH3_64bits(p, body) != GetLe64(p + body))
+    return Status::InvalidArgument("hash list checksum does not match");
+  const uint32_t version = GetLe32(p + 8);
+  if (version != kVersion)
+    return Status::InvalidArgument("unknown hash list version " + std::to_string(version));
+  BlockHashList list;
+  list.block_size = GetLe32(p + 12);
+  list.disk_size = GetLe64(p + 16);
+  list.first_block = GetLe64(p + 24);
+  VMR_RETURN_IF_ERROR(ValidateShape(list.block_size, list.disk_size));
+  VMR_RETURN_IF_ERROR(ValidateRange(list, count));
+  list.hashes.resize(count);
+  for (uint64_t i = 0; i < count; ++i) {
+    XXH128_canonical_t c;
+    std::memcpy(c.digest, p + kHeaderBytes + kHashBytes * i, kHashBytes);
+    XXH128_hash_t h = XXH128_hashFromCanonical(&c);
+    list.hashes[i] = Hash128{h.high64, h.low64};
+  }
+  return list;
+}
+
+Result<std::vector<BlockRange>> DiffBlocks(const BlockHashList& a, const BlockHashList& b) {
+  VMR_RETURN_IF_ERROR(ValidateBlockHashList(a));
+  VMR_RETURN_IF_ERROR(ValidateBlockHashList(b));
+  if (a.block_size != b.block_size)
+    return Status::InvalidArgument("block sizes differ: " + std::to_string(a.block_size) + " and " +
+                                   std::to_string(b.block_size));
+  if (a.disk_size != b.disk_size)
+    return Status::InvalidArgument("disk sizes differ: " + std::to_string(a.disk_size) + " and " +
+                                   std::to_string(b.disk_size) + " bytes");
+  if (a.first_block != b.first_block || a.hashes.size() != b.hashes.size())
+    return Status::InvalidArgument("the hash lists cover different blocks");
+  std::vector<BlockRange> out;
+  const uint64_t n = a.hashes.size();
+  for (uint64_t i = 0; i < n;) {
+    if (a.hashes[i] == b.hashes[i]) {
+      ++i;
+      continue;
+    }
+    uint64_t j = i + 1;
+    while (j < n && !(a.hashes[j] == b.hashes[j])) ++j;
+    BlockRange r;
+    r.first_block = a.first_block + i;
+    r.block_count = j - i;
+    r.offset = r.first_block * a.block_size;
+    r.length = std::min<uint64_t>((a.first_block + j) * a.block_size, a.disk_size) - r.offset;
+    out.push_back(r);
+    i = j;
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------- file
+
+Result<BlockHashList> HashFileBlocks(const std::string& path, const BlockHashOptions& options,
+                                     BlockHashStats* stats, const HashProgress& progress) {
+  VMR_RETURN_IF_ERROR(ValidateOptions(options));
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    if (errno == ENOENT) return Status::NotFound("no such file: " + path);
+    return Errno("open " + path);
+  }
+  struct Closer {
+    int fd;
+    ~Closer() { ::close(fd); }
+  } closer{fd};
+  struct stat st;
+  if (fstat(fd, &st) != 0) return Errno("fstat " + path);
+  uint64_t size = 0;
+  if (S_ISREG(st.st_mode)) {
+    size = static_cast<uint64_t>(st.st_size);
+  } else if (S_ISBLK(st.st_mode)) {
+    if (ioctl(fd, BLKGETSIZE64, &size) != 0) return Errno("BLKGETSIZE64 " + path);
+  } else {
+    return Status::InvalidArgument(path + " is neither a regular file nor a block device");
+  }
+  BlockHashList list;
+  list.block_size = options.block_size;
+  list.disk_size = size;
+  VMR_ASSIGN_OR_RETURN(const ByteRange range, PlanRange(options, list));
+
+  const uint64_t span = RequestSpan(options);
+  const uint64_t requests = (range.end - range.begin + span - 1) / span;
+  const Hash128 zero_full = HashOfZeros(options.block_size);
+  const uint32_t threads = static_cast<uint32_t>(std::min<uint64_t>(options.parallelism, requests));
+
+  // Shared between the reader threads, guarded by mu.
+  std::mutex mu;
+  uint64_t next_request = 0;
+  uint64_t done_bytes = 0;
+  BlockHashStats total;
+  Status failure;
+
+  auto worker = [&]() {
+    std::vector<unsigned char> buf(static_cast<size_t>(span));
+    for (;;) {
+      uint64_t req = 0;
+      {
+        std::lock_guard<std::mutex> lock(mu);
+        if (!failure.ok() || next_request >= requests) return;
+        if (options.cancel != nullptr && options.cancel->load()) {
+          failure = Status::Cancelled("block hashing of " + path + " cancelled");
+          return;
+        }
+        req = next_request++;
+      }
+      const uint64_t offset = range.begin + req * span;
+      const uint64_t bytes = std::min(span, range.end - offset);
+      uint64_t got = 0;
+      Status err;
+      while (got < bytes) {
+        ssize_t n = ::pread(fd, buf.data() + got, static_cast<size_t>(bytes - got),
+                            static_cast<off_t>(offset + got));
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0) {
+          err = Errno("read " + path + " at " + std::to_string(offset + got));
+          break;
+        }
+        if (n == 0) {
+          err = Status::IOError(path + " ended at " + std::to_string(offset + got) +
+                                " (shrank while being hashed?)");
+          break;
+        }
+        got += static_cast<uint64_t>(n);
+      }
+      uint64_t zeros = 0;
+      // Each request writes its own disjoint range of list.hashes.
+      if (err.ok())
+        zeros = HashRequest(buf.data(), bytes, offset / options.block_size - list.first_block,
+                            options.block_size, zero_full, list.hashes);
+      std::lock_guard<std::mutex> lock(mu);
+      if (!err.ok()) {
+        if (failure.ok()) failure = err;
+        return;
+      }
+      total.bytes_read += bytes;
+      total.zero_blocks += zeros;
+      ++total.read_requests;
+      done_bytes += bytes;
+      // Under mu: progress calls are serialised.
+      if (progress) progress(done_bytes, range.end - range.begin);
+    }
+  };
+  std::vector<std::thread> pool;
+  for (uint32_t i = 1; i < threads; ++i) pool.emplace_back(worker);
+  worker();
+  for (auto& t : pool) t.join();
+  if (!failure.ok()) return failure;
+  if (stats != nullptr) *stats = total;
+  return list;
+}
+
+// ---------------------------------------------------------------- NBD
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+Status NbdError(const std::string& what) {
+  const int err = nbd_get_errno();
+  const char* msg = nbd_get_error();
+  std::string m = what + ": " + (msg != nullptr ? msg : "unknown libnbd error");
+  switch (err) {
+    case ENOTCONN:
+    case ECONNRESET:
+    case ECONNREFUSED:
+    case EPIPE:
+    case ESHUTDOWN:
+    case ENOENT:
+      return Status::Unavailable(m);
+    case ETIMEDOUT:
+      return Status::Timeout(m);
+    default:
+      return Status::IOError(m);
+  }
+}
+
+int RemainingMs(Clock::time_point deadline) {
+  auto left =
+      std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()).count();
+  if (left <= 0) return 0;
+  return static_cast<int>(std::min<long long>(left, std::numeric_limits<int>::max()));
+}
+
+}  // namespace
+
+// Reads a run of blocks of an NBD export once, in request-sized pieces with
+// several requests in flight, handing the pieces out in disk order. Used by
+// one thread at a time (libnbd handle and buffers are not shared).
+class NbdBlockReader {
+ public:
+  struct Piece {
+    uint64_t offset = 0;
+    uint64_t bytes = 0;
+    const unsigned char* data = nullptr;  // valid until the next call of Next()
+  };
+
+  // Connects and sizes `list` (block size from options, disk size from the
+  // server, range from options.first_block / block_count).
+  static Result<std::unique_ptr<NbdBlockReader>> Open(const std::string& socket_path,
+                                                      const std::string& export_name,
+                                                      const BlockHashOptions& options,
+                                                      BlockHashList& list) {
+    VMR_RETURN_IF_ERROR(ValidateOptions(options));
+    const std::string where = "nbd+unix:///" + export_name + "?socket=" + socket_path;
+    nbd_handle* h = nbd_create();
+    if (h == nullptr) return NbdError("nbd_create");
+    std::unique_ptr<NbdBlockReader> r(new NbdBlockReader(h, where, options));
+    if (nbd_set_export_name(h, export_name.c_str()) == -1)
+      return NbdError("nbd_set_export_name").WithContext(where);
+    if (nbd_set_pread_initialize(h, false) == -1)
+      return NbdError("nbd_set_pread_initialize").WithContext(where);
+    if (nbd_aio_connect_unix(h, socket_path.c_str()) == -1)
+      return Status::Unavailable(NbdError("connect").WithContext(where).message());
+    auto deadline = Clock::now() + options.io_timeout;
+    while (nbd_aio_is_ready(h) != 1) {
+      if (nbd_aio_is_dead(h) == 1 || nbd_aio_is_closed(h) == 1)
+        return Status::Unavailable(where + ": connection closed during negotiation");
+      int rc = nbd_poll(h, RemainingMs(deadline));
+      if (rc == -1) return Status::Unavailable(NbdError("negotiate").WithContext(where).message());
+      if (rc == 0 && Clock::now() >= deadline)
+        return Status::Timeout(where + ": no answer during negotiation");
+      if (rc == 1) deadline = Clock::now() + options.io_timeout;
+    }
+    const int64_t size = nbd_get_size(h);
+    if (size < 0) return NbdError("nbd_get_size").WithContext(where);
+    list.block_size = options.block_size;
+    list.disk_size = static_cast<uint64_t>(size);
+    auto range = PlanRange(options, list);
+    if (!range.ok()) return range.status().WithContext(where);
+    r->begin_ = range->begin;
+    r->end_ = range->end;
+
+    r->span_ = RequestSpan(options);
+    const int64_t server_max = nbd_get_block_size(h, LIBNBD_SIZE_MAXIMUM);
+    if (server_max > 0 && static_cast<uint64_t>(server_max) < r->span_) {
+      r->span_ = static_cast<uint64_t>(server_max) -
+                 static_cast<uint64_t>(server_max) % options.block_size;
+      if (r->span_ == 0)
+        return Status::NotSupported(where + ": server maximum request " +
+                                    std::to_string(server_max) + " is below the block size");
+    }
+    const int64_t server_min = nbd_get_block_size(h, LIBNBD_SIZE_MINIMUM);
+    if (server_min > 1 && (options.block_size % static_cast<uint64_t>(server_min) != 0 ||
+                           list.disk_size % static_cast<uint64_t>(server_min) != 0))
+      return Status::NotSupported(where + ": server minimum block size " +
+                                  std::to_string(server_min) + " unsupported");
+    r->next_offset_ = r->begin_;
+    return r;
+  }
+
+  ~NbdBlockReader() {
+    // Close first: libnbd must not touch the buffers after they are freed.
+    nbd_close(h_);
+  }
+  NbdBlockReader(const NbdBlockReader&) = delete;
+  NbdBlockReader& operator=(const NbdBlockReader&) = delete;
+
+  const std::string& where() const { return where_; }
+  uint64_t range_bytes() const { return end_ - begin_; }
+  const BlockHashStats& stats() const { return stats_; }
+  void CountZeroBlocks(uint64_t n) { stats_.zero_blocks += n; }
+
+  // The next piece in disk order, or nullopt after the last one.
+  Result<std::optional<Piece>> Next() {
+    if (!failed_.ok()) return failed_;
+    auto r = NextImpl();
+    if (!r.ok()) failed_ = r.status();
+    return r;
+  }
+
+ private:
+  struct InFlight {
+    int64_t cookie;
+    uint64_t offset;
+    uint64_t bytes;
+    std::vector<unsigned char>* buf;
+  };
+
+  NbdBlockReader(nbd_handle* h, std::string where, const BlockHashOptions& options)
+      : h_(h), where_(std::move(where)), options_(options) {}
+
+  Result<std::optional<Piece>> NextImpl() {
+    if (handed_out_ != nullptr) {  // the previous piece is done with
+      free_.push_back(handed_out_);
+      handed_out_ = nullptr;
+    }
+    auto deadline = Clock::now() + options_.io_timeout;
+    for (;;) {
+      if (options_.cancel != nullptr && options_.cancel->load())
+        return Status::Cancelled("block hashing of " + where_ + " cancelled");
+      while (next_offset_ < end_ && in_flight_.size() < options_.parallelism) {
+        if (free_.empty()) {
+          buffers_.emplace_back(static_cast<size_t>(span_));
+          free_.push_back(&buffers_.back());
+        }
+        std::vector<unsigned char>* buf = free_.back();
+        const uint64_t bytes = std::min(span_, end_ - next_offset_);
+        const int64_t cookie = nbd_aio_pread(h_, buf->data(), bytes, next_offset_,
+                                             nbd_completion_callback{nullptr, nullptr, nullptr}, 0);
+        if (cookie == -1)
+          return NbdError("read at " + std::to_string(next_offset_)).WithContext(where_);
+        free_.pop_back();
+        in_flight_.push_back(InFlight{cookie, next_offset_, bytes, buf});
+        next_offset_ += bytes;
+        ++stats_.read_requests;
+      }
+      if (in_flight_.empty()) return std::optional<Piece>();
+      const InFlight f = in_flight_.front();
+      const int done = nbd_aio_command_completed(h_, static_cast<uint64_t>(f.cookie));
+      if (done == -1) return NbdError("read at " + std::to_string(f.offset)).WithContext(where_);
+      if (done == 1) {
+        in_flight_.pop_front();
+        handed_out_ = f.buf;
+        stats_.bytes_read += f.bytes;
+        return std::optional<Piece>(Piece{f.offset, f.bytes, f.buf->data()});
+      }
+      const int rc = nbd_poll(h_, RemainingMs(deadline));
+      if (rc == -1) return NbdError("NBD connection").WithContext(where_);
+      if (rc == 1) {
+        deadline = Clock::now() + options_.io_timeout;
+      } else if (Clock::now() >= deadline) {
+        return Status::Timeout(where_ + ": no answer within " +
+                               std::to_string(options_.io_timeout.count()) + " ms");
+      }
+      if (nbd_aio_is_dead(h_) == 1 || nbd_aio_is_closed(h_) == 1)
+        return Status::Unavailable(where_ + ": connection lost");
+    }
+  }
+
+  nbd_handle* const h_;
+  const std::string where_;
+  const BlockHashOptions options_;
+  uint64_t begin_ = 0;
+  uint64_t end_ = 0;
+  uint64_t span_ = 0;
+
+  uint64_t next_offset_ = 0;                        // next byte to request
+  std::deque<std::vector<unsigned char>> buffers_;  // at most parallelism + 1
+  std::vector<std::vector<unsigned char>*> free_;
+  std::deque<InFlight> in_flight_;  // oldest first
+  std::vector<unsigned char>* handed_out_ = nullptr;
+  BlockHashStats stats_;
+  Status failed_;
+};
+
+Result<BlockHashList> HashNbdBlocks(const std::string& socket_path, const std::string& export_name,
+                                    const BlockHashOptions& options, BlockHashStats* stats,
+                                    const HashProgress& progress) {
+  BlockHashList list;
+  VMR_ASSIGN_OR_RETURN(auto reader, NbdBlockReader::Open(socket_path, export_name, options, list));
+  const Hash128 zero_full = HashOfZeros(options.block_size);
+  uint64_t done = 0;
+  for (;;) {
+    VMR_ASSIGN_OR_RETURN(auto piece, reader->Next());
+    if (!piece.has_value()) break;
+    reader->CountZeroBlocks(HashRequest(piece->data, piece->bytes,
+                                        piece->offset / options.block_size - list.first_block,
+                                        options.block_size, zero_full, list.hashes));
+    done += piece->bytes;
+    if (progress) progress(done, reader->range_bytes());
+  }
+  if (stats != nullptr) *stats = reader->stats();
+  return list;
+}
+
+// ---------------------------------------------------------------- diff source
+
+NbdBlockDiffSource::NbdBlockDiffSource(std::unique_ptr<NbdBlockReader> reader, uint32_t disk_index,
+                                       BlockHashList remote, BlockHashList local)
+    : reader_(std::move(reader)),
+      disk_index_(disk_index),
+      remote_(std::move(remote)),
+      local_(std::move(local)),
+      zero_full_(HashOfZeros(remote_.block_size)) {}
+
+NbdBlockDiffSource::~NbdBlockDiffSource() = default;
+
+Result<std::unique_ptr<NbdBlockDiffSource>> NbdBlockDiffSource::Open(
+    const std::string& socket_path, const std::string& export_name, uint32_t disk_index,
+    BlockHashList remote, const BlockHashOptions& options) {
+  VMR_RETURN_IF_ERROR(ValidateBlockHashList(remote).WithContext("the other side's hash list"));
+  if (options.block_size != remote.block_size)
+    return Status::InvalidArgument("block size " + std::to_string(options.block_size) +
+                                   " differs from the other side's " +
+                                   std::to_string(remote.block_size));
+  BlockHashOptions o = options;
+  o.first_block = remote.first_block;
+  o.block_count = remote.hashes.size();
+  BlockHashList local;
+  // The local disk's size is only known once connected; a range that does
+  // not fit it is refused by Open, another size right after.
+  VMR_ASSIGN_OR_RETURN(auto reader, NbdBlockReader::Open(socket_path, export_name, o, local));
+  if (local.disk_size != remote.disk_size)
+    return Status::InvalidArgument("disk sizes differ: " + std::to_string(local.disk_size) +
+                                   " bytes here, " + std::to_string(remote.disk_size) +
+                                   " on the other side");
+  return std::unique_ptr<NbdBlockDiffSource>(
+      new NbdBlockDiffSource(std::move(reader), disk_index, std::move(remote), std::move(local)));
+}
+
+const BlockHashStats& NbdBlockDiffSource::stats() const { return reader_->stats(); }
+
+Result<std::optional<DeltaRecord>> NbdBlockDiffSource::Next() {
+  const uint32_t bs = remote_.block_size;
+  for (;;) {
+    // Runs found in the current piece go out first, in order.
+    if (!pending_.empty()) {
+      DeltaRecord r = std::move(pending_.front());
+      pending_.pop_front();
+      sent_bytes_ += r.length;
+      return std::optional<DeltaRecord>(std::move(r));
+    }
+    if (done_) return std::optional<DeltaRecord>();
+    VMR_ASSIGN_OR_RETURN(auto piece, reader_->Next());
+    if (!piece.has_value()) {
+      done_ = true;
+      continue;
+    }
+    const uint64_t first = piece->offset / bs - local_.first_block;
+    reader_->CountZeroBlocks(
+        HashRequest(piece->data, piece->bytes, first, bs, zero_full_, local_.hashes));
+    // Maximal runs of differing blocks inside the piece; a run is all-zero
+    // blocks (a zero record) or not (a data record).
+    const uint64_t blocks = (piece->bytes + bs - 1) / bs;
+    for (uint64_t k = 0; k < blocks;) {
+      if (local_.hashes[first + k] == remote_.hashes[first + k]) {
+        ++k;
+        continue;
+      }
+      auto is_zero = [&](uint64_t b) {
+        return AllZero(piece->data + b * bs, std::min<uint64_t>(bs, piece->bytes - b * bs));
+      };
+      const bool zero = is_zero(k);
+      uint64_t j = k + 1;
+      while (j < blocks && !(local_.hashes[first + j] == remote_.hashes[first + j]) &&
+             is_zero(j) == zero)
+        ++j;
+      const uint64_t off = k * bs;
+      const uint64_t len = std::min<uint64_t>(j * bs, piece->bytes) - off;
+      if (zero) {
+        pending_.push_back(ZeroRecord(disk_index_, piece->offset + off, len));
+      } else {
+        pending_.push_back(
+            DataRecord(disk_index_, piece->offset + off,
+                       std::string(reinterpret_cast<const char*>(piece->data) + off, len)));
+      }
+      k = j;
+    }
+  }
+}
+
+}  // namespace vmreplica
