@@ -61,10 +61,15 @@ struct VmDefinition {
   std::string qmp_socket;                   // kQmp
   std::string nbd_socket;                   // kQmp: the NBD server QEMU already runs ("" = none; the tracker starts one)
   std::string qga_socket;                   // kQmp: the host end of the guest agent's channel ("" = no agent)
+  // Direct kernel boot of a VM that does not boot from its disks (QEMU
+  // -kernel/-initrd/-append): a failover VM started from this definition
+  // boots the same way. "" = boots from its disks. kQmp and kOffline.
+  std::string boot_kernel, boot_initrd, boot_append;
   std::string libvirt_uri, libvirt_domain;  // kLibvirt
 
   // {"version":1,"kind":"qmp",...}: every field above, always all present
-  // when written; "qga_socket" (added later) may be absent when read.
+  // when written; "qga_socket" and "boot_*" (added later) may be absent
+  // when read.
   nlohmann::json ToJson() const;
   // Strict: unknown version, missing or mistyped members and every value
   // rule above answer InvalidArgument naming the field ("disks[1].format").
@@ -80,6 +85,7 @@ struct VmAddRequest {
   std::string qmp_socket;
   std::string nbd_socket;  // kQmp: unix socket of an NBD server QEMU already runs ("" = none)
   std::string qga_socket;  // kQmp: unix socket of the guest agent's channel ("" = none)
+  std::string boot_kernel, boot_initrd, boot_append;  // kQmp/kOffline: direct kernel boot ("" = from disk)
   std::vector<std::pair<std::string, std::string>> disk_nodes;  // kQmp: disk name -> block node
   std::string libvirt_uri = "qemu:///system";
   std::string libvirt_domain;                                    // kLibvirt ("" = name)

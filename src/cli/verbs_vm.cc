@@ -58,6 +58,11 @@ void PrintVm(Session& s, const v1::Vm& vm) {
   if (vm.kind() == 1) t.Add("QmpSocket", vm.qmp_socket());
   if (vm.kind() == 1 && !vm.nbd_socket().empty()) t.Add("NbdSocket", vm.nbd_socket());
   if (vm.kind() == 1 && !vm.qga_socket().empty()) t.Add("GuestAgentSocket", vm.qga_socket());
+  if (!vm.boot_kernel().empty()) {
+    t.Add("BootKernel", vm.boot_kernel());
+    if (!vm.boot_initrd().empty()) t.Add("BootInitrd", vm.boot_initrd());
+    if (!vm.boot_append().empty()) t.Add("BootAppend", vm.boot_append());
+  }
   if (vm.kind() == 2) t.Add("LibvirtUri", vm.libvirt_uri()).Add("LibvirtDomain", vm.libvirt_domain());
   s.out() << t.Render();
   Table disks({"Disk", "Node", "Format", "Size", "Path"});
@@ -82,7 +87,7 @@ Status ParseBinding(const std::string& text) {
 }
 
 struct AddOptions {
-  std::string name, uuid, qmp, nbd, qga, libvirt, uri = "qemu:///system";
+  std::string name, uuid, qmp, nbd, qga, kernel, initrd, append, libvirt, uri = "qemu:///system";
   std::vector<std::string> disks, images;
   uint64_t memory = 0;
   uint32_t vcpus = 0;
@@ -95,6 +100,9 @@ int Add(Session& s, const AddOptions& o) {
   req.set_uuid(o.uuid);
   req.set_memory_mib(o.memory);
   req.set_vcpus(o.vcpus);
+  req.set_boot_kernel(o.kernel);
+  req.set_boot_initrd(o.initrd);
+  req.set_boot_append(o.append);
   const std::vector<std::string>* bindings = nullptr;
   if (o.o_qmp->count() > 0) {
     req.set_kind(1);
@@ -145,6 +153,10 @@ void AddVmVerbs(Registry& reg) {
                   "with --qmp: the unix socket of an NBD server that QEMU already runs (e.g. qemu-storage-daemon "
                   "--nbd-server); vmreplica adds its exports there")
       ->needs(o->o_qmp);
+  add->add_option("--kernel", o->kernel,
+                  "direct kernel boot: the VM does not boot from its disks; a failover VM boots with this kernel");
+  add->add_option("--initrd", o->initrd, "with --kernel: the initial ramdisk");
+  add->add_option("--append", o->append, "with --kernel: the kernel command line");
   add->add_option("--qga-socket", o->qga,
                   "with --qmp: the host end of the VM's guest-agent channel (a chardev socket of a virtserialport "
                   "named org.qemu.guest_agent.0); needed for application-consistent recovery points")

@@ -58,6 +58,9 @@ void ToProto(const VmRecord& rec, v1::Vm* p) {
   p->set_qmp_socket(def->qmp_socket);
   p->set_nbd_socket(def->nbd_socket);
   p->set_qga_socket(def->qga_socket);
+  p->set_boot_kernel(def->boot_kernel);
+  p->set_boot_initrd(def->boot_initrd);
+  p->set_boot_append(def->boot_append);
   p->set_libvirt_uri(def->libvirt_uri);
   p->set_libvirt_domain(def->libvirt_domain);
 }
@@ -73,6 +76,9 @@ Result<VmAddRequest> FromProto(const v1::AddVmRequest& p) {
   r.qmp_socket = p.qmp_socket();
   r.nbd_socket = p.nbd_socket();
   r.qga_socket = p.qga_socket();
+  r.boot_kernel = p.boot_kernel();
+  r.boot_initrd = p.boot_initrd();
+  r.boot_append = p.boot_append();
   if (!p.libvirt_uri().empty()) r.libvirt_uri = p.libvirt_uri();
   r.libvirt_domain = p.libvirt_domain();
   r.memory_mib = p.memory_mib();
@@ -91,6 +97,9 @@ Result<VmAddRequest> FromProto(const v1::AddVmRequest& p) {
   }
   if (r.kind != VmSourceKind::kQmp && !r.nbd_socket.empty()) {
     return Status::InvalidArgument("nbd_socket: only for kind 1 (qmp)");
+  }
+  if (r.kind == VmSourceKind::kLibvirt && !(r.boot_kernel.empty() && r.boot_initrd.empty() && r.boot_append.empty())) {
+    return Status::InvalidArgument("boot_kernel: a libvirt VM boots as its domain XML says");
   }
   if (r.kind != VmSourceKind::kQmp && !r.qga_socket.empty()) {
     return Status::InvalidArgument("qga_socket: only for kind 1 (qmp); libvirt names the agent's channel itself");

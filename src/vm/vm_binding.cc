@@ -140,6 +140,9 @@ Result<VmDefinition> InspectQmp(const VmAddRequest& req) {
   def.qmp_socket = req.qmp_socket;
   def.nbd_socket = req.nbd_socket;
   def.qga_socket = req.qga_socket;
+  def.boot_kernel = req.boot_kernel;
+  def.boot_initrd = req.boot_initrd;
+  def.boot_append = req.boot_append;
   for (const auto& [disk, node] : req.disk_nodes) {
     if (!ValidDiskName(disk)) {
       return Status::InvalidArgument("disk_nodes: disk name \"" + disk + "\" must match [A-Za-z][A-Za-z0-9_]{0,25}");
@@ -176,6 +179,9 @@ Result<VmDefinition> InspectOffline(const VmAddRequest& req) {
   if (req.disk_images.empty()) return Status::InvalidArgument("disk_images: at least one disk=image is required");
   VmDefinition def;
   def.kind = VmSourceKind::kOffline;
+  def.boot_kernel = req.boot_kernel;
+  def.boot_initrd = req.boot_initrd;
+  def.boot_append = req.boot_append;
   def.name = req.name;
   if (def.name.empty()) return Status::InvalidArgument("name: required");
   def.uuid = req.uuid;

@@ -76,6 +76,27 @@ TEST(VmDefinitionTest, JsonRoundTripKeepsEveryField) {
   EXPECT_EQ(back->nbd_socket, "/run/web01.nbd");
 }
 
+TEST(VmDefinitionTest, LaterFieldsRoundTripAndMayBeAbsent) {
+  VmDefinition d = SampleDefinition();
+  d.qga_socket = "/run/web01.qga";
+  d.boot_kernel = "/boot/vmlinuz";
+  d.boot_initrd = "/boot/initrd.img";
+  d.boot_append = "console=ttyS0 root=/dev/vda1";
+  auto back = VmDefinition::FromJson(nlohmann::json::parse(d.ToJson().dump()));
+  ASSERT_TRUE(back.ok()) << back.status().ToString();
+  EXPECT_EQ(back->qga_socket, "/run/web01.qga");
+  EXPECT_EQ(back->boot_kernel, "/boot/vmlinuz");
+  EXPECT_EQ(back->boot_initrd, "/boot/initrd.img");
+  EXPECT_EQ(back->boot_append, "console=ttyS0 root=/dev/vda1");
+  // A definition stored before these fields existed still reads.
+  nlohmann::json old = SampleDefinition().ToJson();
+  for (const char* k : {"qga_socket", "boot_kernel", "boot_initrd", "boot_append"}) old.erase(k);
+  auto older = VmDefinition::FromJson(old);
+  ASSERT_TRUE(older.ok()) << older.status().ToString();
+  EXPECT_EQ(older->qga_socket, "");
+  EXPECT_EQ(older->boot_kernel, "");
+}
+
 TEST(VmDefinitionTest, CatalogRecordsCarryTheDefinition) {
   VmDefinition d = SampleDefinition();
   VmRecord r = ToVmRecord(d);
@@ -134,6 +155,18 @@ TEST(VmDefinitionTest, EveryBadFieldIsNamed) {
       {"qmp_socket", [](nlohmann::json& j) { j["qmp_socket"] = "/" + std::string(120, 's'); }},
       {"nbd_socket", [](nlohmann::json& j) { j["nbd_socket"] = "relative.sock"; }},
       {"nbd_socket", [](nlohmann::json& j) { j.erase("nbd_socket"); }},
+      {"qga_socket", [](nlohmann::json& j) { j["qga_socket"] = "relative.sock"; }},
+      {"qga_socket", [](nlohmann::json& j) { j["qga_socket"] = 5; }},
+      {"boot_kernel", [](nlohmann::json& j) { j["boot_kernel"] = "vmlinuz"; }},
+      {"boot_kernel", [](nlohmann::json& j) { j["boot_append"] = "console=ttyS0"; }},
+      {"boot_initrd", [](nlohmann::json& j) {
+         j["boot_kernel"] = "/boot/vmlinuz";
+         j["boot_initrd"] = "initrd";
+       }},
+      {"boot_append", [](nlohmann::json& j) {
+         j["boot_kernel"] = "/boot/vmlinuz";
+         j["boot_append"] = "bad\x01";
+       }},
       {"libvirt_xml",
        [](nlohmann::json& j) {
          j["kind"] = "libvirt";

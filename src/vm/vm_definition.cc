@@ -159,6 +159,19 @@ Status VmDefinition::Validate() const {
     if (!ValidText(nics[i].model, 64)) return Status::InvalidArgument(f + "model: at most 64 printable bytes");
     if (!ValidText(nics[i].network, 256)) return Status::InvalidArgument(f + "network: at most 256 printable bytes");
   }
+  for (const auto& [field, path] : {std::pair<const char*, const std::string*>{"boot_kernel", &boot_kernel},
+                                    {"boot_initrd", &boot_initrd}}) {
+    if (!path->empty() && ((*path)[0] != '/' || !ValidText(*path, 4096))) {
+      return Status::InvalidArgument(std::string(field) + ": an absolute file path (at most 4096 bytes)");
+    }
+  }
+  if (!ValidText(boot_append, 4096)) return Status::InvalidArgument("boot_append: at most 4096 printable bytes");
+  if (boot_kernel.empty() && (!boot_initrd.empty() || !boot_append.empty())) {
+    return Status::InvalidArgument("boot_kernel: required with boot_initrd or boot_append");
+  }
+  if (kind == VmSourceKind::kLibvirt && !boot_kernel.empty()) {
+    return Status::InvalidArgument("boot_kernel: a libvirt VM boots as its domain XML says");
+  }
   switch (kind) {
     case VmSourceKind::kQmp:
       if (qmp_socket.empty() || qmp_socket[0] != '/' || qmp_socket.size() > 107) {
@@ -211,6 +224,9 @@ nlohmann::json VmDefinition::ToJson() const {
   j["qmp_socket"] = qmp_socket;
   j["nbd_socket"] = nbd_socket;
   j["qga_socket"] = qga_socket;
+  j["boot_kernel"] = boot_kernel;
+  j["boot_initrd"] = boot_initrd;
+  j["boot_append"] = boot_append;
   j["libvirt_uri"] = libvirt_uri;
   j["libvirt_domain"] = libvirt_domain;
   return j;
@@ -264,6 +280,9 @@ Result<VmDefinition> VmDefinition::FromJson(const nlohmann::json& j) {
   VMR_RETURN_IF_ERROR(r.String("qmp_socket", &d.qmp_socket));
   VMR_RETURN_IF_ERROR(r.String("nbd_socket", &d.nbd_socket));
   VMR_RETURN_IF_ERROR(r.OptionalString("qga_socket", &d.qga_socket));
+  VMR_RETURN_IF_ERROR(r.OptionalString("boot_kernel", &d.boot_kernel));
+  VMR_RETURN_IF_ERROR(r.OptionalString("boot_initrd", &d.boot_initrd));
+  VMR_RETURN_IF_ERROR(r.OptionalString("boot_append", &d.boot_append));
   VMR_RETURN_IF_ERROR(r.String("libvirt_uri", &d.libvirt_uri));
   VMR_RETURN_IF_ERROR(r.String("libvirt_domain", &d.libvirt_domain));
   VMR_RETURN_IF_ERROR(d.Validate());
