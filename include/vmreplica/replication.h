@@ -218,11 +218,15 @@ class ReplicationEngine {
   void ReleaseSlot();
   void Throttle(uint64_t bytes);
   Result<JobRecord> StartInitialJob(const std::string& vm_id, const std::string& vm_name, int64_t start_unix_s,
-                                    ReplicationState state_before);
+                                    ReplicationState state_before, uint64_t epoch);
+  uint64_t NextInitialEpoch(const std::string& vm_id);
+  Status UndoInitialState(const std::string& vm_id, uint64_t epoch, ReplicationState state_before);
   // The statistics row of `vm_id` (created when missing), its window rolled
   // to now. Call inside a catalog transaction.
   Result<StatisticsRecord> LoadStatistics(const std::string& vm_id);
-  bool AppConsistentDue(const RelationshipRecord& rel) const;
+  bool AppConsistentDue(const RelationshipRecord& rel);
+  std::chrono::milliseconds AppConsistentInterval(const RelationshipRecord& rel) const;
+  std::chrono::milliseconds AppConsistentRetryDelay(const RelationshipRecord& rel) const;
   // EvaluateHealth plus what only the engine knows: the replica's reported
   // state and the last failure's reason.
   HealthVerdict FullHealth(const RelationshipRecord& rel, const StatisticsRecord& s, int failures);
@@ -239,6 +243,7 @@ class ReplicationEngine {
   std::map<std::string, uint64_t> pending_;                 // dirty bytes not yet sent; guarded by mu_
   std::set<std::string> replica_settings_synced_;           // the replica has our settings; guarded by mu_
   std::map<std::string, uint64_t> initial_epoch_;           // StartReplication calls per VM; guarded by mu_
+  std::map<std::string, std::chrono::steady_clock::time_point> app_retry_at_;  // no app-consistent try before; mu_
   bool stopping_ = false;                                   // guarded by mu_
   std::atomic<bool> stop_flag_{false};                      // Stop() called: transfers end early
 

@@ -77,6 +77,73 @@ Result<VmDefinition> DefinitionOf(const VmRecord& vm) {
   return VmDefinition::FromJson(j);
 }
 
+// Turns the records of an initial-copy read (data only: zero extents are
+// skipped because a fresh replica reads as zeros) into a complete image:
+// every gap between records, and the tail of each disk, becomes a zero
+// record. Needed when the full copy lands on a replica that already holds
+// data (the copy sent again as an ordinary log). Records of one disk come
+// in increasing offset order and disks one after the other.
+class GapFillingSource : public DeltaSource {
+ public:
+  GapFillingSource(DeltaSource* inner, std::vector<uint64_t> disk_sizes)
+      : inner_(inner), sizes_(std::move(disk_sizes)), pos_(sizes_.size(), 0) {}
+  Result<std::optional<DeltaRecord>> Next() override {
+    constexpr uint64_t kMaxZero = 1ull << 30;
+    for (;;) {
+      if (held_) {
+        DeltaRecord& r = *held_;
+        if (r.disk >= sizes_.size()) return Status::Internal("gap filler: record of unknown disk");
+        // Disks before this one are finished: fill their tails first.
+        if (disk_ < r.disk) {
+          if (auto z = Tail(disk_)) return z;
+          ++disk_;
+          continue;
+        }
+        if (r.offset > pos_[r.disk]) {
+          uint64_t len = std::min(r.offset - pos_[r.disk], kMaxZero);
+          DeltaRecord z = ZeroRecord(r.disk, pos_[r.disk], len);
+          pos_[r.disk] += len;
+          return std::optional<DeltaRecord>(std::move(z));
+        }
+        pos_[r.disk] = std::max(pos_[r.disk], r.offset + r.length);
+        std::optional<DeltaRecord> out(std::move(r));
+        held_.reset();
+        return out;
+      }
+      if (!inner_done_) {
+        VMR_ASSIGN_OR_RETURN(auto next, inner_->Next());
+        if (next) {
+          held_ = std::move(next);
+          continue;
+        }
+        inner_done_ = true;
+      }
+      while (disk_ < sizes_.size()) {
+        if (auto z = Tail(disk_)) return z;
+        ++disk_;
+      }
+      return std::optional<DeltaRecord>();
+    }
+  }
+
+ private:
+  std::optional<DeltaRecord> Tail(size_t d) {
+    constexpr uint64_t kMaxZero = 1ull << 30;
+    if (pos_[d] >= sizes_[d]) return std::nullopt;
+    uint64_t len = std::min(sizes_[d] - pos_[d], kMaxZero);
+    DeltaRecord z = ZeroRecord(static_cast<uint32_t>(d), pos_[d], len);
+    pos_[d] += len;
+    return z;
+  }
+
+  DeltaSource* inner_;
+  std::vector<uint64_t> sizes_;
+  std::vector<uint64_t> pos_;
+  size_t disk_ = 0;
+  bool inner_done_ = false;
+  std::optional<DeltaRecord> held_;
+};
+
 bool IsNetworkError(const Status& s) {
   return s.code() == Code::kUnavailable || s.code() == Code::kTimeout;
 }
@@ -158,9 +225,15 @@ void ReplicationEngine::Throttle(uint64_t bytes) {
   bucket_time_ = now;
   bucket_tokens_ -= static_cast<double>(bytes);
   if (bucket_tokens_ < 0) {
-    auto wait = std::chrono::duration<double>(-bucket_tokens_ / rate);
+    const auto until = std::chrono::steady_clock::now() +
+                       std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                           std::chrono::duration<double>(-bucket_tokens_ / rate));
     lock.unlock();  // other transfers may take their turn meanwhile
-    std::this_thread::sleep_for(wait);
+    // In short steps, so that a stopping daemon is not held up.
+    while (!stop_flag_.load() && std::chrono::steady_clock::now() < until) {
+      std::this_thread::sleep_for(std::min<std::chrono::steady_clock::duration>(
+          until - std::chrono::steady_clock::now(), std::chrono::milliseconds(100)));
+    }
   }
 }
 
@@ -213,10 +286,28 @@ Status ReplicationEngine::Start() {
   // An initial copy interrupted by the daemon's end starts again by itself
   // (a new cut: the replica drops the partial log of the old one; a log it
   // had already staged is kept and the copy goes under the next number).
+  auto jobs = restart_initial.empty() ? Result<std::vector<JobRecord>>(std::vector<JobRecord>()) : jobs_->List();
   for (const auto& vm_id : restart_initial) {
     auto vm = catalog_->GetVm(vm_id);
     const std::string name = vm.ok() && *vm ? (*vm)->name : vm_id;
-    auto job = StartInitialJob(vm_id, name, 0, ReplicationState::kReadyForReplication);
+    // A copy scheduled for later keeps its StartTime (from the last initial
+    // replication job of the VM); one already due starts now.
+    int64_t start_unix_s = 0;
+    int64_t newest_ms = -1;
+    if (jobs.ok()) {
+      for (const auto& j : *jobs) {
+        if (j.type != JobType::kInitialReplicationNetwork) continue;
+        auto p = nlohmann::json::parse(j.parameters_json, nullptr, /*allow_exceptions=*/false);
+        if (p.is_discarded() || !p.is_object() || p.value("vm", std::string()) != vm_id) continue;
+        if (j.created_ms <= newest_ms) continue;
+        newest_ms = j.created_ms;
+        const auto& at = p.contains("start_time_unix_s") ? p["start_time_unix_s"] : nlohmann::json();
+        start_unix_s = at.is_number_integer() ? at.get<int64_t>() : 0;
+      }
+    }
+    if (start_unix_s <= Now() / 1000) start_unix_s = 0;
+    auto job = StartInitialJob(vm_id, name, start_unix_s, ReplicationState::kReadyForReplication,
+                               NextInitialEpoch(vm_id));
     if (job.ok()) {
       spdlog::warn("VM {}: the initial replication was interrupted by a daemon restart; it starts again as job {}",
                    vm_id, job->id);
@@ -349,10 +440,21 @@ Result<CycleReport> ReplicationEngine::RunCycle(const std::string& vm_id, bool i
   // Settings modified while the replica was not reachable (or since this
   // daemon started): the replica gets them now. Not fatal for the cycle.
   if (!settings_synced) {
-    auto m = client.ModifyReplica(vm_id, kPrimaryIndex, rel.settings);
-    if (m.ok()) {
+    // The settings as stored now (a ModifySettings may have run since this
+    // cycle read them); marked synced only if they are still the current ones.
+    auto fresh = catalog_->GetRelationship(vm_id, kPrimaryIndex);
+    const RelationshipSettings sent = fresh.ok() && *fresh ? (*fresh)->settings : rel.settings;
+    auto m = client.ModifyReplica(vm_id, kPrimaryIndex, sent);
+    auto after = catalog_->GetRelationship(vm_id, kPrimaryIndex);
+    const bool current = after.ok() && *after && (*after)->settings.recovery_history == sent.recovery_history &&
+                         (*after)->settings.replication_interval_s == sent.replication_interval_s &&
+                         (*after)->settings.application_consistent_snapshot_interval_h ==
+                             sent.application_consistent_snapshot_interval_h;
+    if (m.ok() && current) {
       std::lock_guard<std::mutex> lock(mu_);
       replica_settings_synced_.insert(vm_id);
+    } else if (m.ok()) {
+      spdlog::info("VM {}: settings changed while they were sent; they are sent again", vm_id);
     } else {
       spdlog::warn("VM {}: the replica did not take the relationship's settings yet: {}", vm_id,
                    m.status().ToString());
@@ -375,44 +477,99 @@ Result<CycleReport> ReplicationEngine::RunCycle(const std::string& vm_id, bool i
   report.initial = initial;
   report.sequence = replica.expected_sequence;
   // An application-consistent point when one is due: the guest's file
-  // systems are frozen only for the moment of the cut (one QMP
-  // transaction), and thawed whatever the cut's outcome. When the agent
-  // does not answer, the point is crash-consistent and the failure counted.
-  std::unique_ptr<GuestAgentClient> agent;
+  // systems are frozen for the cut and thawed whatever its outcome (a guard
+  // thaws on every way out). When the agent does not answer, the point is
+  // crash-consistent, the failure is counted and the next attempt waits.
+  class FreezeGuard {
+   public:
+    FreezeGuard(std::string socket, std::chrono::milliseconds timeout, std::string vm_id)
+        : socket_(std::move(socket)), timeout_(timeout), vm_id_(std::move(vm_id)) {}
+    ~FreezeGuard() {
+      if (frozen_) (void)Thaw();
+    }
+    // Connects and freezes; an error says why the point is not application-consistent.
+    Status Freeze() {
+      auto c = GuestAgentClient::Connect(socket_, std::min(timeout_, std::chrono::milliseconds(2000)));
+      if (!c.ok()) return c.status();
+      agent_ = std::move(c).value();
+      if (Status ping = agent_->Ping(std::min(timeout_, std::chrono::milliseconds(3000))); !ping.ok()) return ping;
+      frozen_ = true;  // from here a thaw is owed, even if the freeze reports a failure or times out
+      auto f = agent_->FreezeFileSystems(timeout_);
+      if (!f.ok()) {
+        Status t = Thaw();
+        return t.ok() ? f.status() : f.status().WithContext("and the thaw failed too: " + t.ToString());
+      }
+      return Status::Ok();
+    }
+    // Thaws, reconnecting when needed, until the agent reports "thawed"
+    // (bounded: a few attempts of the agent timeout each).
+    Status Thaw() {
+      Status last = Status::Ok();
+      for (int attempt = 0; attempt < 3; ++attempt) {
+        if (!agent_) {
+          auto c = GuestAgentClient::Connect(socket_, std::min(timeout_, std::chrono::milliseconds(2000)));
+          if (!c.ok()) {
+            last = c.status();
+            continue;
+          }
+          agent_ = std::move(c).value();
+        }
+        auto t = agent_->ThawFileSystems(timeout_);
+        auto st = t.ok() ? agent_->FreezeStatus(timeout_) : Result<std::string>(t.status());
+        if (st.ok() && *st == "thawed") {
+          frozen_ = false;
+          return Status::Ok();
+        }
+        last = st.ok() ? Status::FailedPrecondition("the agent reports '" + *st + "' after a thaw") : st.status();
+        agent_.reset();  // resynchronise on a fresh connection
+      }
+      spdlog::error("VM {}: the guest's file systems could not be thawed: {}", vm_id_, last.ToString());
+      return last;
+    }
+
+   private:
+    const std::string socket_;
+    const std::chrono::milliseconds timeout_;
+    const std::string vm_id_;
+    std::unique_ptr<GuestAgentClient> agent_;
+    bool frozen_ = false;
+  };
+  std::optional<FreezeGuard> freeze;
   bool frozen = false;
   if (!initial && AppConsistentDue(rel)) {
     const std::string sock = attached->guest_agent_socket();
-    if (sock.empty()) {
+    if (def.kind == VmSourceKind::kLibvirt) {
+      // libvirtd holds the agent's channel itself; freezing through libvirt
+      // is not implemented yet.
+      report.app_consistent_failure = "application-consistent points of libvirt VMs are not supported yet";
+    } else if (sock.empty()) {
       report.app_consistent_failure = "the VM has no guest-agent channel (vm add --qga-socket)";
     } else {
-      auto c = GuestAgentClient::Connect(sock, options_.guest_agent_timeout);
-      if (!c.ok()) {
-        report.app_consistent_failure = c.status().ToString();
+      freeze.emplace(sock, options_.guest_agent_timeout, vm_id);
+      Status f = freeze->Freeze();
+      if (f.ok()) {
+        frozen = true;
       } else {
-        agent = std::move(c).value();
-        auto f = agent->FreezeFileSystems(options_.guest_agent_timeout);
-        if (f.ok()) {
-          frozen = true;
-        } else {
-          report.app_consistent_failure = f.status().ToString();
-          // A freeze that timed out may still complete in the guest.
-          auto t = agent->ThawFileSystems(options_.guest_agent_timeout);
-          (void)t;
-        }
+        report.app_consistent_failure = f.ToString();
       }
     }
   }
   auto cut_or = tracker.TakeCut(attached->export_dir());
   report.cut_time_ms = Now();
   if (frozen) {
-    auto t = agent->ThawFileSystems(options_.guest_agent_timeout);
-    if (!t.ok()) spdlog::error("VM {}: thawing the guest's file systems failed: {}", vm_id, t.status().ToString());
-    if (cut_or.ok()) report.kind = ReplicationType::kApplicationConsistent;
+    Status t = freeze->Thaw();
+    if (t.ok() && cut_or.ok()) {
+      report.kind = ReplicationType::kApplicationConsistent;
+    } else if (!t.ok()) {
+      report.app_consistent_failure = "the guest could not be thawed after the cut: " + t.ToString();
+    }
   }
-  agent.reset();
+  freeze.reset();
   if (!report.app_consistent_failure.empty()) {
     spdlog::warn("VM {}: application-consistent point not taken, crash-consistent instead: {}", vm_id,
                  report.app_consistent_failure);
+    std::lock_guard<std::mutex> lock(mu_);
+    app_retry_at_[vm_id] = std::chrono::steady_clock::now() + AppConsistentRetryDelay(rel);
   }
   VMR_ASSIGN_OR_RETURN(auto cut, std::move(cut_or));
   auto abort = [&](const Status& why) -> Status {
@@ -454,8 +611,15 @@ Result<CycleReport> ReplicationEngine::RunCycle(const std::string& vm_id, bool i
     DeltaSource* inner_;
     std::function<bool()> cancelled_;
   };
-  CancellableSource source(concat.get(),
-                           [this, job] { return stop_flag_.load() || (job && job->CancelRequested()); });
+  std::unique_ptr<GapFillingSource> filled;
+  DeltaSource* inner = concat.get();
+  if (initial && !initial_log) {
+    std::vector<uint64_t> sizes;
+    for (const auto& cd : cut.disks) sizes.push_back(cd.size_bytes);
+    filled = std::make_unique<GapFillingSource>(concat.get(), std::move(sizes));
+    inner = filled.get();
+  }
+  CancellableSource source(inner, [this, job] { return stop_flag_.load() || (job && job->CancelRequested()); });
   ConcatDeltaSource& observed = *concat;
   if (job != nullptr && total_bytes > 0) {
     observed.set_observer([job, &disk_base, total_bytes](size_t part, uint64_t end) {
@@ -476,9 +640,9 @@ Result<CycleReport> ReplicationEngine::RunCycle(const std::string& vm_id, bool i
   so.compress = rel.settings.compression_enabled;
   so.throttle = [this](uint64_t bytes) { Throttle(bytes); };
   auto sent = client.SendDelta(info, source, so);
+  filled.reset();
   concat.reset();
   if (!sent.ok()) return abort(sent.status());
-  if (job && job->CancelRequested()) return abort(Status::Cancelled("initial replication cancelled"));
 
   if (Status c = tracker.Commit(cut); !c.ok()) {
     // The replica holds the log; bitmap g stays and merges into g+1 at the
@@ -486,6 +650,10 @@ Result<CycleReport> ReplicationEngine::RunCycle(const std::string& vm_id, bool i
     spdlog::warn("VM {}: commit of cut g{} failed ({}); its changes will be sent again", vm_id, cut.generation,
                  c.ToString());
   }
+  // A cancel that arrives once the replica holds the whole copy: the cut is
+  // committed (the replica has it), the copy is not recorded as done, and
+  // the next StartReplication sends it again as an ordinary, complete log.
+  if (job && job->CancelRequested()) return Status::Cancelled("initial replication cancelled");
   report.records = sent->records;
   report.data_bytes = sent->data_bytes;
   report.zero_bytes = sent->zero_bytes;
@@ -559,13 +727,29 @@ Result<StatisticsRecord> ReplicationEngine::LoadStatistics(const std::string& vm
   return s;
 }
 
-bool ReplicationEngine::AppConsistentDue(const RelationshipRecord& rel) const {
-  const uint32_t hours = rel.settings.application_consistent_snapshot_interval_h;
-  if (hours == 0) return false;
-  const int64_t interval_ms = options_.test_app_consistent_interval_override_ms > 0
-                                  ? options_.test_app_consistent_interval_override_ms
-                                  : int64_t{hours} * 3600 * 1000;
-  return rel.last_app_consistent_ms == 0 || Now() - rel.last_app_consistent_ms >= interval_ms;
+std::chrono::milliseconds ReplicationEngine::AppConsistentInterval(const RelationshipRecord& rel) const {
+  if (options_.test_app_consistent_interval_override_ms > 0) {
+    return std::chrono::milliseconds(options_.test_app_consistent_interval_override_ms);
+  }
+  return std::chrono::hours(rel.settings.application_consistent_snapshot_interval_h);
+}
+
+// After a failed attempt, a quarter of the interval (at least one cycle's
+// worth of time passes; with hours that is 15 min .. 3 h).
+std::chrono::milliseconds ReplicationEngine::AppConsistentRetryDelay(const RelationshipRecord& rel) const {
+  return AppConsistentInterval(rel) / 4;
+}
+
+bool ReplicationEngine::AppConsistentDue(const RelationshipRecord& rel) {
+  if (rel.settings.application_consistent_snapshot_interval_h == 0) return false;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = app_retry_at_.find(rel.vm_id);
+    if (it != app_retry_at_.end() && std::chrono::steady_clock::now() < it->second) return false;
+  }
+  const int64_t since = Now() - rel.last_app_consistent_ms;
+  // Never taken, due, or the wall clock went back past the last one.
+  return rel.last_app_consistent_ms == 0 || since < 0 || since >= AppConsistentInterval(rel).count();
 }
 
 HealthVerdict ReplicationEngine::FullHealth(const RelationshipRecord& rel, const StatisticsRecord& s, int failures) {
@@ -584,12 +768,12 @@ HealthVerdict ReplicationEngine::FullHealth(const RelationshipRecord& rel, const
 
 Status ReplicationEngine::RecordFailure(const std::string& vm_id, const Status& why, bool network) {
   int failures = 0;
-  uint64_t pending = 0;
+  std::optional<uint64_t> pending;  // unknown when this run never measured it: the stored value stays
   {
     std::lock_guard<std::mutex> lock(mu_);
     failures = ++failures_[vm_id];
     last_failure_[vm_id] = why.ToString();
-    pending = pending_[vm_id];
+    if (auto it = pending_.find(vm_id); it != pending_.end()) pending = it->second;
   }
   const bool resync = why.code() == Code::kFailedPrecondition &&
                       why.message().find("resynchronization required") != std::string::npos;
@@ -597,7 +781,7 @@ Status ReplicationEngine::RecordFailure(const std::string& vm_id, const Status& 
     VMR_ASSIGN_OR_RETURN(auto rel, catalog_->GetRelationship(vm_id, kPrimaryIndex));
     if (!rel) return Status::Ok();  // removed meanwhile
     VMR_ASSIGN_OR_RETURN(StatisticsRecord s, LoadStatistics(vm_id));
-    s.pending_replication_size_bytes = pending;
+    if (pending) s.pending_replication_size_bytes = *pending;
     if (network) {
       s.network_failure_count += 1;
     } else {
@@ -670,6 +854,7 @@ void ReplicationEngine::WorkerLoop(Worker* w) {
       continue;
     }
     const auto interval = IntervalOf(**rel);
+    const Steady::time_point begin = Steady::now();
     Result<CycleReport> r = Status::Unavailable("not run");
     {
       auto vm_lock = VmLock(vm_id);
@@ -700,7 +885,9 @@ void ReplicationEngine::WorkerLoop(Worker* w) {
       if (Status s = RecordSuccess(vm_id, *r); !s.ok()) {
         spdlog::error("VM {}: recording cycle {} failed: {}", vm_id, r->sequence, s.ToString());
       }
-      due = due + (boundaries + 1) * interval;
+      // A cycle run before it was due (kicked by a settings change or a
+      // resume) starts the schedule afresh from its own start.
+      due = begin < due ? begin + interval : due + (boundaries + 1) * interval;
       misses_counted = 0;
       retrying = false;
       backoff = options_.retry_initial;
@@ -787,36 +974,55 @@ Result<JobRecord> ReplicationEngine::StartReplication(const std::string& vm, int
   const std::string vm_id = rec.id;
   // The check and the change in one transaction: two concurrent calls
   // cannot both start a copy.
+  uint64_t epoch = 0;
   VMR_RETURN_IF_ERROR(UpdateRelationship(vm_id, [&](RelationshipRecord& r) -> Status {
     VMR_ASSIGN_OR_RETURN(auto t, CheckTransition(TableMode::kPrimary, r.state, Operation::kStartReplication));
     r.state = t.during;
+    // This call owns the copy's state from here on (catalog, then mu_: the
+    // engine's lock order inside transactions).
+    epoch = NextInitialEpoch(vm_id);
     return Status::Ok();
   }));
-  return StartInitialJob(vm_id, rec.name, start_unix_s, rel->state);
+  return StartInitialJob(vm_id, rec.name, start_unix_s, rel->state, epoch);
+}
+
+uint64_t ReplicationEngine::NextInitialEpoch(const std::string& vm_id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  return ++initial_epoch_[vm_id];
+}
+
+// Puts the relationship back to `state_before` when it is still in the
+// copy's own state and no newer StartReplication owns it (checked inside
+// the transaction that writes it).
+Status ReplicationEngine::UndoInitialState(const std::string& vm_id, uint64_t epoch, ReplicationState state_before) {
+  return UpdateRelationship(vm_id, [&](RelationshipRecord& r) {
+    if (!IsCurrentInitial(vm_id, epoch)) return Status::Ok();
+    if (r.state == ReplicationState::kWaitingToCompleteInitialReplication ||
+        (r.state == ReplicationState::kSuspended && r.generation_id.empty())) {
+      r.state = state_before;
+    }
+    return Status::Ok();
+  });
 }
 
 // The initial copy's job. Before its StartTime the job waits (state
 // Running, 0%); a cancel then returns the relationship to the state it had.
 Result<JobRecord> ReplicationEngine::StartInitialJob(const std::string& vm_id, const std::string& vm_name,
-                                                     int64_t start_unix_s, ReplicationState state_before) {
+                                                     int64_t start_unix_s, ReplicationState state_before,
+                                                     uint64_t epoch) {
   nlohmann::json params = {{"vm", vm_id}, {"start_time_unix_s", start_unix_s}};
-  uint64_t epoch = 0;
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    epoch = ++initial_epoch_[vm_id];
-  }
   auto job = jobs_->Start(
       JobType::kInitialReplicationNetwork, vm_name, params.dump(), /*cancellable=*/true,
       /*resumable=*/false, [this, vm_id, start_unix_s, state_before, epoch](JobContext& jc) -> Status {
         while (start_unix_s != 0 && Now() / 1000 < start_unix_s) {
-          if (jc.CancelRequested() || stop_flag_.load()) {
-            if (IsCurrentInitial(vm_id, epoch)) {
-              Status undo = UpdateRelationship(vm_id, [&](RelationshipRecord& r) {
-                if (r.state == ReplicationState::kWaitingToCompleteInitialReplication) r.state = state_before;
-                return Status::Ok();
-              });
-              if (!undo.ok()) spdlog::error("VM {}: resetting the state failed: {}", vm_id, undo.ToString());
-            }
+          if (stop_flag_.load()) {
+            // The daemon stops: the state stays Waiting (2) and the next
+            // start schedules the copy again for its StartTime.
+            return Status::Cancelled("vmreplicad stops; the scheduled initial replication resumes at its next start");
+          }
+          if (jc.CancelRequested()) {
+            Status undo = UndoInitialState(vm_id, epoch, state_before);
+            if (!undo.ok()) spdlog::error("VM {}: resetting the state failed: {}", vm_id, undo.ToString());
             return Status::Cancelled("the initial replication was cancelled before its start time");
           }
           std::this_thread::sleep_for(std::chrono::milliseconds(200));
@@ -824,10 +1030,7 @@ Result<JobRecord> ReplicationEngine::StartInitialJob(const std::string& vm_id, c
         return RunInitial(vm_id, &jc, epoch);
       });
   if (!job.ok()) {
-    Status undo = UpdateRelationship(vm_id, [&](RelationshipRecord& r) {
-      if (r.state == ReplicationState::kWaitingToCompleteInitialReplication) r.state = state_before;
-      return Status::Ok();
-    });
+    Status undo = UndoInitialState(vm_id, epoch, state_before);
     (void)undo;
     return job.status();
   }
@@ -848,15 +1051,14 @@ Status ReplicationEngine::RunInitial(const std::string& vm_id, JobContext* job, 
     r = RunCycle(vm_id, /*initial=*/true, job);
   }
   if (!r.ok()) {
+    if (stop_flag_.load()) {
+      // Ended by the daemon's stop, not by a fault: the state stays
+      // Waiting (2) so the next start runs the copy again by itself.
+      return r.status().WithContext("initial replication interrupted by the daemon's stop");
+    }
     // Only the copy's own state goes back (a suspend or cancel meanwhile
     // stays), and only when no newer StartReplication owns it by now.
-    Status undo = !IsCurrentInitial(vm_id, epoch) ? Status::Ok() : UpdateRelationship(vm_id, [](RelationshipRecord& rel) {
-      if (rel.state == ReplicationState::kWaitingToCompleteInitialReplication ||
-          rel.state == ReplicationState::kSuspended) {
-        rel.state = ReplicationState::kReadyForReplication;
-      }
-      return Status::Ok();
-    });
+    Status undo = UndoInitialState(vm_id, epoch, ReplicationState::kReadyForReplication);
     if (!undo.ok()) spdlog::error("VM {}: resetting the state failed: {}", vm_id, undo.ToString());
     Status f = RecordFailure(vm_id, r.status(), IsNetworkError(r.status()));
     (void)f;
@@ -1001,7 +1203,13 @@ Status ReplicationEngine::RemoveRelationship(const std::string& vm, int index) {
       worker = std::move(it->second);
       workers_.erase(it);
     }
+    // Nothing of the old relationship may colour a new one.
     failures_.erase(rec.id);
+    last_failure_.erase(rec.id);
+    replica_state_.erase(rec.id);
+    pending_.erase(rec.id);
+    replica_settings_synced_.erase(rec.id);
+    app_retry_at_.erase(rec.id);
   }
   if (worker) {
     {

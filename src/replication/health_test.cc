@@ -167,6 +167,32 @@ TEST_F(PolicyTest, WindowsStartAtMonitoringStartTimePlusMultiplesOfTheInterval) 
   EXPECT_EQ(StatisticsWindowStart(s, At(14, 15)), At(13, 30));
 }
 
+// Daylight saving: windows stay at 09:00 and 21:00 local time across the
+// change, and no window starts at another hour.
+TEST_F(PolicyTest, WindowsFollowLocalTimeAcrossADaylightSavingChange) {
+  setenv("TZ", "Europe/Berlin", 1);
+  tzset();
+  ServerSettings s;  // 12 h from 09:00
+  // 2026-10-25: CEST (UTC+2) ends at 03:00 local = 01:00 UTC.
+  constexpr int64_t kOct24Utc = 1'792'800'000;  // 2026-10-24 00:00:00 UTC
+  auto utc = [&](int day, int hh, int mm) { return (kOct24Utc + day * 86400 + hh * 3600 + mm * 60) * int64_t{1000}; };
+  EXPECT_EQ(StatisticsWindowStart(s, utc(0, 20, 0)), utc(0, 19, 0));  // 22:00 CEST -> window from 21:00 CEST
+  EXPECT_EQ(StatisticsWindowStart(s, utc(1, 0, 30)), utc(0, 19, 0));  // 02:30 CEST, before the change
+  EXPECT_EQ(StatisticsWindowStart(s, utc(1, 1, 30)), utc(0, 19, 0));  // 02:30 CET, after the change
+  EXPECT_EQ(StatisticsWindowStart(s, utc(1, 7, 59)), utc(0, 19, 0));  // 08:59 CET
+  EXPECT_EQ(StatisticsWindowStart(s, utc(1, 8, 0)), utc(1, 8, 0));    // 09:00 CET
+  EXPECT_EQ(StatisticsWindowStart(s, utc(1, 19, 59)), utc(1, 8, 0));
+  EXPECT_EQ(StatisticsWindowStart(s, utc(1, 20, 0)), utc(1, 20, 0));  // 21:00 CET
+  // A record whose window began at 21:00 CEST does not roll at the change.
+  StatisticsRecord r;
+  r.start_ms = utc(0, 19, 0);
+  r.replication_success_count = 5;
+  EXPECT_FALSE(RollStatisticsWindow(r, s, utc(1, 1, 30)));
+  EXPECT_EQ(r.replication_success_count, 5u);
+  EXPECT_TRUE(RollStatisticsWindow(r, s, utc(1, 8, 1)));
+  EXPECT_EQ(r.start_ms, utc(1, 8, 0));
+}
+
 TEST_F(PolicyTest, AWindowThatEndedRollsOverKeepingWhatDescribesTheRelationship) {
   ServerSettings server;
   server.monitoring_interval_s = 3600;

@@ -10,14 +10,6 @@
 namespace vmreplica {
 namespace {
 
-// Seconds east of UTC of the local time zone at `unix_s`.
-int64_t LocalOffsetS(int64_t unix_s) {
-  std::time_t t = static_cast<std::time_t>(unix_s);
-  std::tm tm{};
-  if (localtime_r(&t, &tm) == nullptr) return 0;
-  return tm.tm_gmtoff;
-}
-
 int64_t FloorDiv(int64_t a, int64_t b) {
   int64_t q = a / b;
   if ((a % b != 0) && ((a < 0) != (b < 0))) --q;
@@ -27,15 +19,26 @@ int64_t FloorDiv(int64_t a, int64_t b) {
 }  // namespace
 
 int64_t StatisticsWindowStart(const ServerSettings& server, int64_t now_ms) {
-  const int64_t interval_ms = int64_t{std::max<uint32_t>(server.monitoring_interval_s, 60)} * 1000;
-  const int64_t offset_ms = LocalOffsetS(now_ms / 1000) * 1000;
-  const int64_t anchor_ms = int64_t{server.monitoring_start_time_min % 1440} * 60 * 1000;
-  // Boundaries are the local times t with (t - anchor) a multiple of the
-  // interval, counted from the Unix epoch in local time: 12 h from 09:00
-  // gives 09:00 and 21:00 every day; 7 days gives one fixed weekday.
-  const int64_t local_ms = now_ms + offset_ms;
-  const int64_t boundary_local = FloorDiv(local_ms - anchor_ms, interval_ms) * interval_ms + anchor_ms;
-  return boundary_local - offset_ms;
+  const int64_t interval_s = int64_t{std::max<uint32_t>(server.monitoring_interval_s, 60)};
+  const int64_t anchor_s = int64_t{server.monitoring_start_time_min % 1440} * 60;
+  // Work on the wall clock: the local date and time of now read as if they
+  // were UTC (a timeline without daylight-saving jumps). Boundaries are the
+  // wall times with (t - anchor) a multiple of the interval: 12 h from 09:00
+  // gives 09:00 and 21:00 every day, whatever the season; 7 days one fixed
+  // weekday. The boundary's wall time is then turned back into UTC by
+  // mktime, which knows the offset in force at that time.
+  const std::time_t now_s = static_cast<std::time_t>(FloorDiv(now_ms, 1000));
+  std::tm local{};
+  if (localtime_r(&now_s, &local) == nullptr) return now_ms;
+  const int64_t wall_s = static_cast<int64_t>(timegm(&local));
+  const int64_t boundary_wall = FloorDiv(wall_s - anchor_s, interval_s) * interval_s + anchor_s;
+  std::time_t bw = static_cast<std::time_t>(boundary_wall);
+  std::tm b{};
+  if (gmtime_r(&bw, &b) == nullptr) return now_ms;
+  b.tm_isdst = -1;  // whichever offset is in force then
+  int64_t boundary_ms = static_cast<int64_t>(mktime(&b)) * 1000;
+  if (boundary_ms > now_ms) boundary_ms = now_ms;  // a wall time skipped by a change: start now
+  return boundary_ms;
 }
 
 bool RollStatisticsWindow(StatisticsRecord& s, const ServerSettings& server, int64_t now_ms) {

@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <chrono>
+#include <cstdlib>
 #include <filesystem>
 #include <nlohmann/json.hpp>
 #include <sstream>
@@ -12,6 +13,7 @@
 
 #include "guest/test_guest.h"
 #include "integration/harness.h"
+#include "vmreplica/guest_agent.h"
 
 namespace vmreplica::testing {
 namespace {
@@ -205,6 +207,22 @@ TEST(GuestReplicationTest, ApplicationConsistentPointsNeedNoJournalReplay) {
   // Stop at an application-consistent point: suspend, then check that the
   // last cycle was one (the guest keeps writing all along).
   ASSERT_EQ(primary.Cli({"suspend", "guest"}).exit_code, 0);
+  std::this_thread::sleep_for(2s);  // a cycle in flight at the suspend ends
+  // Every freeze was thawed: the agent says so and the writer goes on.
+  {
+    auto agent = GuestAgentClient::Connect((*guest)->qga_socket(), 10s);
+    ASSERT_TRUE(agent.ok()) << agent.status().ToString();
+    auto st = (*agent)->FreezeStatus(10s);
+    ASSERT_TRUE(st.ok()) << st.status().ToString();
+    EXPECT_EQ(*st, "thawed");
+  }
+  auto line = [&]() -> long {
+    auto out = (*guest)->Run("tail -n 1 /mnt/d/log");
+    return out.ok() && out->first == 0 ? std::atol(out->second.c_str()) : -1;
+  };
+  const long before = line();
+  std::this_thread::sleep_for(1s);
+  EXPECT_GT(line(), before) << "the guest's writer does not progress after the cycles";
   json rel = relationship(primary);
   ASSERT_EQ(rel["last_replication_type"], 2) << rel.dump() << ReadText(primary.log_path());
   auto stats = primary.Cli({"--json", "measure", "guest"});

@@ -76,6 +76,10 @@ class NetnsTest : public ::testing::Test {
     ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
     r = replica_->Cli({"auth", "add", "*.vmreplica.test", "--storage", dir_ / "replicas", "--trust-group", "lab"});
     ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+    // 7-day statistics windows: the counters the tests compare must not be
+    // reset by a window starting at 09:00 or 21:00 during the test.
+    r = primary_->Cli({"server", "set", "--monitoring-interval", "604800"});
+    ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
   }
 
   void TearDown() override {

@@ -53,6 +53,10 @@ class ReplicationTest : public ::testing::Test {
     ASSERT_EQ(r.exit_code, 0) << r.err;
     r = replica_->Cli({"auth", "add", "*.vmreplica.test", "--storage", dir_ / "replicas", "--trust-group", "lab"});
     ASSERT_EQ(r.exit_code, 0) << r.err;
+    // Statistics windows of 7 days: counters asserted by the tests must not
+    // start a new window at 09:00 or 21:00 in the middle of a test.
+    r = primary_->Cli({"server", "set", "--monitoring-interval", "604800"});
+    ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
   }
 
   // Extra TOML for the primary (tests with slow transfers override it).
@@ -269,6 +273,30 @@ TEST_F(ReplicationTest, StartTimeDefersTheCopyAndCancellingBeforeItRestoresTheSt
   ExpectReplicaEqualsPrimary();
 }
 
+// The replica already holds logs when a new initial copy starts (the primary
+// lost its side of the relationship while the replica was down): the copy
+// goes as an ordinary log and must make the replica exact, zeroed regions
+// included (a first copy may skip zeros; this one may not).
+TEST_F(ReplicationTest, InitialCopyOntoAReplicaThatHoldsDataMakesItExact) {
+  Write({"write -P 17 0 4M", "write -P 18 20M 1M"});
+  Protect();
+  if (HasFatalFailure()) return;
+  ExpectReplicaEqualsPrimary();
+  replica_->Kill();
+  auto r = primary_->Cli({"remove", "demo"});  // the replica does not hear of it
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  std::string err;
+  ASSERT_TRUE(replica_->Start(&err)) << err;
+  Write({"write -z -u 0 4M", "write -P 19 5M 64k"});
+  r = primary_->Cli({"enable", "demo", "--replica-server", "127.0.0.1", "--replica-port",
+                     std::to_string(replica_->port()), "--interval", "30"});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  r = primary_->Cli({"start", "demo"});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err << ReadText(primary_->log_path());
+  ExpectReplicaEqualsPrimary();
+  EXPECT_EQ(State(*primary_), 3);
+}
+
 TEST_F(ReplicationTest, ModifiedRecoveryHistoryReachesTheReplica) {
   Protect();
   if (HasFatalFailure()) return;
@@ -382,8 +410,6 @@ TEST_F(ReplicationTest, EnableIsRefusedWhenTheReplicaDoesNotAuthoriseUs) {
   EXPECT_NE(r.exit_code, 0);
 }
 
-// Transfers throttled to 2 MB/s so that a 16 MiB delta takes several
-// seconds: long enough to kill a daemon while its cut is open.
 // Application-consistent points every cycle (test-only override) for a VM
 // whose guest agent cannot be reached.
 class AppConsistentReplicationTest : public ReplicationTest {
@@ -412,6 +438,8 @@ TEST_F(AppConsistentReplicationTest, WithoutAnAnsweringAgentPointsAreCrashConsis
   EXPECT_NE(ReadText(primary_->log_path()).find("application-consistent point not taken"), std::string::npos);
 }
 
+// Transfers throttled to 2 MB/s so that a 16 MiB delta takes several
+// seconds: long enough to kill a daemon while its cut is open.
 class SlowReplicationTest : public ReplicationTest {
  protected:
   std::string PrimaryConfig() const override {
@@ -518,6 +546,23 @@ TEST_F(SlowReplicationTest, PrimaryDaemonKilledDuringTheInitialCopyRestartsItByI
   ASSERT_TRUE(WaitForCycleAfter(NowMs())) << ReadText(primary_->log_path());
   ExpectReplicaEqualsPrimary();
   EXPECT_NE(ReadText(primary_->log_path()).find("it starts again as job"), std::string::npos);
+}
+
+// A host shutdown (SIGTERM, a clean stop) in the middle of the initial copy:
+// the copy runs again by itself when vmreplicad starts.
+TEST_F(SlowReplicationTest, CleanStopDuringTheInitialCopyRestartsItAtTheNextStart) {
+  Enable();
+  if (HasFatalFailure()) return;
+  WriteRandom16M();
+  if (HasFatalFailure()) return;
+  auto r = primary_->Cli({"--async", "start", "demo"});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  ASSERT_TRUE(WaitForTransferInFlight()) << ReadText(primary_->log_path());
+  ASSERT_TRUE(primary_->Stop());
+  std::string err;
+  ASSERT_TRUE(primary_->Start(&err)) << err;
+  ASSERT_TRUE(WaitForState(3, 120s)) << Relationship(*primary_).dump() << ReadText(primary_->log_path());
+  ExpectReplicaEqualsPrimary();
 }
 
 TEST_F(SlowReplicationTest, ReplicaDaemonKilledMidTransferLosesNothing) {
