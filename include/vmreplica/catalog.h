@@ -1,8 +1,9 @@
 // The catalog: vmreplicad's durable record of server settings, authorization
 // entries, virtual machines and their disks, replication relationships,
-// recovery points, statistics windows and jobs. One SQLite database per
-// daemon (real libsqlite3), in WAL mode with synchronous=FULL, so a change
-// that a method reported as done survives a power loss.
+// recovery points, statistics windows, jobs, staged delta logs and failover
+// network settings. One SQLite database per daemon (real libsqlite3), in WAL
+// mode with synchronous=FULL, so a change that a method reported as done
+// survives a power loss.
 //
 // Schema. Versioned by `PRAGMA user_version`; each migration is one
 // transaction. A database written by a newer vmreplica (higher version than
@@ -52,7 +53,7 @@ namespace vmreplica {
 
 // The newest schema this binary knows. Bumped by every migration; the
 // migration list in src/catalog/schema.cc is append-only.
-inline constexpr int kCatalogSchemaVersion = 2;
+inline constexpr int kCatalogSchemaVersion = 3;
 
 // PRAGMA application_id of a vmreplica catalog ("vmrc").
 inline constexpr int32_t kCatalogApplicationId = 0x766d7263;
@@ -122,6 +123,21 @@ struct StagedLogRecord {
   std::string file_name;    // relative to the staging dir, e.g. "rejected/<20-digit seq>.vrl"
   uint64_t size_bytes = 0;  // file size
   int64_t received_ms = 0;  // Unix epoch ms the log was staged (file mtime when reconciled)
+};
+
+// The failover IP settings of one network adapter of a VM (schema version
+// 3; SetFailoverNetworkAdapterSettings, docs/api.md). Stored as given: the
+// caller validates the values (ValidateFailoverNetworkSettings in
+// vmreplica/cloud_init.h) before it stores them. Key: (vm_id, adapter),
+// adapter compared exactly; deleted with the VM.
+struct FailoverNetworkRecord {
+  std::string vm_id;
+  std::string adapter;  // which guest NIC: its MAC address (lower case) or an interface name; not empty
+  std::vector<std::string> ip_addresses;
+  std::vector<std::string> subnets;           // one per IP address
+  std::vector<std::string> default_gateways;
+  std::vector<std::string> dns_servers;
+  bool dhcp_enabled = false;
 };
 
 // One statistics window of a relationship (reference section 4.4). Counters
@@ -194,7 +210,8 @@ class Catalog {
   Result<std::optional<VmRecord>> FindVmByName(const std::string& name);
   Result<std::vector<VmRecord>> ListVms();  // by name, then id
   // Deletes the VM with its disks, relationships, statistics, recovery
-  // points and staged-log rows. NotFound when absent.
+  // points, staged-log rows and failover network settings. NotFound when
+  // absent.
   Status DeleteVm(const std::string& id);
   // Replaces the VM's disk set (every disk's vm_id is taken to be `vm_id`).
   // NotFound for an unknown VM; AlreadyExists for a name given twice.
@@ -224,6 +241,18 @@ class Catalog {
   // By sequence, then state.
   Result<std::vector<StagedLogRecord>> ListStagedLogs(const std::string& vm_id);
   Status DeleteStagedLog(const std::string& vm_id, uint64_t sequence, StagedLogState state);  // NotFound
+
+  // --- Failover network settings, one row per (VM, adapter). The VM must
+  // exist (NotFound); deleted with the VM.
+  // Replaces the VM's whole set with `adapters` (every record's vm_id is
+  // taken to be `vm_id`; an empty set removes them all). InvalidArgument for
+  // an empty adapter name or a value that is not printable ASCII;
+  // AlreadyExists for an adapter given twice.
+  Status PutFailoverNetworkSettings(const std::string& vm_id, const std::vector<FailoverNetworkRecord>& adapters);
+  // In the order of the last Put; empty when none are stored (or no such VM).
+  Result<std::vector<FailoverNetworkRecord>> GetFailoverNetworkSettings(const std::string& vm_id);
+  // Removes one adapter's settings. NotFound when that adapter has none.
+  Status DeleteFailoverNetworkSettings(const std::string& vm_id, const std::string& adapter);
 
   // --- Statistics windows, one per relationship (which must exist:
   // NotFound). Deleted with the relationship.

@@ -342,6 +342,40 @@ Result<StagedLogRecord> ReadStagedLog(const Stmt& q) {
   return r;
 }
 
+constexpr const char* kFailoverNetworkColumns =
+    "vm_id, adapter, ip_addresses_json, subnets_json, default_gateways_json, dns_servers_json, dhcp_enabled";
+
+// A JSON array of strings from failover_network_settings.`column`.
+Status DecodeStringList(const std::string& text, const char* column, std::vector<std::string>* out) {
+  Json j = Json::parse(text, nullptr, /*allow_exceptions=*/false);
+  auto bad = [&] {
+    return Status::Corruption(std::string("catalog table failover_network_settings column ") + column +
+                              " is not a JSON array of strings");
+  };
+  if (!j.is_array()) return bad();
+  out->clear();
+  for (const Json& e : j) {
+    if (!e.is_string()) return bad();
+    out->push_back(e.get<std::string>());
+  }
+  return Status::Ok();
+}
+
+Result<FailoverNetworkRecord> ReadFailoverNetwork(const Stmt& q) {
+  FailoverNetworkRecord r;
+  r.vm_id = q.Text(0);
+  r.adapter = q.Text(1);
+  if (r.adapter.empty()) return Status::Corruption("catalog table failover_network_settings holds an empty adapter");
+  VMR_RETURN_IF_ERROR(DecodeStringList(q.Text(2), "ip_addresses_json", &r.ip_addresses));
+  VMR_RETURN_IF_ERROR(DecodeStringList(q.Text(3), "subnets_json", &r.subnets));
+  VMR_RETURN_IF_ERROR(DecodeStringList(q.Text(4), "default_gateways_json", &r.default_gateways));
+  VMR_RETURN_IF_ERROR(DecodeStringList(q.Text(5), "dns_servers_json", &r.dns_servers));
+  int64_t dhcp = q.Int(6);
+  if (dhcp != 0 && dhcp != 1) return BadValue("failover_network_settings", "dhcp_enabled", dhcp, "0 or 1");
+  r.dhcp_enabled = dhcp == 1;
+  return r;
+}
+
 constexpr const char* kStatisticsColumns =
     "vm_id, idx, start_ms, end_ms, replication_success_count, replication_size_bytes, "
     "max_replication_size_bytes, replication_latency_ms, max_replication_latency_ms, "
@@ -926,6 +960,75 @@ Status Catalog::DeleteStagedLog(const std::string& vm_id, uint64_t sequence, Sta
   VMR_RETURN_IF_ERROR(q.Run());
   if (sqlite3_changes(db_) == 0) {
     return Status::NotFound("staged log " + std::to_string(sequence) + " of VM " + vm_id + " is not in the catalog");
+  }
+  return Status::Ok();
+}
+
+// --- Failover network settings ---------------------------------------------
+
+Status Catalog::PutFailoverNetworkSettings(const std::string& vm_id,
+                                           const std::vector<FailoverNetworkRecord>& adapters) {
+  // Addresses, masks and adapter names are printable ASCII; anything else
+  // is refused here rather than stored (and keeps the JSON encoding exact).
+  auto printable = [](const std::string& v) {
+    return std::all_of(v.begin(), v.end(), [](char c) { return c >= 0x20 && c < 0x7f; });
+  };
+  for (const FailoverNetworkRecord& a : adapters) {
+    if (a.adapter.empty()) return Status::InvalidArgument("failover network settings: the adapter name is empty");
+    bool ok = printable(a.adapter);
+    for (const auto* list : {&a.ip_addresses, &a.subnets, &a.default_gateways, &a.dns_servers}) {
+      for (const std::string& v : *list) ok = ok && printable(v);
+    }
+    if (!ok) {
+      return Status::InvalidArgument("failover network settings of adapter '" + a.adapter +
+                                     "': values must be printable ASCII");
+    }
+  }
+  std::lock_guard lock(mu_);
+  return WithTxnLocked([&]() -> Status {
+    VMR_RETURN_IF_ERROR(VmExistsLocked(vm_id));
+    Stmt del(db_, "DELETE FROM failover_network_settings WHERE vm_id = ?1");
+    del.Bind(1, vm_id);
+    VMR_RETURN_IF_ERROR(del.Run());
+    int64_t position = 0;
+    for (const FailoverNetworkRecord& a : adapters) {
+      Stmt q(db_, Sql({"INSERT INTO failover_network_settings (", kFailoverNetworkColumns,
+                       ", position) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"})
+                      .c_str());
+      q.Bind(1, vm_id)
+          .Bind(2, a.adapter)
+          .Bind(3, Json(a.ip_addresses).dump())
+          .Bind(4, Json(a.subnets).dump())
+          .Bind(5, Json(a.default_gateways).dump())
+          .Bind(6, Json(a.dns_servers).dump())
+          .BindBool(7, a.dhcp_enabled)
+          .Bind(8, position++);
+      Status s = q.Run();
+      if (s.code() == Code::kAlreadyExists) {
+        return Status::AlreadyExists("VM " + vm_id + ": adapter '" + a.adapter + "' is given more than once");
+      }
+      VMR_RETURN_IF_ERROR(s);
+    }
+    return Status::Ok();
+  });
+}
+
+Result<std::vector<FailoverNetworkRecord>> Catalog::GetFailoverNetworkSettings(const std::string& vm_id) {
+  std::lock_guard lock(mu_);
+  Stmt q(db_, Sql({"SELECT ", kFailoverNetworkColumns,
+                   " FROM failover_network_settings WHERE vm_id = ?1 ORDER BY position, adapter"})
+                  .c_str());
+  q.Bind(1, vm_id);
+  return SelectAll<FailoverNetworkRecord>(q, ReadFailoverNetwork);
+}
+
+Status Catalog::DeleteFailoverNetworkSettings(const std::string& vm_id, const std::string& adapter) {
+  std::lock_guard lock(mu_);
+  Stmt q(db_, "DELETE FROM failover_network_settings WHERE vm_id = ?1 AND adapter = ?2");
+  q.Bind(1, vm_id).Bind(2, adapter);
+  VMR_RETURN_IF_ERROR(q.Run());
+  if (sqlite3_changes(db_) == 0) {
+    return Status::NotFound("VM " + vm_id + " has no failover network settings for adapter '" + adapter + "'");
   }
   return Status::Ok();
 }

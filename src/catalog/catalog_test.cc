@@ -438,11 +438,118 @@ TEST_F(CatalogTest, VersionOneCatalogIsMigratedAndKeepsItsRows) {
   MakeVm("vm-1", "db");
   catalog_.reset();
   // Turn the file back into a version-1 catalog: no staged_logs table.
-  RawExec("DROP TABLE staged_logs; PRAGMA user_version = 1");
+  RawExec("DROP TABLE staged_logs; DROP TABLE failover_network_settings; PRAGMA user_version = 1");
   Reopen();
   EXPECT_EQ(*catalog_->SchemaVersion(), kCatalogSchemaVersion);
   EXPECT_TRUE(catalog_->GetVm("vm-1")->has_value());
   EXPECT_TRUE(catalog_->PutStagedLog({"vm-1", 1, StagedLogState::kStaged, "a.vrl", 1, 1}).ok());
+}
+
+TEST_F(CatalogTest, VersionTwoCatalogIsMigratedToThreeAndKeepsItsRows) {
+  MakeVm("vm-1", "db");
+  ASSERT_TRUE(catalog_->PutStagedLog({"vm-1", 4, StagedLogState::kStaged, "a.vrl", 1, 1}).ok());
+  catalog_.reset();
+  // Turn the file back into a version-2 catalog: no failover_network_settings table.
+  RawExec("DROP TABLE failover_network_settings; PRAGMA user_version = 2");
+  Reopen();
+  EXPECT_EQ(*catalog_->SchemaVersion(), 3);
+  EXPECT_TRUE(catalog_->GetVm("vm-1")->has_value());
+  EXPECT_EQ(catalog_->ListStagedLogs("vm-1")->size(), 1u);
+  FailoverNetworkRecord a;
+  a.adapter = "52:54:00:00:00:01";
+  a.dhcp_enabled = true;
+  ASSERT_TRUE(catalog_->PutFailoverNetworkSettings("vm-1", {a}).ok());
+  EXPECT_EQ(catalog_->GetFailoverNetworkSettings("vm-1")->size(), 1u);
+}
+
+FailoverNetworkRecord StaticAdapter(const std::string& adapter, const std::string& ip) {
+  FailoverNetworkRecord a;
+  a.adapter = adapter;
+  a.ip_addresses = {ip, "fd00::5"};
+  a.subnets = {"255.255.255.0", "64"};
+  a.default_gateways = {"10.0.0.1", "10.0.0.2"};
+  a.dns_servers = {"10.0.0.53"};
+  return a;
+}
+
+bool SameSettings(const FailoverNetworkRecord& a, const FailoverNetworkRecord& b) {
+  return a.adapter == b.adapter && a.ip_addresses == b.ip_addresses && a.subnets == b.subnets &&
+         a.default_gateways == b.default_gateways && a.dns_servers == b.dns_servers && a.dhcp_enabled == b.dhcp_enabled;
+}
+
+TEST_F(CatalogTest, FailoverNetworkSettingsRoundTripInOrderAndSurviveReopen) {
+  MakeVm("vm-1", "db");
+  FailoverNetworkRecord dhcp;
+  dhcp.adapter = "52:54:00:00:00:02";
+  dhcp.dhcp_enabled = true;
+  dhcp.dns_servers = {"1.1.1.1"};
+  // Given in non-sorted order: read back in the same order.
+  std::vector<FailoverNetworkRecord> set = {StaticAdapter("52:54:00:00:00:09", "10.0.0.5"), dhcp};
+  ASSERT_TRUE(catalog_->PutFailoverNetworkSettings("vm-1", set).ok());
+  Reopen();
+  auto got = catalog_->GetFailoverNetworkSettings("vm-1");
+  ASSERT_TRUE(got.ok()) << got.status().ToString();
+  ASSERT_EQ(got->size(), 2u);
+  for (size_t i = 0; i < set.size(); ++i) {
+    EXPECT_TRUE(SameSettings((*got)[i], set[i])) << i;
+    EXPECT_EQ((*got)[i].vm_id, "vm-1");
+  }
+  EXPECT_TRUE(catalog_->GetFailoverNetworkSettings("vm-2")->empty());
+}
+
+TEST_F(CatalogTest, FailoverNetworkPutReplacesTheWholeSet) {
+  MakeVm("vm-1", "db");
+  ASSERT_TRUE(catalog_->PutFailoverNetworkSettings("vm-1", {StaticAdapter("a", "10.0.0.5"),
+                                                           StaticAdapter("b", "10.0.0.6")})
+                  .ok());
+  ASSERT_TRUE(catalog_->PutFailoverNetworkSettings("vm-1", {StaticAdapter("b", "10.0.0.7")}).ok());
+  auto got = catalog_->GetFailoverNetworkSettings("vm-1");
+  ASSERT_EQ(got->size(), 1u);
+  EXPECT_EQ((*got)[0].adapter, "b");
+  EXPECT_EQ((*got)[0].ip_addresses[0], "10.0.0.7");
+  ASSERT_TRUE(catalog_->PutFailoverNetworkSettings("vm-1", {}).ok());
+  EXPECT_TRUE(catalog_->GetFailoverNetworkSettings("vm-1")->empty());
+}
+
+TEST_F(CatalogTest, FailoverNetworkRefusalsChangeNothing) {
+  MakeVm("vm-1", "db");
+  ASSERT_TRUE(catalog_->PutFailoverNetworkSettings("vm-1", {StaticAdapter("a", "10.0.0.5")}).ok());
+  EXPECT_EQ(catalog_->PutFailoverNetworkSettings("vm-9", {StaticAdapter("a", "10.0.0.5")}).code(), Code::kNotFound);
+  EXPECT_EQ(catalog_->PutFailoverNetworkSettings("vm-1", {StaticAdapter("b", "10.0.0.6"),
+                                                          StaticAdapter("b", "10.0.0.7")})
+                .code(),
+            Code::kAlreadyExists);
+  EXPECT_EQ(catalog_->PutFailoverNetworkSettings("vm-1", {StaticAdapter("", "10.0.0.6")}).code(),
+            Code::kInvalidArgument);
+  EXPECT_EQ(catalog_->PutFailoverNetworkSettings("vm-1", {StaticAdapter("c", "10.0.0.\xff")}).code(),
+            Code::kInvalidArgument);
+  auto got = catalog_->GetFailoverNetworkSettings("vm-1");
+  ASSERT_EQ(got->size(), 1u);
+  EXPECT_TRUE(SameSettings((*got)[0], StaticAdapter("a", "10.0.0.5")));
+}
+
+TEST_F(CatalogTest, FailoverNetworkDeleteOneAdapterAndDeletedWithTheVm) {
+  MakeVm("vm-1", "db");
+  ASSERT_TRUE(catalog_->PutFailoverNetworkSettings("vm-1", {StaticAdapter("a", "10.0.0.5"),
+                                                           StaticAdapter("b", "10.0.0.6")})
+                  .ok());
+  ASSERT_TRUE(catalog_->DeleteFailoverNetworkSettings("vm-1", "a").ok());
+  EXPECT_EQ(catalog_->DeleteFailoverNetworkSettings("vm-1", "a").code(), Code::kNotFound);
+  ASSERT_EQ(catalog_->GetFailoverNetworkSettings("vm-1")->size(), 1u);
+  ASSERT_TRUE(catalog_->DeleteVm("vm-1").ok());
+  MakeVm("vm-1", "db");  // same id again: nothing left over from the deleted VM
+  EXPECT_TRUE(catalog_->GetFailoverNetworkSettings("vm-1")->empty());
+}
+
+TEST_F(CatalogTest, FailoverNetworkRowThatDoesNotDecodeIsCorruption) {
+  MakeVm("vm-1", "db");
+  ASSERT_TRUE(catalog_->PutFailoverNetworkSettings("vm-1", {StaticAdapter("a", "10.0.0.5")}).ok());
+  RawExec("UPDATE failover_network_settings SET subnets_json = '[1]'");
+  EXPECT_EQ(catalog_->GetFailoverNetworkSettings("vm-1").status().code(), Code::kCorruption);
+  RawExec("UPDATE failover_network_settings SET subnets_json = '[]', dhcp_enabled = 7");
+  EXPECT_EQ(catalog_->GetFailoverNetworkSettings("vm-1").status().code(), Code::kCorruption);
+  RawExec("UPDATE failover_network_settings SET dhcp_enabled = 0, dns_servers_json = 'not json'");
+  EXPECT_EQ(catalog_->GetFailoverNetworkSettings("vm-1").status().code(), Code::kCorruption);
 }
 
 TEST_F(CatalogTest, StatisticsRoundTripAndResetStartsANewWindow) {

@@ -131,7 +131,24 @@ CREATE TABLE staged_logs (
 );
 )sql";
 
-constexpr const char* kMigrations[] = {kV1, kV2};
+// Version 3: failover IP settings per VM and adapter
+// (SetFailoverNetworkAdapterSettings). The four lists are JSON arrays of
+// strings; position keeps the order the adapters were given in.
+constexpr const char* kV3 = R"sql(
+CREATE TABLE failover_network_settings (
+  vm_id                 TEXT    NOT NULL REFERENCES vms (id) ON DELETE CASCADE,
+  adapter               TEXT    NOT NULL,
+  position              INTEGER NOT NULL,
+  ip_addresses_json     TEXT    NOT NULL,
+  subnets_json          TEXT    NOT NULL,
+  default_gateways_json TEXT    NOT NULL,
+  dns_servers_json      TEXT    NOT NULL,
+  dhcp_enabled          INTEGER NOT NULL,
+  PRIMARY KEY (vm_id, adapter)
+);
+)sql";
+
+constexpr const char* kMigrations[] = {kV1, kV2, kV3};
 static_assert(std::size(kMigrations) == kCatalogSchemaVersion,
               "each schema version needs exactly one migration");
 

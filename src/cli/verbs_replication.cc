@@ -2,7 +2,7 @@
 // get, enable, set, start, import, suspend, resume, cancel-initial,
 // mark-replica, cancel-resync, failover, stop-failover, complete-failover,
 // reverse, failback, change-mode-to-primary, resync, remove, measure,
-// reset-statistics, points, set-failover-ip.
+// reset-statistics, points, set-failover-ip, get-failover-ip.
 #include "cli/format.h"
 #include "cli/parse.h"
 #include "cli/verbs.h"
@@ -571,36 +571,65 @@ void AddMaintenanceVerbs(Registry& reg) {
     bool dhcp = false;
   };
   auto ip = std::make_shared<FailoverIpOptions>();
-  CLI::App* f =
-      AddVmVerb(reg, "set-failover-ip", "guest IP settings applied after failover (SetFailoverNetworkAdapterSettings)",
-                {"SetFailoverNetworkAdapterSettings"}, false, [ip](Session& s, const VmArgs& a) {
-                  if (ip->gateways.size() > 5) return s.Error("--gateway: at most 5 default gateways", kExitUsage);
-                  v1::FailoverNetworkRequest request;
-                  request.set_vm(a.vm);
-                  v1::NetworkAdapterSettings* n = request.add_adapters();
-                  n->set_adapter(ip->adapter);
-                  for (const auto& v : ip->ips) n->add_ip_addresses(v);
-                  for (const auto& v : ip->subnets) n->add_subnets(v);
-                  for (const auto& v : ip->gateways) n->add_default_gateways(v);
-                  for (const auto& v : ip->dns) n->add_dns_servers(v);
-                  n->set_dhcp_enabled(ip->dhcp);
-                  // ProtocolIFType from the addresses given: 4096 IPv4, 4097 IPv6, 4098 both.
-                  bool v4 = false, v6 = false;
-                  for (const auto* list : {&ip->ips, &ip->gateways, &ip->dns}) {
-                    for (const auto& v : *list) (v.find(':') != std::string::npos ? v6 : v4) = true;
-                  }
-                  n->set_protocol_if_type(v4 && v6 ? 4098 : v6 ? 4097 : 4096);
-                  return s.Invoke(VMR_RPC(SetFailoverNetworkAdapterSettings), request);
-                });
-  f->add_option("--adapter", ip->adapter, "the VM's network adapter")->required();
-  auto* ips = f->add_option("--ip", ip->ips, "IP address (repeatable)");
-  auto* subnets = f->add_option("--subnet", ip->subnets, "subnet mask or prefix, one per --ip (repeatable)");
+  CLI::App* f = AddVmVerb(
+      reg, "set-failover-ip",
+      "guest IP settings of one NIC applied after failover (SetFailoverNetworkAdapterSettings); neither --ip nor "
+      "--dhcp: removes that NIC's settings",
+      {"SetFailoverNetworkAdapterSettings"}, false, [ip](Session& s, const VmArgs& a) {
+        if (ip->gateways.size() > 5) return s.Error("--gateway: at most 5 default gateways", kExitUsage);
+        v1::FailoverNetworkRequest request;
+        request.set_vm(a.vm);
+        v1::NetworkAdapterSettings* n = request.add_adapters();
+        n->set_adapter(ip->adapter);
+        for (const auto& v : ip->ips) n->add_ip_addresses(v);
+        for (const auto& v : ip->subnets) n->add_subnets(v);
+        for (const auto& v : ip->gateways) n->add_default_gateways(v);
+        for (const auto& v : ip->dns) n->add_dns_servers(v);
+        n->set_dhcp_enabled(ip->dhcp);
+        // ProtocolIFType from the addresses given: 4096 IPv4, 4097 IPv6, 4098 both (and DHCP).
+        bool v4 = false, v6 = false;
+        for (const auto* list : {&ip->ips, &ip->gateways, &ip->dns}) {
+          for (const auto& v : *list) (v.find(':') != std::string::npos ? v6 : v4) = true;
+        }
+        n->set_protocol_if_type(ip->dhcp || (v4 && v6) ? 4098 : v6 ? 4097 : 4096);
+        return s.Invoke(VMR_RPC(SetFailoverNetworkAdapterSettings), request);
+      });
+  f->add_option("--adapter", ip->adapter, "the MAC address of one of the VM's NICs (`vm get VM` lists them)")
+      ->required();
+  auto* ips = f->add_option("--ip", ip->ips, "static IP address, IPv4 or IPv6 (repeatable)");
+  auto* subnets = f->add_option("--subnet", ip->subnets,
+                                "prefix length or dotted IPv4 mask, one per --ip, same order (repeatable)");
   auto* gw = f->add_option("--gateway", ip->gateways, "default gateway (repeatable, at most 5)");
   f->add_option("--dns", ip->dns, "DNS server (repeatable)");
-  f->add_flag("--dhcp", ip->dhcp, "DHCPEnabled: the guest takes its address from DHCP")
+  f->add_flag("--dhcp", ip->dhcp, "DHCPEnabled: the guest takes its addresses from DHCP")
       ->excludes(ips)
       ->excludes(subnets)
       ->excludes(gw);
+
+  AddVmVerb(reg, "get-failover-ip",
+            "the failover IP settings stored for a VM's NICs (GetFailoverNetworkAdapterSettings)",
+            {"GetFailoverNetworkAdapterSettings"}, false, [](Session& s, const VmArgs& a) {
+              v1::VmRequest request;
+              request.set_vm(a.vm);
+              return s.Invoke(VMR_RPC(GetFailoverNetworkAdapterSettings), request,
+                              [&s](const v1::FailoverNetworkResponse& r) {
+                                auto join = [](const google::protobuf::RepeatedPtrField<std::string>& list) {
+                                  std::string out;
+                                  for (const auto& v : list) out += (out.empty() ? "" : ",") + v;
+                                  return out.empty() ? std::string("-") : out;
+                                };
+                                if (r.adapters().empty()) {
+                                  s.out() << "no failover IP settings\n";
+                                  return;
+                                }
+                                Table t({"Adapter", "DHCP", "IPAddresses", "Subnets", "DefaultGateways", "DNSServers"});
+                                for (const auto& n : r.adapters()) {
+                                  t.AddRow({n.adapter(), n.dhcp_enabled() ? "yes" : "no", join(n.ip_addresses()),
+                                            join(n.subnets()), join(n.default_gateways()), join(n.dns_servers())});
+                                }
+                                s.out() << t.Render();
+                              });
+            });
 }
 
 }  // namespace

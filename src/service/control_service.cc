@@ -3,14 +3,18 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <cctype>
+#include <nlohmann/json.hpp>
 
 #include "service/authorization.h"
 #include "service/connection_test.h"
 #include "service/admin_auth.h"
 #include "service/convert.h"
 #include "service/tls.h"
+#include "vmreplica/cloud_init.h"
 #include "vmreplica/model/return_code.h"
 #include "vmreplica/model/settings.h"
+#include "vmreplica/vm_binding.h"
 
 namespace vmreplica::service {
 namespace {
@@ -574,6 +578,185 @@ grpc::Status ControlService::ChangeState(const std::string& vm, int index, uint3
   return Answer(r, env_->replication->RequestStateChange(vm, index, *state));
 }
 
+// ---------------------------------------------------------------- failover IP settings
+//
+// SetFailoverNetworkAdapterSettings stores, per NIC of a VM, the IP settings
+// for the failover VM's cloud-init NoCloud seed (vmreplica/cloud_init.h). Adapters are named by the MAC of one of the NICs
+// in the VM's stored definition; each call replaces the settings of the
+// adapters it names and keeps the others; an adapter with neither
+// IPAddresses nor DHCPEnabled removes its settings.
+
+namespace {
+
+// ProtocolIFType of Msvm_FailoverNetworkAdapterSettings.
+constexpr uint32_t kProtocolIpv4 = 4096;
+constexpr uint32_t kProtocolIpv6 = 4097;
+constexpr uint32_t kProtocolBoth = 4098;
+// Bound on IPAddresses / Subnets / DNSServers per adapter (the request comes
+// from the network; DefaultGateways has its own limit of 5).
+constexpr int kMaxAddressesPerList = 32;
+
+// The VM named by `vm` (its UUID or its unique name), read from the catalog:
+// primary, replica or unreplicated alike.
+Result<VmRecord> FindNetworkVm(Catalog* catalog, const std::string& vm) {
+  if (vm.empty()) return Status::InvalidArgument("VM: a name or UUID is required");
+  VMR_ASSIGN_OR_RETURN(auto by_id, catalog->GetVm(vm));
+  if (by_id.has_value()) return *by_id;
+  auto by_name = catalog->FindVmByName(vm);
+  if (!by_name.ok()) {
+    if (by_name.status().code() == Code::kFailedPrecondition) {
+      return Status::InvalidArgument("VM: several VMs are named \"" + vm + "\"; use the UUID");
+    }
+    return by_name.status();
+  }
+  if (!by_name->has_value()) return Status::NotFound("no VM named or with id '" + vm + "' on this host");
+  return **by_name;
+}
+
+std::string LowerAscii(std::string s) {
+  for (char& c : s) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  return s;
+}
+
+FailoverNetworkAdapterSettings FromProto(const v1::NetworkAdapterSettings& p) {
+  FailoverNetworkAdapterSettings s;
+  s.adapter = p.adapter();
+  s.ip_addresses.assign(p.ip_addresses().begin(), p.ip_addresses().end());
+  s.subnets.assign(p.subnets().begin(), p.subnets().end());
+  s.default_gateways.assign(p.default_gateways().begin(), p.default_gateways().end());
+  s.dns_servers.assign(p.dns_servers().begin(), p.dns_servers().end());
+  s.dhcp_enabled = p.dhcp_enabled();
+  return s;
+}
+
+void ToProto(const FailoverNetworkRecord& r, v1::NetworkAdapterSettings* p) {
+  p->set_adapter(r.adapter);
+  bool v4 = false, v6 = false;
+  for (const auto* list : {&r.ip_addresses, &r.default_gateways, &r.dns_servers}) {
+    for (const auto& v : *list) (v.find(':') != std::string::npos ? v6 : v4) = true;
+  }
+  for (const auto& v : r.ip_addresses) p->add_ip_addresses(v);
+  for (const auto& v : r.subnets) p->add_subnets(v);
+  for (const auto& v : r.default_gateways) p->add_default_gateways(v);
+  for (const auto& v : r.dns_servers) p->add_dns_servers(v);
+  p->set_dhcp_enabled(r.dhcp_enabled);
+  // DHCP covers both families; otherwise the families of the addresses given.
+  p->set_protocol_if_type(r.dhcp_enabled || (v4 && v6) ? kProtocolBoth : v6 ? kProtocolIpv6 : kProtocolIpv4);
+}
+
+// Checks the request's adapters: the value rules (field named by its index
+// in the request), then that each names a NIC of `vm` by its MAC. Returns
+// them with the MAC in lower case.
+Result<std::vector<FailoverNetworkAdapterSettings>> CheckAdapters(const VmRecord& vm,
+                                                                  const v1::FailoverNetworkRequest& req) {
+  if (req.adapters().empty()) {
+    return Status::InvalidArgument("FailoverNetworkAdapterSettings: at least one adapter is required");
+  }
+  std::vector<FailoverNetworkAdapterSettings> adapters;
+  for (int i = 0; i < req.adapters_size(); ++i) {
+    const v1::NetworkAdapterSettings& p = req.adapters(i);
+    const std::string f = "FailoverNetworkAdapterSettings[" + std::to_string(i) + "].";
+    const uint32_t t = p.protocol_if_type();
+    if (t != 0 && t != kProtocolIpv4 && t != kProtocolIpv6 && t != kProtocolBoth) {
+      return Status::InvalidArgument(f + "ProtocolIFType: " + std::to_string(t) +
+                                     " is not 4096 (IPv4), 4097 (IPv6) or 4098 (both)");
+    }
+    for (const auto& [name, size] : {std::pair<const char*, int>{"IPAddresses", p.ip_addresses_size()},
+                                     {"Subnets", p.subnets_size()},
+                                     {"DNSServers", p.dns_servers_size()}}) {
+      if (size > kMaxAddressesPerList) {
+        return Status::InvalidArgument(f + name + "[" + std::to_string(kMaxAddressesPerList) + "]: at most " +
+                                       std::to_string(kMaxAddressesPerList));
+      }
+    }
+    if (p.ip_addresses().empty() && !p.dhcp_enabled() && !p.dns_servers().empty()) {
+      return Status::InvalidArgument(f +
+                                     "DNSServers: needs IPAddresses or DHCPEnabled (an adapter with neither "
+                                     "removes its settings)");
+    }
+    adapters.push_back(FromProto(p));
+  }
+  VMR_RETURN_IF_ERROR(ValidateFailoverNetworkSettings(adapters));
+
+  auto j = nlohmann::json::parse(vm.definition_json, nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded()) return Status::Corruption("VM " + vm.name + ": its stored definition is not JSON");
+  auto def = VmDefinition::FromJson(j);
+  if (!def.ok()) {
+    return Status::FailedPrecondition("VM " + vm.name + ": its stored definition cannot be read (" +
+                                      def.status().message() + ")");
+  }
+  std::string macs;
+  for (const VmNicSpec& n : def->nics) macs += (macs.empty() ? "" : ", ") + LowerAscii(n.mac);
+  for (size_t i = 0; i < adapters.size(); ++i) {
+    const std::string mac = LowerAscii(adapters[i].adapter);
+    bool known = std::any_of(def->nics.begin(), def->nics.end(),
+                             [&](const VmNicSpec& n) { return LowerAscii(n.mac) == mac; });
+    if (!known) {
+      return Status::InvalidArgument(
+          "FailoverNetworkAdapterSettings[" + std::to_string(i) + "].Adapter: \"" + adapters[i].adapter +
+          "\" is not the MAC address of a network adapter of VM " + vm.name +
+          (macs.empty() ? " (its definition has no network adapters)" : " (its adapters: " + macs + ")"));
+    }
+    adapters[i].adapter = mac;
+  }
+  return adapters;
+}
+
+}  // namespace
+
+grpc::Status ControlService::SetFailoverNetworkAdapterSettings(grpc::ServerContext* ctx,
+                                                               const v1::FailoverNetworkRequest* req,
+                                                               v1::MethodResponse* resp) {
+  auto* r = resp->mutable_result();
+  if (!Authorize(*ctx, "SetFailoverNetworkAdapterSettings", r)) return grpc::Status::OK;
+  auto vm = FindNetworkVm(env_->catalog, req->vm());
+  if (!vm.ok()) return Answer(r, vm.status());
+  auto adapters = CheckAdapters(*vm, *req);
+  if (!adapters.ok()) return Answer(r, adapters.status());
+
+  // Merge into the stored set in one transaction: an adapter named here
+  // replaces its earlier settings in place (or is appended, or removed).
+  Status s = env_->catalog->RunInTransaction([&]() -> Status {
+    VMR_ASSIGN_OR_RETURN(std::vector<FailoverNetworkRecord> stored,
+                         env_->catalog->GetFailoverNetworkSettings(vm->id));
+    for (const FailoverNetworkAdapterSettings& a : *adapters) {
+      auto it = std::find_if(stored.begin(), stored.end(),
+                             [&](const FailoverNetworkRecord& x) { return x.adapter == a.adapter; });
+      if (a.ip_addresses.empty() && !a.dhcp_enabled) {
+        if (it != stored.end()) stored.erase(it);
+        continue;
+      }
+      FailoverNetworkRecord rec{vm->id, a.adapter, a.ip_addresses, a.subnets, a.default_gateways, a.dns_servers,
+                                a.dhcp_enabled};
+      if (it != stored.end()) {
+        *it = std::move(rec);
+      } else {
+        stored.push_back(std::move(rec));
+      }
+    }
+    return env_->catalog->PutFailoverNetworkSettings(vm->id, stored);
+  });
+  if (s.ok()) {
+    spdlog::info("failover network settings of VM {} ({}) set for {} adapter(s)", vm->name, vm->id,
+                 adapters->size());
+  }
+  return Answer(r, s);
+}
+
+grpc::Status ControlService::GetFailoverNetworkAdapterSettings(grpc::ServerContext* ctx, const v1::VmRequest* req,
+                                                               v1::FailoverNetworkResponse* resp) {
+  auto* r = resp->mutable_result();
+  if (!Authorize(*ctx, "GetFailoverNetworkAdapterSettings", r)) return grpc::Status::OK;
+  auto vm = FindNetworkVm(env_->catalog, req->vm());
+  if (!vm.ok()) return Answer(r, vm.status());
+  auto stored = env_->catalog->GetFailoverNetworkSettings(vm->id);
+  if (!stored.ok()) return Answer(r, stored.status());
+  resp->set_vm_id(vm->id);
+  for (const FailoverNetworkRecord& rec : *stored) ToProto(rec, resp->add_adapters());
+  SetResult(r, ReturnCode::kCompleted);
+  return grpc::Status::OK;
+}
+
 // ---------------------------------------------------------------- not yet
 
 #define VMR_NOT_YET(Method, Request, Response, capability)                                   \
@@ -595,7 +778,6 @@ VMR_NOT_YET(ReverseReplicationRelationship, VmSettingsRequest, MethodResponse, k
 VMR_NOT_YET(InitiateFailback, FailbackRequest, MethodResponse, kFailoverCapability)
 VMR_NOT_YET(ChangeReplicationModeToPrimary, VmRelationshipRequest, MethodResponse, kFailoverCapability)
 VMR_NOT_YET(Resynchronize, ResynchronizeRequest, MethodResponse, kInitialCapability)
-VMR_NOT_YET(SetFailoverNetworkAdapterSettings, FailoverNetworkRequest, MethodResponse, kFailoverCapability)
 
 #undef VMR_NOT_YET
 

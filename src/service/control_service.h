@@ -42,6 +42,8 @@ class ControlService final : public v1::ReplicationService::Service {
   grpc::Status GetServiceStatus(grpc::ServerContext*, const v1::Empty*, v1::ServiceStatusResponse*) override;
   grpc::Status ListReplications(grpc::ServerContext*, const v1::Empty*, v1::ReplicationsResponse*) override;
   grpc::Status ListRecoveryPoints(grpc::ServerContext*, const v1::VmRequest*, v1::RecoveryPointsResponse*) override;
+  grpc::Status GetFailoverNetworkAdapterSettings(grpc::ServerContext*, const v1::VmRequest*,
+                                                 v1::FailoverNetworkResponse*) override;
 
   // Jobs.
   grpc::Status GetJob(grpc::ServerContext*, const v1::JobRequest*, v1::JobResponse*) override;
