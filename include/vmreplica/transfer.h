@@ -302,6 +302,20 @@ class ReplicaManager final : public ReplicaReceiver {
   // For tests and orderly shutdown. NotFound when it is not open.
   Status WaitApplied(const std::string& vm_id, std::chrono::milliseconds timeout);
 
+  // ---- Local use: this host's own administration of its replicas
+  // (failover, src/failover). Never reached from the network.
+  //
+  // The store of the replica of `vm_id`, opened through the authorization
+  // entries when it is not open yet, and held: while held, RemoveReplica
+  // answers FailedPrecondition (a failover or test VM reads the store). The
+  // pointer stays valid until ReleaseLocal() and the manager's destruction.
+  // Holds are counted. NotFound when this host has no replica of `vm_id`.
+  Result<ReplicaStore*> AcquireLocal(const std::string& vm_id);
+  void ReleaseLocal(const std::string& vm_id);
+  // Wakes the applier of `vm_id` (after a failover was reverted, staged
+  // logs apply again). No-op when it is not open.
+  void KickApply(const std::string& vm_id);
+
   struct Replica;  // one open replica (src/transfer/replica_manager.cc)
 
  private:

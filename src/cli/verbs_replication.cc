@@ -433,7 +433,7 @@ void AddStateVerbs(Registry& reg) {
 void AddFailoverVerbs(Registry& reg) {
   struct FailoverOptions {
     std::string point;
-    bool force = false, prepare = false, as_test = false;
+    bool force = false, prepare = false, as_test = false, start = false, no_network = false, test_ip = false;
   };
   auto fo = std::make_shared<FailoverOptions>();
   CLI::App* f =
@@ -447,16 +447,30 @@ void AddFailoverVerbs(Registry& reg) {
                   request.set_vm(a.vm);
                   request.set_recovery_point_id(fo->point);
                   request.set_force(fo->force);
-                  if (fo->as_test) return s.Invoke(VMR_RPC(TestReplicaSystem), request);
+                  request.set_start_vm(fo->start);
+                  if (fo->as_test) {
+                    request.set_test_network(fo->no_network ? 1 : 2);
+                    request.set_apply_network_settings(fo->test_ip);
+                    return s.Invoke(VMR_RPC(TestReplicaSystem), request);
+                  }
                   return s.Invoke(VMR_RPC(InitiateFailover), request);
                 });
   auto* point = f->add_option("--point", fo->point, "recovery point id (default: the latest)");
   auto* force = f->add_flag("--force", fo->force, "fail over even though the primary may still be running");
   auto* test = f->add_flag("--as-test", fo->as_test, "create a test VM '<VM> - Test' instead");
+  auto* start = f->add_flag("--start", fo->start, "start the failover (or test) VM");
+  auto* no_net = f->add_flag("--no-network", fo->no_network, "--as-test: the test VM gets no network adapter")
+                     ->needs(test);
+  auto* test_ip = f->add_flag("--with-ip-settings", fo->test_ip,
+                              "--as-test: attach the failover IP settings (cloud-init seed) to the test VM too")
+                      ->needs(test);
   f->add_flag("--prepare", fo->prepare, "on the primary: prepare a planned failover (state change 4)")
       ->excludes(point)
       ->excludes(force)
-      ->excludes(test);
+      ->excludes(test)
+      ->excludes(start)
+      ->excludes(no_net)
+      ->excludes(test_ip);
 
   auto stop_test = std::make_shared<bool>(false);
   AddVmVerb(reg, "stop-failover",

@@ -97,6 +97,11 @@ Result<std::unique_ptr<Daemon>> Daemon::Create(DaemonConfig config) {
   d->replication_ = std::make_unique<ReplicationEngine>(d->catalog_.get(), d->jobs_.get(), eopts);
   d->env_.replication = d->replication_.get();
 
+  FailoverOptions fopts;
+  fopts.state_dir = d->config_.state_dir;
+  d->failover_ = std::make_unique<FailoverManager>(d->catalog_.get(), d->jobs_.get(), d->replicas_.get(), fopts);
+  d->env_.failover = d->failover_.get();
+
   d->local_control_ = std::make_unique<service::ControlService>(&d->env_, /*remote=*/false);
   d->remote_control_ = std::make_unique<service::ControlService>(&d->env_, /*remote=*/true);
   d->local_vm_ = std::make_unique<service::VmService>(&d->env_, /*remote=*/false);
@@ -111,6 +116,7 @@ Status Daemon::Start() {
   // Before any request can arrive: the engine restarts an initial copy that
   // a stop interrupted, which must not race a new StartReplication.
   VMR_RETURN_IF_ERROR(replication_->Start());
+  VMR_RETURN_IF_ERROR(failover_->Start());
   const std::string& sock = config_.admin_socket;
   VMR_RETURN_IF_ERROR(MakeDirs(std::filesystem::path(sock).parent_path().string(), 0755));
   // We hold the state-dir lock, so a socket file left here is a dead daemon's.
@@ -194,6 +200,7 @@ void Daemon::Stop() {
     ::unlink(config_.admin_socket.c_str());
   }
   if (jobs_) jobs_->Shutdown();
+  if (failover_) failover_->Stop();  // failover and test VMs keep running
   spdlog::info("vmreplicad stopped");
 }
 

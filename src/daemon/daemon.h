@@ -18,6 +18,7 @@
 #include "service/control_service.h"
 #include "service/peer_service.h"
 #include "service/vm_service.h"
+#include "vmreplica/failover.h"
 #include "vmreplica/fileutil.h"
 #include "vmreplica/replication.h"
 #include "vmreplica/transfer.h"
@@ -49,6 +50,7 @@ class Daemon final : public service::ListenerControl {
   std::unique_ptr<JobEngine> jobs_;
   std::unique_ptr<ReplicaManager> replicas_;       // the replica side of replication
   std::unique_ptr<ReplicationEngine> replication_;  // the primary side
+  std::unique_ptr<FailoverManager> failover_;       // failover / test VMs on the replica side
   service::ServiceEnv env_;
   std::unique_ptr<service::ControlService> local_control_;
   std::unique_ptr<service::ControlService> remote_control_;

@@ -757,6 +757,82 @@ grpc::Status ControlService::GetFailoverNetworkAdapterSettings(grpc::ServerConte
   return grpc::Status::OK;
 }
 
+// ---------------------------------------------------------------- failover (replica host)
+
+namespace {
+Status NoFailover() { return Status::NotSupported("this daemon runs without the failover service"); }
+}  // namespace
+
+grpc::Status ControlService::InitiateFailover(grpc::ServerContext* ctx, const v1::FailoverRequest* req,
+                                              v1::MethodResponse* resp) {
+  auto* r = resp->mutable_result();
+  if (!Authorize(*ctx, "InitiateFailover", r)) return grpc::Status::OK;
+  if (!env_->failover) return Answer(r, NoFailover());
+  if (req->test_network() != 0 || req->apply_network_settings()) {
+    return Answer(r, Status::InvalidArgument("test_network / apply_network_settings: only for TestReplicaSystem"));
+  }
+  FailoverRequestParams p;
+  p.vm = req->vm();
+  p.point_id = req->recovery_point_id();
+  p.force = req->force();
+  p.start_vm = req->start_vm();
+  auto job = env_->failover->InitiateFailover(p);
+  if (!job.ok()) return Answer(r, job.status());
+  SetJobStarted(r, *job);
+  return grpc::Status::OK;
+}
+
+grpc::Status ControlService::RevertFailover(grpc::ServerContext* ctx, const v1::VmRequest* req,
+                                            v1::MethodResponse* resp) {
+  auto* r = resp->mutable_result();
+  if (!Authorize(*ctx, "RevertFailover", r)) return grpc::Status::OK;
+  if (!env_->failover) return Answer(r, NoFailover());
+  auto job = env_->failover->RevertFailover(req->vm());
+  if (!job.ok()) return Answer(r, job.status());
+  SetJobStarted(r, *job);
+  return grpc::Status::OK;
+}
+
+grpc::Status ControlService::TestReplicaSystem(grpc::ServerContext* ctx, const v1::FailoverRequest* req,
+                                               v1::MethodResponse* resp) {
+  auto* r = resp->mutable_result();
+  if (!Authorize(*ctx, "TestReplicaSystem", r)) return grpc::Status::OK;
+  if (!env_->failover) return Answer(r, NoFailover());
+  if (req->force()) return Answer(r, Status::InvalidArgument("force: only for InitiateFailover"));
+  TestFailoverParams p;
+  p.vm = req->vm();
+  p.point_id = req->recovery_point_id();
+  p.start_vm = req->start_vm();
+  switch (req->test_network()) {
+    case 0:
+    case 2:
+      p.network = TestNetwork::kIsolated;
+      break;
+    case 1:
+      p.network = TestNetwork::kNone;
+      break;
+    default:
+      return Answer(r, Status::InvalidArgument("test_network: " + std::to_string(req->test_network()) +
+                                               " is not 1 (none) or 2 (isolated)"));
+  }
+  p.apply_network_settings = req->apply_network_settings();
+  auto job = env_->failover->TestReplicaSystem(p);
+  if (!job.ok()) return Answer(r, job.status());
+  SetJobStarted(r, *job);
+  return grpc::Status::OK;
+}
+
+grpc::Status ControlService::DestroySystem(grpc::ServerContext* ctx, const v1::VmRequest* req,
+                                           v1::MethodResponse* resp) {
+  auto* r = resp->mutable_result();
+  if (!Authorize(*ctx, "DestroySystem", r)) return grpc::Status::OK;
+  if (!env_->failover) return Answer(r, NoFailover());
+  auto job = env_->failover->DestroySystem(req->vm());
+  if (!job.ok()) return Answer(r, job.status());
+  SetJobStarted(r, *job);
+  return grpc::Status::OK;
+}
+
 // ---------------------------------------------------------------- not yet
 
 #define VMR_NOT_YET(Method, Request, Response, capability)                                   \
@@ -769,11 +845,7 @@ grpc::Status ControlService::GetFailoverNetworkAdapterSettings(grpc::ServerConte
   }
 
 VMR_NOT_YET(ImportInitialReplica, ImportInitialReplicaRequest, MethodResponse, kInitialCapability)
-VMR_NOT_YET(InitiateFailover, FailoverRequest, MethodResponse, kFailoverCapability)
-VMR_NOT_YET(RevertFailover, VmRequest, MethodResponse, kFailoverCapability)
 VMR_NOT_YET(CommitFailover, VmRequest, MethodResponse, kFailoverCapability)
-VMR_NOT_YET(TestReplicaSystem, FailoverRequest, MethodResponse, kFailoverCapability)
-VMR_NOT_YET(DestroySystem, VmRequest, MethodResponse, kFailoverCapability)
 VMR_NOT_YET(ReverseReplicationRelationship, VmSettingsRequest, MethodResponse, kFailoverCapability)
 VMR_NOT_YET(InitiateFailback, FailbackRequest, MethodResponse, kFailoverCapability)
 VMR_NOT_YET(ChangeReplicationModeToPrimary, VmRelationshipRequest, MethodResponse, kFailoverCapability)

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "vmreplica/catalog.h"
+#include "vmreplica/failover.h"
 #include "vmreplica/jobs.h"
 #include "vmreplica/replication.h"
 #include "vmreplica/security.h"
@@ -48,6 +49,7 @@ struct ServiceEnv {
   JobEngine* jobs = nullptr;
   ListenerControl* listener = nullptr;
   ReplicationEngine* replication = nullptr;  // the primary side of replication; may be null in tests
+  FailoverManager* failover = nullptr;       // failover on the replica host; may be null in tests
   security::TlsIdentity identity;
   std::string host_name;  // this host's name, from its certificate
   std::string version;    // vmreplica version string

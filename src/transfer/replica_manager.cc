@@ -183,6 +183,14 @@ Result<std::string> ConfinedStoreDir(const std::string& storage_location, const 
   return candidate;
 }
 
+// States in which staged logs are not applied (docs/failover.md): the
+// replica's data belongs to a failover in progress.
+static bool ApplyHeld(ReplicationState s) {
+  return s == ReplicationState::kRecoveryInProgress || s == ReplicationState::kRecovered ||
+         s == ReplicationState::kCommitted || s == ReplicationState::kFailbackInProgress ||
+         s == ReplicationState::kFailbackComplete;
+}
+
 // One open replica. Members are grouped by the lock that guards them.
 struct ReplicaManager::Replica {
   // Constant after open.
@@ -218,6 +226,8 @@ struct ReplicaManager::Replica {
   std::thread applier;
 
   std::mutex rel_mu;  // serialises read-modify-write of the relationship row
+
+  int local_holds = 0;  // guarded by ReplicaManager::mu_: AcquireLocal() calls not yet released
 
   void RequestApply() {
     std::lock_guard<std::mutex> l(apply_mu);
@@ -255,7 +265,14 @@ struct ReplicaManager::Replica {
         target = apply_requests;
         is_failed = failed;
       }
-      if (!is_failed) {
+      // While failed over (or failing back) the replica keeps its staged
+      // logs: a failover VM and CommitFailover work on the store, and a
+      // RevertFailover applies them afterwards.
+      bool held = false;
+      if (auto rel = catalog->GetRelationship(vm_id, static_cast<int>(index)); rel.ok() && *rel) {
+        held = ApplyHeld((*rel)->state);
+      }
+      if (!is_failed && !held) {
         auto n = staging->ApplyReady(*store);
         const uint64_t latest = store->latest_sequence();
         if (!n.ok()) {
@@ -518,6 +535,13 @@ Result<ReplicaStatusInfo> ReplicaManager::GetReplicaStatus(const PrimaryCaller& 
 Status ReplicaManager::RemoveReplica(const PrimaryCaller& caller, const std::string& vm_id, uint32_t index) {
   VMR_ASSIGN_OR_RETURN(auto r, Get(caller, vm_id, index));
   {
+    std::lock_guard<std::mutex> l(mu_);
+    if (r->local_holds > 0) {
+      return Status::FailedPrecondition("VM " + vm_id +
+                                        ": a failover or test VM on the replica host uses the replica; stop it first");
+    }
+  }
+  {
     std::unique_lock<std::mutex> l(r->recv_mu);
     if (!r->recv_cv.wait_for(l, options_.resume_wait, [&] { return !r->receiving; })) {
       return Status::Busy("a delta of VM " + vm_id + " is being received");
@@ -561,6 +585,48 @@ Result<ReplicaStatusInfo> ReplicaManager::ModifyReplica(const PrimaryCaller& cal
   VMR_RETURN_IF_ERROR(r->store->SetRecoveryHistory(static_cast<int>(settings.recovery_history)));
   spdlog::info("replica {}: settings modified (recovery history {} h)", vm_id, settings.recovery_history);
   return StatusOf(*r);
+}
+
+Result<ReplicaStore*> ReplicaManager::AcquireLocal(const std::string& vm_id) {
+  std::lock_guard<std::mutex> l(mu_);
+  auto it = replicas_.find(vm_id);
+  if (it == replicas_.end()) {
+    VMR_ASSIGN_OR_RETURN(auto rel, catalog_->GetRelationship(vm_id, 0));
+    if (!rel || rel->local_mode != ReplicationMode::kReplica) {
+      return Status::NotFound("VM " + vm_id + " is not a replica on this host");
+    }
+    VMR_ASSIGN_OR_RETURN(auto entries, catalog_->ListAuthorizationEntries());
+    std::shared_ptr<Replica> opened;
+    for (const auto& e : entries) {
+      auto dir = ConfinedStoreDir(e.replica_storage_location, vm_id);
+      if (!dir.ok()) continue;
+      VMR_ASSIGN_OR_RETURN(bool manifest, Exists(*dir + "/MANIFEST"));
+      if (!manifest) continue;
+      VMR_ASSIGN_OR_RETURN(opened, OpenLocked(*dir, *rel));
+      break;
+    }
+    if (!opened) return Status::NotFound("VM " + vm_id + ": its replica store is in no authorised storage location");
+    it = replicas_.find(vm_id);
+  }
+  ++it->second->local_holds;
+  return it->second->store.get();
+}
+
+void ReplicaManager::ReleaseLocal(const std::string& vm_id) {
+  std::lock_guard<std::mutex> l(mu_);
+  auto it = replicas_.find(vm_id);
+  if (it != replicas_.end() && it->second->local_holds > 0) --it->second->local_holds;
+}
+
+void ReplicaManager::KickApply(const std::string& vm_id) {
+  std::shared_ptr<Replica> r;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    auto it = replicas_.find(vm_id);
+    if (it == replicas_.end()) return;
+    r = it->second;
+  }
+  r->RequestApply();
 }
 
 Status ReplicaManager::WaitApplied(const std::string& vm_id, std::chrono::milliseconds timeout) {

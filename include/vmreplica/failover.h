@@ -1,0 +1,141 @@
+// Failover on the replica host: InitiateFailover, RevertFailover,
+// TestReplicaSystem and DestroySystem (docs/failover.md). A failover or test
+// VM runs from a recovery point's NBD view under a qcow2 overlay: nothing is
+// copied, and every retained point is as fast to fail over to as the latest.
+//
+//   InitiateFailover:  3/7/10/15 --job 97--> 12 (apply held, point exported,
+//                      record "preparing", seed, VM started) --> 5
+//                       \__ any error: everything undone, state restored
+//   RevertFailover:    5 --job 98--> VM stopped, files/exports/record removed --> 3
+//   TestReplicaSystem: state unchanged; "<name> - Test" (mode 3) from the point
+//   DestroySystem:     the test VM stopped, everything of it removed
+//
+// Errors (WMI codes through ToReturnCode): InvalidArgument (32773) for a
+// point that is not a retained point of the VM; FailedPrecondition (32775)
+// for a state the transition table does not allow, or a VM that is not a
+// replica; NotFound (32779) for an unknown VM; Busy (32774) for a second test
+// VM of the same replica.
+//
+// Thread safety: every method may be called from any thread; the methods
+// of one VM are serialised by the manager. Jobs run on the JobEngine's
+// workers.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <string>
+
+#include "vmreplica/catalog.h"
+#include "vmreplica/jobs.h"
+#include "vmreplica/point_exports.h"
+#include "vmreplica/status.h"
+#include "vmreplica/transfer.h"
+#include "vmreplica/vm_launcher.h"
+
+namespace vmreplica {
+
+struct FailoverOptions {
+  // The daemon's state directory: records in <state>/failover, run
+  // directories and the points socket in <state>/run (short paths: unix
+  // socket names are limited, see VmLaunchSpec::run_dir).
+  std::string state_dir;
+  VmAccel accel = VmAccel::kAuto;
+  // QEMU's NBD client of a failover VM reconnects for this long when the
+  // daemon restarts (VmLaunchDisk::nbd_reconnect_delay_s).
+  uint32_t nbd_reconnect_delay_s = 60;
+  std::chrono::milliseconds vm_start_timeout{120'000};
+  // A graceful stop (ACPI power-down) waits this long before quit / kill.
+  std::chrono::milliseconds vm_stop_grace{30'000};
+  std::function<int64_t()> now_ms;  // Unix ms; default: the system clock
+};
+
+struct FailoverRequestParams {
+  std::string vm;        // id or unique name
+  std::string point_id;  // a recovery point id of ListRecoveryPoints; "" = the latest
+  bool force = false;    // the operator accepts that the primary may still run
+  bool start_vm = false;
+};
+
+enum class TestNetwork { kNone = 1, kIsolated = 2 };
+
+struct TestFailoverParams {
+  std::string vm;
+  std::string point_id;
+  bool start_vm = true;
+  TestNetwork network = TestNetwork::kIsolated;
+  bool apply_network_settings = false;  // attach the failover IP seed to the test VM too
+};
+
+class FailoverManager {
+ public:
+  // Every pointer must outlive the manager.
+  FailoverManager(Catalog* catalog, JobEngine* jobs, ReplicaManager* replicas, FailoverOptions options);
+  ~FailoverManager();  // Stop()
+  FailoverManager(const FailoverManager&) = delete;
+  FailoverManager& operator=(const FailoverManager&) = delete;
+
+  // Starts the points NBD server and takes up the recorded failovers
+  // (docs/failover.md section 3).
+  Status Start();
+  // Ends the exports and stops the NBD server; failover and test VMs keep
+  // running (their NBD clients reconnect to the next daemon). Idempotent.
+  void Stop();
+
+  // Each answers the started job (4096) or the reason it did not start.
+  Result<JobRecord> InitiateFailover(const FailoverRequestParams& params);
+  Result<JobRecord> RevertFailover(const std::string& vm);
+  Result<JobRecord> TestReplicaSystem(const TestFailoverParams& params);
+  // `vm`: the test VM (id or name) or the replica VM that has one.
+  Result<JobRecord> DestroySystem(const std::string& vm);
+
+  // Where the points are served (nbd+unix URIs use it).
+  std::string points_socket() const;
+
+  // What a failover or test VM of a replica runs now (for `vmreplica get`
+  // and tests). NotFound when there is none.
+  struct Running {
+    std::string kind;  // "failover" or "test"
+    std::string vm_id;
+    std::string test_vm_id;
+    uint64_t sequence = 0;
+    std::string run_dir;
+    std::vector<std::string> exports;
+    bool vm_running = false;
+  };
+  Result<Running> Describe(const std::string& vm_id, bool test);
+
+ private:
+  struct Record;
+  struct Active;
+
+  Result<VmRecord> ResolveReplicaVm(const std::string& vm);
+  Status DoFailover(JobContext& job, const std::string& vm_id, const std::string& point_id, bool start_vm);
+  Status DoRevert(JobContext& job, const std::string& vm_id);
+  Status DoTest(JobContext& job, const std::string& vm_id, const TestFailoverParams& p, const std::string& test_id);
+  Status DoDestroy(JobContext& job, const std::string& vm_id);
+  // Stops the VM, removes its files, ends its exports, releases the store.
+  Status TearDown(Active& a);
+  Status SetState(const std::string& vm_id, ReplicationState state,
+                  std::optional<ReplicationType> failed_over_type = std::nullopt);
+  std::string RecordPath(const std::string& vm_id, bool test) const;
+  std::string RunDir(const std::string& vm_id, bool test) const;
+  void Resume(const std::string& path);
+
+  Catalog* const catalog_;
+  JobEngine* const jobs_;
+  ReplicaManager* const replicas_;
+  const FailoverOptions options_;
+  PointExports exports_;
+
+  std::mutex mu_;                           // guards busy_ and active_
+  std::set<std::string> busy_;              // "<vm id>" / "<vm id>.test": a job runs for it
+  std::map<std::string, std::shared_ptr<Active>> active_;  // same keys
+  bool started_ = false;
+};
+
+}  // namespace vmreplica

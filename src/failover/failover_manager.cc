@@ -1,0 +1,875 @@
+// FailoverManager: see include/vmreplica/failover.h and docs/failover.md.
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cctype>
+#include <cerrno>
+#include <chrono>
+#include <cstring>
+#include <filesystem>
+#include <nlohmann/json.hpp>
+#include <optional>
+
+#include <spdlog/spdlog.h>
+
+#include "jobs/uuid.h"
+#include "vmreplica/cloud_init.h"
+#include "vmreplica/failover.h"
+#include "vmreplica/fileutil.h"
+#include "vmreplica/model/transitions.h"
+#include "vmreplica/vm_binding.h"
+
+namespace vmreplica {
+
+namespace {
+
+using nlohmann::json;
+
+constexpr size_t kMaxRecordBytes = 64 * 1024;
+
+int64_t SystemNowMs() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+bool IsUuidText(const std::string& s) {
+  if (s.size() != 36) return false;
+  for (size_t i = 0; i < s.size(); ++i) {
+    const char c = s[i];
+    if (i == 8 || i == 13 || i == 18 || i == 23) {
+      if (c != '-') return false;
+    } else if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'))) {
+      return false;
+    }
+  }
+  return true;
+}
+
+// The first 16 hex digits of a UUID: short run-directory names.
+std::string ShortId(const std::string& uuid) {
+  std::string hex;
+  for (char c : uuid) {
+    if (c != '-') hex += c;
+    if (hex.size() == 16) break;
+  }
+  return hex;
+}
+
+// An RFC 1123 host name from a VM name ("Web 01" -> "web-01").
+std::string HostNameFor(const std::string& name, const std::string& uuid) {
+  std::string out;
+  for (char c : name) {
+    const unsigned char u = static_cast<unsigned char>(c);
+    if (std::isalnum(u)) {
+      out += static_cast<char>(std::tolower(u));
+    } else if (!out.empty() && out.back() != '-') {
+      out += '-';
+    }
+    if (out.size() == 63) break;
+  }
+  while (!out.empty() && out.back() == '-') out.pop_back();
+  if (out.empty()) out = "vm-" + ShortId(uuid).substr(0, 8);
+  return out;
+}
+
+Status Errno(const std::string& what, const std::string& path) {
+  return Status::IOError(what + " " + path + ": " + std::strerror(errno));
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------- record
+
+struct FailoverManager::Record {
+  std::string kind;   // "failover" / "test"
+  std::string vm_id;  // the replica VM
+  std::string phase;  // "preparing" / "failed-over" / "test"
+  int previous_state = 0;
+  uint64_t sequence = 0;
+  std::string point_id;
+  std::vector<std::string> exports;
+  std::string run_dir;
+  std::string test_vm_id;
+  bool started = false;
+
+  std::string Encode() const {
+    json j;
+    j["version"] = 1;
+    j["kind"] = kind;
+    j["vm_id"] = vm_id;
+    j["phase"] = phase;
+    j["previous_state"] = previous_state;
+    j["sequence"] = sequence;
+    j["point_id"] = point_id;
+    j["exports"] = exports;
+    j["run_dir"] = run_dir;
+    j["test_vm_id"] = test_vm_id;
+    j["started"] = started;
+    return j.dump(2) + "\n";
+  }
+
+  // docs/failover.md section 4: every member checked.
+  static Result<Record> Decode(const std::string& text, const std::string& run_root) {
+    if (text.size() > kMaxRecordBytes) return Status::Corruption("failover record over 64 KiB");
+    json j = json::parse(text, nullptr, /*allow_exceptions=*/false);
+    if (j.is_discarded() || !j.is_object()) return Status::Corruption("failover record is not a JSON object");
+    auto str = [&](const char* k) -> Result<std::string> {
+      if (!j.contains(k) || !j[k].is_string()) return Status::Corruption(std::string("failover record: ") + k);
+      return j[k].get<std::string>();
+    };
+    if (!j.contains("version") || !j["version"].is_number_unsigned() || j["version"].get<uint64_t>() != 1) {
+      return Status::Corruption("failover record: version is not 1");
+    }
+    Record r;
+    VMR_ASSIGN_OR_RETURN(r.kind, str("kind"));
+    VMR_ASSIGN_OR_RETURN(r.vm_id, str("vm_id"));
+    VMR_ASSIGN_OR_RETURN(r.phase, str("phase"));
+    VMR_ASSIGN_OR_RETURN(r.point_id, str("point_id"));
+    VMR_ASSIGN_OR_RETURN(r.run_dir, str("run_dir"));
+    VMR_ASSIGN_OR_RETURN(r.test_vm_id, str("test_vm_id"));
+    if (r.kind != "failover" && r.kind != "test") return Status::Corruption("failover record: kind");
+    if (!IsUuidText(r.vm_id)) return Status::Corruption("failover record: vm_id");
+    if (r.phase != "preparing" && r.phase != "failed-over" && r.phase != "test") {
+      return Status::Corruption("failover record: phase");
+    }
+    if ((r.kind == "test") != (r.phase == "test")) return Status::Corruption("failover record: phase of kind");
+    if (r.kind == "test" && !IsUuidText(r.test_vm_id)) return Status::Corruption("failover record: test_vm_id");
+    if (!j.contains("previous_state") || !j["previous_state"].is_number_integer()) {
+      return Status::Corruption("failover record: previous_state");
+    }
+    r.previous_state = j["previous_state"].get<int>();
+    if (r.previous_state < 0 || r.previous_state > 21) return Status::Corruption("failover record: previous_state");
+    if (!j.contains("sequence") || !j["sequence"].is_number_unsigned() || j["sequence"].get<uint64_t>() == 0) {
+      return Status::Corruption("failover record: sequence");
+    }
+    r.sequence = j["sequence"].get<uint64_t>();
+    if (!j.contains("started") || !j["started"].is_boolean()) return Status::Corruption("failover record: started");
+    r.started = j["started"].get<bool>();
+    if (!j.contains("exports") || !j["exports"].is_array() || j["exports"].size() > 64) {
+      return Status::Corruption("failover record: exports");
+    }
+    const std::string prefix = r.vm_id + "/";
+    const std::string suffix = "@" + std::to_string(r.sequence);
+    for (const auto& e : j["exports"]) {
+      if (!e.is_string()) return Status::Corruption("failover record: exports");
+      std::string name = e.get<std::string>();
+      if (name.rfind(prefix, 0) != 0 || name.size() <= prefix.size() + suffix.size() ||
+          name.compare(name.size() - suffix.size(), suffix.size(), suffix) != 0) {
+        return Status::Corruption("failover record: export '" + name + "' is not of VM " + r.vm_id);
+      }
+      r.exports.push_back(std::move(name));
+    }
+    // The run directory must be ours: <state>/run/<one name>.
+    const std::filesystem::path rd(r.run_dir);
+    const std::string leaf = rd.filename().string();
+    if (!rd.is_absolute() || rd.parent_path().string() != run_root ||
+        (leaf.rfind("fo-", 0) != 0 && leaf.rfind("t-", 0) != 0)) {
+      return Status::Corruption("failover record: run_dir '" + r.run_dir + "' is not inside " + run_root);
+    }
+    return r;
+  }
+};
+
+struct FailoverManager::Active {
+  std::mutex vm_mu;  // guards vm (VmLauncher is not thread-safe)
+  Record rec;
+  ReplicaStore* store = nullptr;  // AcquireLocal'd; released by TearDown
+  std::unique_ptr<VmLauncher> vm;
+};
+
+// ---------------------------------------------------------------- setup
+
+FailoverManager::FailoverManager(Catalog* catalog, JobEngine* jobs, ReplicaManager* replicas, FailoverOptions options)
+    : catalog_(catalog),
+      jobs_(jobs),
+      replicas_(replicas),
+      options_(std::move(options)),
+      exports_(NbdServerOptions{options_.state_dir + "/run/points.sock", 256, 30000}) {}
+
+FailoverManager::~FailoverManager() { Stop(); }
+
+std::string FailoverManager::points_socket() const { return exports_.socket_path(); }
+
+std::string FailoverManager::RecordPath(const std::string& vm_id, bool test) const {
+  return options_.state_dir + "/failover/" + vm_id + (test ? ".test.json" : ".json");
+}
+
+std::string FailoverManager::RunDir(const std::string& vm_id, bool test) const {
+  return options_.state_dir + "/run/" + (test ? "t-" : "fo-") + ShortId(vm_id);
+}
+
+Status FailoverManager::Start() {
+  VMR_RETURN_IF_ERROR(MakeDirs(options_.state_dir + "/run", 0700));
+  VMR_RETURN_IF_ERROR(MakeDirs(options_.state_dir + "/failover", 0700));
+  VMR_RETURN_IF_ERROR(exports_.Start());
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    started_ = true;
+  }
+  std::error_code ec;
+  std::vector<std::string> paths;
+  for (const auto& e : std::filesystem::directory_iterator(options_.state_dir + "/failover", ec)) {
+    const std::string name = e.path().filename().string();
+    if (name.size() > 5 && name.compare(name.size() - 5, 5, ".json") == 0) paths.push_back(e.path().string());
+  }
+  if (ec) return Status::IOError("listing " + options_.state_dir + "/failover: " + ec.message());
+  std::sort(paths.begin(), paths.end());
+  for (const auto& p : paths) Resume(p);
+  return Status::Ok();
+}
+
+void FailoverManager::Stop() {
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    if (!started_) return;
+    started_ = false;
+    // The VMs keep running; their records stay for the next daemon.
+    for (auto& [key, a] : active_) {
+      if (a->store != nullptr) replicas_->ReleaseLocal(a->rec.vm_id);
+      a->store = nullptr;
+    }
+    active_.clear();
+  }
+  exports_.Stop();
+}
+
+// Takes up one record at start (docs/failover.md section 3).
+void FailoverManager::Resume(const std::string& path) {
+  auto text = ReadFile(path, kMaxRecordBytes + 1);
+  if (!text.ok()) {
+    spdlog::error("failover: cannot read {}: {}", path, text.status().ToString());
+    return;
+  }
+  auto rec = Record::Decode(*text, options_.state_dir + "/run");
+  if (!rec.ok()) {
+    spdlog::error("failover: {} left alone: {}", path, rec.status().ToString());
+    return;
+  }
+  const bool test = rec->kind == "test";
+  if (path != RecordPath(rec->vm_id, test)) {
+    spdlog::error("failover: {} left alone: it names VM {}", path, rec->vm_id);
+    return;
+  }
+  auto a = std::make_shared<Active>();
+  a->rec = *rec;
+  auto store = replicas_->AcquireLocal(rec->vm_id);
+  if (!store.ok()) {
+    spdlog::error("failover: {}: the replica of VM {} cannot be opened: {}", path, rec->vm_id,
+                  store.status().ToString());
+    return;
+  }
+  a->store = *store;
+  auto vm = VmLauncher::Adopt(rec->run_dir);
+  if (vm.ok()) a->vm = std::move(*vm);
+
+  if (rec->phase == "preparing") {
+    // InitiateFailover was interrupted: undo it, as after an error.
+    spdlog::warn("failover: VM {}: an interrupted failover is undone", rec->vm_id);
+    Status s = TearDown(*a);
+    if (s.ok()) s = SetState(rec->vm_id, static_cast<ReplicationState>(rec->previous_state));
+    if (s.ok()) {
+      ::unlink(path.c_str());
+      FsyncParentDir(path).IgnoreError();
+      replicas_->KickApply(rec->vm_id);
+    } else {
+      spdlog::error("failover: VM {}: undoing the interrupted failover: {}", rec->vm_id, s.ToString());
+    }
+    return;
+  }
+  for (const auto& name : rec->exports) {
+    // "<vm id>/<disk>@<seq>"
+    const size_t slash = name.find('/');
+    const size_t at = name.rfind('@');
+    auto e = exports_.Export(a->store, rec->sequence, name.substr(slash + 1, at - slash - 1));
+    if (!e.ok()) spdlog::error("failover: VM {}: export {} not restored: {}", rec->vm_id, name, e.status().ToString());
+  }
+  const bool running = a->vm && a->vm->IsRunning();
+  spdlog::info("failover: VM {}: {} at point {} taken up ({})", rec->vm_id, rec->kind, rec->sequence,
+               running ? "its VM runs" : "its VM is not running");
+  std::lock_guard<std::mutex> l(mu_);
+  active_[rec->vm_id + (test ? ".test" : "")] = a;
+}
+
+// ---------------------------------------------------------------- helpers
+
+Result<VmRecord> FailoverManager::ResolveReplicaVm(const std::string& vm) {
+  if (vm.empty()) return Status::InvalidArgument("VM: a name or UUID is required");
+  VMR_ASSIGN_OR_RETURN(auto by_id, catalog_->GetVm(vm));
+  std::optional<VmRecord> found = by_id;
+  if (!found) {
+    auto by_name = catalog_->FindVmByName(vm);
+    if (!by_name.ok()) {
+      if (by_name.status().code() == Code::kFailedPrecondition) {
+        return Status::InvalidArgument("VM: several VMs are named \"" + vm + "\"; use the UUID");
+      }
+      return by_name.status();
+    }
+    found = *by_name;
+  }
+  if (!found) return Status::NotFound("no VM named or with id '" + vm + "' on this host");
+  return *found;
+}
+
+Status FailoverManager::SetState(const std::string& vm_id, ReplicationState state,
+                                 std::optional<ReplicationType> failed_over_type) {
+  return catalog_->RunInTransaction([&]() -> Status {
+    VMR_ASSIGN_OR_RETURN(auto rel, catalog_->GetRelationship(vm_id, 0));
+    if (!rel) return Status::NotFound("VM " + vm_id + " has no replication relationship");
+    if (rel->state != state) spdlog::info("VM {}: state {} -> {}", vm_id, Name(rel->state), Name(state));
+    rel->state = state;
+    if (failed_over_type) rel->failed_over_replication_type = *failed_over_type;
+    return catalog_->PutRelationship(*rel);
+  });
+}
+
+Status FailoverManager::TearDown(Active& a) {
+  std::lock_guard<std::mutex> vl(a.vm_mu);
+  Status first;
+  if (a.vm) {
+    Status s = a.vm->Stop(options_.vm_stop_grace);
+    if (s.ok()) s = a.vm->DropOverlays();
+    if (!s.ok() && first.ok()) first = s.WithContext("stopping the VM in " + a.rec.run_dir);
+    if (s.ok()) a.vm.reset();
+  }
+  if (first.ok()) {
+    // Files of ours beside the launcher's (the seed), then the directory.
+    const std::string seed = a.rec.run_dir + "/seed.iso";
+    if (::unlink(seed.c_str()) != 0 && errno != ENOENT && first.ok()) first = Errno("unlink", seed);
+    if (::rmdir(a.rec.run_dir.c_str()) != 0 && errno != ENOENT && first.ok()) first = Errno("rmdir", a.rec.run_dir);
+  }
+  for (const auto& name : a.rec.exports) {
+    Status s = exports_.Unexport(name);
+    if (!s.ok() && s.code() != Code::kNotFound && first.ok()) first = s;
+  }
+  if (first.ok() && a.store != nullptr) {
+    replicas_->ReleaseLocal(a.rec.vm_id);
+    a.store = nullptr;
+  }
+  return first;
+}
+
+namespace {
+
+// The point to use: `point_id` from the catalog, or the store's latest.
+struct ChosenPoint {
+  uint64_t sequence = 0;
+  std::string id;
+  ReplicationType kind = ReplicationType::kRegular;
+};
+
+Result<ChosenPoint> ChoosePoint(Catalog* catalog, const ReplicaStore& store, const std::string& vm_id,
+                                const std::string& point_id) {
+  VMR_ASSIGN_OR_RETURN(auto points, catalog->ListRecoveryPoints(vm_id));
+  const auto retained = store.ListPoints();
+  auto in_store = [&](uint64_t seq) {
+    return std::any_of(retained.begin(), retained.end(),
+                       [&](const ReplicaPoint& p) { return p.sequence == seq && p.readable; });
+  };
+  ChosenPoint c;
+  if (point_id.empty()) {
+    c.sequence = store.latest_sequence();
+    if (c.sequence == 0) {
+      return Status::FailedPrecondition("VM " + vm_id + " has no recovery point yet (initial replication not applied)");
+    }
+    for (const auto& p : points) {
+      if (p.sequence == c.sequence) {
+        c.id = p.id;
+        c.kind = static_cast<ReplicationType>(p.kind);
+      }
+    }
+    if (c.id.empty()) c.id = "seq-" + std::to_string(c.sequence);
+    return c;
+  }
+  for (const auto& p : points) {
+    if (p.id != point_id) continue;
+    if (p.sequence == 0 || !in_store(p.sequence)) break;
+    c.sequence = p.sequence;
+    c.id = p.id;
+    c.kind = static_cast<ReplicationType>(p.kind);
+    return c;
+  }
+  return Status::InvalidArgument("RecoveryPointIdentifier: '" + point_id + "' is not a recovery point of VM " +
+                                 vm_id + " (see ListRecoveryPoints)");
+}
+
+// The stored definition, with only the disks the replica holds (in the
+// store's order, which is the definition's order of the included disks).
+Result<VmDefinition> DefinitionForStore(const VmRecord& vm, const ReplicaStore& store) {
+  auto j = json::parse(vm.definition_json, nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded()) return Status::Corruption("VM " + vm.name + ": its stored definition is not JSON");
+  auto def = VmDefinition::FromJson(j);
+  if (!def.ok()) {
+    return Status::FailedPrecondition("VM " + vm.name + ": its stored definition cannot be read (" +
+                                      def.status().message() + ")");
+  }
+  std::vector<VmDiskSpec> disks;
+  for (const auto& sd : store.disks()) {
+    auto it = std::find_if(def->disks.begin(), def->disks.end(), [&](const VmDiskSpec& d) { return d.name == sd.name; });
+    if (it == def->disks.end()) {
+      return Status::FailedPrecondition("VM " + vm.name + ": replica disk " + sd.name + " is not in its definition");
+    }
+    VmDiskSpec d = *it;
+    d.size_bytes = sd.size;
+    disks.push_back(d);
+  }
+  def->disks = std::move(disks);
+  return *def;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------- InitiateFailover
+
+Result<JobRecord> FailoverManager::InitiateFailover(const FailoverRequestParams& p) {
+  VMR_ASSIGN_OR_RETURN(VmRecord vm, ResolveReplicaVm(p.vm));
+  if (vm.mode != ReplicationMode::kReplica && vm.mode != ReplicationMode::kExtendedReplica) {
+    return Status::FailedPrecondition("VM " + vm.name + " is not a replica on this host (mode " +
+                                      std::string(Name(vm.mode)) + "): InitiateFailover runs on the replica server");
+  }
+  VMR_ASSIGN_OR_RETURN(auto rel, catalog_->GetRelationship(vm.id, 0));
+  if (!rel) return Status::FailedPrecondition("VM " + vm.name + " has no replication relationship");
+  VMR_ASSIGN_OR_RETURN(TableMode mode, TableModeFor(vm.mode, 0));
+  VMR_RETURN_IF_ERROR(CheckTransition(mode, rel->state, Operation::kInitiateFailover).status());
+  {
+    // The point is checked before the job starts (32773 at once).
+    VMR_ASSIGN_OR_RETURN(ReplicaStore * store, replicas_->AcquireLocal(vm.id));
+    auto chosen = ChoosePoint(catalog_, *store, vm.id, p.point_id);
+    replicas_->ReleaseLocal(vm.id);
+    VMR_RETURN_IF_ERROR(chosen.status());
+  }
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    if (!started_) return Status::Unavailable("the failover service is not running");
+    if (busy_.count(vm.id) != 0 || active_.count(vm.id) != 0) {
+      return Status::FailedPrecondition("VM " + vm.name + ": a failover is already in progress or active");
+    }
+    busy_.insert(vm.id);
+  }
+  if (p.force) {
+    spdlog::warn("InitiateFailover of VM {} ({}) with force: the operator accepted that the primary may still run",
+                 vm.name, vm.id);
+  }
+  json params = {{"vm", vm.id}, {"point", p.point_id}, {"force", p.force}, {"start", p.start_vm}};
+  auto job = jobs_->Start(JobType::kFailover, vm.id, params.dump(), /*cancellable=*/false, /*resumable=*/false,
+                          [this, id = vm.id, point = p.point_id, start = p.start_vm](JobContext& ctx) -> Status {
+                            Status s = DoFailover(ctx, id, point, start);
+                            std::lock_guard<std::mutex> l(mu_);
+                            busy_.erase(id);
+                            return s;
+                          });
+  if (!job.ok()) {
+    std::lock_guard<std::mutex> l(mu_);
+    busy_.erase(vm.id);
+  }
+  return job;
+}
+
+Status FailoverManager::DoFailover(JobContext& job, const std::string& vm_id, const std::string& point_id,
+                                   bool start_vm) {
+  VMR_ASSIGN_OR_RETURN(auto vm, catalog_->GetVm(vm_id));
+  if (!vm) return Status::NotFound("VM " + vm_id + " was removed");
+  VMR_ASSIGN_OR_RETURN(auto rel, catalog_->GetRelationship(vm_id, 0));
+  if (!rel) return Status::FailedPrecondition("VM " + vm->name + " has no replication relationship");
+  VMR_ASSIGN_OR_RETURN(TableMode mode, TableModeFor(vm->mode, 0));
+  VMR_RETURN_IF_ERROR(CheckTransition(mode, rel->state, Operation::kInitiateFailover).status());
+  const ReplicationState previous = rel->state;
+
+  // Logs received before the call are applied first: "latest" is the
+  // latest the primary sent. Then the state holds further applies.
+  Status w = replicas_->WaitApplied(vm_id, std::chrono::minutes(10));
+  if (!w.ok() && w.code() != Code::kNotFound) return w.WithContext("applying the staged logs");
+  job.SetProgress(10);
+
+  auto a = std::make_shared<Active>();
+  a->rec.kind = "failover";
+  a->rec.vm_id = vm_id;
+  a->rec.phase = "preparing";
+  a->rec.previous_state = static_cast<int>(previous);
+  a->rec.run_dir = RunDir(vm_id, false);
+  const std::string record_path = RecordPath(vm_id, false);
+
+  VMR_RETURN_IF_ERROR(SetState(vm_id, ReplicationState::kRecoveryInProgress));
+  auto fail = [&](Status why) -> Status {
+    Status t = TearDown(*a);
+    if (!t.ok()) {
+      spdlog::error("InitiateFailover of VM {}: cleaning up: {}", vm_id, t.ToString());
+      return why.WithContext("failover failed, and cleaning up failed too (" + t.message() + ")");
+    }
+    ::unlink(record_path.c_str());
+    Status r = SetState(vm_id, previous);
+    if (!r.ok()) spdlog::error("InitiateFailover of VM {}: restoring state {}: {}", vm_id, Name(previous), r.ToString());
+    replicas_->KickApply(vm_id);
+    return why;
+  };
+
+  auto store = replicas_->AcquireLocal(vm_id);
+  if (!store.ok()) return fail(store.status());
+  a->store = *store;
+  auto chosen = ChoosePoint(catalog_, *a->store, vm_id, point_id);
+  if (!chosen.ok()) return fail(chosen.status());
+  a->rec.sequence = chosen->sequence;
+  a->rec.point_id = chosen->id;
+  auto names = exports_.ExportPoint(a->store, chosen->sequence);
+  if (!names.ok()) return fail(names.status().WithContext("exporting point " + std::to_string(chosen->sequence)));
+  a->rec.exports = *names;
+  Status s = MakeDirs(a->rec.run_dir, 0700);
+  if (s.ok()) s = WriteFileAtomic(record_path, a->rec.Encode(), 0600);
+  if (!s.ok()) return fail(s);
+  job.SetProgress(30);
+
+  if (start_vm) {
+    auto def = DefinitionForStore(*vm, *a->store);
+    if (!def.ok()) return fail(def.status());
+    VmLaunchSpec spec;
+    spec.definition = *def;
+    spec.run_dir = a->rec.run_dir;
+    for (size_t i = 0; i < names->size(); ++i) {
+      VmLaunchDisk d;
+      d.backing = exports_.Uri((*names)[i]);
+      d.size_bytes = a->store->disks()[i].size;
+      d.nbd_reconnect_delay_s = options_.nbd_reconnect_delay_s;
+      spec.disks.push_back(d);
+    }
+    spec.network = VmNetworkMode::kIsolated;
+    spec.accel = options_.accel;
+    spec.start_timeout = options_.vm_start_timeout;
+    if (!def->boot_kernel.empty()) spec.kernel_boot = VmKernelBoot{def->boot_kernel, def->boot_initrd, def->boot_append};
+    // The failover IP settings, as a cloud-init NoCloud seed (section 5).
+    auto stored = catalog_->GetFailoverNetworkSettings(vm_id);
+    if (!stored.ok()) return fail(stored.status());
+    if (!stored->empty()) {
+      NoCloudSeed seed;
+      const int64_t now = options_.now_ms ? options_.now_ms() : SystemNowMs();
+      seed.instance_id = "vmreplica-" + vm_id + "-" + std::to_string(chosen->sequence) + "-" + std::to_string(now);
+      seed.local_hostname = HostNameFor(vm->name, vm_id);
+      for (const auto& r : *stored) {
+        seed.network.push_back(FailoverNetworkAdapterSettings{r.adapter, r.ip_addresses, r.subnets,
+                                                              r.default_gateways, r.dns_servers, r.dhcp_enabled});
+      }
+      const std::string iso = a->rec.run_dir + "/seed.iso";
+      s = WriteNoCloudSeedImage(seed, iso);
+      if (!s.ok()) return fail(s.WithContext("writing the failover network seed"));
+      spec.extra_drives.push_back(VmExtraDrive{iso, "raw"});
+    }
+    auto launched = VmLauncher::Start(spec);
+    if (!launched.ok()) return fail(launched.status().WithContext("starting the failover VM"));
+    a->vm = std::move(*launched);
+    a->rec.started = true;
+  }
+  job.SetProgress(90);
+  a->rec.phase = "failed-over";
+  s = WriteFileAtomic(record_path, a->rec.Encode(), 0600);
+  if (s.ok()) s = SetState(vm_id, ReplicationState::kRecovered, chosen->kind);
+  if (!s.ok()) return fail(s);
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    active_[vm_id] = a;
+  }
+  job.SetResult(json{{"vm_id", vm_id},
+                     {"recovery_point_id", chosen->id},
+                     {"sequence", chosen->sequence},
+                     {"exports", a->rec.exports},
+                     {"started", a->rec.started}}
+                    .dump());
+  spdlog::info("VM {} failed over to point {} (sequence {}){}", vm->name, chosen->id, chosen->sequence,
+               a->rec.started ? ", VM started" : "");
+  return Status::Ok();
+}
+
+// ---------------------------------------------------------------- RevertFailover
+
+Result<JobRecord> FailoverManager::RevertFailover(const std::string& vm_name) {
+  VMR_ASSIGN_OR_RETURN(VmRecord vm, ResolveReplicaVm(vm_name));
+  VMR_ASSIGN_OR_RETURN(auto rel, catalog_->GetRelationship(vm.id, 0));
+  if (!rel) return Status::FailedPrecondition("VM " + vm.name + " has no replication relationship");
+  VMR_ASSIGN_OR_RETURN(TableMode mode, TableModeFor(vm.mode, 0));
+  VMR_RETURN_IF_ERROR(CheckTransition(mode, rel->state, Operation::kRevertFailover).status());
+  if (mode == TableMode::kPrimary) {
+    return Status::NotSupported("RevertFailover on the primary (cancelling a planned failover) is not built yet");
+  }
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    if (busy_.count(vm.id) != 0) return Status::FailedPrecondition("VM " + vm.name + ": a failover job is running");
+    busy_.insert(vm.id);
+  }
+  auto job = jobs_->Start(JobType::kRevertFailover, vm.id, json{{"vm", vm.id}}.dump(), false, false,
+                          [this, id = vm.id](JobContext& ctx) -> Status {
+                            Status s = DoRevert(ctx, id);
+                            std::lock_guard<std::mutex> l(mu_);
+                            busy_.erase(id);
+                            return s;
+                          });
+  if (!job.ok()) {
+    std::lock_guard<std::mutex> l(mu_);
+    busy_.erase(vm.id);
+  }
+  return job;
+}
+
+Status FailoverManager::DoRevert(JobContext& job, const std::string& vm_id) {
+  std::shared_ptr<Active> a;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    auto it = active_.find(vm_id);
+    if (it != active_.end()) a = it->second;
+  }
+  if (a) {
+    VMR_RETURN_IF_ERROR(TearDown(*a).WithContext("RevertFailover"));
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      active_.erase(vm_id);
+    }
+  }
+  job.SetProgress(70);
+  const std::string path = RecordPath(vm_id, false);
+  if (::unlink(path.c_str()) != 0 && errno != ENOENT) return Errno("unlink", path);
+  FsyncParentDir(path).IgnoreError();
+  VMR_RETURN_IF_ERROR(SetState(vm_id, ReplicationState::kReplicating, ReplicationType::kNone));
+  replicas_->KickApply(vm_id);
+  spdlog::info("VM {}: failover reverted; replication continues", vm_id);
+  return Status::Ok();
+}
+
+// ---------------------------------------------------------------- test failover
+
+Result<JobRecord> FailoverManager::TestReplicaSystem(const TestFailoverParams& p) {
+  VMR_ASSIGN_OR_RETURN(VmRecord vm, ResolveReplicaVm(p.vm));
+  if (vm.mode != ReplicationMode::kReplica && vm.mode != ReplicationMode::kExtendedReplica) {
+    return Status::FailedPrecondition("VM " + vm.name + " is not a replica on this host (mode " +
+                                      std::string(Name(vm.mode)) + "): TestReplicaSystem runs on the replica server");
+  }
+  VMR_ASSIGN_OR_RETURN(auto rel, catalog_->GetRelationship(vm.id, 0));
+  if (!rel) return Status::FailedPrecondition("VM " + vm.name + " has no replication relationship");
+  VMR_ASSIGN_OR_RETURN(TableMode mode, TableModeFor(vm.mode, 0));
+  VMR_RETURN_IF_ERROR(CheckTransition(mode, rel->state, Operation::kTestReplicaSystem).status());
+  {
+    VMR_ASSIGN_OR_RETURN(ReplicaStore * store, replicas_->AcquireLocal(vm.id));
+    auto chosen = ChoosePoint(catalog_, *store, vm.id, p.point_id);
+    replicas_->ReleaseLocal(vm.id);
+    VMR_RETURN_IF_ERROR(chosen.status());
+  }
+  const std::string key = vm.id + ".test";
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    if (!started_) return Status::Unavailable("the failover service is not running");
+    if (busy_.count(key) != 0 || active_.count(key) != 0) {
+      return Status::Busy("VM " + vm.name + " already has a test VM; remove it with DestroySystem first");
+    }
+    busy_.insert(key);
+  }
+  auto release = [&] {
+    std::lock_guard<std::mutex> l(mu_);
+    busy_.erase(key);
+  };
+  auto test_id = jobs_internal::NewUuidV4();
+  if (!test_id.ok()) {
+    release();
+    return test_id.status();
+  }
+  json params = {{"vm", vm.id}, {"point", p.point_id}, {"test_vm_id", *test_id}};
+  auto job = jobs_->Start(JobType::kTestReplica, vm.id, params.dump(), false, false,
+                          [this, id = vm.id, p, key, tid = *test_id](JobContext& ctx) -> Status {
+                            Status s = DoTest(ctx, id, p, tid);
+                            std::lock_guard<std::mutex> l(mu_);
+                            busy_.erase(key);
+                            return s;
+                          });
+  if (!job.ok()) release();
+  return job;
+}
+
+Status FailoverManager::DoTest(JobContext& job, const std::string& vm_id, const TestFailoverParams& p,
+                               const std::string& test_id) {
+  VMR_ASSIGN_OR_RETURN(auto vm, catalog_->GetVm(vm_id));
+  if (!vm) return Status::NotFound("VM " + vm_id + " was removed");
+  auto a = std::make_shared<Active>();
+  a->rec.kind = "test";
+  a->rec.vm_id = vm_id;
+  a->rec.phase = "test";
+  a->rec.test_vm_id = test_id;
+  a->rec.run_dir = RunDir(vm_id, true);
+  const std::string record_path = RecordPath(vm_id, true);
+  auto fail = [&](Status why) -> Status {
+    Status t = TearDown(*a);
+    if (!t.ok()) {
+      spdlog::error("TestReplicaSystem of VM {}: cleaning up: {}", vm_id, t.ToString());
+      return why.WithContext("test failover failed, and cleaning up failed too (" + t.message() + ")");
+    }
+    catalog_->DeleteVm(test_id).IgnoreError();
+    ::unlink(record_path.c_str());
+    return why;
+  };
+  auto store = replicas_->AcquireLocal(vm_id);
+  if (!store.ok()) return store.status();
+  a->store = *store;
+  auto chosen = ChoosePoint(catalog_, *a->store, vm_id, p.point_id);
+  if (!chosen.ok()) return fail(chosen.status());
+  a->rec.sequence = chosen->sequence;
+  a->rec.point_id = chosen->id;
+  auto def = DefinitionForStore(*vm, *a->store);
+  if (!def.ok()) return fail(def.status());
+
+  // The test VM's catalog row: mode TestReplica, its own id and name.
+  VmRecord tv;
+  tv.id = test_id;
+  tv.name = vm->name + " - Test";
+  tv.mode = ReplicationMode::kTestReplica;
+  VmDefinition tdef = *def;
+  tdef.name = tv.name.size() <= 128 ? tv.name : tv.name.substr(0, 128);
+  tdef.uuid = test_id;
+  tv.definition_json = tdef.ToJson().dump();
+  tv.created_ms = options_.now_ms ? options_.now_ms() : SystemNowMs();
+  Status s = catalog_->PutVm(tv);
+  if (!s.ok()) return fail(s);
+
+  auto names = exports_.ExportPoint(a->store, chosen->sequence);
+  if (!names.ok()) return fail(names.status().WithContext("exporting point " + std::to_string(chosen->sequence)));
+  a->rec.exports = *names;
+  s = MakeDirs(a->rec.run_dir, 0700);
+  if (s.ok()) s = WriteFileAtomic(record_path, a->rec.Encode(), 0600);
+  if (!s.ok()) return fail(s);
+  job.SetProgress(30);
+  if (p.start_vm) {
+    VmLaunchSpec spec;
+    spec.definition = *def;
+    spec.run_dir = a->rec.run_dir;
+    spec.name_override = tdef.name;
+    spec.uuid_override = test_id;
+    for (size_t i = 0; i < names->size(); ++i) {
+      VmLaunchDisk d;
+      d.backing = exports_.Uri((*names)[i]);
+      d.size_bytes = a->store->disks()[i].size;
+      d.nbd_reconnect_delay_s = options_.nbd_reconnect_delay_s;
+      spec.disks.push_back(d);
+    }
+    spec.network = p.network == TestNetwork::kNone ? VmNetworkMode::kNone : VmNetworkMode::kIsolated;
+    spec.accel = options_.accel;
+    spec.start_timeout = options_.vm_start_timeout;
+    if (!def->boot_kernel.empty()) spec.kernel_boot = VmKernelBoot{def->boot_kernel, def->boot_initrd, def->boot_append};
+    if (p.apply_network_settings) {
+      auto stored = catalog_->GetFailoverNetworkSettings(vm_id);
+      if (!stored.ok()) return fail(stored.status());
+      if (!stored->empty()) {
+        NoCloudSeed seed;
+        seed.instance_id = "vmreplica-test-" + test_id;
+        seed.local_hostname = HostNameFor(vm->name, vm_id);
+        for (const auto& r : *stored) {
+          seed.network.push_back(FailoverNetworkAdapterSettings{r.adapter, r.ip_addresses, r.subnets,
+                                                                r.default_gateways, r.dns_servers, r.dhcp_enabled});
+        }
+        const std::string iso = a->rec.run_dir + "/seed.iso";
+        s = WriteNoCloudSeedImage(seed, iso);
+        if (!s.ok()) return fail(s.WithContext("writing the network seed"));
+        spec.extra_drives.push_back(VmExtraDrive{iso, "raw"});
+      }
+    }
+    auto launched = VmLauncher::Start(spec);
+    if (!launched.ok()) return fail(launched.status().WithContext("starting the test VM"));
+    a->vm = std::move(*launched);
+    a->rec.started = true;
+    s = WriteFileAtomic(record_path, a->rec.Encode(), 0600);
+    if (!s.ok()) return fail(s);
+  }
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    active_[vm_id + ".test"] = a;
+  }
+  job.SetResult(json{{"vm_id", vm_id},
+                     {"test_vm_id", test_id},
+                     {"test_vm_name", tv.name},
+                     {"recovery_point_id", chosen->id},
+                     {"sequence", chosen->sequence},
+                     {"exports", a->rec.exports},
+                     {"started", a->rec.started}}
+                    .dump());
+  spdlog::info("test VM '{}' ({}) of VM {} from point {} (sequence {})", tv.name, test_id, vm->name, chosen->id,
+               chosen->sequence);
+  return Status::Ok();
+}
+
+Result<JobRecord> FailoverManager::DestroySystem(const std::string& vm_name) {
+  VMR_ASSIGN_OR_RETURN(VmRecord vm, ResolveReplicaVm(vm_name));
+  std::string replica_id;
+  if (vm.mode == ReplicationMode::kTestReplica) {
+    std::lock_guard<std::mutex> l(mu_);
+    for (const auto& [key, a] : active_) {
+      if (a->rec.kind == "test" && a->rec.test_vm_id == vm.id) replica_id = a->rec.vm_id;
+    }
+    if (replica_id.empty()) {
+      return Status::NotFound("test VM " + vm.name + " is not known to the failover service");
+    }
+  } else if (vm.mode == ReplicationMode::kReplica || vm.mode == ReplicationMode::kExtendedReplica) {
+    replica_id = vm.id;
+  } else {
+    return Status::FailedPrecondition("VM " + vm.name + " is neither a test VM nor a replica (mode " +
+                                      std::string(Name(vm.mode)) + ")");
+  }
+  const std::string key = replica_id + ".test";
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    if (active_.count(key) == 0) {
+      return Status::FailedPrecondition("VM " + vm.name + " has no test VM");
+    }
+    if (busy_.count(key) != 0) return Status::Busy("VM " + vm.name + ": a test VM job is running");
+    busy_.insert(key);
+  }
+  auto job = jobs_->Start(JobType::kRemoveTestReplica, replica_id, json{{"vm", replica_id}}.dump(), false, false,
+                          [this, replica_id, key](JobContext& ctx) -> Status {
+                            Status s = DoDestroy(ctx, replica_id);
+                            std::lock_guard<std::mutex> l(mu_);
+                            busy_.erase(key);
+                            return s;
+                          });
+  if (!job.ok()) {
+    std::lock_guard<std::mutex> l(mu_);
+    busy_.erase(key);
+  }
+  return job;
+}
+
+Status FailoverManager::DoDestroy(JobContext& job, const std::string& vm_id) {
+  const std::string key = vm_id + ".test";
+  std::shared_ptr<Active> a;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    auto it = active_.find(key);
+    if (it == active_.end()) return Status::FailedPrecondition("VM " + vm_id + " has no test VM");
+    a = it->second;
+  }
+  VMR_RETURN_IF_ERROR(TearDown(*a).WithContext("DestroySystem"));
+  job.SetProgress(60);
+  VMR_RETURN_IF_ERROR(catalog_->DeleteVm(a->rec.test_vm_id));
+  const std::string path = RecordPath(vm_id, true);
+  if (::unlink(path.c_str()) != 0 && errno != ENOENT) return Errno("unlink", path);
+  FsyncParentDir(path).IgnoreError();
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    active_.erase(key);
+  }
+  spdlog::info("test VM {} of VM {} destroyed", a->rec.test_vm_id, vm_id);
+  return Status::Ok();
+}
+
+Result<FailoverManager::Running> FailoverManager::Describe(const std::string& vm_id, bool test) {
+  std::shared_ptr<Active> a;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    auto it = active_.find(vm_id + (test ? ".test" : ""));
+    if (it == active_.end()) return Status::NotFound("VM " + vm_id + (test ? " has no test VM" : " is not failed over"));
+    a = it->second;
+  }
+  Running r;
+  r.kind = a->rec.kind;
+  r.vm_id = a->rec.vm_id;
+  r.test_vm_id = a->rec.test_vm_id;
+  r.sequence = a->rec.sequence;
+  r.run_dir = a->rec.run_dir;
+  r.exports = a->rec.exports;
+  std::lock_guard<std::mutex> vl(a->vm_mu);
+  r.vm_running = a->vm && a->vm->IsRunning();
+  return r;
+}
+
+}  // namespace vmreplica

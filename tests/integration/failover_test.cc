@@ -1,0 +1,328 @@
+// Failover on the replica host with a real guest (the tiny TCG guest of
+// tests/guest): the guest on the primary writes files in phases, one cycle
+// apart; the failover VM boots on the replica from the point the operator
+// picks and finds exactly the phases that point holds. Test failover runs
+// beside ongoing replication and leaves nothing behind.
+#include <gtest/gtest.h>
+#include <signal.h>
+
+#include <chrono>
+#include <filesystem>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <thread>
+
+#include "guest/guest_console.h"
+#include "guest/test_guest.h"
+#include "integration/harness.h"
+
+namespace vmreplica::testing {
+namespace {
+
+using nlohmann::json;
+using namespace std::chrono_literals;
+
+std::string ShortId(const std::string& uuid) {
+  std::string hex;
+  for (char c : uuid) {
+    if (c != '-') hex += c;
+    if (hex.size() == 16) break;
+  }
+  return hex;
+}
+
+struct Point {
+  std::string id;
+  int64_t time_ms = 0;
+  int64_t sequence = 0;
+};
+
+// The fixture: a guest on the primary with an ext4 disk, replicated every
+// second (test-only interval) to a second daemon.
+class FailoverTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    Status artifacts = CheckGuestArtifacts();
+    ASSERT_TRUE(artifacts.ok()) << artifacts.ToString();
+    MakeCa(dir_ / "ca", "vmreplica failover test CA");
+    MakeHost(dir_ / "ca", dir_ / "pki", "primary.vmreplica.test", {"localhost", "127.0.0.1"});
+    MakeHost(dir_ / "ca", dir_ / "pki", "replica.vmreplica.test", {"localhost", "127.0.0.1"});
+    auto r = RunProgram({"/sbin/mkfs.ext4", "-q", "-F", dir_ / "vda.raw", "64M"});
+    ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+    r = RunProgram(
+        {"/usr/bin/qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", dir_ / "vda.raw", dir_ / "vda.qcow2"});
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+
+    GuestOptions go;
+    go.disks.push_back(GuestDisk{dir_ / "vda.qcow2", "qcow2", "vda"});
+    go.run_dir = dir_ / "guest";
+    std::filesystem::create_directories(go.run_dir);
+    auto guest = TestGuest::Launch(go);
+    ASSERT_TRUE(guest.ok()) << guest.status().ToString();
+    guest_ = std::move(*guest);
+    Guest("mkdir -p /mnt/d && mount -t ext4 /dev/vda /mnt/d && echo mounted");
+
+    auto spec = [&](const std::string& host, const std::string& extra) {
+      return DaemonSpec{host, dir_ / "ca/ca.crt", dir_ / ("pki/" + host + ".crt"), dir_ / ("pki/" + host + ".key"),
+                        FreePort(), extra};
+    };
+    primary_.emplace(dir_, spec("primary.vmreplica.test", "[testing]\nreplication_interval_override_ms = 1000\n"));
+    replica_.emplace(dir_, spec("replica.vmreplica.test", ""));
+    std::string err;
+    ASSERT_TRUE(primary_->Start(&err)) << err;
+    ASSERT_TRUE(replica_->Start(&err)) << err;
+    ASSERT_EQ(replica_->Cli({"server", "set", "--enable", "--auth", "certificate"}).exit_code, 0);
+    ASSERT_EQ(replica_->Cli({"auth", "add", "*.vmreplica.test", "--storage", dir_ / "replicas"}).exit_code, 0);
+    // The definition carries the guest's direct kernel boot, so the failover
+    // VM boots the same way.
+    const std::string art = GuestArtifactsDir();
+    r = primary_->Cli({"vm", "add", "guest", "--qmp", guest_->qmp_socket(), "--disk", "vda=vda", "--kernel",
+                       art + "/vmlinuz", "--initrd", art + "/initramfs.cpio.gz", "--append", GuestKernelAppend(1)});
+    ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+    r = primary_->Cli({"--json", "vm", "get", "guest"});
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    vm_id_ = LastJsonDocument(r.out)["vm"]["id"].get<std::string>();
+    r = primary_->Cli({"enable", "guest", "--replica-server", "127.0.0.1", "--replica-port",
+                       std::to_string(replica_->port())});
+    ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+    r = primary_->Cli({"start", "guest"});
+    ASSERT_EQ(r.exit_code, 0) << r.out << r.err << ReadText(primary_->log_path());
+  }
+
+  void TearDown() override {
+    if (replica_) {
+      // Whatever a failing test left: no VM may outlive it.
+      replica_->Cli({"stop-failover", "guest", "--test"});
+      replica_->Cli({"stop-failover", "guest"});
+    }
+    if (guest_) guest_->Kill();
+  }
+
+  // Runs a command in the primary's guest; must exit 0.
+  std::string Guest(const std::string& cmd) {
+    auto g = guest_->Run(cmd, 120s);
+    EXPECT_TRUE(g.ok()) << g.status().ToString();
+    if (!g.ok()) return "";
+    EXPECT_EQ(g->first, 0) << cmd << ": " << g->second;
+    return g->second;
+  }
+
+  // Writes phase `k`: a random file, synced; answers its md5sum line.
+  std::string WritePhase(int k) {
+    const std::string f = "/mnt/d/p" + std::to_string(k);
+    return Guest("dd if=/dev/urandom of=" + f + " bs=4k count=64 2>/dev/null && sync && md5sum " + f);
+  }
+
+  std::vector<Point> Points() {
+    auto r = replica_->Cli({"--json", "points", "guest"});
+    std::vector<Point> out;
+    if (r.exit_code != 0) return out;
+    json doc = LastJsonDocument(r.out);
+    if (!doc.contains("points")) return out;
+    for (const auto& p : doc["points"]) {
+      out.push_back(Point{p["id"].get<std::string>(), JsonInt(p["time_unix_ms"]), JsonInt(p["sequence"])});
+    }
+    return out;
+  }
+
+  // Waits for a recovery point cut after `after_ms` (host clock).
+  std::optional<Point> WaitPointAfter(int64_t after_ms) {
+    const auto deadline = std::chrono::steady_clock::now() + 120s;
+    while (std::chrono::steady_clock::now() < deadline) {
+      for (const auto& p : Points()) {
+        if (p.time_ms > after_ms) return p;
+      }
+      std::this_thread::sleep_for(200ms);
+    }
+    ADD_FAILURE() << "no recovery point after " << after_ms << "\n" << ReadText(replica_->log_path());
+    return std::nullopt;
+  }
+
+  json Relationship(Daemon& d) {
+    auto out = d.Cli({"--json", "get", "guest"});
+    if (out.exit_code != 0) return json();
+    return LastJsonDocument(out.out)["relationships"][0];
+  }
+  int64_t ReplicaState() {
+    json rel = Relationship(*replica_);
+    return rel.is_null() ? -1 : JsonInt(rel["replication_state"]);
+  }
+
+  static void ExpectRefused(const RunResult& r, const std::string& code) {
+    EXPECT_EQ(r.exit_code, 1) << r.out << r.err;
+    EXPECT_NE(r.err.find(code), std::string::npos) << r.out << r.err;
+  }
+
+  std::string FailoverRunDir() const { return replica_->state_dir() + "/run/fo-" + ShortId(vm_id_); }
+  std::string TestRunDir() const { return replica_->state_dir() + "/run/t-" + ShortId(vm_id_); }
+  std::string PointsSocket() const { return replica_->state_dir() + "/run/points.sock"; }
+
+  // The names the replica's point server exports now (nbdinfo --list).
+  std::vector<std::string> Exports() {
+    auto r = RunProgram({"/usr/bin/nbdinfo", "--list", "--json", "nbd+unix://?socket=" + PointsSocket()});
+    EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
+    std::vector<std::string> names;
+    json j = json::parse(r.out, nullptr, false);
+    if (j.is_discarded() || !j.contains("exports")) return names;
+    for (const auto& e : j["exports"]) names.push_back(e["export-name"].get<std::string>());
+    return names;
+  }
+
+  TempDir dir_;
+  std::unique_ptr<TestGuest> guest_;
+  std::optional<Daemon> primary_, replica_;
+  std::string vm_id_;
+};
+
+// Must show: three phases one cycle apart; an unplanned failover to the
+// middle point finds phases one and two; revert, then the latest finds all
+// three; every illegal state answers 32775.
+TEST_F(FailoverTest, UnplannedFailoverToTheMiddlePointThenRevertAndFailOverToTheLatest) {
+  ASSERT_FALSE(HasFatalFailure());
+  // Illegal before anything: RevertFailover in Replicating (once the initial
+  // copy arrived), a failover of the primary's VM on the primary.
+  auto deadline = std::chrono::steady_clock::now() + 120s;
+  while (ReplicaState() != 3 && std::chrono::steady_clock::now() < deadline) std::this_thread::sleep_for(200ms);
+  ASSERT_EQ(ReplicaState(), 3) << ReadText(replica_->log_path());
+  ExpectRefused(replica_->Cli({"stop-failover", "guest"}), "32775");
+  ExpectRefused(primary_->Cli({"failover", "guest", "--force"}), "32775");
+  ExpectRefused(replica_->Cli({"failover", "guest", "--point", "no-such-point"}), "32773");
+
+  const std::string sum1 = WritePhase(1);
+  auto p1 = WaitPointAfter(NowMs());
+  ASSERT_TRUE(p1);
+  const std::string sum2 = WritePhase(2);
+  const int64_t after2 = NowMs();
+  auto p2 = WaitPointAfter(after2);
+  ASSERT_TRUE(p2);
+  const int64_t before3 = NowMs();
+  const std::string sum3 = WritePhase(3);
+  auto p3 = WaitPointAfter(NowMs());
+  ASSERT_TRUE(p3);
+  // The middle point: the newest cut between phase two's sync and phase
+  // three's first write.
+  std::optional<Point> middle;
+  for (const auto& p : Points()) {
+    if (p.time_ms > after2 && p.time_ms < before3) middle = p;
+  }
+  ASSERT_TRUE(middle) << "no point between phase 2 and phase 3";
+
+  // The primary is lost.
+  primary_->Kill();
+  guest_->Kill();
+
+  auto r = replica_->Cli({"failover", "guest", "--point", middle->id, "--start"});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err << ReadText(replica_->log_path());
+  EXPECT_EQ(ReplicaState(), 5);
+  EXPECT_EQ(Exports().size(), 1u);
+  {
+    auto console = GuestConsole::Connect(FailoverRunDir() + "/serial.sock", 180s);
+    ASSERT_TRUE(console.ok()) << console.status().ToString() << ReadText(FailoverRunDir() + "/serial.log");
+    auto g = (*console)->Run("mkdir -p /mnt/d && mount -t ext4 /dev/vda /mnt/d && md5sum /mnt/d/p1 /mnt/d/p2", 120s);
+    ASSERT_TRUE(g.ok()) << g.status().ToString();
+    EXPECT_EQ(g->first, 0) << g->second;
+    EXPECT_NE(g->second.find(sum1.substr(0, 32)), std::string::npos) << g->second;
+    EXPECT_NE(g->second.find(sum2.substr(0, 32)), std::string::npos) << g->second;
+    g = (*console)->Run("test -e /mnt/d/p3 && echo present || echo absent");
+    ASSERT_TRUE(g.ok());
+    EXPECT_NE(g->second.find("absent"), std::string::npos) << "phase three is in the middle point: " << g->second;
+    // A write of the failover VM: RevertFailover must discard it.
+    g = (*console)->Run("echo discarded > /mnt/d/failover-write && sync && echo ok");
+    ASSERT_TRUE(g.ok());
+    EXPECT_EQ(g->first, 0) << g->second;
+  }
+  // Illegal while failed over (5): a second failover, a test VM, a revert of
+  // a test VM that does not exist.
+  ExpectRefused(replica_->Cli({"failover", "guest"}), "32775");
+  ExpectRefused(replica_->Cli({"failover", "guest", "--as-test"}), "32775");
+  ExpectRefused(replica_->Cli({"stop-failover", "guest", "--test"}), "32775");
+
+  r = replica_->Cli({"stop-failover", "guest"});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err << ReadText(replica_->log_path());
+  EXPECT_EQ(ReplicaState(), 3);
+  EXPECT_FALSE(std::filesystem::exists(FailoverRunDir())) << "RevertFailover left its run directory";
+  EXPECT_TRUE(Exports().empty());
+
+  r = replica_->Cli({"failover", "guest", "--start"});  // the latest point
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err << ReadText(replica_->log_path());
+  EXPECT_EQ(ReplicaState(), 5);
+  {
+    auto console = GuestConsole::Connect(FailoverRunDir() + "/serial.sock", 180s);
+    ASSERT_TRUE(console.ok()) << console.status().ToString() << ReadText(FailoverRunDir() + "/serial.log");
+    auto g = (*console)->Run(
+        "mkdir -p /mnt/d && mount -t ext4 /dev/vda /mnt/d && md5sum /mnt/d/p1 /mnt/d/p2 /mnt/d/p3", 120s);
+    ASSERT_TRUE(g.ok()) << g.status().ToString();
+    EXPECT_EQ(g->first, 0) << g->second;
+    for (const auto* sum : {&sum1, &sum2, &sum3}) {
+      EXPECT_NE(g->second.find(sum->substr(0, 32)), std::string::npos) << g->second;
+    }
+    g = (*console)->Run("test -e /mnt/d/failover-write && echo present || echo absent");
+    ASSERT_TRUE(g.ok());
+    EXPECT_NE(g->second.find("absent"), std::string::npos) << "the reverted failover's write survived";
+  }
+  // The points are all still there (nothing was committed).
+  EXPECT_GE(Points().size(), 3u);
+  r = replica_->Cli({"stop-failover", "guest"});
+  EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
+  EXPECT_EQ(ReplicaState(), 3);
+}
+
+// Must show: a test failover runs while the primary keeps writing and the
+// replica keeps applying; the test VM sees the point's data; DestroySystem
+// leaves no files, exports or processes behind.
+TEST_F(FailoverTest, TestFailoverRunsBesideReplicationAndLeavesNothingBehind) {
+  ASSERT_FALSE(HasFatalFailure());
+  const std::string sum1 = WritePhase(1);
+  auto p1 = WaitPointAfter(NowMs());
+  ASSERT_TRUE(p1);
+  // The primary keeps writing from now on.
+  Guest("(i=0; while true; do echo $i >> /mnt/d/log; dd if=/dev/urandom of=/mnt/d/w$((i % 8)) bs=4k count=4 "
+        "2>/dev/null; sync; i=$((i + 1)); done) >/dev/null 2>&1 & echo started");
+
+  auto r = replica_->Cli({"failover", "guest", "--as-test", "--point", p1->id, "--start"});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err << ReadText(replica_->log_path());
+  EXPECT_EQ(ReplicaState(), 3) << "a test failover does not change the replica's state";
+  r = replica_->Cli({"--json", "vm", "get", "guest - Test"});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  const json test_vm = LastJsonDocument(r.out)["vm"];
+  EXPECT_EQ(JsonInt(test_vm["replication_mode"]), 3) << test_vm.dump();
+  EXPECT_NE(test_vm["id"].get<std::string>(), vm_id_);
+  // A second test VM of the same replica: refused (32774).
+  ExpectRefused(replica_->Cli({"failover", "guest", "--as-test"}), "32774");
+
+  const int64_t pid = std::stoll(ReadText(TestRunDir() + "/qemu.pid"));
+  ASSERT_GT(pid, 0);
+  const int64_t seq_before = Points().back().sequence;
+  {
+    auto console = GuestConsole::Connect(TestRunDir() + "/serial.sock", 180s);
+    ASSERT_TRUE(console.ok()) << console.status().ToString() << ReadText(TestRunDir() + "/serial.log");
+    auto g = (*console)->Run("mkdir -p /mnt/d && mount -t ext4 /dev/vda /mnt/d && md5sum /mnt/d/p1", 120s);
+    ASSERT_TRUE(g.ok()) << g.status().ToString();
+    EXPECT_EQ(g->first, 0) << g->second;
+    EXPECT_NE(g->second.find(sum1.substr(0, 32)), std::string::npos) << g->second;
+    // The point is the one asked for: the writer's files came later.
+    g = (*console)->Run("test -e /mnt/d/log && echo present || echo absent");
+    ASSERT_TRUE(g.ok());
+    EXPECT_NE(g->second.find("absent"), std::string::npos) << g->second;
+  }
+  // Replication kept applying while the test VM ran.
+  const auto deadline = std::chrono::steady_clock::now() + 60s;
+  while (Points().back().sequence <= seq_before + 2 && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(200ms);
+  }
+  EXPECT_GT(Points().back().sequence, seq_before + 2) << "the replica stopped applying during the test failover";
+  EXPECT_EQ(Exports().size(), 1u);
+
+  r = replica_->Cli({"stop-failover", "guest", "--test"});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err << ReadText(replica_->log_path());
+  EXPECT_FALSE(std::filesystem::exists(TestRunDir())) << "DestroySystem left its run directory";
+  EXPECT_TRUE(Exports().empty());
+  EXPECT_NE(::kill(static_cast<pid_t>(pid), 0), 0) << "the test VM's QEMU still runs";
+  EXPECT_NE(replica_->Cli({"vm", "get", "guest - Test"}).exit_code, 0);
+  EXPECT_EQ(ReplicaState(), 3);
+  // DestroySystem again: there is no test VM any more.
+  ExpectRefused(replica_->Cli({"stop-failover", "guest", "--test"}), "32775");
+}
+
+}  // namespace
+}  // namespace vmreplica::testing
