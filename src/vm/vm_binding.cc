@@ -6,6 +6,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cctype>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -172,6 +174,21 @@ Result<VmDefinition> InspectQmp(const VmAddRequest& req) {
   def.vcpus = req.vcpus;
   if (def.vcpus == 0 && cpus && cpus->is_array()) def.vcpus = static_cast<uint32_t>(cpus->size());
   if (def.vcpus == 0) return Status::InvalidArgument("vcpus: QEMU cannot tell; give the number of vCPUs");
+  // The NICs, by their MAC (failover IP settings name adapters by MAC):
+  // query-rx-filter lists every NIC that has a receive filter (virtio-net,
+  // e1000, rtl8139...).
+  VMR_ASSIGN_OR_RETURN(auto filters, Optional(qmp, "query-rx-filter"));
+  if (filters && filters->is_array()) {
+    for (const auto& f : *filters) {
+      if (!f.is_object() || !f.contains("main-mac") || !f["main-mac"].is_string()) continue;
+      std::string mac = f["main-mac"].get<std::string>();
+      std::transform(mac.begin(), mac.end(), mac.begin(), [](unsigned char c) { return std::tolower(c); });
+      VmNicSpec nic;
+      nic.mac = mac;
+      def.nics.push_back(std::move(nic));
+      if (def.nics.size() == 64) break;
+    }
+  }
   return def;
 }
 

@@ -31,6 +31,8 @@ std::string ShortId(const std::string& uuid) {
   return hex;
 }
 
+constexpr const char* kMac = "52:54:00:5a:17:01";
+
 struct Point {
   std::string id;
   int64_t time_ms = 0;
@@ -56,6 +58,9 @@ class FailoverTest : public ::testing::Test {
     GuestOptions go;
     go.disks.push_back(GuestDisk{dir_ / "vda.qcow2", "qcow2", "vda"});
     go.run_dir = dir_ / "guest";
+    // One NIC on a hub with no other port (no traffic leaves): the
+    // definition records it by MAC, for the failover IP settings.
+    go.extra_args = {"-netdev", "hubport,id=n0,hubid=0", "-device", std::string("virtio-net-pci,netdev=n0,mac=") + kMac};
     std::filesystem::create_directories(go.run_dir);
     auto guest = TestGuest::Launch(go);
     ASSERT_TRUE(guest.ok()) << guest.status().ToString();
@@ -187,6 +192,11 @@ TEST_F(FailoverTest, UnplannedFailoverToTheMiddlePointThenRevertAndFailOverToThe
   ExpectRefused(replica_->Cli({"stop-failover", "guest"}), "32775");
   ExpectRefused(primary_->Cli({"failover", "guest", "--force"}), "32775");
   ExpectRefused(replica_->Cli({"failover", "guest", "--point", "no-such-point"}), "32773");
+  // The failover IP settings, on the replica's VM (its definition came from
+  // the primary with the NIC's MAC).
+  auto r = replica_->Cli({"set-failover-ip", "guest", "--adapter", kMac, "--ip", "192.0.2.10", "--subnet", "24",
+                          "--gateway", "192.0.2.1", "--dns", "192.0.2.53"});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
 
   const std::string sum1 = WritePhase(1);
   auto p1 = WaitPointAfter(NowMs());
@@ -211,7 +221,7 @@ TEST_F(FailoverTest, UnplannedFailoverToTheMiddlePointThenRevertAndFailOverToThe
   primary_->Kill();
   guest_->Kill();
 
-  auto r = replica_->Cli({"failover", "guest", "--point", middle->id, "--start"});
+  r = replica_->Cli({"failover", "guest", "--point", middle->id, "--start"});
   ASSERT_EQ(r.exit_code, 0) << r.out << r.err << ReadText(replica_->log_path());
   EXPECT_EQ(ReplicaState(), 5);
   EXPECT_EQ(Exports().size(), 1u);
@@ -226,6 +236,15 @@ TEST_F(FailoverTest, UnplannedFailoverToTheMiddlePointThenRevertAndFailOverToThe
     g = (*console)->Run("test -e /mnt/d/p3 && echo present || echo absent");
     ASSERT_TRUE(g.ok());
     EXPECT_NE(g->second.find("absent"), std::string::npos) << "phase three is in the middle point: " << g->second;
+    // The seed: a read-only second disk labelled cidata whose
+    // network-config carries the settings.
+    g = (*console)->Run("dd if=/dev/vdb bs=1 skip=32808 count=6 2>/dev/null; echo; cat /sys/block/vdb/ro");
+    ASSERT_TRUE(g.ok());
+    EXPECT_EQ(g->second, "cidata\n1\n");
+    g = (*console)->Run("dd if=/dev/vdb bs=2048 2>/dev/null | grep -a -o -e 192.0.2.10/24 -e 'via: \"192.0.2.1\"' -e " +
+                        std::string(kMac) + " | sort -u");
+    ASSERT_TRUE(g.ok());
+    EXPECT_EQ(g->second, "192.0.2.10/24\n" + std::string(kMac) + "\nvia: \"192.0.2.1\"\n") << g->second;
     // A write of the failover VM: RevertFailover must discard it.
     g = (*console)->Run("echo discarded > /mnt/d/failover-write && sync && echo ok");
     ASSERT_TRUE(g.ok());
