@@ -3,7 +3,8 @@
 // VM runs from a recovery point's NBD view under a qcow2 overlay: nothing is
 // copied, and every retained point is as fast to fail over to as the latest.
 //
-//   InitiateFailover:  3/7/10/15 --job 97--> 12 (apply held, point exported,
+//   InitiateFailover:  [primary asked: refused while its VM runs, unless force]
+//                      3/7/10/15 --job 97--> 12 (apply held, point exported,
 //                      record "preparing", seed, VM started) --> 5
 //                       \__ any error: everything undone, state restored
 //   RevertFailover:    5 --job 98--> VM stopped, files/exports/record removed --> 3
@@ -52,6 +53,10 @@ struct FailoverOptions {
   // A graceful stop (ACPI power-down) waits this long before quit / kill.
   std::chrono::milliseconds vm_stop_grace{30'000};
   std::function<int64_t()> now_ms;  // Unix ms; default: the system clock
+  // Asks the primary host at `address` ("host:port", the relationship's
+  // PrimaryConnectionPoint) whether VM `vm_id` runs there. Unset: never asked.
+  std::function<Result<ReplicaClient::PrimaryVmState>(const std::string& address, const std::string& vm_id)>
+      ask_primary;
 };
 
 struct FailoverRequestParams {

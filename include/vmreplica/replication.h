@@ -84,6 +84,10 @@ struct ReplicationEngineOptions {
   // certificate (PermissionDenied) from an unreachable host (Unavailable)).
   // Must not be empty.
   std::function<Result<std::shared_ptr<grpc::Channel>>(const std::string& host, uint16_t port)> open_channel;
+  // "host:port" where this host's daemon listens for peers, sent to the
+  // replica as PrimaryConnectionPoint (it asks the primary before a
+  // failover). May be empty / return "".
+  std::function<std::string()> advertised_address;
   // Clock (Unix ms); empty = the system clock.
   std::function<int64_t()> now_ms;
 };
@@ -183,6 +187,18 @@ class ReplicationEngine {
 
   // Resolves `vm` (id or unique name) to its record.
   Result<VmRecord> ResolveVm(const std::string& vm);
+
+  // For the replica host's InitiateFailover (peer call GetPrimaryVmState):
+  // whether primary VM `vm_id` runs here. `caller_names` are the calling
+  // host's certificate names; one must be the relationship's replica server
+  // (RecoveryConnectionPoint), else PermissionDenied. NotFound when this
+  // host is not the primary of `vm_id`.
+  struct PrimaryRunState {
+    int run_state = 0;  // 1 running, 2 not running, 0 unknown
+    ReplicationState state = ReplicationState::kDisabled;
+    std::string detail;
+  };
+  Result<PrimaryRunState> QueryPrimaryRunState(const std::vector<std::string>& caller_names, const std::string& vm_id);
 
   // NotSupported unless this host is the primary of `rel`.
   static Status RequirePrimary(const VmRecord& vm, const RelationshipRecord& rel, const char* method);

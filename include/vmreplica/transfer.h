@@ -136,6 +136,15 @@ class ReplicaClient {
   Result<ReplicaStatusInfo> ModifyReplica(const std::string& vm_id, uint32_t relationship_index,
                                           const RelationshipSettings& settings);
 
+  // The other direction (replica host -> primary host): whether the primary
+  // VM runs there. run_state: 1 running, 2 not running, 0 unknown.
+  struct PrimaryVmState {
+    int run_state = 0;
+    uint32_t replication_state = 0;
+    std::string detail;
+  };
+  Result<PrimaryVmState> GetPrimaryVmState(const std::string& vm_id);
+
   // TEST ONLY: see TestOnlySendHooks.
   void SetTestOnlySendHooks(TestOnlySendHooks hooks) { test_hooks_ = std::move(hooks); }
 

@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cctype>
 #include <filesystem>
 
 #include "service/tls.h"
@@ -82,8 +83,7 @@ Result<std::unique_ptr<Daemon>> Daemon::Create(DaemonConfig config) {
                  eopts.test_interval_override_ms);
   }
   Daemon* self = d.get();
-  eopts.open_channel = [self](const std::string& host,
-                              uint16_t port) -> Result<std::shared_ptr<grpc::Channel>> {
+  auto open_channel = [self](const std::string& host, uint16_t port) -> Result<std::shared_ptr<grpc::Channel>> {
     // The probe tells a refused certificate (32769) from an unreachable host (32777).
     auto probe = security::ProbeTls(host, port, self->env_.identity, host, self->env_.options.connect_timeout);
     if (!probe.ok()) {
@@ -94,11 +94,40 @@ Result<std::unique_ptr<Daemon>> Daemon::Create(DaemonConfig config) {
     }
     return service::MakeSecureChannel(host, port, self->env_.identity);
   };
+  eopts.open_channel = open_channel;
+  // Where the replica can ask this host about its primary VMs: the
+  // listener's address, with a wildcard replaced by the certificate's name.
+  eopts.advertised_address = [self]() -> std::string {
+    if (!self->ListenerRunning()) return "";
+    const std::string a = self->ListenAddress();
+    const size_t colon = a.rfind(':');
+    if (colon == std::string::npos) return "";
+    std::string host = a.substr(0, colon);
+    if (host == "0.0.0.0" || host == "::" || host == "[::]" || host.empty()) host = self->env_.host_name;
+    return host + a.substr(colon);
+  };
   d->replication_ = std::make_unique<ReplicationEngine>(d->catalog_.get(), d->jobs_.get(), eopts);
   d->env_.replication = d->replication_.get();
 
   FailoverOptions fopts;
   fopts.state_dir = d->config_.state_dir;
+  fopts.ask_primary = [open_channel](const std::string& address,
+                                     const std::string& vm_id) -> Result<ReplicaClient::PrimaryVmState> {
+    const size_t colon = address.rfind(':');
+    if (colon == std::string::npos || colon == 0) return Status::InvalidArgument("'" + address + "' is not host:port");
+    std::string host = address.substr(0, colon);
+    if (host.size() > 2 && host.front() == '[' && host.back() == ']') host = host.substr(1, host.size() - 2);
+    const std::string port_text = address.substr(colon + 1);
+    if (port_text.empty() || port_text.size() > 5 ||
+        !std::all_of(port_text.begin(), port_text.end(), [](unsigned char c) { return std::isdigit(c); })) {
+      return Status::InvalidArgument("'" + address + "' has no valid port");
+    }
+    const unsigned long port = std::stoul(port_text);
+    if (port == 0 || port > 65535) return Status::InvalidArgument("'" + address + "' has no valid port");
+    VMR_ASSIGN_OR_RETURN(auto channel, open_channel(host, static_cast<uint16_t>(port)));
+    ReplicaClient client(channel);
+    return client.GetPrimaryVmState(vm_id);
+  };
   d->failover_ = std::make_unique<FailoverManager>(d->catalog_.get(), d->jobs_.get(), d->replicas_.get(), fopts);
   d->env_.failover = d->failover_.get();
 

@@ -450,6 +450,29 @@ Result<JobRecord> FailoverManager::InitiateFailover(const FailoverRequestParams&
   if (p.force) {
     spdlog::warn("InitiateFailover of VM {} ({}) with force: the operator accepted that the primary may still run",
                  vm.name, vm.id);
+  } else {
+    // Is the primary VM known to run? Asked over the link when reachable;
+    // an unreachable primary is the case failover exists for.
+    const std::string& address = rel->settings.primary_connection_point;
+    if (address.empty() || !options_.ask_primary) {
+      spdlog::warn("InitiateFailover of VM {}: the primary's address is unknown; not asked whether it runs", vm.name);
+    } else {
+      auto answer = options_.ask_primary(address, vm.id);
+      if (!answer.ok()) {
+        spdlog::warn("InitiateFailover of VM {}: the primary at {} was not reached ({}): failing over", vm.name,
+                     address, answer.status().ToString());
+      } else if (answer->run_state == 1) {
+        std::lock_guard<std::mutex> l(mu_);
+        busy_.erase(vm.id);
+        return Status::FailedPrecondition("VM " + vm.name + " still runs on its primary host " + address + " (" +
+                                          answer->detail +
+                                          "): shut it down, use a planned failover, or force the failover (--force) "
+                                          "if you accept two running copies");
+      } else {
+        spdlog::info("InitiateFailover of VM {}: the primary at {} says: {} ({})", vm.name, address,
+                     answer->run_state == 2 ? "not running" : "cannot tell", answer->detail);
+      }
+    }
   }
   json params = {{"vm", vm.id}, {"point", p.point_id}, {"force", p.force}, {"start", p.start_vm}};
   auto job = jobs_->Start(JobType::kFailover, vm.id, params.dump(), /*cancellable=*/false, /*resumable=*/false,

@@ -2,6 +2,7 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <cctype>
 #include <nlohmann/json.hpp>
 #include <random>
 #include <thread>
@@ -10,6 +11,7 @@
 #include "vmreplica/guest_agent.h"
 #include "vmreplica/model/transitions.h"
 #include "vmreplica/nbd_reader.h"
+#include "vmreplica/qmp.h"
 #include "vmreplica/replica_store.h"
 #include "vmreplica/replication.h"
 #include "vmreplica/tracker.h"
@@ -932,6 +934,7 @@ Status ReplicationEngine::CreateRelationship(const std::string& vm, const Relati
     params.disks.push_back(rd);
   }
   params.settings = settings;
+  params.settings.primary_connection_point = options_.advertised_address ? options_.advertised_address() : "";
   if (!options_.open_channel) return Status::Internal("replication engine: no channel factory");
   VMR_ASSIGN_OR_RETURN(auto channel, options_.open_channel(settings.recovery_connection_point,
                                                            static_cast<uint16_t>(settings.recovery_server_port)));
@@ -949,6 +952,7 @@ Status ReplicationEngine::CreateRelationship(const std::string& vm, const Relati
     r.local_mode = ReplicationMode::kPrimary;
     r.state = ReplicationState::kReadyForReplication;
     r.settings = settings;
+    r.settings.primary_connection_point = params.settings.primary_connection_point;
     StatisticsRecord s;
     HealthVerdict h = EvaluateHealth(r, s, Now(), 0);
     r.health = h.health;
@@ -1254,6 +1258,69 @@ Status ReplicationEngine::RemoveRelationship(const std::string& vm, int index) {
     v.mode = ReplicationMode::kNone;
     return catalog_->PutVm(v);
   });
+}
+
+Result<ReplicationEngine::PrimaryRunState> ReplicationEngine::QueryPrimaryRunState(
+    const std::vector<std::string>& caller_names, const std::string& vm_id) {
+  VMR_ASSIGN_OR_RETURN(auto rec, catalog_->GetVm(vm_id));
+  if (!rec || rec->mode != ReplicationMode::kPrimary) {
+    return Status::NotFound("VM " + vm_id + " is not replicated from this host");
+  }
+  VMR_ASSIGN_OR_RETURN(auto rel, catalog_->GetRelationship(vm_id, kPrimaryIndex));
+  if (!rel) return Status::NotFound("VM " + vm_id + " is not replicated from this host");
+  auto lower = [](std::string t) {
+    std::transform(t.begin(), t.end(), t.begin(), [](unsigned char c) { return std::tolower(c); });
+    return t;
+  };
+  const std::string server = lower(rel->settings.recovery_connection_point);
+  const bool is_replica = std::any_of(caller_names.begin(), caller_names.end(),
+                                      [&](const std::string& n) { return lower(n) == server; });
+  if (!is_replica) {
+    return Status::PermissionDenied("the caller is not the replica server of VM " + vm_id + " (" +
+                                    rel->settings.recovery_connection_point + ")");
+  }
+  PrimaryRunState out;
+  out.state = rel->state;
+  VMR_ASSIGN_OR_RETURN(auto def, DefinitionOf(*rec));
+  switch (def.kind) {
+    case VmSourceKind::kOffline:
+      out.run_state = 2;
+      out.detail = "an offline VM: its disks are served by qemu-storage-daemon, no guest runs";
+      return out;
+    case VmSourceKind::kLibvirt:
+      out.run_state = 0;
+      out.detail = "a libvirt domain: its run state is not checked";
+      return out;
+    case VmSourceKind::kQmp:
+      break;
+  }
+  // A cycle holds the VM's QMP connection (QEMU serves one monitor client
+  // at a time); a cycle in progress means QEMU answered a moment ago.
+  auto vm_lock = VmLock(vm_id);
+  std::unique_lock<std::mutex> l(*vm_lock, std::try_to_lock);
+  if (!l.owns_lock()) {
+    out.run_state = 1;
+    out.detail = "a replication cycle of the VM is in progress";
+    return out;
+  }
+  QmpClientOptions qo;
+  qo.connect_timeout = std::chrono::seconds(5);
+  auto qmp = QmpClient::Connect(def.qmp_socket, qo);
+  if (!qmp.ok()) {
+    out.run_state = 2;
+    out.detail = "QEMU does not answer at " + def.qmp_socket + " (" + qmp.status().message() + ")";
+    return out;
+  }
+  auto status = (*qmp)->Execute("query-status", nullptr, std::chrono::seconds(5));
+  if (!status.ok() || !status->is_object() || !status->contains("status") || !(*status)["status"].is_string()) {
+    out.run_state = 0;
+    out.detail = "QEMU answers but query-status failed";
+    return out;
+  }
+  const std::string st = (*status)["status"].get<std::string>();
+  out.run_state = (st == "shutdown" || st == "guest-panicked" || st == "internal-error") ? 2 : 1;
+  out.detail = "QEMU status " + st;
+  return out;
 }
 
 Result<StatisticsRecord> ReplicationEngine::GetStatistics(const std::string& vm, int index) {

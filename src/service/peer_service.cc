@@ -124,6 +124,10 @@ grpc::Status PeerService::CreateReplica(grpc::ServerContext* context, const v1::
   auto settings = FromProto(request->settings());
   if (!settings.ok()) return Refuse("CreateReplica", caller->names, settings.status());
   p.settings = *settings;
+  if (request->primary_address().size() > 262) {
+    return Refuse("CreateReplica", caller->names, Status::InvalidArgument("primary_address over 262 bytes"));
+  }
+  p.settings.primary_connection_point = request->primary_address();
   auto r = replicas_->CreateReplica(*caller, p);
   if (!r.ok()) return Refuse("CreateReplica", caller->names, r.status());
   ToProto(*r, response);
@@ -161,6 +165,23 @@ grpc::Status PeerService::ModifyReplica(grpc::ServerContext* context, const v1::
   auto r = replicas_->ModifyReplica(*caller, request->vm_id(), request->relationship_index(), *settings);
   if (!r.ok()) return Refuse("ModifyReplica", caller->names, r.status());
   ToProto(*r, response);
+  return grpc::Status::OK;
+}
+
+grpc::Status PeerService::GetPrimaryVmState(grpc::ServerContext* context, const v1::PrimaryVmQuery* request,
+                                            v1::PrimaryVmState* response) {
+  const std::vector<std::string> names = PeerNames(*context);
+  if (names.empty()) {
+    return Refuse("GetPrimaryVmState", names, Status::PermissionDenied("the call did not come with a client certificate"));
+  }
+  if (env_->replication == nullptr) return grpc::Status(grpc::StatusCode::UNIMPLEMENTED, "no replication engine");
+  auto st = env_->replication->QueryPrimaryRunState(names, request->vm_id());
+  if (!st.ok()) return Refuse("GetPrimaryVmState", names, st.status());
+  response->set_run_state(static_cast<uint32_t>(st->run_state));
+  response->set_replication_state(static_cast<uint32_t>(st->state));
+  response->set_detail(st->detail);
+  spdlog::info("GetPrimaryVmState from {}: VM {}: run state {} ({})", fmt::join(names, ","), request->vm_id(),
+               st->run_state, st->detail);
   return grpc::Status::OK;
 }
 

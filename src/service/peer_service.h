@@ -30,6 +30,10 @@ class PeerService final : public v1::ReplicaPeer::Service {
                              v1::RemoveReplicaResponse* response) override;
   grpc::Status ModifyReplica(grpc::ServerContext* context, const v1::ModifyReplicaRequest* request,
                              v1::ReplicaStatus* response) override;
+  // The replica host asks whether a primary VM of this host runs (before a
+  // failover there). Answered from the replication engine.
+  grpc::Status GetPrimaryVmState(grpc::ServerContext* context, const v1::PrimaryVmQuery* request,
+                                 v1::PrimaryVmState* response) override;
   grpc::Status PushDelta(grpc::ServerContext* context,
                          grpc::ServerReaderWriter<v1::DeltaReply, v1::DeltaMessage>* stream) override;
 

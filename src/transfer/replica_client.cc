@@ -155,6 +155,7 @@ Result<ReplicaStatusInfo> ReplicaClient::CreateReplica(const CreateReplicaParams
     p->set_size_bytes(d.size);
   }
   RelationshipSettingsToProto(params.settings, req.mutable_settings());
+  req.set_primary_address(params.settings.primary_connection_point);
   grpc::ClientContext ctx;
   SetDeadline(&ctx, unary_timeout_);
   v1::ReplicaStatus resp;
@@ -194,6 +195,19 @@ Result<ReplicaStatusInfo> ReplicaClient::ModifyReplica(const std::string& vm_id,
   v1::ReplicaStatus resp;
   VMR_RETURN_IF_ERROR(StatusFromGrpc(stub_->ModifyReplica(&ctx, req, &resp)).WithContext("ModifyReplica"));
   return FromProto(resp);
+}
+
+Result<ReplicaClient::PrimaryVmState> ReplicaClient::GetPrimaryVmState(const std::string& vm_id) {
+  v1::PrimaryVmQuery req;
+  req.set_vm_id(vm_id);
+  grpc::ClientContext ctx;
+  SetDeadline(&ctx, unary_timeout_);
+  v1::PrimaryVmState resp;
+  VMR_RETURN_IF_ERROR(StatusFromGrpc(stub_->GetPrimaryVmState(&ctx, req, &resp)).WithContext("GetPrimaryVmState"));
+  if (resp.run_state() > 2 || resp.replication_state() > 21 || resp.detail().size() > 4096) {
+    return Status::Corruption("GetPrimaryVmState: answer out of range");
+  }
+  return PrimaryVmState{static_cast<int>(resp.run_state()), resp.replication_state(), resp.detail()};
 }
 
 Result<SendStats> ReplicaClient::SendDelta(const DeltaInfo& info, DeltaSource& source, const SendOptions& options) {

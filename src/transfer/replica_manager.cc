@@ -578,6 +578,8 @@ Result<ReplicaStatusInfo> ReplicaManager::ModifyReplica(const PrimaryCaller& cal
       RelationshipSettings next = settings;
       next.recovery_connection_point = rel->settings.recovery_connection_point;
       next.recovery_server_port = rel->settings.recovery_server_port;
+      next.primary_connection_point = rel->settings.primary_connection_point;
+      next.primary_host_system = rel->settings.primary_host_system;
       rel->settings = next;
       return catalog_->PutRelationship(*rel);
     }));

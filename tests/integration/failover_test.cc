@@ -217,6 +217,13 @@ TEST_F(FailoverTest, UnplannedFailoverToTheMiddlePointThenRevertAndFailOverToThe
   }
   ASSERT_TRUE(middle) << "no point between phase 2 and phase 3";
 
+  // While the primary VM runs, the replica's failover asks it and is
+  // refused (32775) unless forced.
+  r = replica_->Cli({"failover", "guest", "--point", middle->id});
+  ExpectRefused(r, "32775");
+  EXPECT_NE(r.err.find("still runs"), std::string::npos) << r.err << ReadText(replica_->log_path()) << ReadText(primary_->log_path());
+  EXPECT_EQ(ReplicaState(), 3);
+
   // The primary is lost.
   primary_->Kill();
   guest_->Kill();
