@@ -5,9 +5,11 @@
 //
 // Lifecycle (one apply):
 //
-//   Apply(s) --> [undo header durable] --> per record: [before-images
-//   durable] --> [data written] --> [disks fsynced] --> [trailer durable]
-//   --> MANIFEST renamed (COMMIT) --> catalog mirrored --> retention
+//   Apply(s) --> [undo header durable] --> per batch of records (group
+//   commit, ReplicaStoreOptions::apply_batch_bytes): [before-images of the
+//   whole batch durable: one fdatasync] --> [the batch's data written]
+//   --> [disks fsynced] --> [trailer durable] --> MANIFEST renamed (COMMIT)
+//   --> catalog mirrored --> retention
 //        \__ any error before COMMIT: roll back with the undo entries
 //            (a failed MANIFEST write itself: refuse applies until reopened,
 //            Open decides from the MANIFEST it reads back)
@@ -46,6 +48,10 @@ namespace vmreplica {
 
 // Undo granularity: bytes per before-image. Frozen in the format.
 inline constexpr uint32_t kReplicaBlockSize = 4096;
+// Default of ReplicaStoreOptions::apply_batch_bytes (docs section 5).
+inline constexpr uint64_t kDefaultApplyBatchBytes = uint64_t{32} << 20;
+// Largest accepted ReplicaStoreOptions::apply_batch_bytes.
+inline constexpr uint64_t kMaxApplyBatchBytes = uint64_t{1} << 30;
 
 struct ReplicaDisk {
   std::string name;   // 1..64 of [A-Za-z0-9._-], not starting with '.'
@@ -63,6 +69,14 @@ struct ReplicaStoreOptions {
   // Store a before-image zstd-compressed (level 1) when that saves at least
   // an eighth of the block (docs section 4, entry flag 2).
   bool compress_undo = true;
+  // Group commit: Apply reads records into a batch until the blocks they
+  // touch reach this many bytes (a record larger than what is left is split
+  // across batches), makes the before-images of the whole batch durable with
+  // one fdatasync of the undo segment, then writes the batch's data (docs
+  // section 5). Bounds Apply's memory to about this much record data (plus
+  // the rest of a record cut at a batch boundary) and 5 MiB of buffers.
+  // Range kReplicaBlockSize..kMaxApplyBatchBytes (else InvalidArgument).
+  uint64_t apply_batch_bytes = kDefaultApplyBatchBytes;
   // Milliseconds since the Unix epoch; default: the system clock.
   std::function<int64_t()> now_ms;
   // Fault-injection seam (tests): called before and after every write,
@@ -84,6 +98,13 @@ struct ReplicaPoint {
   ReplicationType kind = ReplicationType::kNone;
   std::string generation_id;
   bool readable = true;  // false when an undo segment it needs is corrupt
+};
+
+// A range of one disk.
+struct ReplicaRange {
+  uint32_t disk = 0;
+  uint64_t offset = 0;
+  uint64_t length = 0;
 };
 
 struct ReplicaExtent {
@@ -134,6 +155,30 @@ class ReplicaStore {
   // Data / zero extents of a disk at a point, sorted, covering the disk,
   // block-granular, adjacent extents of the same kind coalesced.
   Result<std::vector<ReplicaExtent>> PointExtents(uint64_t sequence, uint32_t disk) const;
+
+  // Blocks that differ (or may differ) between point `sequence` and the
+  // latest point: the union of the blocks held by every committed undo
+  // segment (carried ones included) at or above `sequence`, per disk, sorted
+  // by (disk, offset), block-granular, adjacent ranges coalesced. Empty when
+  // `sequence` is the latest. Every block outside the answer reads the same
+  // at `sequence` as at the latest point. Runs concurrently with Apply like
+  // the other reads and answers for the latest committed point (the delta in
+  // progress is not part of it). NotFound when `sequence` is not retained;
+  // Corruption when one of those segments is corrupt (its blocks are
+  // unknown).
+  Result<std::vector<ReplicaRange>> ChangedSince(uint64_t sequence) const;
+
+  // Drops every retained point except the latest, whatever the retention
+  // settings (a failover commit makes one point final), and deletes their
+  // undo segments (carried ones included). Crash-safe as retention is
+  // (docs section 6): one MANIFEST rename, then the unlinks; a crash leaves
+  // either the old set of points or the latest alone. Later applies make new
+  // points as usual. FailedPrecondition while a point other than the latest
+  // is pinned, or when a failed apply left the store unsure (reopen it).
+  // Waits for an Apply in progress. After the MANIFEST is renamed it returns
+  // OK: a failed unlink is logged and finished by the next Open, a failed
+  // catalog update by the next Apply / Open.
+  Status DropAllButLatest();
 
   // Re-applies retention now (also done after every Apply).
   Status ApplyRetention();

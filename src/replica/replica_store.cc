@@ -33,8 +33,14 @@ using namespace replica_internal;  // NOLINT: this file implements the formats
 namespace {
 
 constexpr int64_t kHourMs = 3600 * 1000;
-// Blocks handled per batch of one record (4 MiB of before-images at most).
-constexpr uint64_t kBatchBlocks = 1024;
+// Apply (group commit, docs section 5): a record is cut into pieces of at
+// most this many blocks (one hole map, one disk write step each).
+constexpr uint64_t kPieceBlocks = 1024;
+// Before-images are read in runs of at most this many blocks (1 MiB).
+constexpr uint64_t kReadRunBlocks = 256;
+// Undo entries are written in chunks of about this many bytes; the batch's
+// one fdatasync follows the last chunk and its marker.
+constexpr size_t kUndoWriteChunk = size_t{4} << 20;
 
 Status Errno(const std::string& what, const std::string& path) {
   return Status::IOError(what + " " + path + ": " + std::strerror(errno));
@@ -83,6 +89,15 @@ bool ValidDiskName(const std::string& n) {
   return true;
 }
 
+Status CheckOptions(const ReplicaStoreOptions& o) {
+  if (o.recovery_history_hours < 0 || o.recovery_history_hours > 24 || o.fine_window_ms < 0)
+    return Status::InvalidArgument("replica store: retention options out of range");
+  if (o.apply_batch_bytes < kReplicaBlockSize || o.apply_batch_bytes > kMaxApplyBatchBytes)
+    return Status::InvalidArgument("replica store: apply_batch_bytes " + std::to_string(o.apply_batch_bytes) +
+                                   " is not in 4096..1 GiB");
+  return Status::Ok();
+}
+
 std::string SeqName(uint64_t seq) {
   char b[32];
   std::snprintf(b, sizeof b, "%020" PRIu64, seq);
@@ -115,6 +130,13 @@ struct Segment {
   ~Segment() {
     if (fd >= 0) ::close(fd);
   }
+};
+
+// Blocks [first, end) of one record, handled by one batch of an apply.
+struct BatchPiece {
+  std::shared_ptr<const DeltaRecord> rec;
+  uint64_t first = 0;
+  uint64_t end = 0;
 };
 
 struct ScanResult {
@@ -209,7 +231,12 @@ struct ReplicaStore::Impl {
   Status Recover();
   Status ReadBlockFromSegment(const Segment& seg, const Loc& loc, uint32_t disk, uint64_t block, char* out) const;
   Status WriteZeros(uint32_t disk, uint64_t off, uint64_t len);
-  Status ApplyRecord(const DeltaRecord& rec);
+  Status ValidateRecord(const DeltaRecord& rec) const;
+  // is_data[k] = block first+k of `disk` holds allocated bytes (SEEK_DATA /
+  // SEEK_HOLE; when the file system cannot tell, every block counts as data).
+  void DataMap(uint32_t disk, uint64_t first, uint64_t end, std::vector<char>* is_data) const;
+  // One batch of an apply: before-images, one fdatasync, then the data.
+  Status ApplyBatch(const std::vector<BatchPiece>& pieces);
   Status SyncCatalog();
   Status Retention();
   Status DropPoint(size_t i);
@@ -251,8 +278,7 @@ Result<std::unique_ptr<ReplicaStore>> ReplicaStore::Create(const std::string& di
     if (d.size == 0 || d.size % kReplicaBlockSize != 0)
       return Status::InvalidArgument("replica store: size of disk " + d.name + " must be a positive multiple of 4096");
   }
-  if (options.recovery_history_hours < 0 || options.recovery_history_hours > 24 || options.fine_window_ms < 0)
-    return Status::InvalidArgument("replica store: retention options out of range");
+  VMR_RETURN_IF_ERROR(CheckOptions(options));
   VMR_RETURN_IF_ERROR(MakeDirs(dir + "/disks"));
   VMR_RETURN_IF_ERROR(MakeDirs(dir + "/undo"));
   auto impl = std::make_unique<Impl>();
@@ -287,8 +313,7 @@ Result<std::unique_ptr<ReplicaStore>> ReplicaStore::Create(const std::string& di
 
 Result<std::unique_ptr<ReplicaStore>> ReplicaStore::Open(const std::string& dir, Catalog* catalog,
                                                          ReplicaStoreOptions options) {
-  if (options.recovery_history_hours < 0 || options.recovery_history_hours > 24 || options.fine_window_ms < 0)
-    return Status::InvalidArgument("replica store: retention options out of range");
+  VMR_RETURN_IF_ERROR(CheckOptions(options));
   auto impl = std::make_unique<Impl>();
   impl->dir = dir;
   impl->catalog = catalog;
@@ -615,7 +640,7 @@ Status ReplicaStore::Impl::Recover() {
 
 // ---- Apply -------------------------------------------------------------------
 
-Status ReplicaStore::Impl::ApplyRecord(const DeltaRecord& rec) {
+Status ReplicaStore::Impl::ValidateRecord(const DeltaRecord& rec) const {
   if (rec.disk >= disks.size())
     return Status::InvalidArgument("delta record names disk " + std::to_string(rec.disk) + " of " +
                                    std::to_string(disks.size()));
@@ -626,64 +651,132 @@ Status ReplicaStore::Impl::ApplyRecord(const DeltaRecord& rec) {
   if (rec.zero ? !rec.data.empty() : rec.data.size() != rec.length)
     return Status::InvalidArgument("delta record payload has " + std::to_string(rec.data.size()) +
                                    " bytes for length " + std::to_string(rec.length));
+  return Status::Ok();
+}
+
+void ReplicaStore::Impl::DataMap(uint32_t disk, uint64_t first, uint64_t end, std::vector<char>* is_data) const {
+  const uint64_t b = bs();
+  is_data->assign(static_cast<size_t>(end - first), 0);
+  const int fd = disk_fds[disk];
+  uint64_t pos = first * b;
+  while (pos < end * b) {
+    off_t d = ::lseek(fd, static_cast<off_t>(pos), SEEK_DATA);
+    if (d < 0) {
+      if (errno == ENXIO) return;  // only holes from pos on
+      break;                       // cannot tell: treat the rest as data
+    }
+    if (static_cast<uint64_t>(d) >= end * b) return;
+    off_t h = ::lseek(fd, d, SEEK_HOLE);
+    if (h < 0) {
+      pos = static_cast<uint64_t>(d);
+      break;
+    }
+    // A block with any allocated byte counts as data.
+    uint64_t from = static_cast<uint64_t>(d) / b;
+    uint64_t to = std::min<uint64_t>(end, (static_cast<uint64_t>(h) + b - 1) / b);
+    for (uint64_t k = std::max(from, first); k < to; ++k) (*is_data)[k - first] = 1;
+    pos = to * b;
+  }
+  for (uint64_t k = std::max(first, pos / b); k < end; ++k) (*is_data)[k - first] = 1;
+}
+
+Status ReplicaStore::Impl::ApplyBatch(const std::vector<BatchPiece>& pieces) {
   const uint32_t b = bs();
-  const int fd = disk_fds[rec.disk];
-  const std::string dpath = DiskPath(rec.disk);
-  uint64_t first = rec.offset / b;
-  const uint64_t last = (rec.offset + rec.length - 1) / b;
-  std::string block(b, '\0');
+  // 1. Before-images of every block the batch touches that the segment does
+  // not hold yet, read from the images as they are at the previous point
+  // (no data of this batch is written yet; blocks written by earlier batches
+  // are in the index). Only this thread changes the images and the in-flight
+  // index (apply_mu), so none of this needs mu: readers go on reading the
+  // previous point from the same bytes.
+  std::vector<std::pair<uint64_t, Loc>> added;
+  std::unordered_set<uint64_t> pending;
+  std::string buf;  // entries not yet written; flushed every kUndoWriteChunk
+  uint64_t buf_at = inflight->size;  // file offset of buf[0]
+  std::string run;
   std::string zblock;
-  while (first <= last) {
-    const uint64_t end = std::min(last + 1, first + kBatchBlocks);  // exclusive
+  std::vector<char> is_data;
+  auto flush = [&]() -> Status {
+    if (buf.empty()) return Status::Ok();
+    VMR_RETURN_IF_ERROR(
+        Step("undo.write", [&] { return PwriteFull(inflight->fd, buf.data(), buf.size(), buf_at, inflight->path); }));
+    buf_at += buf.size();
+    buf.clear();
+    return Status::Ok();
+  };
+  auto add_entry = [&](uint32_t disk, uint64_t blk, const char* block, bool zero) -> Status {
+    const uint64_t key = Key(disk, blk);
+    pending.insert(key);
+    added.push_back({key, Loc{buf_at + buf.size(), zero}});
+    size_t zlen = 0;
+    if (!zero && opt.compress_undo) {
+      // Kept compressed only when that saves at least an eighth.
+      thread_local std::unique_ptr<ZSTD_CCtx, size_t (*)(ZSTD_CCtx*)> cctx(ZSTD_createCCtx(), ZSTD_freeCCtx);
+      zblock.resize(ZSTD_compressBound(b));
+      if (cctx) zlen = ZSTD_compressCCtx(cctx.get(), zblock.data(), zblock.size(), block, b, 1);
+      if (!cctx || ZSTD_isError(zlen) || zlen > b - b / 8) zlen = 0;
+    }
+    if (zlen > 0) {
+      AppendRawEntry(&buf, disk, blk, kEntryFlagZstd, zblock.data(), static_cast<uint32_t>(zlen));
+    } else {
+      AppendEntry(&buf, disk, blk, zero, block, b);
+    }
+    return buf.size() >= kUndoWriteChunk ? flush() : Status::Ok();
+  };
+  auto saved = [&](uint32_t disk, uint64_t blk) {
+    const uint64_t key = Key(disk, blk);
+    return inflight->index.count(key) != 0 || pending.count(key) != 0;
+  };
+  for (const BatchPiece& p : pieces) {
+    const DeltaRecord& rec = *p.rec;
+    DataMap(rec.disk, p.first, p.end, &is_data);
+    uint64_t blk = p.first;
+    while (blk < p.end) {
+      if (saved(rec.disk, blk)) {
+        ++blk;
+        continue;
+      }
+      if (is_data[blk - p.first] == 0) {
+        // A hole: zeroing it changes nothing (no entry at all); anything
+        // else saves a zero entry (32 bytes, no payload, no read).
+        if (!rec.zero) VMR_RETURN_IF_ERROR(add_entry(rec.disk, blk, nullptr, true));
+        ++blk;
+        continue;
+      }
+      // A run of allocated blocks to save: one read.
+      uint64_t r = blk + 1;
+      while (r < p.end && r - blk < kReadRunBlocks && is_data[r - p.first] != 0 && !saved(rec.disk, r)) ++r;
+      run.resize(static_cast<size_t>((r - blk) * b));
+      VMR_RETURN_IF_ERROR(PreadFull(disk_fds[rec.disk], run.data(), run.size(), blk * b, DiskPath(rec.disk)));
+      for (uint64_t x = blk; x < r; ++x) {
+        const char* block = run.data() + (x - blk) * b;
+        VMR_RETURN_IF_ERROR(add_entry(rec.disk, x, block, IsZero(block, b)));
+      }
+      blk = r;
+    }
+  }
+  // 2. One marker, one fdatasync for the whole batch; then readers may use
+  // the entries.
+  if (!added.empty()) {
+    AppendMarker(&buf, kBatchTag, buf_at + buf.size(), inflight->index.size() + added.size());
+    VMR_RETURN_IF_ERROR(flush());
+    VMR_RETURN_IF_ERROR(Step("undo.fsync", [&] {
+      return ::fdatasync(inflight->fd) == 0 ? Status::Ok() : Errno("fdatasync", inflight->path);
+    }));
     auto lk = WriteLock();
-    // 1. Before-images of blocks first touched by this delta.
-    std::string buf;
-    std::vector<std::pair<uint64_t, Loc>> added;
-    // A range that is entirely a hole needs no read.
-    off_t data_at = ::lseek(fd, static_cast<off_t>(first * b), SEEK_DATA);
-    bool all_hole = (data_at < 0 && errno == ENXIO) || (data_at >= 0 && static_cast<uint64_t>(data_at) >= end * b);
-    for (uint64_t blk = first; blk < end; ++blk) {
-      uint64_t key = Key(rec.disk, blk);
-      if (inflight->index.count(key) != 0) continue;
-      bool zero = all_hole;
-      if (!all_hole) {
-        VMR_RETURN_IF_ERROR(PreadFull(fd, block.data(), b, blk * b, dpath));
-        zero = IsZero(block.data(), b);
-      }
-      added.push_back({key, Loc{inflight->size + buf.size(), zero}});
-      size_t zlen = 0;
-      if (!zero && opt.compress_undo) {
-        // Kept compressed only when that saves at least an eighth.
-        thread_local std::unique_ptr<ZSTD_CCtx, size_t (*)(ZSTD_CCtx*)> cctx(ZSTD_createCCtx(), ZSTD_freeCCtx);
-        zblock.resize(ZSTD_compressBound(b));
-        if (cctx) zlen = ZSTD_compressCCtx(cctx.get(), zblock.data(), zblock.size(), block.data(), b, 1);
-        if (!cctx || ZSTD_isError(zlen) || zlen > b - b / 8) zlen = 0;
-      }
-      if (zlen > 0) {
-        AppendRawEntry(&buf, rec.disk, blk, kEntryFlagZstd, zblock.data(), static_cast<uint32_t>(zlen));
-      } else {
-        AppendEntry(&buf, rec.disk, blk, zero, block.data(), b);
-      }
-    }
-    if (!added.empty()) {
-      AppendMarker(&buf, kBatchTag, inflight->size + buf.size(), inflight->index.size() + added.size());
-      VMR_RETURN_IF_ERROR(Step("undo.write", [&] {
-        return PwriteFull(inflight->fd, buf.data(), buf.size(), inflight->size, inflight->path);
-      }));
-      VMR_RETURN_IF_ERROR(Step("undo.fsync", [&] {
-        return ::fdatasync(inflight->fd) == 0 ? Status::Ok() : Errno("fdatasync", inflight->path);
-      }));
-      inflight->size += buf.size();
-      for (const auto& [k, loc] : added) inflight->index.emplace(k, loc);
-    }
-    // 2. The new data.
-    uint64_t lo = std::max(rec.offset, first * b);
-    uint64_t hi = std::min(rec.offset + rec.length, end * b);
+    inflight->size = buf_at;
+    for (const auto& [k, loc] : added) inflight->index.emplace(k, loc);
+  }
+  // 3. The data. Every block it changes has a durable before-image that
+  // readers already use, so the writes need no lock and no fsync of their
+  // own: the disks are fsynced once, before the trailer (docs section 5).
+  for (const BatchPiece& p : pieces) {
+    const DeltaRecord& rec = *p.rec;
+    const uint64_t lo = std::max(rec.offset, p.first * b);
+    const uint64_t hi = std::min(rec.offset + rec.length, p.end * b);
     VMR_RETURN_IF_ERROR(Step("disk.write", [&] {
       if (rec.zero) return WriteZeros(rec.disk, lo, hi - lo);
-      return PwriteFull(fd, rec.data.data() + (lo - rec.offset), hi - lo, lo, dpath);
+      return PwriteFull(disk_fds[rec.disk], rec.data.data() + (lo - rec.offset), hi - lo, lo, DiskPath(rec.disk));
     }));
-    first = end;
   }
   return Status::Ok();
 }
@@ -728,20 +821,48 @@ Status ReplicaStore::Apply(uint64_t sequence, const PointInfo& info, DeltaSource
       return s;
     }
   }
-  // 2..4: records, disk fsyncs, trailer.
+  // 2..4: records in batches (group commit), disk fsyncs, trailer.
   Status s;
-  uint64_t records = 0, bytes = 0;
-  while (s.ok()) {
-    auto next = source.Next();
-    if (!next.ok()) {
-      s = next.status().WithContext("delta " + std::to_string(sequence) + " source failed after " +
-                                    std::to_string(records) + " record(s)");
-      break;
+  uint64_t records = 0, bytes = 0, batches = 0;
+  const uint64_t b = m.bs();
+  std::shared_ptr<const DeltaRecord> cur;  // the record being cut into pieces
+  uint64_t cur_next = 0, cur_end = 0;      // its blocks not yet in a batch
+  bool eof = false;
+  while (s.ok() && (cur || !eof)) {
+    std::vector<BatchPiece> batch;
+    uint64_t used = 0;  // bytes of the blocks the batch touches
+    while (used < m.opt.apply_batch_bytes) {
+      if (!cur) {
+        if (eof) break;
+        auto next = source.Next();
+        if (!next.ok()) {
+          s = next.status().WithContext("delta " + std::to_string(sequence) + " source failed after " +
+                                        std::to_string(records) + " record(s)");
+          break;
+        }
+        if (!next->has_value()) {
+          eof = true;
+          break;
+        }
+        s = m.ValidateRecord(**next);
+        if (!s.ok()) break;
+        ++records;
+        bytes += (*next)->length;
+        cur = std::make_shared<const DeltaRecord>(std::move(**next));
+        cur_next = cur->offset / b;
+        cur_end = (cur->offset + cur->length - 1) / b + 1;
+      }
+      const uint64_t room = (m.opt.apply_batch_bytes - used + b - 1) / b;
+      const uint64_t take = std::min({cur_end - cur_next, kPieceBlocks, room});
+      batch.push_back({cur, cur_next, cur_next + take});
+      used += take * b;
+      cur_next += take;
+      if (cur_next == cur_end) cur.reset();
     }
-    if (!next->has_value()) break;
-    s = m.ApplyRecord(**next);
-    ++records;
-    bytes += (*next)->length;
+    if (s.ok() && !batch.empty()) {
+      s = m.ApplyBatch(batch);
+      ++batches;
+    }
   }
   for (uint32_t d = 0; s.ok() && d < m.disk_fds.size(); ++d) s = m.FsyncFd(m.disk_fds[d], "disk.fsync", m.DiskPath(d));
   if (s.ok()) {
@@ -751,7 +872,10 @@ Status ReplicaStore::Apply(uint64_t sequence, const PointInfo& info, DeltaSource
       return PwriteFull(m.inflight->fd, trailer.data(), trailer.size(), m.inflight->size, m.inflight->path);
     });
     if (s.ok()) s = m.FsyncFd(m.inflight->fd, "undo.trailer.fsync", m.inflight->path);
-    if (s.ok()) m.inflight->size += trailer.size();
+    if (s.ok()) {
+      auto lk = m.WriteLock();  // readers check entries against the size
+      m.inflight->size += trailer.size();
+    }
   }
   // 5. Commit.
   Manifest next = m.manifest;
@@ -782,7 +906,8 @@ Status ReplicaStore::Apply(uint64_t sequence, const PointInfo& info, DeltaSource
     m.manifest = std::move(next);
     m.segments[latest] = std::move(m.inflight);
   }
-  spdlog::info("replica store {}: applied delta {} ({} record(s), {} byte(s))", m.dir, sequence, records, bytes);
+  spdlog::info("replica store {}: applied delta {} ({} record(s), {} byte(s), {} batch(es))", m.dir, sequence, records,
+               bytes, batches);
   // 6, 7. The delta is committed: a failure from here on is logged and
   // retried at the next Apply / ApplyRetention / Open, never reported as a
   // failed apply (the caller would resend a delta that is already applied).
@@ -931,6 +1056,49 @@ Status ReplicaStore::Impl::Retention() {
   return SyncCatalog();  // a failure is logged inside and retried later
 }
 
+Status ReplicaStore::DropAllButLatest() {
+  Impl& m = *impl_;
+  std::lock_guard alk(m.apply_mu);
+  if (m.broken)
+    return Status::FailedPrecondition("replica store " + m.dir + ": a failed apply left it unsure; reopen it");
+  std::lock_guard plk(m.pins_mu);  // no pin may appear between the check and the drop
+  const uint64_t latest = m.manifest.points.back().sequence;  // writers change it under apply_mu, held
+  for (const auto& [seq, count] : m.pins)
+    if (seq != latest && count > 0)
+      return Status::FailedPrecondition("replica store " + m.dir + ": point " + std::to_string(seq) +
+                                        " is pinned (exported); cannot drop it");
+  if (m.manifest.points.size() == 1 && m.manifest.carried.empty()) return Status::Ok();
+  Manifest next = m.manifest;
+  next.points.erase(next.points.begin(), next.points.end() - 1);
+  next.carried.clear();
+  // Commit: one rename. Before it the old set stands; after it every
+  // segment is an orphan that the unlinks below (or Open) delete.
+  VMR_RETURN_IF_ERROR(m.WriteManifest(next));
+  std::vector<uint64_t> gone;
+  {
+    auto lk = m.WriteLock();
+    for (const auto& [seq, seg] : m.segments) gone.push_back(seq);
+    m.manifest = std::move(next);
+    m.segments.clear();
+  }
+  Status s;
+  for (uint64_t seq : gone) {
+    std::string path = m.SegmentPath(seq);
+    s = m.Step("undo.unlink", [&] {
+      return ::unlink(path.c_str()) == 0 || errno == ENOENT ? Status::Ok() : Errno("unlink", path);
+    });
+    if (!s.ok()) break;
+  }
+  if (s.ok()) s = m.FsyncDir(m.UndoDir(), "undo.dir.fsync");
+  if (!s.ok())
+    spdlog::warn("replica store {}: dropped every point but {}; the next open removes leftover segments: {}", m.dir,
+                 latest, s.ToString());
+  spdlog::info("replica store {}: dropped every point but the latest ({}), {} undo segment(s)", m.dir, latest,
+               gone.size());
+  m.SyncCatalog().IgnoreError();  // logged inside; retried later
+  return Status::Ok();
+}
+
 Status ReplicaStore::ApplyRetention() {
   std::lock_guard alk(impl_->apply_mu);
   if (impl_->broken)
@@ -1035,6 +1203,36 @@ Status ReplicaStore::ReadPoint(uint64_t sequence, uint32_t disk, uint64_t offset
     pos = run_end;
   }
   return Status::Ok();
+}
+
+Result<std::vector<ReplicaRange>> ReplicaStore::ChangedSince(uint64_t sequence) const {
+  const Impl& m = *impl_;
+  auto lk = m.ReadLock();
+  bool found = false;
+  for (const ManifestPoint& p : m.manifest.points) found = found || p.sequence == sequence;
+  if (!found) return Status::NotFound("recovery point " + std::to_string(sequence) + " is not retained in " + m.dir);
+  // Committed segments only: the delta in progress is not part of the latest point.
+  std::vector<uint64_t> keys;
+  for (auto it = m.segments.lower_bound(sequence); it != m.segments.end(); ++it) {
+    if (it->second->corrupt)
+      return Status::Corruption("blocks changed since point " + std::to_string(sequence) +
+                                " are unknown: " + it->second->corrupt_message);
+    for (const auto& [k, loc] : it->second->index) keys.push_back(k);
+  }
+  std::sort(keys.begin(), keys.end());  // (disk, block) order: the disk is the key's top bits
+  keys.erase(std::unique(keys.begin(), keys.end()), keys.end());
+  const uint64_t b = m.bs();
+  std::vector<ReplicaRange> out;
+  for (uint64_t k : keys) {
+    const uint32_t disk = static_cast<uint32_t>(k >> 48);
+    const uint64_t off = (k & ((uint64_t{1} << 48) - 1)) * b;
+    if (!out.empty() && out.back().disk == disk && out.back().offset + out.back().length == off) {
+      out.back().length += b;
+    } else {
+      out.push_back({disk, off, b});
+    }
+  }
+  return out;
 }
 
 Result<std::vector<ReplicaExtent>> ReplicaStore::PointExtents(uint64_t sequence, uint32_t disk) const {

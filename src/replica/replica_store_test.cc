@@ -153,6 +153,7 @@ class ReplicaStoreTest : public ::testing::Test {
       ASSERT_EQ(pos, want[d].size());
     }
   }
+  void ReadsDuringApplyCheck();
   std::vector<uint64_t> PointSeqs() {
     std::vector<uint64_t> out;
     for (const ReplicaPoint& p : store_->ListPoints()) out.push_back(p.sequence);
@@ -314,7 +315,64 @@ TEST_F(ReplicaStoreTest, SourceFailingMidwayLeavesThePreviousPoint) {
 }
 
 TEST_F(ReplicaStoreTest, ReadsDuringApplySeeConsistentPoints) {
-  Create(Options());
+  for (uint64_t batch : {kDefaultApplyBatchBytes, uint64_t{4096}}) {
+    SCOPED_TRACE("apply_batch_bytes " + std::to_string(batch));
+    store_.reset();
+    fs::remove_all(store_dir_);
+    ReplicaStoreOptions o = Options();
+    o.apply_batch_bytes = batch;  // 4096: reads between batches, earlier ones written
+    Create(o);
+    ReadsDuringApplyCheck();
+    if (HasFatalFailure()) return;
+  }
+}
+
+// Reads of the old points from a thread while deltas are applied in small
+// batches (the data of a batch is written without the store's lock).
+TEST_F(ReplicaStoreTest, ConcurrentReaderSeesOldPointsWhileSmallBatchesApply) {
+  ReplicaStoreOptions o = Options();
+  o.apply_batch_bytes = 8192;
+  o.fine_window_ms = 100 * kHour;
+  Create(o);
+  std::mt19937_64 rng(8);
+  std::vector<DeltaRecord> d1 = {Data(0, 0, std::string(400000, 'a')), Data(1, 20000, std::string(30000, 'b'))};
+  ASSERT_TRUE(Apply(1, d1, now_).ok());
+  Image img1 = Zeros();
+  ApplyToImage(d1, &img1);
+  std::atomic<bool> stop{false};
+  std::atomic<int> reads{0}, bad{0};
+  std::thread reader([&] {
+    while (!stop.load()) {
+      for (uint32_t d = 0; d < img1.size(); ++d) {
+        std::string got(img1[d].size(), 'X');
+        if (!store_->ReadPoint(1, d, 0, got.size(), got.data()).ok() || got != img1[d]) ++bad;
+        if (!store_->ReadPoint(0, d, 0, got.size(), got.data()).ok() || got != std::string(got.size(), '\0')) ++bad;
+        auto ext = store_->PointExtents(1, d);
+        if (!ext.ok()) {
+          ++bad;
+          continue;
+        }
+        for (const ReplicaExtent& e : *ext)
+          if (e.zero && img1[d].find_first_not_of('\0', e.offset) < e.offset + e.length) ++bad;
+      }
+      ++reads;
+    }
+  });
+  Image cur = img1;
+  for (uint64_t seq = 2; seq <= 8; ++seq) {
+    auto recs = RandomDelta(rng, disks_);
+    ApplyToImage(recs, &cur);
+    ASSERT_TRUE(Apply(seq, recs, now_).ok());
+  }
+  stop = true;
+  reader.join();
+  EXPECT_EQ(bad.load(), 0);
+  EXPECT_GT(reads.load(), 0);
+  ExpectPoint(8, cur);
+  ExpectPoint(1, img1);
+}
+
+void ReplicaStoreTest::ReadsDuringApplyCheck() {
   std::vector<DeltaRecord> d1 = {Data(0, 0, std::string(300000, 'a'))};
   ASSERT_TRUE(Apply(1, d1, now_).ok());
   Image img1 = Zeros();
@@ -531,8 +589,11 @@ TEST_F(ReplicaStoreTest, TornTailOfAnUnfinishedApplyIsIgnoredAtRecovery) {
   store_.reset();
   std::vector<DeltaRecord> d2 = {Data(0, 0, std::string(5000, 'b')), Data(0, 100000, std::string(5000, 'c')),
                                  Data(0, 200000, std::string(5000, 'd'))};
-  // Killed after the third batch was written but before its fsync and data.
-  KillChildApplyAt(dir_ + "/catalog.db", store_dir_, Options(), d2, "undo.fsync:before", 3);
+  // Killed after the third batch was written but before its fsync and data
+  // (batches of 8 KiB: each record, two blocks, is a batch of its own).
+  ReplicaStoreOptions small = Options();
+  small.apply_batch_bytes = 8192;
+  KillChildApplyAt(dir_ + "/catalog.db", store_dir_, small, d2, "undo.fsync:before", 3);
   if (HasFatalFailure()) return;
   ASSERT_EQ(::truncate(SegmentPath(1).c_str(), static_cast<off_t>(fs::file_size(SegmentPath(1)) - 10)), 0);
   Reopen(Options());
@@ -691,6 +752,410 @@ TEST_F(ReplicaStoreTest, CrashAtEveryStepOfApplyAndRetentionRecovers) {
   }
   EXPECT_GT(completed_at, 20);
   std::printf("apply of delta 3 with retention has %d hook calls\n", completed_at - 1);
+  fs::remove_all(snap);
+  OpenCatalog();
+}
+
+// ---- Group commit (issue 8) ---------------------------------------------------
+
+using BlockSet = std::set<std::pair<uint32_t, uint64_t>>;
+
+BlockSet TouchedBlocks(const std::vector<DeltaRecord>& recs) {
+  BlockSet out;
+  for (const DeltaRecord& r : recs)
+    for (uint64_t b = r.offset / 4096; b <= (r.offset + r.length - 1) / 4096; ++b) out.insert({r.disk, b});
+  return out;
+}
+
+// Counts hook calls by step name (in-process, no crash).
+struct StepCounter {
+  std::map<std::string, int> n;
+  void Attach(ReplicaStoreOptions* o) {
+    o->crash_hook = [this](std::string_view s, uint64_t) { ++n[std::string(s)]; };
+  }
+  int operator()(const std::string& step) const {
+    auto it = n.find(step);
+    return it == n.end() ? 0 : it->second;
+  }
+};
+
+// `count` 4 KiB data records on every other block of disk 0, from block `first`.
+std::vector<DeltaRecord> ScatteredBlocks(int count, uint64_t first, char fill) {
+  std::vector<DeltaRecord> out;
+  for (int i = 0; i < count; ++i) {
+    const uint64_t block = first + 2 * static_cast<uint64_t>(i);
+    out.push_back(Data(0, block * 4096, std::string(4096, static_cast<char>(fill + i))));
+  }
+  return out;
+}
+
+TEST_F(ReplicaStoreTest, MultiRecordApplyDoesOneUndoFsyncPerBatch) {
+  StepCounter steps;
+  ReplicaStoreOptions o = Options();
+  steps.Attach(&o);
+  Create(o);
+  Image img = Zeros();
+  std::vector<DeltaRecord> d1 = {Data(0, 0, std::string(1 << 20, 'p')), Data(1, 0, std::string(256 << 10, 'r'))};
+  ApplyToImage(d1, &img);
+  ASSERT_TRUE(Apply(1, d1, now_).ok());
+  // 100 records of 4 KiB over data: one batch, so one undo fdatasync, and
+  // the segment is the header, 100 plain entries, ONE marker, the trailer.
+  steps.n.clear();
+  std::vector<DeltaRecord> d2 = ScatteredBlocks(100, 0, 'a');
+  ApplyToImage(d2, &img);
+  ASSERT_TRUE(Apply(2, d2, now_).ok());
+  EXPECT_EQ(steps("undo.fsync:before"), 1);
+  EXPECT_EQ(steps("disk.write:before"), 100);
+  EXPECT_EQ(steps("disk.fsync:before"), 2);  // one per disk
+  EXPECT_EQ(fs::file_size(SegmentPath(1)), 64u + 100u * (32 + 4096) + 32 + 32);
+  ExpectPoint(2, img);
+  // With 16 KiB batches the same shape of delta takes 100 * 4 KiB / 16 KiB
+  // = 25 batches: 25 undo fdatasyncs and 25 markers.
+  o.apply_batch_bytes = 16384;
+  Reopen(o);
+  steps.n.clear();
+  std::vector<DeltaRecord> d3 = ScatteredBlocks(100, 1, 'k');
+  ApplyToImage(d3, &img);
+  ASSERT_TRUE(Apply(3, d3, now_).ok());
+  EXPECT_EQ(steps("undo.fsync:before"), 25);
+  EXPECT_EQ(fs::file_size(SegmentPath(2)), 64u + 100u * (32 + 4096) + 25 * 32 + 32);
+  ExpectPoint(3, img);
+  Image img2 = Zeros();
+  ApplyToImage(d1, &img2);
+  ApplyToImage(d2, &img2);
+  ExpectPoint(2, img2);
+  store_.reset();
+  ReplicaStoreOptions bad = Options();
+  bad.apply_batch_bytes = 100;
+  EXPECT_EQ(ReplicaStore::Open(store_dir_, nullptr, bad).status().code(), Code::kInvalidArgument);
+  bad.apply_batch_bytes = kMaxApplyBatchBytes + 1;
+  EXPECT_EQ(ReplicaStore::Open(store_dir_, nullptr, bad).status().code(), Code::kInvalidArgument);
+}
+
+TEST_F(ReplicaStoreTest, BeforeImagesOfHolesAreCheap) {
+  StepCounter steps;
+  ReplicaStoreOptions o = Options();
+  steps.Attach(&o);
+  Create(o);  // sparse disks: every block is a hole
+  // Zeroing holes changes nothing: no entry, no undo fdatasync.
+  ASSERT_TRUE(Apply(1, {Zero(0, 0, 1 << 20), Zero(1, 4096, 8192)}, now_).ok());
+  EXPECT_EQ(steps("undo.fsync:before"), 0);
+  EXPECT_EQ(fs::file_size(SegmentPath(0)), 64u + 32);  // header and trailer only
+  // Data over holes saves zero entries (32 bytes each, nothing read).
+  Image img = Zeros();
+  std::vector<DeltaRecord> d2 = {Data(0, 8192, std::string(3 * 4096, 'x')), Zero(0, 0, 4 * 4096),
+                                 Data(0, 100, std::string(50, 'y'))};
+  ApplyToImage(d2, &img);
+  ASSERT_TRUE(Apply(2, d2, now_).ok());
+  // Blocks 2, 3, 4 (the data), then block 0 (the second data record; the
+  // zero record over blocks 0..1 saved nothing while they were holes).
+  EXPECT_EQ(fs::file_size(SegmentPath(1)), 64u + 4 * 32 + 32 + 32);
+  ExpectPoint(2, img);
+  ExpectPoint(1, Zeros());
+  ExpectPoint(0, Zeros());
+  auto changed = store_->ChangedSince(1);
+  ASSERT_TRUE(changed.ok()) << changed.status().ToString();
+  ASSERT_EQ(changed->size(), 2u);
+  EXPECT_EQ((*changed)[0].offset, 0u);
+  EXPECT_EQ((*changed)[0].length, 4096u);
+  EXPECT_EQ((*changed)[1].offset, 8192u);
+  EXPECT_EQ((*changed)[1].length, 3u * 4096);
+}
+
+// Kills a child applying a delta of several batches (some records split
+// across batches) at every hook call in turn; the store must come back at
+// the previous point byte for byte, then take the delta.
+TEST_F(ReplicaStoreTest, CrashAtEveryStepOfABatchedApplyRecoversThePreviousPoint) {
+  ReplicaStoreOptions o = Options();
+  o.apply_batch_bytes = 16384;  // four blocks per batch
+  Create(o);
+  std::vector<DeltaRecord> d1 = {Data(0, 0, std::string(200000, 'a')), Data(1, 8192, std::string(30000, 'b'))};
+  ASSERT_TRUE(Apply(1, d1, now_).ok());
+  Image img1 = Zeros();
+  ApplyToImage(d1, &img1);
+  std::vector<DeltaRecord> d2 = {Data(0, 4000, std::string(40000, 'c')),   // 11 blocks: split
+                                 Zero(0, 100000, 30000),                   // over data
+                                 Zero(0, 600000, 20000),                   // over holes: nothing saved
+                                 Data(0, 610000, std::string(5000, 'd')),  // over the same holes
+                                 Data(1, 0, std::string(12000, 'e')),      // hole + data blocks
+                                 Data(0, 8000, std::string(300, 'f')),     // already saved
+                                 Zero(1, 20000, 5000),
+                                 Data(0, (1 << 20) - 4096, std::string(4096, 'g'))};
+  Image img2 = img1;
+  ApplyToImage(d2, &img2);
+  store_.reset();
+  catalog_.reset();
+  const std::string snap = dir_ + ".snap";
+  fs::remove_all(snap);
+  fs::create_directories(snap);
+  fs::copy(dir_, snap, fs::copy_options::recursive);
+  int completed_at = 0;
+  int undo_fsyncs = 0;
+  for (int n = 1; n < 500 && completed_at == 0; ++n) {
+    fs::remove_all(dir_);
+    fs::copy(snap, dir_, fs::copy_options::recursive);
+    pid_t pid = ::fork();
+    ASSERT_GE(pid, 0);
+    if (pid == 0) {
+      ReplicaStoreOptions co = o;
+      co.crash_hook = [n](std::string_view, uint64_t k) {
+        if (k == static_cast<uint64_t>(n)) ::raise(SIGKILL);
+      };
+      auto st = ReplicaStore::Open(store_dir_, nullptr, co);
+      if (!st.ok()) ::_exit(4);
+      VectorSource src(d2);
+      Status s = (*st)->Apply(2, {0, ReplicationType::kRegular, ""}, src);
+      ::_exit(s.ok() ? 0 : 5);
+    }
+    int wstatus = 0;
+    ASSERT_EQ(::waitpid(pid, &wstatus, 0), pid);
+    if (WIFEXITED(wstatus)) {
+      ASSERT_EQ(WEXITSTATUS(wstatus), 0) << "child failed at n=" << n;
+      completed_at = n;
+    } else {
+      ASSERT_TRUE(WIFSIGNALED(wstatus) && WTERMSIG(wstatus) == SIGKILL);
+    }
+    OpenCatalog();
+    StepCounter steps;
+    ReplicaStoreOptions ro = o;
+    steps.Attach(&ro);
+    Reopen(ro);
+    if (store_->latest_sequence() == 1) {
+      ExpectPoint(1, img1);
+      ExpectPoint(0, Zeros());
+      if (HasFatalFailure()) break;
+      steps.n.clear();
+      ASSERT_TRUE(Apply(2, d2, now_).ok()) << "n=" << n;
+      undo_fsyncs = steps("undo.fsync:before");
+    } else {
+      ASSERT_EQ(store_->latest_sequence(), 2u) << "n=" << n;
+    }
+    ExpectPoint(2, img2);
+    ExpectPoint(1, img1);
+    ExpectPoint(0, Zeros());
+    if (HasFatalFailure()) break;
+    store_.reset();
+    catalog_.reset();
+  }
+  EXPECT_GT(completed_at, 20);
+  // 8 records touching 37 blocks: 10 batches of 4 blocks, one undo
+  // fdatasync each, but the 6th (blocks 147..150 of the zero record over
+  // holes) saves nothing and has none.
+  EXPECT_EQ(undo_fsyncs, 9);
+  std::printf("batched apply has %d hook calls, %d undo fdatasyncs\n", completed_at - 1, undo_fsyncs);
+  fs::remove_all(snap);
+  OpenCatalog();
+}
+
+// ---- ChangedSince / DropAllButLatest (issue 6) --------------------------------
+
+BlockSet RangesToBlocks(const std::vector<ReplicaRange>& ranges) {
+  BlockSet out;
+  for (const ReplicaRange& r : ranges)
+    for (uint64_t off = r.offset; off < r.offset + r.length; off += 4096) out.insert({r.disk, off / 4096});
+  return out;
+}
+
+TEST_F(ReplicaStoreTest, ChangedSinceIsTheBlocksWrittenAfterThePoint) {
+  ReplicaStoreOptions o = Options();
+  o.fine_window_ms = 100 * kHour;  // every point retained
+  Create(o);
+  std::mt19937_64 rng(17);
+  std::map<uint64_t, BlockSet> written;  // delta -> blocks its records touch
+  Image cur = Zeros();
+  std::map<uint64_t, Image> images = {{0, cur}};
+  for (uint64_t seq = 1; seq <= 8; ++seq) {
+    std::vector<DeltaRecord> recs;
+    for (int i = 0; i < 4; ++i) {  // data records only: every touched block gets a before-image
+      uint32_t d = static_cast<uint32_t>(rng() % disks_.size());
+      uint64_t len = 1 + rng() % 30000;
+      uint64_t off = rng() % (disks_[d].size - len + 1);
+      recs.push_back(Data(d, off, std::string(len, static_cast<char>('a' + seq))));
+    }
+    ApplyToImage(recs, &cur);
+    images[seq] = cur;
+    written[seq] = TouchedBlocks(recs);
+    ASSERT_TRUE(Apply(seq, recs, now_).ok());
+  }
+  for (uint64_t k = 0; k <= 8; ++k) {
+    BlockSet want;
+    for (uint64_t j = k + 1; j <= 8; ++j) want.insert(written[j].begin(), written[j].end());
+    auto got = store_->ChangedSince(k);
+    ASSERT_TRUE(got.ok()) << got.status().ToString();
+    EXPECT_EQ(RangesToBlocks(*got), want) << "k=" << k;
+    for (size_t i = 0; i < got->size(); ++i) {
+      const ReplicaRange& r = (*got)[i];
+      EXPECT_TRUE(r.offset % 4096 == 0 && r.length % 4096 == 0 && r.length > 0);
+      if (i > 0) {  // sorted, coalesced
+        const ReplicaRange& p = (*got)[i - 1];
+        EXPECT_TRUE(p.disk < r.disk || (p.disk == r.disk && p.offset + p.length < r.offset)) << "k=" << k;
+      }
+    }
+  }
+  EXPECT_TRUE(store_->ChangedSince(8)->empty());
+  EXPECT_EQ(store_->ChangedSince(9).status().code(), Code::kNotFound);
+}
+
+// Under thinning (carried segments) and zero records: the answer lies
+// between the blocks that differ and the blocks written, and point k is the
+// latest image with point k's bytes read over the answer.
+TEST_F(ReplicaStoreTest, ChangedSinceRebuildsEveryRetainedPoint) {
+  ReplicaStoreOptions o = Options();
+  o.fine_window_ms = 40 * kMin;
+  o.recovery_history_hours = 3;
+  Create(o);
+  std::mt19937_64 rng(23);
+  std::map<uint64_t, BlockSet> written;
+  std::map<uint64_t, Image> images = {{0, Zeros()}};
+  Image cur = Zeros();
+  bool saw_carried = false;
+  for (uint64_t seq = 1; seq <= 30; ++seq) {
+    now_ += static_cast<int64_t>(1 + rng() % 25) * kMin;
+    auto recs = RandomDelta(rng, disks_);
+    ApplyToImage(recs, &cur);
+    images[seq] = cur;
+    written[seq] = TouchedBlocks(recs);
+    ASSERT_TRUE(Apply(seq, recs, now_).ok());
+    std::vector<uint64_t> pts = PointSeqs();
+    saw_carried = saw_carried || pts.back() - pts.front() + 1 > pts.size();
+    for (uint64_t k : pts) {
+      auto got = store_->ChangedSince(k);
+      ASSERT_TRUE(got.ok()) << got.status().ToString();
+      BlockSet blocks = RangesToBlocks(*got);
+      BlockSet touched;
+      for (uint64_t j = k + 1; j <= seq; ++j) touched.insert(written[j].begin(), written[j].end());
+      for (const auto& blk : blocks) ASSERT_TRUE(touched.count(blk)) << "k=" << k << " block not written";
+      Image rebuilt = cur;
+      for (uint32_t d = 0; d < disks_.size(); ++d) {
+        for (uint64_t b = 0; b < disks_[d].size / 4096; ++b) {
+          if (images[k][d].compare(b * 4096, 4096, cur[d], b * 4096, 4096) != 0) {
+            ASSERT_TRUE(blocks.count({d, b})) << "k=" << k << " differing block " << d << ":" << b << " missing";
+          }
+        }
+      }
+      for (const ReplicaRange& r : *got)
+        ASSERT_TRUE(store_->ReadPoint(k, r.disk, r.offset, r.length, rebuilt[r.disk].data() + r.offset).ok());
+      ASSERT_TRUE(rebuilt == images[k]) << "k=" << k;
+    }
+  }
+  EXPECT_TRUE(saw_carried);
+}
+
+TEST_F(ReplicaStoreTest, DropAllButLatestKeepsOnlyTheLatestPoint) {
+  ReplicaStoreOptions o = Options();
+  o.fine_window_ms = 100 * kHour;
+  Create(o);
+  Image cur = Zeros();
+  for (uint64_t seq = 1; seq <= 4; ++seq) {
+    std::vector<DeltaRecord> recs = {Data(0, seq * 5000, std::string(9000, static_cast<char>('a' + seq))),
+                                     Data(1, 0, std::string(100, static_cast<char>('k' + seq)))};
+    ApplyToImage(recs, &cur);
+    ASSERT_TRUE(Apply(seq, recs, now_).ok());
+  }
+  ASSERT_EQ(PointSeqs(), (std::vector<uint64_t>{0, 1, 2, 3, 4}));
+  ASSERT_TRUE(store_->PinPoint(2).ok());
+  ASSERT_TRUE(store_->PinPoint(4).ok());  // the latest may stay pinned
+  EXPECT_EQ(store_->DropAllButLatest().code(), Code::kFailedPrecondition);
+  EXPECT_EQ(PointSeqs(), (std::vector<uint64_t>{0, 1, 2, 3, 4}));
+  ASSERT_TRUE(store_->UnpinPoint(2).ok());
+  ASSERT_TRUE(store_->DropAllButLatest().ok());
+  EXPECT_EQ(PointSeqs(), (std::vector<uint64_t>{4}));
+  EXPECT_TRUE(fs::is_empty(store_dir_ + "/undo"));
+  EXPECT_EQ(CatalogSeqs(), (std::vector<uint64_t>{4}));
+  ExpectPoint(4, cur);
+  EXPECT_TRUE(store_->ChangedSince(4)->empty());
+  EXPECT_EQ(store_->ChangedSince(2).status().code(), Code::kNotFound);
+  ASSERT_TRUE(store_->DropAllButLatest().ok());  // nothing left to drop
+  ASSERT_TRUE(store_->UnpinPoint(4).ok());
+  Reopen(o);
+  EXPECT_EQ(PointSeqs(), (std::vector<uint64_t>{4}));
+  ExpectPoint(4, cur);
+  Image img4 = cur;
+  std::vector<DeltaRecord> d5 = {Data(0, 0, std::string(5000, 'z'))};
+  ApplyToImage(d5, &cur);
+  ASSERT_TRUE(Apply(5, d5, now_).ok());
+  EXPECT_EQ(PointSeqs(), (std::vector<uint64_t>{4, 5}));
+  ExpectPoint(4, img4);
+  ExpectPoint(5, cur);
+}
+
+// Kills a child at every hook call of DropAllButLatest on a store with
+// carried segments: it reopens with either the old points or the latest
+// alone, the latest's bytes intact, and no undo file beyond what it needs.
+TEST_F(ReplicaStoreTest, CrashAtEveryStepOfDropAllButLatestRecovers) {
+  ReplicaStoreOptions o = Options();
+  o.fine_window_ms = 10 * kMin;
+  o.recovery_history_hours = 24;
+  now_ = 7 * kHour;  // point 0 alone in its hour
+  Create(o);
+  now_ = 10 * kHour;
+  std::mt19937_64 rng(31);
+  std::map<uint64_t, Image> images = {{0, Zeros()}};
+  Image cur = Zeros();
+  const int64_t times[] = {now_ - 90 * kMin, now_ - 80 * kMin, now_ - 5 * kMin, now_ - 2 * kMin};
+  for (uint64_t seq = 1; seq <= 4; ++seq) {
+    auto recs = RandomDelta(rng, disks_);
+    ApplyToImage(recs, &cur);
+    images[seq] = cur;
+    ASSERT_TRUE(Apply(seq, recs, times[seq - 1]).ok());
+  }
+  const std::vector<uint64_t> before = PointSeqs();
+  ASSERT_EQ(before, (std::vector<uint64_t>{0, 2, 3, 4}));  // 1 dropped: its segment is carried
+  store_.reset();
+  catalog_.reset();
+  const std::string snap = dir_ + ".snap";
+  fs::remove_all(snap);
+  fs::create_directories(snap);
+  fs::copy(dir_, snap, fs::copy_options::recursive);
+  int completed_at = 0;
+  bool saw_old = false, saw_new = false;
+  for (int n = 1; n < 100 && completed_at == 0; ++n) {
+    fs::remove_all(dir_);
+    fs::copy(snap, dir_, fs::copy_options::recursive);
+    pid_t pid = ::fork();
+    ASSERT_GE(pid, 0);
+    if (pid == 0) {
+      auto cat = Catalog::Open(dir_ + "/catalog.db");
+      if (!cat.ok()) ::_exit(3);
+      ReplicaStoreOptions co = o;
+      co.crash_hook = [n](std::string_view, uint64_t k) {
+        if (k == static_cast<uint64_t>(n)) ::raise(SIGKILL);
+      };
+      auto st = ReplicaStore::Open(store_dir_, cat->get(), co);
+      if (!st.ok()) ::_exit(4);
+      ::_exit((*st)->DropAllButLatest().ok() ? 0 : 5);
+    }
+    int wstatus = 0;
+    ASSERT_EQ(::waitpid(pid, &wstatus, 0), pid);
+    if (WIFEXITED(wstatus)) {
+      ASSERT_EQ(WEXITSTATUS(wstatus), 0) << "child failed at n=" << n;
+      completed_at = n;
+    } else {
+      ASSERT_TRUE(WIFSIGNALED(wstatus) && WTERMSIG(wstatus) == SIGKILL);
+    }
+    OpenCatalog();
+    Reopen(o);
+    std::vector<uint64_t> pts = PointSeqs();
+    std::set<std::string> files;
+    for (const auto& e : fs::directory_iterator(store_dir_ + "/undo")) files.insert(e.path().filename().string());
+    if (pts == before) {
+      saw_old = true;
+      for (uint64_t k : pts) ExpectPoint(k, images[k]);
+      EXPECT_EQ(files.size(), 4u) << "n=" << n;  // 0, 1 (carried), 2, 3
+    } else {
+      saw_new = true;
+      ASSERT_EQ(pts, (std::vector<uint64_t>{4})) << "n=" << n;
+      ExpectPoint(4, images[4]);
+      EXPECT_TRUE(files.empty()) << "n=" << n;
+    }
+    EXPECT_EQ(CatalogSeqs(), pts) << "n=" << n;
+    if (HasFatalFailure()) break;
+    store_.reset();
+    catalog_.reset();
+  }
+  EXPECT_GT(completed_at, 3);
+  EXPECT_TRUE(saw_old);
+  EXPECT_TRUE(saw_new);
   fs::remove_all(snap);
   OpenCatalog();
 }
