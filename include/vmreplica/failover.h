@@ -8,6 +8,9 @@
 //                      record "preparing", seed, VM started) --> 5
 //                       \__ any error: everything undone, state restored
 //   RevertFailover:    5 --job 98--> VM stopped, files/exports/record removed --> 3
+//   CommitFailover:    5 --job 99--> record "committing" --> rollback applied as a new
+//                      point --> overlay writes merged (live mirror or offline apply)
+//                      --> other points dropped --> record "committed" --> 6
 //   TestReplicaSystem: state unchanged; "<name> - Test" (mode 3) from the point
 //   DestroySystem:     the test VM stopped, everything of it removed
 //
@@ -94,6 +97,10 @@ class FailoverManager {
   // Each answers the started job (4096) or the reason it did not start.
   Result<JobRecord> InitiateFailover(const FailoverRequestParams& params);
   Result<JobRecord> RevertFailover(const std::string& vm);
+  // State 5 -> 6: the base rolls back to the failover point, the failover
+  // VM's writes merge into it (live, while it runs), every other point is
+  // deleted. Irreversible; resumed after a crash (docs/failover.md).
+  Result<JobRecord> CommitFailover(const std::string& vm);
   Result<JobRecord> TestReplicaSystem(const TestFailoverParams& params);
   // `vm`: the test VM (id or name) or the replica VM that has one.
   Result<JobRecord> DestroySystem(const std::string& vm);
@@ -121,6 +128,11 @@ class FailoverManager {
   Result<VmRecord> ResolveReplicaVm(const std::string& vm);
   Status DoFailover(JobContext& job, const std::string& vm_id, const std::string& point_id, bool start_vm);
   Status DoRevert(JobContext& job, const std::string& vm_id);
+  Status DoCommit(JobContext& job, const std::string& vm_id);
+  Result<JobRecord> StartCommitJob(const std::string& vm_id, bool resumed);
+  // Merges the running failover VM's overlays into the store's disk files
+  // with QEMU block mirrors (sync "top"), then pivots the VM onto them.
+  Status MergeLive(JobContext& job, Active& a);
   Status DoTest(JobContext& job, const std::string& vm_id, const TestFailoverParams& p, const std::string& test_id);
   Status DoDestroy(JobContext& job, const std::string& vm_id);
   // Stops the VM, removes its files, ends its exports, releases the store.

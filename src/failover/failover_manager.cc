@@ -11,6 +11,7 @@
 #include <filesystem>
 #include <nlohmann/json.hpp>
 #include <optional>
+#include <thread>
 
 #include <spdlog/spdlog.h>
 
@@ -19,6 +20,7 @@
 #include "vmreplica/failover.h"
 #include "vmreplica/fileutil.h"
 #include "vmreplica/model/transitions.h"
+#include "vmreplica/qmp.h"
 #include "vmreplica/vm_binding.h"
 
 namespace vmreplica {
@@ -93,6 +95,7 @@ struct FailoverManager::Record {
   std::string run_dir;
   std::string test_vm_id;
   bool started = false;
+  uint64_t commit_sequence = 0;  // CommitFailover: the point the rollback makes (0 = not committing)
 
   std::string Encode() const {
     json j;
@@ -107,6 +110,7 @@ struct FailoverManager::Record {
     j["run_dir"] = run_dir;
     j["test_vm_id"] = test_vm_id;
     j["started"] = started;
+    j["commit_sequence"] = commit_sequence;
     return j.dump(2) + "\n";
   }
 
@@ -131,7 +135,8 @@ struct FailoverManager::Record {
     VMR_ASSIGN_OR_RETURN(r.test_vm_id, str("test_vm_id"));
     if (r.kind != "failover" && r.kind != "test") return Status::Corruption("failover record: kind");
     if (!IsUuidText(r.vm_id)) return Status::Corruption("failover record: vm_id");
-    if (r.phase != "preparing" && r.phase != "failed-over" && r.phase != "test") {
+    if (r.phase != "preparing" && r.phase != "failed-over" && r.phase != "committing" && r.phase != "committed" &&
+        r.phase != "test") {
       return Status::Corruption("failover record: phase");
     }
     if ((r.kind == "test") != (r.phase == "test")) return Status::Corruption("failover record: phase of kind");
@@ -147,6 +152,14 @@ struct FailoverManager::Record {
     r.sequence = j["sequence"].get<uint64_t>();
     if (!j.contains("started") || !j["started"].is_boolean()) return Status::Corruption("failover record: started");
     r.started = j["started"].get<bool>();
+    if (!j.contains("commit_sequence") || !j["commit_sequence"].is_number_unsigned()) {
+      return Status::Corruption("failover record: commit_sequence");
+    }
+    r.commit_sequence = j["commit_sequence"].get<uint64_t>();
+    if ((r.phase == "committing" || r.phase == "committed") != (r.commit_sequence != 0) ||
+        (r.commit_sequence != 0 && r.commit_sequence < r.sequence)) {
+      return Status::Corruption("failover record: commit_sequence does not fit the phase");
+    }
     if (!j.contains("exports") || !j["exports"].is_array() || j["exports"].size() > 64) {
       return Status::Corruption("failover record: exports");
     }
@@ -278,18 +291,38 @@ void FailoverManager::Resume(const std::string& path) {
     }
     return;
   }
-  for (const auto& name : rec->exports) {
-    // "<vm id>/<disk>@<seq>"
-    const size_t slash = name.find('/');
-    const size_t at = name.rfind('@');
-    auto e = exports_.Export(a->store, rec->sequence, name.substr(slash + 1, at - slash - 1));
-    if (!e.ok()) spdlog::error("failover: VM {}: export {} not restored: {}", rec->vm_id, name, e.status().ToString());
+  if (rec->phase != "committed") {
+    for (const auto& name : rec->exports) {
+      // "<vm id>/<disk>@<seq>"
+      const size_t slash = name.find('/');
+      const size_t at = name.rfind('@');
+      auto e = exports_.Export(a->store, rec->sequence, name.substr(slash + 1, at - slash - 1));
+      if (!e.ok()) {
+        spdlog::error("failover: VM {}: export {} not restored: {}", rec->vm_id, name, e.status().ToString());
+      }
+    }
+  } else {
+    // The commit's last step may not have reached the catalog.
+    Status st = SetState(rec->vm_id, ReplicationState::kCommitted);
+    if (!st.ok()) spdlog::error("failover: VM {}: {}", rec->vm_id, st.ToString());
   }
   const bool running = a->vm && a->vm->IsRunning();
   spdlog::info("failover: VM {}: {} at point {} taken up ({})", rec->vm_id, rec->kind, rec->sequence,
                running ? "its VM runs" : "its VM is not running");
-  std::lock_guard<std::mutex> l(mu_);
-  active_[rec->vm_id + (test ? ".test" : "")] = a;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    active_[rec->vm_id + (test ? ".test" : "")] = a;
+  }
+  if (rec->phase == "committing") {
+    // "A crash in the middle resumes": the commit goes on as a new job.
+    auto job = StartCommitJob(rec->vm_id, /*resumed=*/true);
+    if (!job.ok()) {
+      spdlog::error("failover: VM {}: the interrupted CommitFailover was not resumed: {}", rec->vm_id,
+                    job.status().ToString());
+    } else {
+      spdlog::warn("failover: VM {}: the interrupted CommitFailover resumes as job {}", rec->vm_id, job->id);
+    }
+  }
 }
 
 // ---------------------------------------------------------------- helpers
@@ -638,6 +671,9 @@ Status FailoverManager::DoRevert(JobContext& job, const std::string& vm_id) {
     auto it = active_.find(vm_id);
     if (it != active_.end()) a = it->second;
   }
+  if (a && a->rec.phase != "failed-over") {
+    return Status::FailedPrecondition("VM " + vm_id + ": the failover is " + a->rec.phase + "; it cannot be reverted");
+  }
   if (a) {
     VMR_RETURN_IF_ERROR(TearDown(*a).WithContext("RevertFailover"));
     {
@@ -652,6 +688,251 @@ Status FailoverManager::DoRevert(JobContext& job, const std::string& vm_id) {
   VMR_RETURN_IF_ERROR(SetState(vm_id, ReplicationState::kReplicating, ReplicationType::kNone));
   replicas_->KickApply(vm_id);
   spdlog::info("VM {}: failover reverted; replication continues", vm_id);
+  return Status::Ok();
+}
+
+// ---------------------------------------------------------------- CommitFailover
+
+namespace {
+
+// The content of point `sequence` over `ranges` (the blocks changed since):
+// applied as a new point, it rolls the latest image back to that point.
+class RollbackSource final : public DeltaSource {
+ public:
+  RollbackSource(const ReplicaStore* store, uint64_t sequence, std::vector<ReplicaRange> ranges)
+      : store_(store), sequence_(sequence), ranges_(std::move(ranges)) {}
+
+  Result<std::optional<DeltaRecord>> Next() override {
+    while (index_ < ranges_.size() && done_ == ranges_[index_].length) {
+      ++index_;
+      done_ = 0;
+    }
+    if (index_ == ranges_.size()) return std::optional<DeltaRecord>();
+    const ReplicaRange& r = ranges_[index_];
+    const uint64_t len = std::min<uint64_t>(r.length - done_, kRecordBytes);
+    DeltaRecord rec;
+    rec.disk = r.disk;
+    rec.offset = r.offset + done_;
+    rec.length = len;
+    rec.data.resize(len);
+    VMR_RETURN_IF_ERROR(store_->ReadPoint(sequence_, r.disk, rec.offset, len, rec.data.data()));
+    if (std::all_of(rec.data.begin(), rec.data.end(), [](char c) { return c == 0; })) {
+      rec.zero = true;
+      rec.data.clear();
+    }
+    done_ += len;
+    bytes_ += len;
+    return std::optional<DeltaRecord>(std::move(rec));
+  }
+  uint64_t bytes() const { return bytes_; }
+
+ private:
+  static constexpr uint64_t kRecordBytes = 1u << 20;
+  const ReplicaStore* const store_;
+  const uint64_t sequence_;
+  const std::vector<ReplicaRange> ranges_;
+  size_t index_ = 0;
+  uint64_t done_ = 0;
+  uint64_t bytes_ = 0;
+};
+
+}  // namespace
+
+Result<JobRecord> FailoverManager::CommitFailover(const std::string& vm_name) {
+  VMR_ASSIGN_OR_RETURN(VmRecord vm, ResolveReplicaVm(vm_name));
+  VMR_ASSIGN_OR_RETURN(auto rel, catalog_->GetRelationship(vm.id, 0));
+  if (!rel) return Status::FailedPrecondition("VM " + vm.name + " has no replication relationship");
+  VMR_ASSIGN_OR_RETURN(TableMode mode, TableModeFor(vm.mode, 0));
+  VMR_RETURN_IF_ERROR(CheckTransition(mode, rel->state, Operation::kCommitFailover).status());
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    if (active_.count(vm.id) == 0) {
+      return Status::FailedPrecondition("VM " + vm.name + " is in state Recovered but no failover is recorded here");
+    }
+  }
+  return StartCommitJob(vm.id, /*resumed=*/false);
+}
+
+Result<JobRecord> FailoverManager::StartCommitJob(const std::string& vm_id, bool resumed) {
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    if (busy_.count(vm_id) != 0) return Status::FailedPrecondition("VM " + vm_id + ": a failover job is running");
+    busy_.insert(vm_id);
+  }
+  auto job = jobs_->Start(JobType::kCommitFailover, vm_id, json{{"vm", vm_id}, {"resumed", resumed}}.dump(), false,
+                          false, [this, vm_id](JobContext& ctx) -> Status {
+                            Status s = DoCommit(ctx, vm_id);
+                            std::lock_guard<std::mutex> l(mu_);
+                            busy_.erase(vm_id);
+                            return s;
+                          });
+  if (!job.ok()) {
+    std::lock_guard<std::mutex> l(mu_);
+    busy_.erase(vm_id);
+  }
+  return job;
+}
+
+Status FailoverManager::DoCommit(JobContext& job, const std::string& vm_id) {
+  std::shared_ptr<Active> a;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    auto it = active_.find(vm_id);
+    if (it == active_.end()) return Status::FailedPrecondition("VM " + vm_id + " has no failover recorded");
+    a = it->second;
+  }
+  const std::string record_path = RecordPath(vm_id, false);
+  ReplicaStore& store = *a->store;
+  const uint64_t point = a->rec.sequence;
+  // 1. Decide the rollback's sequence once, durably.
+  if (a->rec.phase == "failed-over") {
+    const uint64_t latest = store.latest_sequence();
+    a->rec.commit_sequence = latest > point ? latest + 1 : point;
+    a->rec.phase = "committing";
+    VMR_RETURN_IF_ERROR(WriteFileAtomic(record_path, a->rec.Encode(), 0600));
+  } else if (a->rec.phase != "committing") {
+    return Status::FailedPrecondition("VM " + vm_id + ": the failover is " + a->rec.phase);
+  }
+  const uint64_t target = a->rec.commit_sequence;
+  PointInfo info;
+  for (const auto& p : store.ListPoints()) {
+    if (p.sequence == point) info = PointInfo{p.time_ms, p.kind, p.generation_id};
+  }
+  // 2. Roll the base back to the point: its content over every block
+  // changed since, applied as one crash-safe point.
+  uint64_t rolled_back = 0;
+  if (store.latest_sequence() < target) {
+    if (store.latest_sequence() != target - 1) {
+      return Status::FailedPrecondition("VM " + vm_id + ": the store moved past the commit's rollback point");
+    }
+    VMR_ASSIGN_OR_RETURN(auto ranges, store.ChangedSince(point));
+    RollbackSource src(&store, point, std::move(ranges));
+    VMR_RETURN_IF_ERROR(store.Apply(target, info, src).WithContext("rolling back to point " + std::to_string(point)));
+    rolled_back = src.bytes();
+  }
+  job.SetProgress(40);
+  // 3. The failover VM's writes into the base.
+  bool running = false;
+  {
+    std::lock_guard<std::mutex> vl(a->vm_mu);
+    running = a->vm && a->vm->IsRunning();
+  }
+  uint64_t merged = 0;
+  if (running) {
+    VMR_RETURN_IF_ERROR(MergeLive(job, *a));
+  } else if (store.latest_sequence() == target) {
+    std::lock_guard<std::mutex> vl(a->vm_mu);
+    if (a->vm && !a->vm->overlays().empty()) {
+      VMR_ASSIGN_OR_RETURN(auto writes, a->vm->OpenWrites());
+      PointInfo now_info = info;
+      now_info.time_ms = options_.now_ms ? options_.now_ms() : SystemNowMs();
+      VMR_RETURN_IF_ERROR(store.Apply(target + 1, now_info, *writes).WithContext("merging the failover VM's writes"));
+      merged = writes->stats().data_bytes + writes->stats().zero_bytes;
+      VMR_RETURN_IF_ERROR(a->vm->DropOverlays());
+      a->vm.reset();
+    }
+  }
+  job.SetProgress(80);
+  // 4. Only the committed point stays.
+  for (const auto& name : a->rec.exports) {
+    Status u = exports_.Unexport(name);
+    if (!u.ok() && u.code() != Code::kNotFound) return u;
+  }
+  VMR_RETURN_IF_ERROR(store.DropAllButLatest());
+  a->rec.phase = "committed";
+  VMR_RETURN_IF_ERROR(WriteFileAtomic(record_path, a->rec.Encode(), 0600));
+  VMR_RETURN_IF_ERROR(SetState(vm_id, ReplicationState::kCommitted));
+  job.SetResult(json{{"vm_id", vm_id},
+                     {"point_sequence", point},
+                     {"committed_sequence", store.latest_sequence()},
+                     {"rolled_back_bytes", rolled_back},
+                     {"merged_offline_bytes", merged},
+                     {"vm_running", running}}
+                    .dump());
+  spdlog::info("VM {}: failover committed at point {} ({} bytes rolled back); {}", vm_id, point, rolled_back,
+               running ? "the VM runs on the replica's disks" : "the VM is not running");
+  return Status::Ok();
+}
+
+Status FailoverManager::MergeLive(JobContext& job, Active& a) {
+  std::lock_guard<std::mutex> vl(a.vm_mu);
+  if (!a.vm) return Status::FailedPrecondition("the failover VM is gone");
+  QmpClientOptions qo;
+  qo.connect_timeout = std::chrono::seconds(30);
+  VMR_ASSIGN_OR_RETURN(auto qmp, QmpClient::Connect(a.vm->qmp_socket(), qo));
+  const auto& disks = a.store->disks();
+  // Which node each guest disk reads now (query-block by device id).
+  auto inserted_node = [&](size_t i) -> Result<std::string> {
+    VMR_ASSIGN_OR_RETURN(json blocks, qmp->Execute("query-block"));
+    const std::string id = "vmr-disk" + std::to_string(i);
+    if (!blocks.is_array()) return Status::Corruption("query-block: not an array");
+    for (const auto& b : blocks) {
+      if (!b.is_object() || !b.contains("qdev") || !b["qdev"].is_string()) continue;
+      const std::string qdev = b["qdev"].get<std::string>();
+      if (qdev != id && qdev.find("/" + id + "/") == std::string::npos) continue;
+      if (b.contains("inserted") && b["inserted"].contains("node-name") && b["inserted"]["node-name"].is_string()) {
+        return b["inserted"]["node-name"].get<std::string>();
+      }
+    }
+    return Status::NotFound("query-block: no disk " + id);
+  };
+  auto job_of = [&](const std::string& id) -> Result<std::optional<json>> {
+    VMR_ASSIGN_OR_RETURN(json jobs, qmp->Execute("query-block-jobs"));
+    if (!jobs.is_array()) return Status::Corruption("query-block-jobs: not an array");
+    for (const auto& j : jobs) {
+      if (j.is_object() && j.contains("device") && j["device"] == id) return std::optional<json>(j);
+    }
+    return std::optional<json>();
+  };
+  for (size_t i = 0; i < disks.size(); ++i) {
+    const std::string node = disks[i].name;  // the launcher's overlay node
+    const std::string target = "vmr-commit-" + node;
+    VMR_ASSIGN_OR_RETURN(std::string now, inserted_node(i));
+    if (now == target) continue;  // merged before a restart
+    VMR_ASSIGN_OR_RETURN(auto existing, job_of(target));
+    if (!existing) {
+      VMR_ASSIGN_OR_RETURN(json nodes, qmp->Execute("query-named-block-nodes", json{{"flat", true}}));
+      bool have_target = false;
+      for (const auto& n : nodes) have_target = have_target || (n.contains("node-name") && n["node-name"] == target);
+      if (!have_target) {
+        VMR_RETURN_IF_ERROR(qmp->Execute("blockdev-add", json{{"driver", "raw"},
+                                                               {"node-name", target},
+                                                               {"file",
+                                                                {{"driver", "file"},
+                                                                 {"filename", a.store->DiskPath(
+                                                                                  static_cast<uint32_t>(i))}}}})
+                                .status()
+                                .WithContext("blockdev-add of " + target));
+      }
+      // sync "top": only what the overlay holds travels; the rest of the
+      // target already is the point's content (the rollback made it so).
+      VMR_RETURN_IF_ERROR(
+          qmp->Execute("blockdev-mirror",
+                       json{{"job-id", target}, {"device", node}, {"target", target}, {"sync", "top"}})
+              .status()
+              .WithContext("blockdev-mirror of " + node));
+    }
+    // Ready, then pivot.
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::hours(6);
+    for (;;) {
+      VMR_ASSIGN_OR_RETURN(auto j, job_of(target));
+      if (!j) return Status::Internal("the mirror job " + target + " vanished before it was ready");
+      if ((*j).contains("ready") && (*j)["ready"] == true) break;
+      if (std::chrono::steady_clock::now() > deadline) return Status::Timeout("mirror " + target + " not ready");
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+    VMR_RETURN_IF_ERROR(qmp->Execute("block-job-complete", json{{"device", target}}).status());
+    for (;;) {
+      VMR_ASSIGN_OR_RETURN(auto j, job_of(target));
+      if (!j) break;
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    VMR_ASSIGN_OR_RETURN(now, inserted_node(i));
+    if (now != target) {
+      return Status::Internal("disk " + node + " did not pivot to the replica disk (it reads " + now + ")");
+    }
+    job.SetProgress(40 + static_cast<uint32_t>(40 * (i + 1) / disks.size()));
+  }
   return Status::Ok();
 }
 

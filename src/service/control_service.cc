@@ -793,6 +793,17 @@ grpc::Status ControlService::RevertFailover(grpc::ServerContext* ctx, const v1::
   return grpc::Status::OK;
 }
 
+grpc::Status ControlService::CommitFailover(grpc::ServerContext* ctx, const v1::VmRequest* req,
+                                            v1::MethodResponse* resp) {
+  auto* r = resp->mutable_result();
+  if (!Authorize(*ctx, "CommitFailover", r)) return grpc::Status::OK;
+  if (!env_->failover) return Answer(r, NoFailover());
+  auto job = env_->failover->CommitFailover(req->vm());
+  if (!job.ok()) return Answer(r, job.status());
+  SetJobStarted(r, *job);
+  return grpc::Status::OK;
+}
+
 grpc::Status ControlService::TestReplicaSystem(grpc::ServerContext* ctx, const v1::FailoverRequest* req,
                                                v1::MethodResponse* resp) {
   auto* r = resp->mutable_result();
@@ -845,7 +856,6 @@ grpc::Status ControlService::DestroySystem(grpc::ServerContext* ctx, const v1::V
   }
 
 VMR_NOT_YET(ImportInitialReplica, ImportInitialReplicaRequest, MethodResponse, kInitialCapability)
-VMR_NOT_YET(CommitFailover, VmRequest, MethodResponse, kFailoverCapability)
 VMR_NOT_YET(ReverseReplicationRelationship, VmSettingsRequest, MethodResponse, kFailoverCapability)
 VMR_NOT_YET(InitiateFailback, FailbackRequest, MethodResponse, kFailoverCapability)
 VMR_NOT_YET(ChangeReplicationModeToPrimary, VmRelationshipRequest, MethodResponse, kFailoverCapability)

@@ -99,6 +99,12 @@ class FailoverTest : public ::testing::Test {
       // Whatever a failing test left: no VM may outlive it.
       replica_->Cli({"stop-failover", "guest", "--test"});
       replica_->Cli({"stop-failover", "guest"});
+      // A committed failover VM is nobody's to stop but its QEMU's.
+      for (const std::string& dir : {FailoverRunDir(), TestRunDir()}) {
+        const std::string text = ReadText(dir + "/qemu.pid");
+        const long pid = text.empty() ? 0 : std::strtol(text.c_str(), nullptr, 10);
+        if (pid > 1) ::kill(static_cast<pid_t>(pid), SIGKILL);
+      }
     }
     if (guest_) guest_->Kill();
   }
@@ -288,9 +294,109 @@ TEST_F(FailoverTest, UnplannedFailoverToTheMiddlePointThenRevertAndFailOverToThe
   }
   // The points are all still there (nothing was committed).
   EXPECT_GE(Points().size(), 3u);
-  r = replica_->Cli({"stop-failover", "guest"});
-  EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
-  EXPECT_EQ(ReplicaState(), 3);
+
+  // CommitFailover: one point left, the VM keeps running (now on the
+  // replica's own disk files), its data intact.
+  r = replica_->Cli({"complete-failover", "guest"});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err << ReadText(replica_->log_path());
+  EXPECT_EQ(ReplicaState(), 6);
+  EXPECT_EQ(Points().size(), 1u);
+  EXPECT_TRUE(Exports().empty()) << "the committed VM no longer reads a point view";
+  {
+    auto console = GuestConsole::Connect(FailoverRunDir() + "/serial.sock", 60s);
+    ASSERT_TRUE(console.ok()) << console.status().ToString();
+    auto g = (*console)->Run("echo 3 > /proc/sys/vm/drop_caches; md5sum /mnt/d/p1 /mnt/d/p2 /mnt/d/p3 && "
+                             "echo after > /mnt/d/after-commit && sync && echo ok", 120s);
+    ASSERT_TRUE(g.ok()) << g.status().ToString();
+    EXPECT_EQ(g->first, 0) << g->second;
+    for (const auto* sum : {&sum1, &sum2, &sum3}) {
+      EXPECT_NE(g->second.find(sum->substr(0, 32)), std::string::npos) << g->second;
+    }
+  }
+  // Illegal once committed: revert, another failover, a test VM, commit again.
+  ExpectRefused(replica_->Cli({"stop-failover", "guest"}), "32775");
+  ExpectRefused(replica_->Cli({"failover", "guest"}), "32775");
+  ExpectRefused(replica_->Cli({"failover", "guest", "--as-test"}), "32775");
+  ExpectRefused(replica_->Cli({"complete-failover", "guest"}), "32775");
+}
+
+// CommitFailover of an older point: the base rolls back to it, the running
+// failover VM's writes merge into it and the VM goes on on the replica's
+// own disk; afterwards the disk file alone holds exactly the point plus
+// the VM's writes, with a clean file system.
+TEST_F(FailoverTest, CommitOfAnOlderPointRollsBackMergesTheVmWritesAndKeepsTheVmRunning) {
+  ASSERT_FALSE(HasFatalFailure());
+  const std::string sum1 = WritePhase(1);
+  const int64_t after1 = NowMs();
+  ASSERT_TRUE(WaitPointAfter(after1));
+  const int64_t before2 = NowMs();
+  WritePhase(2);
+  ASSERT_TRUE(WaitPointAfter(NowMs()));
+  std::optional<Point> older;
+  for (const auto& p : Points()) {
+    if (p.time_ms > after1 && p.time_ms < before2) older = p;
+  }
+  ASSERT_TRUE(older);
+  ASSERT_GT(Points().back().sequence, older->sequence);
+  primary_->Kill();
+  guest_->Kill();
+
+  auto r = replica_->Cli({"failover", "guest", "--point", older->id, "--start"});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err << ReadText(replica_->log_path());
+  auto console = GuestConsole::Connect(FailoverRunDir() + "/serial.sock", 180s);
+  ASSERT_TRUE(console.ok()) << console.status().ToString() << ReadText(FailoverRunDir() + "/serial.log");
+  auto g = (*console)->Run(
+      "mkdir -p /mnt/d && mount -t ext4 /dev/vda /mnt/d && dd if=/dev/urandom of=/mnt/d/fo bs=4k count=48 "
+      "2>/dev/null && sync && md5sum /mnt/d/fo",
+      120s);
+  ASSERT_TRUE(g.ok()) << g.status().ToString();
+  ASSERT_EQ(g->first, 0) << g->second;
+  const std::string sum_fo = g->second.substr(0, 32);
+
+  r = replica_->Cli({"complete-failover", "guest"});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err << ReadText(replica_->log_path());
+  EXPECT_EQ(ReplicaState(), 6);
+  const auto left = Points();
+  ASSERT_EQ(left.size(), 1u);
+  EXPECT_GT(left[0].sequence, older->sequence) << "the committed point is the rollback, a new point";
+  // Still running, reading the replica's disk: the point's data and its own.
+  g = (*console)->Run(
+      "echo 3 > /proc/sys/vm/drop_caches; md5sum /mnt/d/p1 /mnt/d/fo; test -e /mnt/d/p2 && echo p2-present || "
+      "echo p2-absent; echo later > /mnt/d/later && sync",
+      120s);
+  ASSERT_TRUE(g.ok()) << g.status().ToString();
+  EXPECT_EQ(g->first, 0) << g->second;
+  EXPECT_NE(g->second.find(sum1.substr(0, 32)), std::string::npos) << g->second;
+  EXPECT_NE(g->second.find(sum_fo), std::string::npos) << g->second;
+  EXPECT_NE(g->second.find("p2-absent"), std::string::npos) << g->second;
+
+  // Power the VM off and read the replica's disk file itself.
+  const long pid = std::strtol(ReadText(FailoverRunDir() + "/qemu.pid").c_str(), nullptr, 10);
+  ASSERT_GT(pid, 1);
+  (void)(*console)->PowerOff();
+  const auto deadline = std::chrono::steady_clock::now() + 120s;
+  auto gone = [&] {
+    const std::string stat = ReadText("/proc/" + std::to_string(pid) + "/stat");
+    const size_t paren = stat.rfind(')');
+    return stat.empty() || (paren != std::string::npos && stat.size() > paren + 2 && stat[paren + 2] == 'Z');
+  };
+  while (!gone() && std::chrono::steady_clock::now() < deadline) std::this_thread::sleep_for(200ms);
+  ASSERT_TRUE(gone()) << "the failover VM did not power off";
+  const std::string image = dir_ / ("replicas/" + vm_id_ + "/disks/vda.img");
+  std::filesystem::copy_file(image, dir_ / "check.img");
+  auto fsck = RunProgram({"/sbin/e2fsck", "-E", "journal_only", "-p", dir_ / "check.img"});
+  EXPECT_LE(fsck.exit_code, 1) << fsck.out << fsck.err;
+  fsck = RunProgram({"/sbin/e2fsck", "-f", "-n", dir_ / "check.img"});
+  EXPECT_EQ(fsck.exit_code, 0) << fsck.out << fsck.err;
+  auto ls = RunProgram({"/sbin/debugfs", "-R", "ls /", dir_ / "check.img"});
+  EXPECT_NE(ls.out.find("p1"), std::string::npos) << ls.out;
+  EXPECT_NE(ls.out.find("fo"), std::string::npos) << ls.out;
+  EXPECT_NE(ls.out.find("later"), std::string::npos) << ls.out;
+  EXPECT_EQ(ls.out.find("p2"), std::string::npos) << ls.out;
+  auto dump = RunProgram({"/sbin/debugfs", "-R", "dump /fo " + (dir_ / "fo.out"), dir_ / "check.img"});
+  EXPECT_EQ(dump.exit_code, 0) << dump.err;
+  auto md5 = RunProgram({"/usr/bin/md5sum", dir_ / "fo.out"});
+  EXPECT_EQ(md5.out.substr(0, 32), sum_fo);
 }
 
 // Must show: a test failover runs while the primary keeps writing and the
