@@ -174,6 +174,12 @@ class ReplicationEngine {
   // StartReplication type 1 (network), now (start_unix_s = 0) or at a time
   // at most 7 days ahead. Answers the job (type 94) doing the initial copy.
   Result<JobRecord> StartReplication(const std::string& vm, int64_t start_unix_s);
+  // Resynchronize (from 7, 8, 9, 11, 16; StartTime 0 = now, at most 7 days
+  // ahead): state 10, tracking restarted at a new cut, the replica's block
+  // hashes compared with the cut's and only differing blocks sent as one
+  // ordinary log (the replica keeps its earlier points); then 3. A failure
+  // or cancel leaves 9. Job type 107, result: resynchronized_bytes, ...
+  Result<JobRecord> Resynchronize(const std::string& vm, int64_t start_unix_s);
   // RequestReplicationStateChange: 7 suspend, 3 resume, 1 cancel initial.
   Status RequestStateChange(const std::string& vm, int index, RequestedReplicationState requested);
   Status ModifySettings(const std::string& vm, const RelationshipSettings& settings);
@@ -209,7 +215,9 @@ class ReplicationEngine {
   // or was cancelled resets the state only while no newer one started.
   Status RunInitial(const std::string& vm_id, JobContext* job, uint64_t epoch);
   bool IsCurrentInitial(const std::string& vm_id, uint64_t epoch);
-  Result<CycleReport> RunCycle(const std::string& vm_id, bool initial, JobContext* job);
+  // `resync`: with `initial`, the cut's blocks are compared with the
+  // replica's hash lists and only differing ones are sent.
+  Result<CycleReport> RunCycle(const std::string& vm_id, bool initial, JobContext* job, bool resync = false);
   void WorkerLoop(Worker* w);
   void StartWorkerLocked(const std::string& vm_id);
   void KickWorker(const std::string& vm_id);

@@ -36,6 +36,7 @@
 #include <string>
 #include <vector>
 
+#include "vmreplica/block_hash.h"
 #include "vmreplica/catalog.h"
 #include "vmreplica/delta.h"
 #include "vmreplica/logformat.h"
@@ -144,6 +145,10 @@ class ReplicaClient {
     std::string detail;
   };
   Result<PrimaryVmState> GetPrimaryVmState(const std::string& vm_id);
+  // Resynchronize: the replica's hash list of each disk of its latest image
+  // (block_size: a power of two, 4 KiB .. 64 MiB), in disk order.
+  Result<std::vector<BlockHashList>> GetBlockHashes(const std::string& vm_id, uint32_t relationship_index,
+                                                    uint32_t block_size);
 
   // TEST ONLY: see TestOnlySendHooks.
   void SetTestOnlySendHooks(TestOnlySendHooks hooks) { test_hooks_ = std::move(hooks); }
@@ -263,6 +268,12 @@ class ReplicaReceiver {
                                                   uint32_t relationship_index, const RelationshipSettings& settings) = 0;
   // Runs one PushDelta stream to its end (OK once the log is committed).
   virtual Status ReceiveDelta(const PrimaryCaller& caller, DeltaStream& stream) = 0;
+  // Hashes every disk of the latest image (staged logs applied first) and
+  // hands each disk's serialised list to `emit` in order; `emit` answers
+  // false when the caller went away.
+  virtual Status HashDisks(const PrimaryCaller& caller, const std::string& vm_id, uint32_t relationship_index,
+                           uint32_t block_size,
+                           const std::function<bool(uint32_t disk, const std::string& serialized)>& emit) = 0;
 };
 
 struct ReplicaManagerOptions {
@@ -306,6 +317,9 @@ class ReplicaManager final : public ReplicaReceiver {
   Result<ReplicaStatusInfo> ModifyReplica(const PrimaryCaller& caller, const std::string& vm_id,
                                           uint32_t relationship_index, const RelationshipSettings& settings) override;
   Status ReceiveDelta(const PrimaryCaller& caller, DeltaStream& stream) override;
+  Status HashDisks(const PrimaryCaller& caller, const std::string& vm_id, uint32_t relationship_index,
+                   uint32_t block_size,
+                   const std::function<bool(uint32_t disk, const std::string& serialized)>& emit) override;
 
   // Waits until the replica of `vm_id` applied every staged log (or failed).
   // For tests and orderly shutdown. NotFound when it is not open.

@@ -7,6 +7,7 @@
 #include <random>
 #include <thread>
 
+#include "vmreplica/block_hash.h"
 #include "vmreplica/fileutil.h"
 #include "vmreplica/guest_agent.h"
 #include "vmreplica/model/transitions.h"
@@ -22,6 +23,8 @@ namespace vmreplica {
 namespace {
 
 constexpr int kPrimaryIndex = 0;
+// Resynchronize compares blocks of this size (docs/protocol.md GetBlockHashes).
+constexpr uint32_t kResyncBlockSize = 64u << 10;
 
 std::string HexId(const GenerationId& g) {
   static const char* kHex = "0123456789abcdef";
@@ -380,7 +383,7 @@ void ReplicationEngine::KickWorker(const std::string& vm_id) {
 
 // ------------------------------------------------------------------ the cycle
 
-Result<CycleReport> ReplicationEngine::RunCycle(const std::string& vm_id, bool initial, JobContext* job) {
+Result<CycleReport> ReplicationEngine::RunCycle(const std::string& vm_id, bool initial, JobContext* job, bool resync) {
   const auto started = std::chrono::steady_clock::now();
   VMR_ASSIGN_OR_RETURN(auto vm_opt, catalog_->GetVm(vm_id));
   if (!vm_opt) return Status::NotFound("VM " + vm_id + " is no longer in the catalog");
@@ -473,10 +476,23 @@ Result<CycleReport> ReplicationEngine::RunCycle(const std::string& vm_id, bool i
   // copy as done (we crashed between its acknowledgement and our record, or
   // an earlier copy was cancelled after it was staged): the full copy goes
   // as an ordinary log under the next number. It is a superset of any change.
-  const bool initial_log = initial && replica.expected_sequence <= 1;
+  const bool initial_log = initial && !resync && replica.expected_sequence <= 1;
+  // Resync: the replica's hashes of its latest image, fetched before the cut
+  // (hashing reads its disks once; the cut's fleecing need not wait).
+  std::vector<BlockHashList> remote;
+  if (resync) {
+    if (replica.expected_sequence <= 1) {
+      return Status::FailedPrecondition("VM " + vm_id + ": the replica holds no image yet; start the replication");
+    }
+    VMR_ASSIGN_OR_RETURN(remote, client.GetBlockHashes(vm_id, kPrimaryIndex, kResyncBlockSize));
+    if (remote.size() != tracked.size()) {
+      return Status::FailedPrecondition("VM " + vm_id + ": the replica has " + std::to_string(remote.size()) +
+                                        " disks, this side " + std::to_string(tracked.size()));
+    }
+  }
 
   CycleReport report;
-  report.initial = initial;
+  report.initial = initial && !resync;
   report.sequence = replica.expected_sequence;
   // An application-consistent point when one is due: the guest's file
   // systems are frozen for the cut and thawed whatever its outcome (a guard
@@ -585,6 +601,19 @@ Result<CycleReport> ReplicationEngine::RunCycle(const std::string& vm_id, bool i
   std::vector<uint64_t> disk_base;
   for (size_t i = 0; i < cut.disks.size(); ++i) {
     const auto& cd = cut.disks[i];
+    if (resync) {
+      BlockHashOptions ho;
+      ho.block_size = kResyncBlockSize;
+      auto diff = NbdBlockDiffSource::Open(cd.socket_path, cd.export_name, static_cast<uint32_t>(i), remote[i], ho);
+      if (!diff.ok()) {
+        parts.clear();
+        return abort(diff.status().WithContext("disk " + cd.disk));
+      }
+      disk_base.push_back(total_bytes);
+      total_bytes += cd.size_bytes;
+      parts.push_back(std::move(*diff));
+      continue;
+    }
     std::optional<std::string> bitmap;
     if (!initial) bitmap = cd.bitmap_context;
     auto reader = NbdDeltaReader::Open(cd.socket_path, cd.export_name, static_cast<uint32_t>(i), bitmap);
@@ -615,7 +644,7 @@ Result<CycleReport> ReplicationEngine::RunCycle(const std::string& vm_id, bool i
   };
   std::unique_ptr<GapFillingSource> filled;
   DeltaSource* inner = concat.get();
-  if (initial && !initial_log) {
+  if (initial && !initial_log && !resync) {
     std::vector<uint64_t> sizes;
     for (const auto& cd : cut.disks) sizes.push_back(cd.size_bytes);
     filled = std::make_unique<GapFillingSource>(concat.get(), std::move(sizes));
@@ -988,6 +1017,82 @@ Result<JobRecord> ReplicationEngine::StartReplication(const std::string& vm, int
     return Status::Ok();
   }));
   return StartInitialJob(vm_id, rec.name, start_unix_s, rel->state, epoch);
+}
+
+Result<JobRecord> ReplicationEngine::Resynchronize(const std::string& vm, int64_t start_unix_s) {
+  VMR_ASSIGN_OR_RETURN(auto rec, ResolveVm(vm));
+  VMR_ASSIGN_OR_RETURN(auto rel, catalog_->GetRelationship(rec.id, kPrimaryIndex));
+  if (!rel) return Status::FailedPrecondition("VM " + rec.name + " has no replication relationship");
+  VMR_RETURN_IF_ERROR(RequirePrimary(rec, *rel, "Resynchronize"));
+  const int64_t now_s = Now() / 1000;
+  if (start_unix_s != 0 && (start_unix_s < now_s - 60 || start_unix_s > now_s + 7 * 86400)) {
+    return Status::InvalidArgument("StartTime: must be within the next 7 days");
+  }
+  const std::string vm_id = rec.id;
+  ReplicationState before{};
+  VMR_RETURN_IF_ERROR(UpdateRelationship(vm_id, [&](RelationshipRecord& r) -> Status {
+    VMR_ASSIGN_OR_RETURN(auto t, CheckTransition(TableMode::kPrimary, r.state, Operation::kResynchronize));
+    before = r.state;
+    r.state = t.during;
+    return Status::Ok();
+  }));
+  spdlog::info("VM {}: resynchronization requested (state {} -> {})", rec.name, Name(before),
+               Name(ReplicationState::kResynchronizing));
+  // Back to "waiting for a resync" when it does not complete (the table's
+  // RequestCancelResynchronization target), unless the state moved meanwhile.
+  auto leave = [this, vm_id](const char* why) {
+    Status u = UpdateRelationship(vm_id, [&](RelationshipRecord& r) {
+      if (r.state == ReplicationState::kResynchronizing) r.state = ReplicationState::kWaitingForStartResynchronize;
+      return Status::Ok();
+    });
+    if (!u.ok()) spdlog::error("VM {}: resetting the state after a resync that {}: {}", vm_id, why, u.ToString());
+  };
+  nlohmann::json params = {{"vm", vm_id}, {"start_time_unix_s", start_unix_s}};
+  auto job = jobs_->Start(
+      JobType::kResynchronizing, rec.name, params.dump(), /*cancellable=*/true, /*resumable=*/false,
+      [this, vm_id, start_unix_s, leave](JobContext& jc) -> Status {
+        while (start_unix_s != 0 && Now() / 1000 < start_unix_s) {
+          if (stop_flag_.load() || jc.CancelRequested()) {
+            leave("was cancelled");
+            return Status::Cancelled("resynchronization cancelled before its StartTime");
+          }
+          std::this_thread::sleep_for(std::chrono::milliseconds(200));
+        }
+        Result<CycleReport> r = Status::Unavailable("not run");
+        {
+          auto vm_lock = VmLock(vm_id);
+          std::lock_guard<std::mutex> l(*vm_lock);
+          Slot slot(this);
+          r = RunCycle(vm_id, /*initial=*/true, &jc, /*resync=*/true);
+        }
+        if (!r.ok()) {
+          leave("failed");
+          Status f = RecordFailure(vm_id, r.status(), IsNetworkError(r.status()));
+          (void)f;
+          return r.status().WithContext("resynchronization");
+        }
+        VMR_RETURN_IF_ERROR(UpdateRelationship(vm_id, [&](RelationshipRecord& rel) {
+          if (rel.state == ReplicationState::kResynchronizing) rel.state = ReplicationState::kReplicating;
+          return Status::Ok();
+        }));
+        if (Status s = RecordSuccess(vm_id, *r); !s.ok()) {
+          spdlog::error("VM {}: recording the resynchronization failed: {}", vm_id, s.ToString());
+        }
+        jc.SetResult(nlohmann::json{{"sequence", r->sequence},
+                                    {"resynchronized_bytes", r->data_bytes + r->zero_bytes},
+                                    {"data_bytes", r->data_bytes},
+                                    {"zero_bytes", r->zero_bytes},
+                                    {"wire_bytes", r->wire_bytes},
+                                    {"records", r->records},
+                                    {"duration_ms", r->duration_ms}}
+                         .dump());
+        spdlog::info("VM {}: resynchronized: {} bytes differed ({} on the wire) in {} ms", vm_id,
+                     r->data_bytes + r->zero_bytes, r->wire_bytes, r->duration_ms);
+        KickWorker(vm_id);
+        return Status::Ok();
+      });
+  if (!job.ok()) leave("could not start");
+  return job;
 }
 
 uint64_t ReplicationEngine::NextInitialEpoch(const std::string& vm_id) {

@@ -578,6 +578,24 @@ grpc::Status ControlService::ChangeState(const std::string& vm, int index, uint3
   return Answer(r, env_->replication->RequestStateChange(vm, index, *state));
 }
 
+grpc::Status ControlService::Resynchronize(grpc::ServerContext* ctx, const v1::ResynchronizeRequest* req,
+                                           v1::MethodResponse* resp) {
+  auto* r = resp->mutable_result();
+  if (!Authorize(*ctx, "Resynchronize", r)) return grpc::Status::OK;
+  if (!env_->replication) return Answer(r, NoEngine());
+  if (req->relationship_index() > 1) {
+    return Answer(r, Status::InvalidArgument("RelationshipType: " + std::to_string(req->relationship_index()) +
+                                             " is not 0 or 1"));
+  }
+  if (req->relationship_index() == 1) {
+    return Answer(r, Status::NotSupported("extended replication is not supported yet"));
+  }
+  auto job = env_->replication->Resynchronize(req->vm(), req->start_time_unix_s());
+  if (!job.ok()) return Answer(r, job.status());
+  SetJobStarted(r, *job);
+  return grpc::Status::OK;
+}
+
 // ---------------------------------------------------------------- failover IP settings
 //
 // SetFailoverNetworkAdapterSettings stores, per NIC of a VM, the IP settings
@@ -859,7 +877,6 @@ VMR_NOT_YET(ImportInitialReplica, ImportInitialReplicaRequest, MethodResponse, k
 VMR_NOT_YET(ReverseReplicationRelationship, VmSettingsRequest, MethodResponse, kFailoverCapability)
 VMR_NOT_YET(InitiateFailback, FailbackRequest, MethodResponse, kFailoverCapability)
 VMR_NOT_YET(ChangeReplicationModeToPrimary, VmRelationshipRequest, MethodResponse, kFailoverCapability)
-VMR_NOT_YET(Resynchronize, ResynchronizeRequest, MethodResponse, kInitialCapability)
 
 #undef VMR_NOT_YET
 

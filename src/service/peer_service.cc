@@ -185,6 +185,31 @@ grpc::Status PeerService::GetPrimaryVmState(grpc::ServerContext* context, const 
   return grpc::Status::OK;
 }
 
+grpc::Status PeerService::GetBlockHashes(grpc::ServerContext* context, const v1::BlockHashRequest* request,
+                                         grpc::ServerWriter<v1::BlockHashPiece>* writer) {
+  if (replicas_ == nullptr) return grpc::Status(grpc::StatusCode::UNIMPLEMENTED, "no data plane on this host");
+  auto caller = Authorize(*context);
+  if (!caller.ok()) return Refuse("GetBlockHashes", PeerNames(*context), caller.status());
+  constexpr size_t kPiece = 4u << 20;
+  Status s = replicas_->HashDisks(
+      *caller, request->vm_id(), request->relationship_index(), request->block_size(),
+      [&](uint32_t disk, const std::string& serialized) {
+        size_t at = 0;
+        do {
+          v1::BlockHashPiece piece;
+          piece.set_disk(disk);
+          const size_t n = std::min(kPiece, serialized.size() - at);
+          piece.set_data(serialized.substr(at, n));
+          at += n;
+          piece.set_end_of_disk(at == serialized.size());
+          if (!writer->Write(piece)) return false;
+        } while (at < serialized.size());
+        return true;
+      });
+  if (!s.ok()) return Refuse("GetBlockHashes", caller->names, s);
+  return grpc::Status::OK;
+}
+
 grpc::Status PeerService::PushDelta(grpc::ServerContext* context,
                                     grpc::ServerReaderWriter<v1::DeltaReply, v1::DeltaMessage>* stream) {
   if (replicas_ == nullptr) return grpc::Status(grpc::StatusCode::UNIMPLEMENTED, "no data plane on this host");

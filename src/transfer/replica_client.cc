@@ -210,6 +210,54 @@ Result<ReplicaClient::PrimaryVmState> ReplicaClient::GetPrimaryVmState(const std
   return PrimaryVmState{static_cast<int>(resp.run_state()), resp.replication_state(), resp.detail()};
 }
 
+Result<std::vector<BlockHashList>> ReplicaClient::GetBlockHashes(const std::string& vm_id,
+                                                                 uint32_t relationship_index, uint32_t block_size) {
+  v1::BlockHashRequest req;
+  req.set_vm_id(vm_id);
+  req.set_relationship_index(relationship_index);
+  req.set_block_size(block_size);
+  grpc::ClientContext ctx;
+  // Hashing reads every replica disk once: no short deadline.
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::hours(12));
+  auto reader = stub_->GetBlockHashes(&ctx, req);
+  std::vector<BlockHashList> lists;
+  std::string current;
+  v1::BlockHashPiece piece;
+  constexpr size_t kMaxListBytes = size_t{1} << 30;
+  while (reader->Read(&piece)) {
+    if (piece.disk() != lists.size()) {
+      ctx.TryCancel();
+      reader->Finish().ok();
+      return Status::Corruption("GetBlockHashes: disk " + std::to_string(piece.disk()) + " out of order");
+    }
+    if (current.size() + piece.data().size() > kMaxListBytes) {
+      ctx.TryCancel();
+      reader->Finish().ok();
+      return Status::Corruption("GetBlockHashes: a hash list over 1 GiB");
+    }
+    current += piece.data();
+    if (piece.end_of_disk()) {
+      auto list = ParseBlockHashes(current);
+      if (!list.ok()) {
+        ctx.TryCancel();
+        reader->Finish().ok();
+        return Status::Corruption("GetBlockHashes: disk " + std::to_string(lists.size()) + ": " +
+                                  list.status().message());
+      }
+      if (list->block_size != block_size) {
+        ctx.TryCancel();
+        reader->Finish().ok();
+        return Status::Corruption("GetBlockHashes: a list of another block size");
+      }
+      lists.push_back(std::move(*list));
+      current.clear();
+    }
+  }
+  VMR_RETURN_IF_ERROR(StatusFromGrpc(reader->Finish()).WithContext("GetBlockHashes"));
+  if (!current.empty()) return Status::Corruption("GetBlockHashes: the last list ended early");
+  return lists;
+}
+
 Result<SendStats> ReplicaClient::SendDelta(const DeltaInfo& info, DeltaSource& source, const SendOptions& options) {
   if (options.chunk_bytes < 4096 || options.chunk_bytes > (16u << 20)) {
     return Status::InvalidArgument("chunk_bytes must be 4 KiB .. 16 MiB");

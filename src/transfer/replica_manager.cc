@@ -589,6 +589,29 @@ Result<ReplicaStatusInfo> ReplicaManager::ModifyReplica(const PrimaryCaller& cal
   return StatusOf(*r);
 }
 
+Status ReplicaManager::HashDisks(const PrimaryCaller& caller, const std::string& vm_id, uint32_t index,
+                                 uint32_t block_size,
+                                 const std::function<bool(uint32_t disk, const std::string& serialized)>& emit) {
+  if (block_size < 4096 || block_size > (64u << 20) || (block_size & (block_size - 1)) != 0) {
+    return Status::InvalidArgument("block_size " + std::to_string(block_size) +
+                                   " is not a power of two of 4 KiB .. 64 MiB");
+  }
+  VMR_ASSIGN_OR_RETURN(auto r, Get(caller, vm_id, index));
+  // The latest image is what the primary compares with: every staged log
+  // goes in first. The primary sends nothing while it resynchronises.
+  VMR_RETURN_IF_ERROR(WaitApplied(vm_id, std::chrono::minutes(30)));
+  BlockHashOptions o;
+  o.block_size = block_size;
+  for (uint32_t d = 0; d < r->store->disks().size(); ++d) {
+    BlockHashStats stats;
+    VMR_ASSIGN_OR_RETURN(BlockHashList list, HashFileBlocks(r->store->DiskPath(d), o, &stats));
+    spdlog::info("replica {}: disk {} hashed for a resynchronisation ({} bytes read)", vm_id,
+                 r->store->disks()[d].name, stats.bytes_read);
+    if (!emit(d, SerializeBlockHashes(list))) return Status::Cancelled("the primary went away");
+  }
+  return Status::Ok();
+}
+
 Result<ReplicaStore*> ReplicaManager::AcquireLocal(const std::string& vm_id) {
   std::lock_guard<std::mutex> l(mu_);
   auto it = replicas_.find(vm_id);
