@@ -105,6 +105,15 @@ class FailoverManager {
   // `vm`: the test VM (id or name) or the replica VM that has one.
   Result<JobRecord> DestroySystem(const std::string& vm);
 
+  // RequestReplicationStateChange(2) on the replica host, before a seeded
+  // initial replication (StartReplication type 3 on the primary): the copy
+  // at each path (any format qemu-img reads, the same virtual size as the
+  // replica disk) is written into the replica's disk; every disk must be
+  // named. Refused (32775) unless the replica VM is in state 2 with nothing
+  // applied; 32773 for a missing, unknown or differently sized disk.
+  // A job (96); the state stays 2.
+  Result<JobRecord> MarkAsReplica(const std::string& vm, const std::vector<std::string>& seed_disks);
+
   // Where the points are served (nbd+unix URIs use it).
   std::string points_socket() const;
 

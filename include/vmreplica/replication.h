@@ -173,7 +173,10 @@ class ReplicationEngine {
   Status CreateRelationship(const std::string& vm, const RelationshipSettings& settings);
   // StartReplication type 1 (network), now (start_unix_s = 0) or at a time
   // at most 7 days ahead. Answers the job (type 94) doing the initial copy.
-  Result<JobRecord> StartReplication(const std::string& vm, int64_t start_unix_s);
+  // `seeded` (InitialReplicationType 3): the replica already holds a copy
+  // (marked with state change 2 on the replica); the initial log carries
+  // only the blocks whose hashes differ (job type 117).
+  Result<JobRecord> StartReplication(const std::string& vm, int64_t start_unix_s, bool seeded = false);
   // Resynchronize (from 7, 8, 9, 11, 16; StartTime 0 = now, at most 7 days
   // ahead): state 10, tracking restarted at a new cut, the replica's block
   // hashes compared with the cut's and only differing blocks sent as one
@@ -213,7 +216,7 @@ class ReplicationEngine {
   struct Worker;
   // `epoch` numbers the StartReplication calls of a VM: a copy that failed
   // or was cancelled resets the state only while no newer one started.
-  Status RunInitial(const std::string& vm_id, JobContext* job, uint64_t epoch);
+  Status RunInitial(const std::string& vm_id, JobContext* job, uint64_t epoch, bool seeded = false);
   bool IsCurrentInitial(const std::string& vm_id, uint64_t epoch);
   // `resync`: with `initial`, the cut's blocks are compared with the
   // replica's hash lists and only differing ones are sent.
@@ -242,7 +245,7 @@ class ReplicationEngine {
   void ReleaseSlot();
   void Throttle(uint64_t bytes);
   Result<JobRecord> StartInitialJob(const std::string& vm_id, const std::string& vm_name, int64_t start_unix_s,
-                                    ReplicationState state_before, uint64_t epoch);
+                                    ReplicationState state_before, uint64_t epoch, bool seeded = false);
   uint64_t NextInitialEpoch(const std::string& vm_id);
   Status UndoInitialState(const std::string& vm_id, uint64_t epoch, ReplicationState state_before);
   // The statistics row of `vm_id` (created when missing), its window rolled

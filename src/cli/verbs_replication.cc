@@ -58,10 +58,12 @@ int CallVmOrEx(Session& s, const VmArgs& a, const Rpc<v1::VmRequest, Resp>& plai
   return s.Invoke(plain, request, print);
 }
 
-int StateChange(Session& s, const VmArgs& a, RequestedReplicationState state) {
+int StateChange(Session& s, const VmArgs& a, RequestedReplicationState state,
+                const std::vector<std::string>& seed_disks = {}) {
   v1::StateChangeRequest request;
   request.set_vm(a.vm);
   request.set_requested_state(Number(state));
+  for (const auto& d : seed_disks) request.add_seed_disks(d);
   if (auto rel = a.rel()) {
     request.set_relationship_index(*rel);
     return s.Invoke(VMR_RPC(RequestReplicationStateChangeEx), request);
@@ -391,8 +393,6 @@ constexpr StateVerb kStateVerbs[] = {
     {"suspend", "pause replication (state change 7, Suspend-VMReplication)", RequestedReplicationState::kSuspend},
     {"cancel-initial", "cancel the initial replication (state change 1)",
      RequestedReplicationState::kCancelInitialReplication},
-    {"mark-replica", "mark an existing VM as the replica of a seeded relationship (state change 2)",
-     RequestedReplicationState::kMarkAsReplica},
     {"cancel-resync", "cancel a resynchronisation (state change 9)",
      RequestedReplicationState::kCancelResynchronization},
 };
@@ -404,6 +404,16 @@ void AddStateVerbs(Registry& reg) {
     AddVmVerb(reg, v.name, v.description, rpcs, true,
               [state](Session& s, const VmArgs& a) { return StateChange(s, a, state); });
   }
+
+  auto seeds = std::make_shared<std::vector<std::string>>();
+  AddVmVerb(reg, "mark-replica",
+            "on the replica host: write the copies a seeded initial replication starts from into the replica VM's "
+            "disks (state change 2)",
+            rpcs, true,
+            [seeds](Session& s, const VmArgs& a) {
+              return StateChange(s, a, RequestedReplicationState::kMarkAsReplica, *seeds);
+            })
+      ->add_option("--disk", *seeds, "DISK=PATH: the copy for replica disk DISK (any qemu-img format; repeat per disk)");
 
   struct ResumeOptions {
     bool resynchronize = false;

@@ -16,6 +16,7 @@
 #include <spdlog/spdlog.h>
 
 #include "jobs/uuid.h"
+#include "launcher/subprocess.h"
 #include "vmreplica/cloud_init.h"
 #include "vmreplica/failover.h"
 #include "vmreplica/fileutil.h"
@@ -934,6 +935,96 @@ Status FailoverManager::MergeLive(JobContext& job, Active& a) {
     job.SetProgress(40 + static_cast<uint32_t>(40 * (i + 1) / disks.size()));
   }
   return Status::Ok();
+}
+
+// ---------------------------------------------------------------- seeds
+
+Result<JobRecord> FailoverManager::MarkAsReplica(const std::string& vm_name, const std::vector<std::string>& seeds) {
+  VMR_ASSIGN_OR_RETURN(VmRecord vm, ResolveReplicaVm(vm_name));
+  if (vm.mode != ReplicationMode::kReplica) {
+    return Status::FailedPrecondition("VM " + vm.name + " is not a replica on this host (mode " +
+                                      std::string(Name(vm.mode)) + ")");
+  }
+  VMR_ASSIGN_OR_RETURN(auto rel, catalog_->GetRelationship(vm.id, 0));
+  if (!rel) return Status::FailedPrecondition("VM " + vm.name + " has no replication relationship");
+  VMR_RETURN_IF_ERROR(CheckTransition(TableMode::kReplica, rel->state, Operation::kRequestMarkAsReplica).status());
+  // Parse "disk=path" and check every disk is named once.
+  VMR_ASSIGN_OR_RETURN(ReplicaStore * store, replicas_->AcquireLocal(vm.id));
+  struct Seed {
+    uint32_t disk;
+    std::string path;
+    std::string format;
+  };
+  auto check = [&]() -> Result<std::vector<Seed>> {
+    if (store->latest_sequence() != 0) {
+      return Status::FailedPrecondition("VM " + vm.name + ": the replica already holds replicated data (point " +
+                                        std::to_string(store->latest_sequence()) + ")");
+    }
+    std::vector<Seed> out;
+    for (size_t i = 0; i < seeds.size(); ++i) {
+      const std::string f = "seed_disks[" + std::to_string(i) + "]";
+      const size_t eq = seeds[i].find('=');
+      if (eq == std::string::npos || eq == 0) return Status::InvalidArgument(f + ": not disk=path");
+      const std::string name = seeds[i].substr(0, eq), path = seeds[i].substr(eq + 1);
+      if (path.empty() || path[0] != '/' ||
+          std::any_of(path.begin(), path.end(), [](unsigned char c) { return c < 0x20 || c == 0x7f; })) {
+        return Status::InvalidArgument(f + ": '" + path + "' is not an absolute path");
+      }
+      const auto& disks = store->disks();
+      auto it = std::find_if(disks.begin(), disks.end(), [&](const ReplicaDisk& d) { return d.name == name; });
+      if (it == disks.end()) return Status::InvalidArgument(f + ": the replica has no disk '" + name + "'");
+      const uint32_t d = static_cast<uint32_t>(it - disks.begin());
+      if (std::any_of(out.begin(), out.end(), [&](const Seed& s) { return s.disk == d; })) {
+        return Status::InvalidArgument(f + ": disk '" + name + "' is named twice");
+      }
+      VMR_ASSIGN_OR_RETURN(auto info, launcher_internal::RunCapture({"qemu-img", "info", "--output=json", path}));
+      if (info.exit_code != 0) return Status::NotFound(f + ": qemu-img cannot read '" + path + "': " + info.output);
+      json j = json::parse(info.output, nullptr, false);
+      if (j.is_discarded() || !j.contains("virtual-size") || !j["virtual-size"].is_number_unsigned() ||
+          !j.contains("format") || !j["format"].is_string()) {
+        return Status::InvalidArgument(f + ": qemu-img info answered no size or format for '" + path + "'");
+      }
+      const uint64_t size = j["virtual-size"].get<uint64_t>();
+      if (size != it->size) {
+        return Status::InvalidArgument(f + ": the copy '" + path + "' is " + std::to_string(size) +
+                                       " bytes, replica disk '" + name + "' " + std::to_string(it->size) + " bytes");
+      }
+      out.push_back(Seed{d, path, j["format"].get<std::string>()});
+    }
+    if (out.size() != store->disks().size()) {
+      return Status::InvalidArgument("seed_disks: every replica disk needs a copy (" +
+                                     std::to_string(store->disks().size()) + " disks, " +
+                                     std::to_string(out.size()) + " given)");
+    }
+    return out;
+  };
+  auto checked = check();
+  if (!checked.ok()) {
+    replicas_->ReleaseLocal(vm.id);
+    return checked.status();
+  }
+  auto job = jobs_->Start(
+      JobType::kStateChange, vm.id, json{{"vm", vm.id}, {"requested_state", 2}, {"seeds", seeds}}.dump(), false,
+      false, [this, id = vm.id, store, list = std::move(*checked)](JobContext& ctx) -> Status {
+        Status st;
+        for (size_t i = 0; i < list.size() && st.ok(); ++i) {
+          // Written in place (-n): the store keeps its open disk file.
+          auto c = launcher_internal::RunCapture({"qemu-img", "convert", "-n", "-f", list[i].format, "-O", "raw",
+                                                  list[i].path, store->DiskPath(list[i].disk)});
+          if (!c.ok()) {
+            st = c.status();
+          } else if (c->exit_code != 0) {
+            st = Status::IOError("qemu-img convert of '" + list[i].path + "': " + c->output);
+          }
+          ctx.SetProgress(static_cast<uint32_t>(100 * (i + 1) / list.size()));
+        }
+        replicas_->ReleaseLocal(id);
+        if (st.ok()) spdlog::info("replica {}: seeded from {} copy(ies); ready for a seeded initial replication", id,
+                                  list.size());
+        return st;
+      });
+  if (!job.ok()) replicas_->ReleaseLocal(vm.id);
+  return job;
 }
 
 // ---------------------------------------------------------------- test failover

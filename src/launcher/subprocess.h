@@ -1,4 +1,5 @@
-// Private to src/launcher: running helper programs and looking at processes.
+// Private to src/launcher (and src/failover, which runs qemu-img for seeds):
+// running helper programs and looking at processes.
 #pragma once
 
 #include <sys/types.h>

@@ -298,21 +298,23 @@ Status ReplicationEngine::Start() {
     // A copy scheduled for later keeps its StartTime (from the last initial
     // replication job of the VM); one already due starts now.
     int64_t start_unix_s = 0;
+    bool seeded = false;
     int64_t newest_ms = -1;
     if (jobs.ok()) {
       for (const auto& j : *jobs) {
-        if (j.type != JobType::kInitialReplicationNetwork) continue;
+        if (j.type != JobType::kInitialReplicationNetwork && j.type != JobType::kSeededInitialReplication) continue;
         auto p = nlohmann::json::parse(j.parameters_json, nullptr, /*allow_exceptions=*/false);
         if (p.is_discarded() || !p.is_object() || p.value("vm", std::string()) != vm_id) continue;
         if (j.created_ms <= newest_ms) continue;
         newest_ms = j.created_ms;
         const auto& at = p.contains("start_time_unix_s") ? p["start_time_unix_s"] : nlohmann::json();
         start_unix_s = at.is_number_integer() ? at.get<int64_t>() : 0;
+        seeded = p.contains("seeded") && p["seeded"].is_boolean() && p["seeded"].get<bool>();
       }
     }
     if (start_unix_s <= Now() / 1000) start_unix_s = 0;
     auto job = StartInitialJob(vm_id, name, start_unix_s, ReplicationState::kReadyForReplication,
-                               NextInitialEpoch(vm_id));
+                               NextInitialEpoch(vm_id), seeded);
     if (job.ok()) {
       spdlog::warn("VM {}: the initial replication was interrupted by a daemon restart; it starts again as job {}",
                    vm_id, job->id);
@@ -476,14 +478,14 @@ Result<CycleReport> ReplicationEngine::RunCycle(const std::string& vm_id, bool i
   // copy as done (we crashed between its acknowledgement and our record, or
   // an earlier copy was cancelled after it was staged): the full copy goes
   // as an ordinary log under the next number. It is a superset of any change.
-  const bool initial_log = initial && !resync && replica.expected_sequence <= 1;
+  const bool initial_log = initial && replica.expected_sequence <= 1;
   // Resync: the replica's hashes of its latest image, fetched before the cut
   // (hashing reads its disks once; the cut's fleecing need not wait).
   std::vector<BlockHashList> remote;
   if (resync) {
-    if (replica.expected_sequence <= 1) {
-      return Status::FailedPrecondition("VM " + vm_id + ": the replica holds no image yet; start the replication");
-    }
+    // Seeded (no log applied yet): the replica's disks hold the copy its
+    // operator registered; a resync: its latest image. Either way only
+    // blocks that differ travel, so the result is exact.
     VMR_ASSIGN_OR_RETURN(remote, client.GetBlockHashes(vm_id, kPrimaryIndex, kResyncBlockSize));
     if (remote.size() != tracked.size()) {
       return Status::FailedPrecondition("VM " + vm_id + ": the replica has " + std::to_string(remote.size()) +
@@ -492,7 +494,7 @@ Result<CycleReport> ReplicationEngine::RunCycle(const std::string& vm_id, bool i
   }
 
   CycleReport report;
-  report.initial = initial && !resync;
+  report.initial = initial && (!resync || initial_log);
   report.sequence = replica.expected_sequence;
   // An application-consistent point when one is due: the guest's file
   // systems are frozen for the cut and thawed whatever its outcome (a guard
@@ -644,7 +646,10 @@ Result<CycleReport> ReplicationEngine::RunCycle(const std::string& vm_id, bool i
   };
   std::unique_ptr<GapFillingSource> filled;
   DeltaSource* inner = concat.get();
-  if (initial && !initial_log && !resync) {
+  // A full copy always sends its holes as zero records (cheap: no payload,
+  // nothing written over holes on the replica): whatever the replica's
+  // disks held before (an earlier copy, a seed), the result is exact.
+  if (initial && !resync) {
     std::vector<uint64_t> sizes;
     for (const auto& cd : cut.disks) sizes.push_back(cd.size_bytes);
     filled = std::make_unique<GapFillingSource>(concat.get(), std::move(sizes));
@@ -995,7 +1000,7 @@ Status ReplicationEngine::CreateRelationship(const std::string& vm, const Relati
   });
 }
 
-Result<JobRecord> ReplicationEngine::StartReplication(const std::string& vm, int64_t start_unix_s) {
+Result<JobRecord> ReplicationEngine::StartReplication(const std::string& vm, int64_t start_unix_s, bool seeded) {
   VMR_ASSIGN_OR_RETURN(auto rec, ResolveVm(vm));
   VMR_ASSIGN_OR_RETURN(auto rel, catalog_->GetRelationship(rec.id, kPrimaryIndex));
   if (!rel) return Status::FailedPrecondition("VM " + rec.name + " has no replication relationship");
@@ -1016,7 +1021,7 @@ Result<JobRecord> ReplicationEngine::StartReplication(const std::string& vm, int
     epoch = NextInitialEpoch(vm_id);
     return Status::Ok();
   }));
-  return StartInitialJob(vm_id, rec.name, start_unix_s, rel->state, epoch);
+  return StartInitialJob(vm_id, rec.name, start_unix_s, rel->state, epoch, seeded);
 }
 
 Result<JobRecord> ReplicationEngine::Resynchronize(const std::string& vm, int64_t start_unix_s) {
@@ -1118,11 +1123,12 @@ Status ReplicationEngine::UndoInitialState(const std::string& vm_id, uint64_t ep
 // Running, 0%); a cancel then returns the relationship to the state it had.
 Result<JobRecord> ReplicationEngine::StartInitialJob(const std::string& vm_id, const std::string& vm_name,
                                                      int64_t start_unix_s, ReplicationState state_before,
-                                                     uint64_t epoch) {
-  nlohmann::json params = {{"vm", vm_id}, {"start_time_unix_s", start_unix_s}};
+                                                     uint64_t epoch, bool seeded) {
+  nlohmann::json params = {{"vm", vm_id}, {"start_time_unix_s", start_unix_s}, {"seeded", seeded}};
   auto job = jobs_->Start(
-      JobType::kInitialReplicationNetwork, vm_name, params.dump(), /*cancellable=*/true,
-      /*resumable=*/false, [this, vm_id, start_unix_s, state_before, epoch](JobContext& jc) -> Status {
+      seeded ? JobType::kSeededInitialReplication : JobType::kInitialReplicationNetwork, vm_name, params.dump(),
+      /*cancellable=*/true,
+      /*resumable=*/false, [this, vm_id, start_unix_s, state_before, epoch, seeded](JobContext& jc) -> Status {
         while (start_unix_s != 0 && Now() / 1000 < start_unix_s) {
           if (stop_flag_.load()) {
             // The daemon stops: the state stays Waiting (2) and the next
@@ -1136,7 +1142,7 @@ Result<JobRecord> ReplicationEngine::StartInitialJob(const std::string& vm_id, c
           }
           std::this_thread::sleep_for(std::chrono::milliseconds(200));
         }
-        return RunInitial(vm_id, &jc, epoch);
+        return RunInitial(vm_id, &jc, epoch, seeded);
       });
   if (!job.ok()) {
     Status undo = UndoInitialState(vm_id, epoch, state_before);
@@ -1151,13 +1157,13 @@ bool ReplicationEngine::IsCurrentInitial(const std::string& vm_id, uint64_t epoc
   return initial_epoch_[vm_id] == epoch;
 }
 
-Status ReplicationEngine::RunInitial(const std::string& vm_id, JobContext* job, uint64_t epoch) {
+Status ReplicationEngine::RunInitial(const std::string& vm_id, JobContext* job, uint64_t epoch, bool seeded) {
   Result<CycleReport> r = Status::Unavailable("not run");
   {
     auto vm_lock = VmLock(vm_id);
     std::lock_guard<std::mutex> l(*vm_lock);
     Slot slot(this);
-    r = RunCycle(vm_id, /*initial=*/true, job);
+    r = RunCycle(vm_id, /*initial=*/true, job, /*resync=*/seeded);
   }
   if (!r.ok()) {
     if (stop_flag_.load()) {

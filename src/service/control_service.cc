@@ -453,15 +453,16 @@ grpc::Status ControlService::StartReplication(grpc::ServerContext* ctx, const v1
   if (!Authorize(*ctx, "StartReplication", r)) return grpc::Status::OK;
   if (!env_->replication) return Answer(r, NoEngine());
   const uint32_t type = req->initial_replication_type();
-  if (type == Number(InitialReplicationType::kExport) || type == Number(InitialReplicationType::kSeededNetwork)) {
+  if (type == Number(InitialReplicationType::kExport)) {
     NotSupportedYet(r, "StartReplication", kInitialCapability);
     return grpc::Status::OK;
   }
-  if (type != Number(InitialReplicationType::kNetwork)) {
+  if (type != Number(InitialReplicationType::kNetwork) && type != Number(InitialReplicationType::kSeededNetwork)) {
     return Answer(r, Status::InvalidArgument("InitialReplicationType: " + std::to_string(type) +
                                              " is not one of 1 (network), 2 (export), 3 (seeded)"));
   }
-  auto job = env_->replication->StartReplication(req->vm(), req->start_time_unix_s());
+  auto job = env_->replication->StartReplication(req->vm(), req->start_time_unix_s(),
+                                                 type == Number(InitialReplicationType::kSeededNetwork));
   if (!job.ok()) return Answer(r, job.status());
   SetJobStarted(r, *job);
   return grpc::Status::OK;
@@ -552,6 +553,13 @@ grpc::Status ControlService::RequestReplicationStateChange(grpc::ServerContext* 
                                                            v1::MethodResponse* resp) {
   auto* r = resp->mutable_result();
   if (!Authorize(*ctx, "RequestReplicationStateChange", r)) return grpc::Status::OK;
+  if (req->requested_state() == Number(RequestedReplicationState::kMarkAsReplica) && env_->failover) {
+    // On the replica host: register the seed copies (FailoverManager).
+    auto job = env_->failover->MarkAsReplica(req->vm(), {req->seed_disks().begin(), req->seed_disks().end()});
+    if (!job.ok()) return Answer(r, job.status());
+    SetJobStarted(r, *job);
+    return grpc::Status::OK;
+  }
   return ChangeState(req->vm(), 0, req->requested_state(), r);
 }
 
