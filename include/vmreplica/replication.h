@@ -132,6 +132,11 @@ bool RollStatisticsWindow(StatisticsRecord& s, const ServerSettings& server, int
 
 // "HH:MM" -> minutes after midnight; InvalidArgument otherwise.
 Result<uint32_t> ParseTimeOfDay(const std::string& text);
+// Whether local time `now_ms` lies in [start_min, end_min) (minutes after
+// midnight; start > end wraps past midnight and belongs to the day it
+// started; start == end is the whole day) on a day of `days_mask` (bit 0 =
+// Sunday).
+bool InTimeWindow(uint32_t start_min, uint32_t end_min, uint8_t days_mask, int64_t now_ms);
 // The bandwidth limit at `now_ms` (local time): the first window holding
 // it, else the default. 0 = unlimited.
 uint64_t BandwidthLimitAt(const std::vector<BandwidthWindow>& schedule, uint64_t default_bytes_per_s,

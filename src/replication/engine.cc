@@ -479,6 +479,14 @@ Result<CycleReport> ReplicationEngine::RunCycle(const std::string& vm_id, bool i
   // an earlier copy was cancelled after it was staged): the full copy goes
   // as an ordinary log under the next number. It is a superset of any change.
   const bool initial_log = initial && replica.expected_sequence <= 1;
+  // The replica expects a log we already sent and it acknowledged: it lost
+  // logs (a restored or rolled-back replica). Those changes are gone from
+  // our bitmaps, so a delta would silently miss them: tracking is lost.
+  if (!initial && replica.expected_sequence <= rel.sequence) {
+    return Status::FailedPrecondition("resynchronization required: the replica expects log " +
+                                      std::to_string(replica.expected_sequence) + " but logs up to " +
+                                      std::to_string(rel.sequence) + " were acknowledged (out of sequence)");
+  }
   // Resync: the replica's hashes of its latest image, fetched before the cut
   // (hashing reads its disks once; the cut's fleecing need not wait).
   std::vector<BlockHashList> remote;
@@ -880,9 +888,30 @@ void ReplicationEngine::WorkerLoop(Worker* w) {
     }
     const ReplicationState state = (*rel)->state;
     if (state != ReplicationState::kReplicating && state != ReplicationState::kCritical) {
+      // Resync required and AutoResynchronizeEnabled: the resync starts by
+      // itself inside its window (checked again every 30 s; a failed one
+      // leaves 9 and is retried at the next check).
+      bool auto_resync = false;
+      const RelationshipSettings& st = (*rel)->settings;
+      if (state == ReplicationState::kWaitingForStartResynchronize && st.auto_resynchronize_enabled) {
+        auto_resync = true;
+        if (InTimeWindow(st.auto_resynchronize_interval_start_min, st.auto_resynchronize_interval_end_min, 0x7f,
+                         Now())) {
+          auto job = Resynchronize(vm_id, 0);
+          if (job.ok()) {
+            spdlog::info("VM {}: automatic resynchronization started (job {})", vm_id, job->id);
+          } else {
+            spdlog::warn("VM {}: automatic resynchronization not started: {}", vm_id, job.status().ToString());
+          }
+        }
+      }
       // Suspended, resync required, ...: wait for a kick (resume) or stop.
       std::unique_lock<std::mutex> lock(w->mu);
-      w->cv.wait(lock, [&] { return w->stop || w->kicked; });
+      if (auto_resync) {
+        w->cv.wait_for(lock, std::chrono::seconds(30), [&] { return w->stop || w->kicked; });
+      } else {
+        w->cv.wait(lock, [&] { return w->stop || w->kicked; });
+      }
       if (w->stop) return;
       due = Steady::now();
       retrying = false;

@@ -75,27 +75,23 @@ Result<uint32_t> ParseTimeOfDay(const std::string& text) {
   return h * 60 + m;
 }
 
-uint64_t BandwidthLimitAt(const std::vector<BandwidthWindow>& schedule, uint64_t default_bytes_per_s,
-                          int64_t now_ms) {
-  if (schedule.empty()) return default_bytes_per_s;
+bool InTimeWindow(uint32_t start_min, uint32_t end_min, uint8_t days_mask, int64_t now_ms) {
   std::time_t t = static_cast<std::time_t>(FloorDiv(now_ms, 1000));
   std::tm tm{};
-  if (localtime_r(&t, &tm) == nullptr) return default_bytes_per_s;
+  if (localtime_r(&t, &tm) == nullptr) return false;
   const uint32_t minute = static_cast<uint32_t>(tm.tm_hour * 60 + tm.tm_min);
-  const int today = tm.tm_wday;             // 0 = Sunday
+  const int today = tm.tm_wday;  // 0 = Sunday
   const int yesterday = (today + 6) % 7;
+  if (start_min == end_min) return (days_mask >> today) & 1;  // the whole day
+  if (start_min < end_min) return ((days_mask >> today) & 1) && minute >= start_min && minute < end_min;
+  // Wraps past midnight: the part after midnight belongs to the day it started.
+  return (((days_mask >> today) & 1) && minute >= start_min) || (((days_mask >> yesterday) & 1) && minute < end_min);
+}
+
+uint64_t BandwidthLimitAt(const std::vector<BandwidthWindow>& schedule, uint64_t default_bytes_per_s,
+                          int64_t now_ms) {
   for (const auto& w : schedule) {
-    bool inside = false;
-    if (w.start_min == w.end_min) {
-      inside = (w.days_mask >> today) & 1;  // the whole day
-    } else if (w.start_min < w.end_min) {
-      inside = ((w.days_mask >> today) & 1) && minute >= w.start_min && minute < w.end_min;
-    } else {
-      // Wraps past midnight: the part after midnight belongs to the day it started.
-      inside = (((w.days_mask >> today) & 1) && minute >= w.start_min) ||
-               (((w.days_mask >> yesterday) & 1) && minute < w.end_min);
-    }
-    if (inside) return w.bytes_per_s;
+    if (InTimeWindow(w.start_min, w.end_min, w.days_mask, now_ms)) return w.bytes_per_s;
   }
   return default_bytes_per_s;
 }

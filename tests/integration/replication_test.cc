@@ -11,6 +11,8 @@
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <cstdio>
+#include <ctime>
 #include <iostream>
 #include <random>
 #include <sstream>
@@ -478,6 +480,47 @@ TEST_F(ReplicationTest, TrackingLostMovesToNineAndResyncSendsOnlyTheDifferingBlo
   EXPECT_EQ(Sha256Padded(dir_ / "old.raw", kDiskBytes), old_hash);
   r = replica_->Cli({"stop-failover", "demo", "--test"});
   EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
+}
+
+// AutoResynchronizeEnabled: a relationship that loses its tracking inside
+// its auto-resync window resynchronises by itself and is exact again.
+TEST_F(ReplicationTest, AutoResyncInsideItsWindowRepairsLostTrackingByItself) {
+  // A window around the current local time (wrapping past midnight is fine).
+  auto hhmm = [](int minutes) {
+    minutes = ((minutes % 1440) + 1440) % 1440;
+    char buf[8];
+    std::snprintf(buf, sizeof buf, "%02d:%02d", minutes / 60, minutes % 60);
+    return std::string(buf);
+  };
+  std::time_t t = std::time(nullptr);
+  std::tm tm{};
+  localtime_r(&t, &tm);
+  const int now_min = tm.tm_hour * 60 + tm.tm_min;
+  Enable({}, {"--auto-resync", "--auto-resync-window", hhmm(now_min - 60) + "-" + hhmm(now_min + 120)});
+  ASSERT_FALSE(HasFatalFailure());
+  auto r = primary_->Cli({"start", "demo"});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  ASSERT_TRUE(WaitForState(3));
+  Write(RandomWrites(10));
+  ASSERT_TRUE(WaitForCycleAfter(NowMs()));
+  (void)qsd_->Kill();
+  QsdOptions o;
+  o.run_dir = dir_ / "qsd";
+  o.disks.push_back({"vda", dir_ / "qsd/vda.qcow2", "qcow2", /*export_writable=*/true});
+  qsd_ = std::make_unique<QsdProcess>(o);
+  Status s = qsd_->Start();
+  ASSERT_TRUE(s.ok()) << s.ToString();
+  Write({"write -P 55 4194304 131072"});
+  // 9 (tracking lost), then by itself 10 and back to 3.
+  const auto deadline = std::chrono::steady_clock::now() + 120s;
+  while (ReadText(primary_->log_path()).find("automatic resynchronization started") == std::string::npos &&
+         std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(200ms);
+  }
+  ASSERT_NE(ReadText(primary_->log_path()).find("automatic resynchronization started"), std::string::npos)
+      << ReadText(primary_->log_path());
+  ASSERT_TRUE(WaitForState(3, 120s)) << ReadText(primary_->log_path());
+  ExpectReplicaEqualsPrimary();
 }
 
 // Must show (issue 7): seeded initial replication. The replica is given a
