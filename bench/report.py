@@ -18,6 +18,7 @@ import sys
 GOALS = {
     "P1": {"kind": "speed", "vs": {"qemu-img convert": 0.9, "nbdcopy": None, "rsync --sparse": 3.0}},
     "P2": {"kind": "speed", "vs": {"rsync --inplace --no-whole-file": 50.0}},
+    "P3": {"kind": "speed", "vs": {"rsync --inplace --no-whole-file": 2.0}},
     "P4": {"kind": "bound", "metric": "written_per_changed", "max": 2.0, "tools": ["vmreplica, history on"]},
     "P5": {"kind": "ratio", "metric": "mib_per_s", "ours": "writes, replicating (cycles back to back)",
            "theirs": "writes, no replication", "min": 0.95},
@@ -114,7 +115,8 @@ def main():
     # The table.
     print()
     print(f"# {meta.get('when', '')}  size {fmt_bytes(meta.get('size'))}  runs {meta.get('runs')}  "
-          f"build {meta.get('build_type', '?')}  load before {meta.get('loadavg_before', '?')}")
+          f"build {meta.get('build_type', '?')}  load before {meta.get('loadavg_before', '?')}  "
+          f"after {' '.join(meta.get('loadavg_after', ['?']))}")
     print("| scenario | tool | min s | median s | max s | wire (median) | other (median) |")
     print("|---|---|---|---|---|---|---|")
     for s in summary:

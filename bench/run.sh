@@ -4,12 +4,13 @@
 # run, runs alternating. Builds nothing: give it a build directory that holds
 # vmreplica, vmreplicad and bench_workload (docs/benchmarks.md says how).
 #
-#   bench/run.sh [--build DIR] [--quick] [--scenarios P1,P2,P4,P5,P6] [--runs N]
-#                [--size N] [--out FILE] [--keep]
+#   bench/run.sh [--build DIR] [--quick] [--scenarios P1,P2,P3,P4,P5,P6] [--runs N]
+#                [--size N] [--out FILE] [--keep] [--dir DIR]
 #
 # Prints a table (scenario, tool, min / median / max seconds, wire bytes,
 # ratios against the goals) and writes a JSON result file (default
-# ./bench-results.json). Temporary data lives in /var/tmp/vmreplica-bench-*
+# ./bench-results.json). Temporary data lives in DIR/vmreplica-bench-*
+# (default DIR /var/tmp; /dev/shm takes the disk out of the measurement)
 # and is deleted at exit (kept with --keep, to read the daemons' logs); every
 # daemon it starts is stopped at exit.
 set -euo pipefail
@@ -23,7 +24,8 @@ scenarios=P1,P2,P3,P4,P5,P6
 runs=""
 size=""
 out=$PWD/bench-results.json
-usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+dir=/var/tmp
+usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
 while (($#)); do
   case $1 in
     --build) build=$(cd "$2" && pwd); shift 2 ;;
@@ -33,7 +35,8 @@ while (($#)); do
     --runs) runs=$2; shift 2 ;;
     --size) size=$2; shift 2 ;;
     --out) out=$(realpath -m "$2"); shift 2 ;;
-    -h|--help) usage ;;
+    --dir) dir=$(cd "$2" && pwd); shift 2 ;;
+    -h|--help) usage 0 ;;
     *) echo "unknown option $1"; usage ;;
   esac
 done
@@ -57,9 +60,22 @@ for t in qemu-img qemu-storage-daemon nbdcopy rsync zstd ss python3; do
   command -v "$t" >/dev/null || { echo "missing tool $t (scripts/install-deps.sh installs it)"; exit 1; }
 done
 
-work=$(mktemp -d /var/tmp/vmreplica-bench-XXXXXX)
+work=$(mktemp -d "$dir/vmreplica-bench-XXXXXX")
 # shellcheck source=../scripts/lib/pair.sh
 source "$root/scripts/lib/pair.sh"
+# Replaces pair.sh's pair_free_port for the benchmark: a port below the
+# kernel's ephemeral range (outgoing connections of the other engineers'
+# tests take ports from that range, unseen by a listening-sockets check, and
+# a daemon then failed with "cannot listen"), with no socket in any state.
+pair_free_port() {
+  local p lo
+  lo=$(cut -f1 /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
+  ((lo > 11000)) || lo=60000
+  while :; do
+    p=$((10000 + RANDOM % (lo - 10000)))
+    [[ -z "$(ss -Htan "sport = :$p")" ]] && { echo "$p"; return; }
+  done
+}
 qsd_pids=()
 other_pids=()
 cleanup() {
@@ -173,7 +189,9 @@ for b in d.get("format-specific", {}).get("data", {}).get("bitmaps", []):
 pair_up() {
   pair_stop_daemons
   rm -rf "$work/primary" "$work/replica"
-  p_port=$(pair_free_port); r_port=$(pair_free_port)
+  p_port=$(pair_free_port)
+  r_port=$(pair_free_port)
+  while ((r_port == p_port)); do r_port=$(pair_free_port); done
   pair_start_daemon primary "$p_port" "${1:-}"
   pair_start_daemon replica "$r_port" "${1:-}"
   P="$vmr --socket $work/primary/admin.sock"
@@ -193,15 +211,16 @@ bind_vm() {
     --vcpus 1 --memory 512 >/dev/null
   $P enable "$name" --replica-server 127.0.0.1 --replica-port "$r_port" "$@" >/dev/null
 }
-# initial NAME: runs the initial replication, waits until the replica has
-# applied it; prints "wall_s data_bytes wire_bytes duration_ms". wall_s runs
-# from just before the CLI call to the replica's own apply timestamp (so the
+# initial NAME [START_OPTIONS...]: runs the initial replication (`start
+# NAME START_OPTIONS...`), waits until the replica has applied it; prints
+# "wall_s data_bytes wire_bytes duration_ms zero_bytes". wall_s runs from
+# just before the CLI call to the replica's own apply timestamp (so the
 # polling here adds nothing to it).
 initial() {
   local name=$1 t0 t1 res applied
   applied=$(count_in "$work/replica/vmreplicad.log" "initial replication applied")
   t0=$(now)
-  res=$($P --json start "$name")
+  res=$($P --json start "$name" "${@:2}")
   await "the replica to apply the initial copy" \
     more_than "$applied" count_in "$work/replica/vmreplicad.log" "initial replication applied"
   t1=$(ms_to_s "$(replica_applied_ms "$name")")
@@ -218,7 +237,7 @@ while True:
     if isinstance(d, dict) and "job" in d:
         doc = d
 r = json.loads(doc["job"]["result_json"])
-print(sys.argv[2], r["data_bytes"], r["wire_bytes"], r["duration_ms"])
+print(sys.argv[2], r["data_bytes"], r["wire_bytes"], r["duration_ms"], r.get("zero_bytes", 0))
 PY
 }
 vm_id() { $P --json vm get "$1" | python3 -c 'import json,sys; print(json.load(sys.stdin)["vm"]["id"])'; }
@@ -332,7 +351,7 @@ scenario_p1() {
           pair_up
           bind_vm p1 p1
           c0=$(( $(cpu_ticks "$(pair_pid 0)") + $(cpu_ticks "$(pair_pid 1)") ))
-          res=$(initial p1); read -r wall data wire dur <<< "$res"
+          res=$(initial p1); read -r wall data wire dur _ <<< "$res"
           c1=$(( $(cpu_ticks "$(pair_pid 0)") + $(cpu_ticks "$(pair_pid 1)") ))
           record scenario=P1 tool=vmreplica run="$i" seconds="$wall" data_bytes="$data" wire_bytes="$wire" \
             product_duration_s="$(python3 -c "print($dur/1000)")" cpu_s="$(ticks_to_s $((c1 - c0)))" \
@@ -408,6 +427,56 @@ scenario_p2() {
   rm -f "$work/img/p2.qcow2" "$work/rsyncd/dst/p2.raw"
   # disk.raw now differs from disk.qcow2: make it again if a later scenario needs it.
   rm -f "$work/img/disk.raw" "$work/img/disk.qcow2"
+}
+
+# P3: seeded initial replication. The replica side already holds a copy of
+# the image in which 1% of the 4 KiB blocks differ (random data at random
+# offsets, the same copy for both tools). vmreplica: `mark-replica` writes
+# the copy into the replica's disk (timed, it is part of the product's
+# cost), then `start --seeded` sends the blocks whose hashes differ; rsync:
+# the copy is already the destination file (its copy is not timed).
+scenario_p3() {
+  make_images
+  rsyncd_up
+  cp --sparse=always "$work/img/disk.raw" "$work/img/seed.raw"
+  "$wl" write --target "$work/img/seed.raw" --size "$size" --block 4096 --fraction 0.01 --seed 300 >/dev/null
+  qsd_stop p3 2>/dev/null || true
+  drop_bitmaps "$work/img/disk.qcow2"
+  qsd_start p3 "$work/img/disk.qcow2"
+  local tools=(vmreplica rsync) i t tool res wall data wire dur zero cpu c0 c1 t0 t1 mark
+  for ((i = 1; i <= runs; i++)); do
+    for ((t = 0; t < ${#tools[@]}; t++)); do
+      tool=${tools[$(((t + i - 1) % ${#tools[@]}))]}
+      log "P3 run $i: $tool"
+      case $tool in
+        vmreplica)
+          qsd_stop p3; drop_bitmaps "$work/img/disk.qcow2"; qsd_start p3 "$work/img/disk.qcow2"
+          pair_up
+          bind_vm p3 p3
+          c0=$(( $(cpu_ticks "$(pair_pid 0)") + $(cpu_ticks "$(pair_pid 1)") ))
+          t0=$(now)
+          $R mark-replica p3 --disk "vda=$work/img/seed.raw" >/dev/null
+          t1=$(now); mark=$(elapsed "$t0" "$t1")
+          res=$(initial p3 --seeded); read -r wall data wire dur zero <<< "$res"
+          c1=$(( $(cpu_ticks "$(pair_pid 0)") + $(cpu_ticks "$(pair_pid 1)") ))
+          record scenario=P3 tool=vmreplica run="$i" seconds="$(python3 -c "print($mark + $wall)")" \
+            mark_replica_s="$mark" data_bytes="$data" zero_bytes="$zero" wire_bytes="$wire" \
+            product_duration_s="$(python3 -c "print($dur/1000)")" cpu_s="$(ticks_to_s $((c1 - c0)))" \
+            max_rss_bytes="$(( ($(hwm_kib "$(pair_pid 0)") + $(hwm_kib "$(pair_pid 1)")) * 1024 ))"
+          pair_stop_daemons
+          rm -rf "$work/primary" "$work/replica" ;;
+        rsync)
+          cp --sparse=always "$work/img/seed.raw" "$work/rsyncd/dst/p3.raw"
+          sync "$work/rsyncd/dst/p3.raw"
+          res=$(rsync_to p3.raw --inplace --no-whole-file); read -r wall wire cpu <<< "$res"
+          record scenario=P3 tool="rsync --inplace --no-whole-file" run="$i" seconds="$wall" wire_bytes="$wire" \
+            cpu_s="$cpu"
+          rm -f "$work/rsyncd/dst/p3.raw" ;;
+      esac
+    done
+  done
+  qsd_stop p3
+  rm -f "$work/img/seed.raw"
 }
 
 # Bytes the replica daemon handed to write() (wchar in /proc/PID/io).
@@ -549,7 +618,7 @@ for s in "${wanted[@]}"; do
   case $s in
     P1) scenario_p1 ;;
     P2) scenario_p2 ;;
-    P3) echo '{"scenario": "P3", "note": "not available yet (needs issue 7: seeded initial replication)"}' >> "$runs_file" ;;
+    P3) scenario_p3 ;;
     P4) scenario_p4 ;;
     P5) scenario_p5 ;;
     P6) scenario_p6 ;;
@@ -560,7 +629,7 @@ done
 python3 - "$work/meta.json" <<PY
 import json, sys, platform, os
 json.dump({"when": "$(date -u +%FT%TZ)", "size": $(bytes_of "$size"), "runs": $runs, "quick": bool($quick),
-           "build": "$build", "build_type": "$build_type", "loadavg_before": "$loadavg_before",
+           "build": "$build", "build_type": "$build_type", "dir": "$dir", "loadavg_before": "$loadavg_before",
            "loadavg_after": open("/proc/loadavg").read().split()[:3], "cpus": os.cpu_count(),
            "kernel": platform.release(), "scenarios": "$scenarios"}, open(sys.argv[1], "w"))
 PY

@@ -862,6 +862,7 @@ void ReplicationEngine::WorkerLoop(Worker* w) {
     }
   }
   int64_t misses_counted = 0;
+  Steady::time_point next_auto_resync{};
   auto backoff = options_.retry_initial;
   bool retrying = false;
   Steady::time_point retry_at{};
@@ -895,8 +896,11 @@ void ReplicationEngine::WorkerLoop(Worker* w) {
       const RelationshipSettings& st = (*rel)->settings;
       if (state == ReplicationState::kWaitingForStartResynchronize && st.auto_resynchronize_enabled) {
         auto_resync = true;
-        if (InTimeWindow(st.auto_resynchronize_interval_start_min, st.auto_resynchronize_interval_end_min, 0x7f,
+        if (Steady::now() >= next_auto_resync &&
+            InTimeWindow(st.auto_resynchronize_interval_start_min, st.auto_resynchronize_interval_end_min, 0x7f,
                          Now())) {
+          // At most one automatic attempt a minute (a failed one kicks us).
+          next_auto_resync = Steady::now() + std::chrono::minutes(1);
           auto job = Resynchronize(vm_id, 0);
           if (job.ok()) {
             spdlog::info("VM {}: automatic resynchronization started (job {})", vm_id, job->id);
@@ -1103,6 +1107,7 @@ Result<JobRecord> ReplicationEngine::Resynchronize(const std::string& vm, int64_
           leave("failed");
           Status f = RecordFailure(vm_id, r.status(), IsNetworkError(r.status()));
           (void)f;
+          KickWorker(vm_id);  // an automatic resync is retried by the worker
           return r.status().WithContext("resynchronization");
         }
         VMR_RETURN_IF_ERROR(UpdateRelationship(vm_id, [&](RelationshipRecord& rel) {
