@@ -1245,17 +1245,27 @@ Status ReplicationEngine::RequestStateChange(const std::string& vm, int index, R
   auto op = OperationForRequestedState(requested);
   if (!op) return Status::InvalidArgument("RequestedState: not a replication state change");
   if (*op != Operation::kRequestSuspend && *op != Operation::kRequestResume &&
-      *op != Operation::kRequestCancelInitialReplication) {
+      *op != Operation::kRequestCancelInitialReplication && *op != Operation::kRequestCancelResynchronization) {
     return Status::NotSupported("RequestedState " + std::to_string(static_cast<int>(requested)) +
                                 " is not supported by this vmreplica build yet");
   }
   VMR_RETURN_IF_ERROR(RequirePrimary(rec, *rel, "RequestReplicationStateChange"));
   VMR_RETURN_IF_ERROR(CheckTransition(TableMode::kPrimary, rel->state, *op).status());
+  if (*op == Operation::kRequestResume && (rel->state == ReplicationState::kWaitingForStartResynchronize ||
+                                           rel->state == ReplicationState::kResynchronizeSuspended)) {
+    // Resuming a resync that waits or was paused runs it (again, from the
+    // start: a resync log is applied whole or not at all).
+    return Resynchronize(rec.id, 0).status();
+  }
   if (*op == Operation::kRequestResume && rel->state != ReplicationState::kSuspended &&
       rel->state != ReplicationState::kCritical) {
     return Status::NotSupported("resuming from " + std::string(Name(rel->state)) +
-                                " needs a resynchronization, which this vmreplica build does not do yet");
+                                " (an update of the disk set) is not supported by this vmreplica build yet");
   }
+  // Pausing or cancelling a running resync ends its job (the state changes
+  // first, so the job's own error path leaves it alone).
+  const bool end_resync = rel->state == ReplicationState::kResynchronizing &&
+                          (*op == Operation::kRequestSuspend || *op == Operation::kRequestCancelResynchronization);
   if (*op == Operation::kRequestCancelInitialReplication) {
     auto jobs = jobs_->List();
     if (jobs.ok()) {
@@ -1283,6 +1293,18 @@ Status ReplicationEngine::RequestStateChange(const std::string& vm, int index, R
     return Status::Ok();
   }));
   spdlog::info("VM {}: replication state {} -> {}", rec.name, Name(rel->state), Name(after));
+  if (end_resync) {
+    auto jobs = jobs_->List();
+    if (jobs.ok()) {
+      for (const auto& j : *jobs) {
+        if (j.type == JobType::kResynchronizing && j.parameters_json.find(rec.id) != std::string::npos &&
+            (j.state == JobState::kNew || j.state == JobState::kStarting || j.state == JobState::kRunning)) {
+          Status c = jobs_->Cancel(j.id);
+          if (!c.ok()) spdlog::warn("VM {}: cancelling resync job {}: {}", rec.name, j.id, c.ToString());
+        }
+      }
+    }
+  }
   if (after == ReplicationState::kReplicating) {
     {
       std::lock_guard<std::mutex> lock(mu_);

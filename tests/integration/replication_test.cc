@@ -40,10 +40,7 @@ class ReplicationTest : public ::testing::Test {
     std::filesystem::create_directories(dir_ / "qsd");
     auto r = RunProgram({"/usr/bin/qemu-img", "create", "-q", "-f", "qcow2", dir_ / "qsd/vda.qcow2", "64M"});
     ASSERT_EQ(r.exit_code, 0) << r.err;
-    QsdOptions o;
-    o.run_dir = dir_ / "qsd";
-    o.disks.push_back({"vda", dir_ / "qsd/vda.qcow2", "qcow2", /*export_writable=*/true});
-    qsd_ = std::make_unique<QsdProcess>(o);
+    qsd_ = std::make_unique<QsdProcess>(QsdOpts());
     Status s = qsd_->Start();
     ASSERT_TRUE(s.ok()) << s.ToString();
 
@@ -60,6 +57,22 @@ class ReplicationTest : public ::testing::Test {
     // start a new window at 09:00 or 21:00 in the middle of a test.
     r = primary_->Cli({"server", "set", "--monitoring-interval", "604800"});
     ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  }
+
+  QsdOptions QsdOpts() const {
+    QsdOptions o;
+    o.run_dir = dir_ / "qsd";
+    o.disks.push_back({"vda", dir_ / "qsd/vda.qcow2", "qcow2", /*export_writable=*/true});
+    return o;
+  }
+
+  // The QSD dies (SIGKILL) and a new one serves the same image: its dirty
+  // bitmaps are lost, so the primary's tracking is.
+  void RestartQsd() {
+    (void)qsd_->Kill();
+    qsd_ = std::make_unique<QsdProcess>(QsdOpts());
+    Status s = qsd_->Start();
+    ASSERT_TRUE(s.ok()) << s.ToString();
   }
 
   // Extra TOML for the primary (tests with slow transfers override it).
@@ -437,13 +450,8 @@ TEST_F(ReplicationTest, TrackingLostMovesToNineAndResyncSendsOnlyTheDifferingBlo
 
   // The QSD dies and comes back: its dirty bitmaps are lost; writes made
   // meanwhile were never tracked.
-  (void)qsd_->Kill();
-  QsdOptions o;
-  o.run_dir = dir_ / "qsd";
-  o.disks.push_back({"vda", dir_ / "qsd/vda.qcow2", "qcow2", /*export_writable=*/true});
-  qsd_ = std::make_unique<QsdProcess>(o);
-  Status s = qsd_->Start();
-  ASSERT_TRUE(s.ok()) << s.ToString();
+  RestartQsd();
+  ASSERT_FALSE(HasFatalFailure());
   Write({"write -P 77 8388608 1048576", "write -P 78 33554432 65536"});
   ASSERT_TRUE(WaitForState(9, 120s)) << ReadText(primary_->log_path());
   json stats = Statistics();
@@ -503,13 +511,8 @@ TEST_F(ReplicationTest, AutoResyncInsideItsWindowRepairsLostTrackingByItself) {
   ASSERT_TRUE(WaitForState(3));
   Write(RandomWrites(10));
   ASSERT_TRUE(WaitForCycleAfter(NowMs()));
-  (void)qsd_->Kill();
-  QsdOptions o;
-  o.run_dir = dir_ / "qsd";
-  o.disks.push_back({"vda", dir_ / "qsd/vda.qcow2", "qcow2", /*export_writable=*/true});
-  qsd_ = std::make_unique<QsdProcess>(o);
-  Status s = qsd_->Start();
-  ASSERT_TRUE(s.ok()) << s.ToString();
+  RestartQsd();
+  ASSERT_FALSE(HasFatalFailure());
   Write({"write -P 55 4194304 131072"});
   // 9 (tracking lost), then by itself 10 and back to 3.
   const auto deadline = std::chrono::steady_clock::now() + 120s;
@@ -646,6 +649,33 @@ class SlowReplicationTest : public ReplicationTest {
     return false;
   }
 };
+
+// A resync paused (state change 7 in state 10 -> 11) ends its transfer and
+// stays paused; resume runs it again to the end (the resync log is applied
+// whole or not at all, so nothing half-done ever reaches the replica).
+TEST_F(SlowReplicationTest, ResyncPausedStaysPausedAndResumeCompletesIt) {
+  Protect();
+  ASSERT_FALSE(HasFatalFailure());
+  ASSERT_TRUE(WaitForState(3));
+  RestartQsd();
+  ASSERT_FALSE(HasFatalFailure());
+  WriteRandom16M();  // 16 MiB to resend at 2 MB/s: several seconds
+  ASSERT_TRUE(WaitForState(9, 120s)) << ReadText(primary_->log_path());
+  EXPECT_EQ(primary_->Cli({"cancel-resync", "demo"}).exit_code, 1) << "nothing to cancel in state 9";
+  auto r = primary_->Cli({"--async", "resync", "demo"});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  ASSERT_TRUE(WaitForState(10, 30s));
+  std::this_thread::sleep_for(1s);
+  r = primary_->Cli({"suspend", "demo"});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  EXPECT_EQ(State(*primary_), 11);
+  std::this_thread::sleep_for(3s);  // the cancelled job must not move it
+  EXPECT_EQ(State(*primary_), 11) << ReadText(primary_->log_path());
+  r = primary_->Cli({"resume", "demo"});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  ASSERT_TRUE(WaitForState(3, 180s)) << ReadText(primary_->log_path());
+  ExpectReplicaEqualsPrimary();
+}
 
 TEST_F(SlowReplicationTest, PrimaryDaemonKilledDuringACutRestartsAndLosesNothing) {
   Protect();
