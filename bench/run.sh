@@ -64,9 +64,10 @@ work=$(mktemp -d "$dir/vmreplica-bench-XXXXXX")
 # shellcheck source=../scripts/lib/pair.sh
 source "$root/scripts/lib/pair.sh"
 # Replaces pair.sh's pair_free_port for the benchmark: a port below the
-# kernel's ephemeral range (outgoing connections of the other engineers'
-# tests take ports from that range, unseen by a listening-sockets check, and
-# a daemon then failed with "cannot listen"), with no socket in any state.
+# kernel's ephemeral range, with no socket in any state. (Inside that range
+# any outgoing connection may take the port between the check, which
+# pair.sh makes on listening sockets only, and the daemon's bind: a daemon
+# failed once with "cannot listen" on such a port.)
 pair_free_port() {
   local p lo
   lo=$(cut -f1 /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)

@@ -107,8 +107,9 @@ class FailoverManager {
 
   // RequestReplicationStateChange(2) on the replica host, before a seeded
   // initial replication (StartReplication type 3 on the primary): the copy
-  // at each path (any format qemu-img reads, the same virtual size as the
-  // replica disk) is written into the replica's disk; every disk must be
+  // at each path (a raw image, read with -f raw so that no backing or data
+  // file it might name is opened; the same size as the replica disk) is
+  // written into the replica's disk; every disk must be
   // named. Refused (32775) unless the replica VM is in state 2 with nothing
   // applied; 32773 for a missing, unknown or differently sized disk.
   // A job (96); the state stays 2.

@@ -338,6 +338,15 @@ class ReplicaManager final : public ReplicaReceiver {
   // Wakes the applier of `vm_id` (after a failover was reverted, staged
   // logs apply again). No-op when it is not open.
   void KickApply(const std::string& vm_id);
+  // No staged log is applied from now on: returns once an apply in
+  // progress has ended (Timeout otherwise; the hold stays). ReleaseApply
+  // ends the hold and wakes the applier. In memory only: after a restart
+  // the relationship's state holds applies (12, 5, 6, 13, 14).
+  Status HoldApply(const std::string& vm_id, std::chrono::milliseconds timeout);
+  void ReleaseApply(const std::string& vm_id);
+  // While set, the replica takes no log and no hash request (a seed copy is
+  // written into its disks). Busy when already set.
+  Status SetSeeding(const std::string& vm_id, bool seeding);
 
   struct Replica;  // one open replica (src/transfer/replica_manager.cc)
 
@@ -345,6 +354,7 @@ class ReplicaManager final : public ReplicaReceiver {
   Result<std::shared_ptr<Replica>> Get(const PrimaryCaller& caller, const std::string& vm_id, uint32_t index);
   Result<std::shared_ptr<Replica>> OpenLocked(const std::string& dir, const RelationshipRecord& rel);
   Result<ReplicaStatusInfo> StatusOf(Replica& r);
+  std::shared_ptr<Replica> FindOpen(const std::string& vm_id);  // null when not open
 
   // Constant after construction.
   Catalog* const catalog_;

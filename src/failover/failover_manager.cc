@@ -97,6 +97,7 @@ struct FailoverManager::Record {
   std::string test_vm_id;
   bool started = false;
   uint64_t commit_sequence = 0;  // CommitFailover: the point the rollback makes (0 = not committing)
+  std::vector<std::string> merged_disks;  // CommitFailover: disks whose VM already runs on the replica's file
 
   std::string Encode() const {
     json j;
@@ -112,6 +113,7 @@ struct FailoverManager::Record {
     j["test_vm_id"] = test_vm_id;
     j["started"] = started;
     j["commit_sequence"] = commit_sequence;
+    j["merged_disks"] = merged_disks;
     return j.dump(2) + "\n";
   }
 
@@ -157,6 +159,15 @@ struct FailoverManager::Record {
       return Status::Corruption("failover record: commit_sequence");
     }
     r.commit_sequence = j["commit_sequence"].get<uint64_t>();
+    if (!j.contains("merged_disks") || !j["merged_disks"].is_array() || j["merged_disks"].size() > 64) {
+      return Status::Corruption("failover record: merged_disks");
+    }
+    for (const auto& d : j["merged_disks"]) {
+      if (!d.is_string() || d.get<std::string>().empty() || d.get<std::string>().size() > 64) {
+        return Status::Corruption("failover record: merged_disks");
+      }
+      r.merged_disks.push_back(d.get<std::string>());
+    }
     if ((r.phase == "committing" || r.phase == "committed") != (r.commit_sequence != 0) ||
         (r.commit_sequence != 0 && r.commit_sequence < r.sequence)) {
       return Status::Corruption("failover record: commit_sequence does not fit the phase");
@@ -479,6 +490,9 @@ Result<JobRecord> FailoverManager::InitiateFailover(const FailoverRequestParams&
     if (busy_.count(vm.id) != 0 || active_.count(vm.id) != 0) {
       return Status::FailedPrecondition("VM " + vm.name + ": a failover is already in progress or active");
     }
+    if (busy_.count(vm.id + ".test") != 0 || active_.count(vm.id + ".test") != 0) {
+      return Status::Busy("VM " + vm.name + " has a test VM; remove it first (DestroySystem)");
+    }
     busy_.insert(vm.id);
   }
   if (p.force) {
@@ -492,7 +506,18 @@ Result<JobRecord> FailoverManager::InitiateFailover(const FailoverRequestParams&
       spdlog::warn("InitiateFailover of VM {}: the primary's address is unknown; not asked whether it runs", vm.name);
     } else {
       auto answer = options_.ask_primary(address, vm.id);
-      if (!answer.ok()) {
+      const bool unreachable = !answer.ok() && (answer.status().code() == Code::kUnavailable ||
+                                                answer.status().code() == Code::kTimeout);
+      if (!answer.ok() && !unreachable) {
+        // Reached but no usable answer (refused, not its VM, garbled): the
+        // guard against two running copies must not switch itself off.
+        std::lock_guard<std::mutex> l(mu_);
+        busy_.erase(vm.id);
+        return Status::FailedPrecondition("VM " + vm.name + ": the primary host " + address +
+                                          " could not say whether the VM runs (" + answer.status().ToString() +
+                                          "); check it, or force the failover (--force)");
+      }
+      if (unreachable) {
         spdlog::warn("InitiateFailover of VM {}: the primary at {} was not reached ({}): failing over", vm.name,
                      address, answer.status().ToString());
       } else if (answer->run_state == 1) {
@@ -547,7 +572,6 @@ Status FailoverManager::DoFailover(JobContext& job, const std::string& vm_id, co
   a->rec.run_dir = RunDir(vm_id, false);
   const std::string record_path = RecordPath(vm_id, false);
 
-  VMR_RETURN_IF_ERROR(SetState(vm_id, ReplicationState::kRecoveryInProgress));
   auto fail = [&](Status why) -> Status {
     Status t = TearDown(*a);
     if (!t.ok()) {
@@ -555,24 +579,40 @@ Status FailoverManager::DoFailover(JobContext& job, const std::string& vm_id, co
       return why.WithContext("failover failed, and cleaning up failed too (" + t.message() + ")");
     }
     ::unlink(record_path.c_str());
+    FsyncParentDir(record_path).IgnoreError();
     Status r = SetState(vm_id, previous);
     if (!r.ok()) spdlog::error("InitiateFailover of VM {}: restoring state {}: {}", vm_id, Name(previous), r.ToString());
-    replicas_->KickApply(vm_id);
+    replicas_->ReleaseApply(vm_id);
     return why;
   };
 
   auto store = replicas_->AcquireLocal(vm_id);
-  if (!store.ok()) return fail(store.status());
+  if (!store.ok()) return store.status();
   a->store = *store;
   auto chosen = ChoosePoint(catalog_, *a->store, vm_id, point_id);
   if (!chosen.ok()) return fail(chosen.status());
   a->rec.sequence = chosen->sequence;
   a->rec.point_id = chosen->id;
+  // The record before the state: a crash from here on is undone at the
+  // next start (docs/failover.md section 3), never left in 12.
+  Status s = MakeDirs(a->rec.run_dir, 0700);
+  if (s.ok()) s = WriteFileAtomic(record_path, a->rec.Encode(), 0600);
+  if (!s.ok()) return fail(s);
+  s = SetState(vm_id, ReplicationState::kRecoveryInProgress);
+  // No staged log is applied from here on (an apply already running ends
+  // first): the store stays at the chosen point's history.
+  if (s.ok()) s = replicas_->HoldApply(vm_id, std::chrono::minutes(10));
+  if (!s.ok() && s.code() != Code::kNotFound) return fail(s);
+  if (point_id.empty()) {
+    chosen = ChoosePoint(catalog_, *a->store, vm_id, point_id);  // the latest, now that applies are held
+    if (!chosen.ok()) return fail(chosen.status());
+    a->rec.sequence = chosen->sequence;
+    a->rec.point_id = chosen->id;
+  }
   auto names = exports_.ExportPoint(a->store, chosen->sequence);
   if (!names.ok()) return fail(names.status().WithContext("exporting point " + std::to_string(chosen->sequence)));
   a->rec.exports = *names;
-  Status s = MakeDirs(a->rec.run_dir, 0700);
-  if (s.ok()) s = WriteFileAtomic(record_path, a->rec.Encode(), 0600);
+  s = WriteFileAtomic(record_path, a->rec.Encode(), 0600);
   if (!s.ok()) return fail(s);
   job.SetProgress(30);
 
@@ -616,9 +656,11 @@ Status FailoverManager::DoFailover(JobContext& job, const std::string& vm_id, co
     a->rec.started = true;
   }
   job.SetProgress(90);
+  // The state first: a crash before the record says "failed-over" is undone
+  // at the next start (the record still says "preparing").
+  s = SetState(vm_id, ReplicationState::kRecovered, chosen->kind);
   a->rec.phase = "failed-over";
-  s = WriteFileAtomic(record_path, a->rec.Encode(), 0600);
-  if (s.ok()) s = SetState(vm_id, ReplicationState::kRecovered, chosen->kind);
+  if (s.ok()) s = WriteFileAtomic(record_path, a->rec.Encode(), 0600);
   if (!s.ok()) return fail(s);
   {
     std::lock_guard<std::mutex> l(mu_);
@@ -672,6 +714,10 @@ Status FailoverManager::DoRevert(JobContext& job, const std::string& vm_id) {
     auto it = active_.find(vm_id);
     if (it != active_.end()) a = it->second;
   }
+  if (!a && ::access(RecordPath(vm_id, false).c_str(), F_OK) == 0) {
+    return Status::FailedPrecondition("VM " + vm_id + ": its failover record " + RecordPath(vm_id, false) +
+                                      " was not taken up at the daemon's start (see the log); fix or remove it first");
+  }
   if (a && a->rec.phase != "failed-over") {
     return Status::FailedPrecondition("VM " + vm_id + ": the failover is " + a->rec.phase + "; it cannot be reverted");
   }
@@ -687,7 +733,7 @@ Status FailoverManager::DoRevert(JobContext& job, const std::string& vm_id) {
   if (::unlink(path.c_str()) != 0 && errno != ENOENT) return Errno("unlink", path);
   FsyncParentDir(path).IgnoreError();
   VMR_RETURN_IF_ERROR(SetState(vm_id, ReplicationState::kReplicating, ReplicationType::kNone));
-  replicas_->KickApply(vm_id);
+  replicas_->ReleaseApply(vm_id);
   spdlog::info("VM {}: failover reverted; replication continues", vm_id);
   return Status::Ok();
 }
@@ -749,6 +795,9 @@ Result<JobRecord> FailoverManager::CommitFailover(const std::string& vm_name) {
     std::lock_guard<std::mutex> l(mu_);
     if (active_.count(vm.id) == 0) {
       return Status::FailedPrecondition("VM " + vm.name + " is in state Recovered but no failover is recorded here");
+    }
+    if (busy_.count(vm.id + ".test") != 0 || active_.count(vm.id + ".test") != 0) {
+      return Status::Busy("VM " + vm.name + " has a test VM; remove it first (DestroySystem)");
     }
   }
   return StartCommitJob(vm.id, /*resumed=*/false);
@@ -824,11 +873,42 @@ Status FailoverManager::DoCommit(JobContext& job, const std::string& vm_id) {
   } else if (store.latest_sequence() == target) {
     std::lock_guard<std::mutex> vl(a->vm_mu);
     if (a->vm && !a->vm->overlays().empty()) {
-      VMR_ASSIGN_OR_RETURN(auto writes, a->vm->OpenWrites());
-      PointInfo now_info = info;
-      now_info.time_ms = options_.now_ms ? options_.now_ms() : SystemNowMs();
-      VMR_RETURN_IF_ERROR(store.Apply(target + 1, now_info, *writes).WithContext("merging the failover VM's writes"));
-      merged = writes->stats().data_bytes + writes->stats().zero_bytes;
+      // Only disks not merged live before (their overlays are stale: the VM
+      // wrote the replica's file directly after its pivot).
+      std::vector<std::string> overlays;
+      std::vector<uint32_t> disk_of;
+      for (size_t i = 0; i < a->vm->overlays().size() && i < store.disks().size(); ++i) {
+        const std::string& name = store.disks()[i].name;
+        if (std::find(a->rec.merged_disks.begin(), a->rec.merged_disks.end(), name) != a->rec.merged_disks.end()) {
+          continue;
+        }
+        overlays.push_back(a->vm->overlays()[i]);
+        disk_of.push_back(static_cast<uint32_t>(i));
+      }
+      if (!overlays.empty()) {
+        VMR_ASSIGN_OR_RETURN(auto writes, OverlayDeltaSource::Open(overlays));
+        class Remap final : public DeltaSource {
+         public:
+          Remap(DeltaSource* inner, const std::vector<uint32_t>* disk_of) : inner_(inner), disk_of_(disk_of) {}
+          Result<std::optional<DeltaRecord>> Next() override {
+            VMR_ASSIGN_OR_RETURN(auto r, inner_->Next());
+            if (r) {
+              if (r->disk >= disk_of_->size()) return Status::Internal("overlay record of an unknown disk");
+              r->disk = (*disk_of_)[r->disk];
+            }
+            return r;
+          }
+
+         private:
+          DeltaSource* inner_;
+          const std::vector<uint32_t>* disk_of_;
+        } remapped(writes.get(), &disk_of);
+        PointInfo now_info = info;
+        now_info.time_ms = options_.now_ms ? options_.now_ms() : SystemNowMs();
+        VMR_RETURN_IF_ERROR(
+            store.Apply(target + 1, now_info, remapped).WithContext("merging the failover VM's writes"));
+        merged = writes->stats().data_bytes + writes->stats().zero_bytes;
+      }
       VMR_RETURN_IF_ERROR(a->vm->DropOverlays());
       a->vm.reset();
     }
@@ -889,7 +969,13 @@ Status FailoverManager::MergeLive(JobContext& job, Active& a) {
     const std::string node = disks[i].name;  // the launcher's overlay node
     const std::string target = "vmr-commit-" + node;
     VMR_ASSIGN_OR_RETURN(std::string now, inserted_node(i));
-    if (now == target) continue;  // merged before a restart
+    if (now == target) {  // merged before a restart
+      if (std::find(a.rec.merged_disks.begin(), a.rec.merged_disks.end(), node) == a.rec.merged_disks.end()) {
+        a.rec.merged_disks.push_back(node);
+        VMR_RETURN_IF_ERROR(WriteFileAtomic(RecordPath(a.rec.vm_id, false), a.rec.Encode(), 0600));
+      }
+      continue;
+    }
     VMR_ASSIGN_OR_RETURN(auto existing, job_of(target));
     if (!existing) {
       VMR_ASSIGN_OR_RETURN(json nodes, qmp->Execute("query-named-block-nodes", json{{"flat", true}}));
@@ -932,6 +1018,10 @@ Status FailoverManager::MergeLive(JobContext& job, Active& a) {
     if (now != target) {
       return Status::Internal("disk " + node + " did not pivot to the replica disk (it reads " + now + ")");
     }
+    // From now on the VM writes this disk's file directly: its overlay is
+    // stale and must never be merged again (a later offline merge skips it).
+    a.rec.merged_disks.push_back(node);
+    VMR_RETURN_IF_ERROR(WriteFileAtomic(RecordPath(a.rec.vm_id, false), a.rec.Encode(), 0600));
     job.SetProgress(40 + static_cast<uint32_t>(40 * (i + 1) / disks.size()));
   }
   return Status::Ok();
@@ -977,7 +1067,10 @@ Result<JobRecord> FailoverManager::MarkAsReplica(const std::string& vm_name, con
       if (std::any_of(out.begin(), out.end(), [&](const Seed& s) { return s.disk == d; })) {
         return Status::InvalidArgument(f + ": disk '" + name + "' is named twice");
       }
-      VMR_ASSIGN_OR_RETURN(auto info, launcher_internal::RunCapture({"qemu-img", "info", "--output=json", path}));
+      // Raw only (-f raw): a format qemu-img guessed could name a backing
+      // or data file elsewhere on this host.
+      VMR_ASSIGN_OR_RETURN(auto info,
+                           launcher_internal::RunCapture({"qemu-img", "info", "-f", "raw", "--output=json", path}));
       if (info.exit_code != 0) return Status::NotFound(f + ": qemu-img cannot read '" + path + "': " + info.output);
       json j = json::parse(info.output, nullptr, false);
       if (j.is_discarded() || !j.contains("virtual-size") || !j["virtual-size"].is_number_unsigned() ||
@@ -989,7 +1082,7 @@ Result<JobRecord> FailoverManager::MarkAsReplica(const std::string& vm_name, con
         return Status::InvalidArgument(f + ": the copy '" + path + "' is " + std::to_string(size) +
                                        " bytes, replica disk '" + name + "' " + std::to_string(it->size) + " bytes");
       }
-      out.push_back(Seed{d, path, j["format"].get<std::string>()});
+      out.push_back(Seed{d, path, "raw"});
     }
     if (out.size() != store->disks().size()) {
       return Status::InvalidArgument("seed_disks: every replica disk needs a copy (" +
@@ -999,9 +1092,10 @@ Result<JobRecord> FailoverManager::MarkAsReplica(const std::string& vm_name, con
     return out;
   };
   auto checked = check();
-  if (!checked.ok()) {
+  Status seeding = checked.ok() ? replicas_->SetSeeding(vm.id, true) : checked.status();
+  if (!seeding.ok()) {
     replicas_->ReleaseLocal(vm.id);
-    return checked.status();
+    return seeding;
   }
   auto job = jobs_->Start(
       JobType::kStateChange, vm.id, json{{"vm", vm.id}, {"requested_state", 2}, {"seeds", seeds}}.dump(), false,
@@ -1018,12 +1112,16 @@ Result<JobRecord> FailoverManager::MarkAsReplica(const std::string& vm_name, con
           }
           ctx.SetProgress(static_cast<uint32_t>(100 * (i + 1) / list.size()));
         }
+        replicas_->SetSeeding(id, false).IgnoreError();
         replicas_->ReleaseLocal(id);
         if (st.ok()) spdlog::info("replica {}: seeded from {} copy(ies); ready for a seeded initial replication", id,
                                   list.size());
         return st;
       });
-  if (!job.ok()) replicas_->ReleaseLocal(vm.id);
+  if (!job.ok()) {
+    replicas_->SetSeeding(vm.id, false).IgnoreError();
+    replicas_->ReleaseLocal(vm.id);
+  }
   return job;
 }
 

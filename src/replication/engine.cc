@@ -272,22 +272,34 @@ Status ReplicationEngine::UpdateRelationship(const std::string& vm_id,
 
 Status ReplicationEngine::Start() {
   VMR_ASSIGN_OR_RETURN(auto rels, catalog_->ListRelationships());
-  std::vector<std::string> restart_initial;
+  std::vector<std::string> restart_initial, interrupted_resync;
   std::unique_lock<std::mutex> lock(mu_);
   stopping_ = false;
   stop_flag_ = false;
   for (const auto& rel : rels) {
     if (rel.index != kPrimaryIndex || rel.local_mode != ReplicationMode::kPrimary) continue;
     if (rel.state == ReplicationState::kReplicating || rel.state == ReplicationState::kCritical ||
-        rel.state == ReplicationState::kSuspended) {
+        rel.state == ReplicationState::kSuspended || rel.state == ReplicationState::kWaitingForStartResynchronize ||
+        rel.state == ReplicationState::kResynchronizing || rel.state == ReplicationState::kResynchronizeSuspended) {
       spdlog::info("replication of VM {} resumes after the daemon restart (state {})", rel.vm_id,
                    Name(rel.state));
+      if (rel.state == ReplicationState::kResynchronizing) interrupted_resync.push_back(rel.vm_id);
       StartWorkerLocked(rel.vm_id);
     } else if (rel.state == ReplicationState::kWaitingToCompleteInitialReplication) {
       restart_initial.push_back(rel.vm_id);
     }
   }
   lock.unlock();
+  // A resync the daemon's end interrupted was not applied (its log is whole
+  // or nothing): it waits to be started again (9; auto-resync may do it).
+  for (const auto& vm_id : interrupted_resync) {
+    Status u = UpdateRelationship(vm_id, [](RelationshipRecord& r) {
+      if (r.state == ReplicationState::kResynchronizing) r.state = ReplicationState::kWaitingForStartResynchronize;
+      return Status::Ok();
+    });
+    if (!u.ok()) spdlog::error("VM {}: resetting an interrupted resync: {}", vm_id, u.ToString());
+    KickWorker(vm_id);
+  }
   // An initial copy interrupted by the daemon's end starts again by itself
   // (a new cut: the replica drops the partial log of the old one; a log it
   // had already staged is kept and the copy goes under the next number).
@@ -1270,7 +1282,8 @@ Status ReplicationEngine::RequestStateChange(const std::string& vm, int index, R
     auto jobs = jobs_->List();
     if (jobs.ok()) {
       for (const auto& j : *jobs) {
-        if (j.type == JobType::kInitialReplicationNetwork && j.parameters_json.find(rec.id) != std::string::npos &&
+        if ((j.type == JobType::kInitialReplicationNetwork || j.type == JobType::kSeededInitialReplication) &&
+            j.parameters_json.find(rec.id) != std::string::npos &&
             (j.state == JobState::kNew || j.state == JobState::kStarting || j.state == JobState::kRunning)) {
           Status c = jobs_->Cancel(j.id);
           (void)c;
@@ -1473,6 +1486,12 @@ Result<ReplicationEngine::PrimaryRunState> ReplicationEngine::QueryPrimaryRunSta
   QmpClientOptions qo;
   qo.connect_timeout = std::chrono::seconds(5);
   auto qmp = QmpClient::Connect(def.qmp_socket, qo);
+  if (!qmp.ok() && qmp.status().code() == Code::kTimeout) {
+    // Something listens but does not greet: QEMU serving another monitor client.
+    out.run_state = 1;
+    out.detail = "QEMU's monitor at " + def.qmp_socket + " is busy (" + qmp.status().message() + ")";
+    return out;
+  }
   if (!qmp.ok()) {
     out.run_state = 2;
     out.detail = "QEMU does not answer at " + def.qmp_socket + " (" + qmp.status().message() + ")";

@@ -249,6 +249,13 @@ Result<std::vector<BlockHashList>> ReplicaClient::GetBlockHashes(const std::stri
         reader->Finish().ok();
         return Status::Corruption("GetBlockHashes: a list of another block size");
       }
+      // The whole disk, or blocks outside the list would never be compared.
+      if (list->first_block != 0 || list->hashes.size() != list->TotalBlocks()) {
+        ctx.TryCancel();
+        reader->Finish().ok();
+        return Status::Corruption("GetBlockHashes: disk " + std::to_string(lists.size()) +
+                                  ": the list does not cover the whole disk");
+      }
       lists.push_back(std::move(*list));
       current.clear();
     }

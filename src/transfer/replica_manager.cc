@@ -223,11 +223,14 @@ struct ReplicaManager::Replica {
   uint64_t apply_done = 0;      // guarded by apply_mu: requests handled
   bool stop = false;            // guarded by apply_mu
   bool failed = false;          // guarded by apply_mu: a log was rejected; nothing more is applied
+  bool held = false;            // guarded by apply_mu: HoldApply(): no ApplyReady starts
+  bool applying = false;        // guarded by apply_mu: an ApplyReady runs now
   std::thread applier;
 
   std::mutex rel_mu;  // serialises read-modify-write of the relationship row
 
   int local_holds = 0;  // guarded by ReplicaManager::mu_: AcquireLocal() calls not yet released
+  bool seeding = false;  // guarded by ReplicaManager::mu_: a seed copy is written into the disks
 
   void RequestApply() {
     std::lock_guard<std::mutex> l(apply_mu);
@@ -263,7 +266,8 @@ struct ReplicaManager::Replica {
         apply_cv.wait(l, [&] { return stop || apply_requests > apply_done; });
         if (stop) return;
         target = apply_requests;
-        is_failed = failed;
+        is_failed = failed || held;
+        applying = !is_failed;
       }
       // While failed over (or failing back) the replica keeps its staged
       // logs: a failover VM and CommitFailover work on the store, and a
@@ -301,6 +305,7 @@ struct ReplicaManager::Replica {
       }
       std::lock_guard<std::mutex> l(apply_mu);
       apply_done = target;
+      applying = false;
       apply_cv.notify_all();
     }
   }
@@ -536,7 +541,7 @@ Status ReplicaManager::RemoveReplica(const PrimaryCaller& caller, const std::str
   VMR_ASSIGN_OR_RETURN(auto r, Get(caller, vm_id, index));
   {
     std::lock_guard<std::mutex> l(mu_);
-    if (r->local_holds > 0) {
+    if (r->local_holds > 0 || r->seeding) {
       return Status::FailedPrecondition("VM " + vm_id +
                                         ": a failover or test VM on the replica host uses the replica; stop it first");
     }
@@ -554,6 +559,13 @@ Status ReplicaManager::RemoveReplica(const PrimaryCaller& caller, const std::str
   }
   {
     std::lock_guard<std::mutex> l(mu_);
+    if (r->local_holds > 0 || r->seeding) {
+      // Taken while we waited for the receiver: the failover keeps it.
+      std::lock_guard<std::mutex> rl(r->recv_mu);
+      r->removed = false;
+      return Status::FailedPrecondition("VM " + vm_id +
+                                        ": a failover or test VM on the replica host uses the replica; stop it first");
+    }
     replicas_.erase(vm_id);
   }
   r->Stop();
@@ -597,6 +609,22 @@ Status ReplicaManager::HashDisks(const PrimaryCaller& caller, const std::string&
                                    " is not a power of two of 4 KiB .. 64 MiB");
   }
   VMR_ASSIGN_OR_RETURN(auto r, Get(caller, vm_id, index));
+  for (const auto& d : r->store->disks()) {
+    if ((d.size + block_size - 1) / block_size * 16 > (uint64_t{1} << 30)) {
+      return Status::InvalidArgument("block_size " + std::to_string(block_size) + ": the hash list of disk " + d.name +
+                                     " would exceed 1 GiB");
+    }
+  }
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    if (r->seeding) return Status::Unavailable("VM " + vm_id + ": a seed copy is being written on the replica");
+  }
+  VMR_ASSIGN_OR_RETURN(auto rel, catalog_->GetRelationship(vm_id, static_cast<int>(index)));
+  if (!rel || (rel->state != ReplicationState::kWaitingToCompleteInitialReplication &&
+               rel->state != ReplicationState::kReplicating)) {
+    return Status::FailedPrecondition("VM " + vm_id + ": the replica is not receiving (state " +
+                                      (rel ? std::string(Name(rel->state)) : std::string("none")) + ")");
+  }
   // The latest image is what the primary compares with: every staged log
   // goes in first. The primary sends nothing while it resynchronises.
   VMR_RETURN_IF_ERROR(WaitApplied(vm_id, std::chrono::minutes(30)));
@@ -643,25 +671,51 @@ void ReplicaManager::ReleaseLocal(const std::string& vm_id) {
   if (it != replicas_.end() && it->second->local_holds > 0) --it->second->local_holds;
 }
 
-void ReplicaManager::KickApply(const std::string& vm_id) {
-  std::shared_ptr<Replica> r;
+std::shared_ptr<ReplicaManager::Replica> ReplicaManager::FindOpen(const std::string& vm_id) {
+  std::lock_guard<std::mutex> l(mu_);
+  auto it = replicas_.find(vm_id);
+  return it == replicas_.end() ? nullptr : it->second;
+}
+
+Status ReplicaManager::HoldApply(const std::string& vm_id, std::chrono::milliseconds timeout) {
+  std::shared_ptr<Replica> r = FindOpen(vm_id);
+  if (!r) return Status::NotFound("replica " + vm_id + " is not open");
+  std::unique_lock<std::mutex> l(r->apply_mu);
+  r->held = true;
+  if (!r->apply_cv.wait_for(l, timeout, [&] { return r->stop || !r->applying; })) {
+    return Status::Timeout("replica " + vm_id + ": an apply in progress did not end in time");
+  }
+  return Status::Ok();
+}
+
+void ReplicaManager::ReleaseApply(const std::string& vm_id) {
+  std::shared_ptr<Replica> r = FindOpen(vm_id);
+  if (!r) return;
   {
-    std::lock_guard<std::mutex> l(mu_);
-    auto it = replicas_.find(vm_id);
-    if (it == replicas_.end()) return;
-    r = it->second;
+    std::lock_guard<std::mutex> l(r->apply_mu);
+    r->held = false;
   }
   r->RequestApply();
 }
 
+Status ReplicaManager::SetSeeding(const std::string& vm_id, bool seeding) {
+  std::lock_guard<std::mutex> l(mu_);
+  auto it = replicas_.find(vm_id);
+  if (it == replicas_.end()) return Status::NotFound("replica " + vm_id + " is not open");
+  if (seeding && it->second->seeding) return Status::Busy("VM " + vm_id + ": a seed copy is already being written");
+  it->second->seeding = seeding;
+  return Status::Ok();
+}
+
+void ReplicaManager::KickApply(const std::string& vm_id) {
+  std::shared_ptr<Replica> r = FindOpen(vm_id);
+  if (!r) return;
+  r->RequestApply();
+}
+
 Status ReplicaManager::WaitApplied(const std::string& vm_id, std::chrono::milliseconds timeout) {
-  std::shared_ptr<Replica> r;
-  {
-    std::lock_guard<std::mutex> l(mu_);
-    auto it = replicas_.find(vm_id);
-    if (it == replicas_.end()) return Status::NotFound("replica " + vm_id + " is not open");
-    r = it->second;
-  }
+  std::shared_ptr<Replica> r = FindOpen(vm_id);
+  if (!r) return Status::NotFound("replica " + vm_id + " is not open");
   std::unique_lock<std::mutex> l(r->apply_mu);
   const uint64_t target = r->apply_requests;
   if (!r->apply_cv.wait_for(l, timeout, [&] { return r->stop || r->apply_done >= target; })) {
@@ -714,6 +768,10 @@ Status ReplicaManager::ReceiveDelta(const PrimaryCaller& caller, DeltaStream& st
   if (!msg.has_start()) return Status::InvalidArgument("the first message of a delta stream must be its start");
   const v1::DeltaStart start = msg.start();
   VMR_ASSIGN_OR_RETURN(auto r, Get(caller, start.vm_id(), start.relationship_index()));
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    if (r->seeding) return Status::Unavailable("VM " + r->vm_id + ": a seed copy is being written on the replica");
+  }
   const std::string& vm = r->vm_id;
   if (start.sequence() == 0) return Status::InvalidArgument("sequence 0 is not a log");
   if (start.base_generation().size() != 16 || start.new_generation().size() != 16) {
