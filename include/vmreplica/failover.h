@@ -36,6 +36,7 @@
 
 #include "vmreplica/catalog.h"
 #include "vmreplica/jobs.h"
+#include "vmreplica/model/transitions.h"
 #include "vmreplica/point_exports.h"
 #include "vmreplica/status.h"
 #include "vmreplica/transfer.h"
@@ -136,6 +137,15 @@ class FailoverManager {
   struct Active;
 
   Result<VmRecord> ResolveReplicaVm(const std::string& vm);
+  // The checks every method on a replica VM starts with: a replica here,
+  // with a relationship in a state the table allows for `op`, and
+  // `point_id` ("" = latest) a retained point.
+  Result<VmRecord> CheckReplicaMethod(const std::string& vm, Operation op, const std::string& point_id);
+  // A launch of the VM over `a`'s exports (disk order), per the options.
+  VmLaunchSpec LaunchSpec(const VmDefinition& def, const Active& a, VmNetworkMode network) const;
+  // The failover IP seed (docs/failover.md section 5) as the next drive of
+  // `spec`, when settings are stored for `vm`; nothing otherwise.
+  Status AttachSeed(VmLaunchSpec* spec, const VmRecord& vm, const std::string& instance_id);
   Status DoFailover(JobContext& job, const std::string& vm_id, const std::string& point_id, bool start_vm);
   Status DoRevert(JobContext& job, const std::string& vm_id);
   Status DoCommit(JobContext& job, const std::string& vm_id);

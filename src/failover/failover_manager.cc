@@ -273,8 +273,8 @@ void FailoverManager::Resume(const std::string& path) {
     return;
   }
   const bool test = rec->kind == "test";
-  if (path != RecordPath(rec->vm_id, test)) {
-    spdlog::error("failover: {} left alone: it names VM {}", path, rec->vm_id);
+  if (path != RecordPath(rec->vm_id, test) || rec->run_dir != RunDir(rec->vm_id, test)) {
+    spdlog::error("failover: {} left alone: it names VM {} with run directory {}", path, rec->vm_id, rec->run_dir);
     return;
   }
   auto a = std::make_shared<Active>();
@@ -465,25 +465,66 @@ Result<VmDefinition> DefinitionForStore(const VmRecord& vm, const ReplicaStore& 
 
 }  // namespace
 
-// ---------------------------------------------------------------- InitiateFailover
+VmLaunchSpec FailoverManager::LaunchSpec(const VmDefinition& def, const Active& a, VmNetworkMode network) const {
+  VmLaunchSpec spec;
+  spec.definition = def;
+  spec.run_dir = a.rec.run_dir;
+  for (size_t i = 0; i < a.rec.exports.size(); ++i) {
+    VmLaunchDisk d;
+    d.backing = exports_.Uri(a.rec.exports[i]);
+    d.size_bytes = a.store->disks()[i].size;
+    d.nbd_reconnect_delay_s = options_.nbd_reconnect_delay_s;
+    spec.disks.push_back(d);
+  }
+  spec.network = network;
+  spec.accel = options_.accel;
+  spec.start_timeout = options_.vm_start_timeout;
+  if (!def.boot_kernel.empty()) spec.kernel_boot = VmKernelBoot{def.boot_kernel, def.boot_initrd, def.boot_append};
+  return spec;
+}
 
-Result<JobRecord> FailoverManager::InitiateFailover(const FailoverRequestParams& p) {
-  VMR_ASSIGN_OR_RETURN(VmRecord vm, ResolveReplicaVm(p.vm));
+Status FailoverManager::AttachSeed(VmLaunchSpec* spec, const VmRecord& vm, const std::string& instance_id) {
+  VMR_ASSIGN_OR_RETURN(auto stored, catalog_->GetFailoverNetworkSettings(vm.id));
+  if (stored.empty()) return Status::Ok();  // no settings: the guest keeps its own
+  NoCloudSeed seed;
+  seed.instance_id = instance_id;
+  seed.local_hostname = HostNameFor(vm.name, vm.id);
+  for (const auto& r : stored) {
+    seed.network.push_back(FailoverNetworkAdapterSettings{r.adapter, r.ip_addresses, r.subnets, r.default_gateways,
+                                                          r.dns_servers, r.dhcp_enabled});
+  }
+  const std::string iso = spec->run_dir + "/seed.iso";
+  VMR_RETURN_IF_ERROR(WriteNoCloudSeedImage(seed, iso).WithContext("writing the failover network seed"));
+  spec->extra_drives.push_back(VmExtraDrive{iso, "raw"});
+  return Status::Ok();
+}
+
+Result<VmRecord> FailoverManager::CheckReplicaMethod(const std::string& vm_name, Operation op,
+                                                     const std::string& point_id) {
+  VMR_ASSIGN_OR_RETURN(VmRecord vm, ResolveReplicaVm(vm_name));
   if (vm.mode != ReplicationMode::kReplica && vm.mode != ReplicationMode::kExtendedReplica) {
     return Status::FailedPrecondition("VM " + vm.name + " is not a replica on this host (mode " +
-                                      std::string(Name(vm.mode)) + "): InitiateFailover runs on the replica server");
+                                      std::string(Name(vm.mode)) + "): " + std::string(Name(op)) +
+                                      " runs on the replica server");
   }
   VMR_ASSIGN_OR_RETURN(auto rel, catalog_->GetRelationship(vm.id, 0));
   if (!rel) return Status::FailedPrecondition("VM " + vm.name + " has no replication relationship");
   VMR_ASSIGN_OR_RETURN(TableMode mode, TableModeFor(vm.mode, 0));
-  VMR_RETURN_IF_ERROR(CheckTransition(mode, rel->state, Operation::kInitiateFailover).status());
-  {
-    // The point is checked before the job starts (32773 at once).
-    VMR_ASSIGN_OR_RETURN(ReplicaStore * store, replicas_->AcquireLocal(vm.id));
-    auto chosen = ChoosePoint(catalog_, *store, vm.id, p.point_id);
-    replicas_->ReleaseLocal(vm.id);
-    VMR_RETURN_IF_ERROR(chosen.status());
-  }
+  VMR_RETURN_IF_ERROR(CheckTransition(mode, rel->state, op).status());
+  // The point is checked before any job starts (32773 at once).
+  VMR_ASSIGN_OR_RETURN(ReplicaStore * store, replicas_->AcquireLocal(vm.id));
+  auto chosen = ChoosePoint(catalog_, *store, vm.id, point_id);
+  replicas_->ReleaseLocal(vm.id);
+  VMR_RETURN_IF_ERROR(chosen.status());
+  return vm;
+}
+
+// ---------------------------------------------------------------- InitiateFailover
+
+Result<JobRecord> FailoverManager::InitiateFailover(const FailoverRequestParams& p) {
+  VMR_ASSIGN_OR_RETURN(VmRecord vm, CheckReplicaMethod(p.vm, Operation::kInitiateFailover, p.point_id));
+  VMR_ASSIGN_OR_RETURN(auto rel, catalog_->GetRelationship(vm.id, 0));
+  if (!rel) return Status::FailedPrecondition("VM " + vm.name + " has no replication relationship");
   {
     std::lock_guard<std::mutex> l(mu_);
     if (!started_) return Status::Unavailable("the failover service is not running");
@@ -619,37 +660,13 @@ Status FailoverManager::DoFailover(JobContext& job, const std::string& vm_id, co
   if (start_vm) {
     auto def = DefinitionForStore(*vm, *a->store);
     if (!def.ok()) return fail(def.status());
-    VmLaunchSpec spec;
-    spec.definition = *def;
-    spec.run_dir = a->rec.run_dir;
-    for (size_t i = 0; i < names->size(); ++i) {
-      VmLaunchDisk d;
-      d.backing = exports_.Uri((*names)[i]);
-      d.size_bytes = a->store->disks()[i].size;
-      d.nbd_reconnect_delay_s = options_.nbd_reconnect_delay_s;
-      spec.disks.push_back(d);
-    }
-    spec.network = VmNetworkMode::kIsolated;
-    spec.accel = options_.accel;
-    spec.start_timeout = options_.vm_start_timeout;
-    if (!def->boot_kernel.empty()) spec.kernel_boot = VmKernelBoot{def->boot_kernel, def->boot_initrd, def->boot_append};
-    // The failover IP settings, as a cloud-init NoCloud seed (section 5).
-    auto stored = catalog_->GetFailoverNetworkSettings(vm_id);
-    if (!stored.ok()) return fail(stored.status());
-    if (!stored->empty()) {
-      NoCloudSeed seed;
-      const int64_t now = options_.now_ms ? options_.now_ms() : SystemNowMs();
-      seed.instance_id = "vmreplica-" + vm_id + "-" + std::to_string(chosen->sequence) + "-" + std::to_string(now);
-      seed.local_hostname = HostNameFor(vm->name, vm_id);
-      for (const auto& r : *stored) {
-        seed.network.push_back(FailoverNetworkAdapterSettings{r.adapter, r.ip_addresses, r.subnets,
-                                                              r.default_gateways, r.dns_servers, r.dhcp_enabled});
-      }
-      const std::string iso = a->rec.run_dir + "/seed.iso";
-      s = WriteNoCloudSeedImage(seed, iso);
-      if (!s.ok()) return fail(s.WithContext("writing the failover network seed"));
-      spec.extra_drives.push_back(VmExtraDrive{iso, "raw"});
-    }
+    VmLaunchSpec spec = LaunchSpec(*def, *a, VmNetworkMode::kIsolated);
+    // The failover IP settings, as a cloud-init NoCloud seed (section 5),
+    // with a new instance-id per failover.
+    const int64_t now = options_.now_ms ? options_.now_ms() : SystemNowMs();
+    s = AttachSeed(&spec, *vm,
+                   "vmreplica-" + vm_id + "-" + std::to_string(chosen->sequence) + "-" + std::to_string(now));
+    if (!s.ok()) return fail(s);
     auto launched = VmLauncher::Start(spec);
     if (!launched.ok()) return fail(launched.status().WithContext("starting the failover VM"));
     a->vm = std::move(*launched);
@@ -1128,21 +1145,7 @@ Result<JobRecord> FailoverManager::MarkAsReplica(const std::string& vm_name, con
 // ---------------------------------------------------------------- test failover
 
 Result<JobRecord> FailoverManager::TestReplicaSystem(const TestFailoverParams& p) {
-  VMR_ASSIGN_OR_RETURN(VmRecord vm, ResolveReplicaVm(p.vm));
-  if (vm.mode != ReplicationMode::kReplica && vm.mode != ReplicationMode::kExtendedReplica) {
-    return Status::FailedPrecondition("VM " + vm.name + " is not a replica on this host (mode " +
-                                      std::string(Name(vm.mode)) + "): TestReplicaSystem runs on the replica server");
-  }
-  VMR_ASSIGN_OR_RETURN(auto rel, catalog_->GetRelationship(vm.id, 0));
-  if (!rel) return Status::FailedPrecondition("VM " + vm.name + " has no replication relationship");
-  VMR_ASSIGN_OR_RETURN(TableMode mode, TableModeFor(vm.mode, 0));
-  VMR_RETURN_IF_ERROR(CheckTransition(mode, rel->state, Operation::kTestReplicaSystem).status());
-  {
-    VMR_ASSIGN_OR_RETURN(ReplicaStore * store, replicas_->AcquireLocal(vm.id));
-    auto chosen = ChoosePoint(catalog_, *store, vm.id, p.point_id);
-    replicas_->ReleaseLocal(vm.id);
-    VMR_RETURN_IF_ERROR(chosen.status());
-  }
+  VMR_ASSIGN_OR_RETURN(VmRecord vm, CheckReplicaMethod(p.vm, Operation::kTestReplicaSystem, p.point_id));
   const std::string key = vm.id + ".test";
   {
     std::lock_guard<std::mutex> l(mu_);
@@ -1225,38 +1228,13 @@ Status FailoverManager::DoTest(JobContext& job, const std::string& vm_id, const 
   if (!s.ok()) return fail(s);
   job.SetProgress(30);
   if (p.start_vm) {
-    VmLaunchSpec spec;
-    spec.definition = *def;
-    spec.run_dir = a->rec.run_dir;
+    VmLaunchSpec spec =
+        LaunchSpec(*def, *a, p.network == TestNetwork::kNone ? VmNetworkMode::kNone : VmNetworkMode::kIsolated);
     spec.name_override = tdef.name;
     spec.uuid_override = test_id;
-    for (size_t i = 0; i < names->size(); ++i) {
-      VmLaunchDisk d;
-      d.backing = exports_.Uri((*names)[i]);
-      d.size_bytes = a->store->disks()[i].size;
-      d.nbd_reconnect_delay_s = options_.nbd_reconnect_delay_s;
-      spec.disks.push_back(d);
-    }
-    spec.network = p.network == TestNetwork::kNone ? VmNetworkMode::kNone : VmNetworkMode::kIsolated;
-    spec.accel = options_.accel;
-    spec.start_timeout = options_.vm_start_timeout;
-    if (!def->boot_kernel.empty()) spec.kernel_boot = VmKernelBoot{def->boot_kernel, def->boot_initrd, def->boot_append};
     if (p.apply_network_settings) {
-      auto stored = catalog_->GetFailoverNetworkSettings(vm_id);
-      if (!stored.ok()) return fail(stored.status());
-      if (!stored->empty()) {
-        NoCloudSeed seed;
-        seed.instance_id = "vmreplica-test-" + test_id;
-        seed.local_hostname = HostNameFor(vm->name, vm_id);
-        for (const auto& r : *stored) {
-          seed.network.push_back(FailoverNetworkAdapterSettings{r.adapter, r.ip_addresses, r.subnets,
-                                                                r.default_gateways, r.dns_servers, r.dhcp_enabled});
-        }
-        const std::string iso = a->rec.run_dir + "/seed.iso";
-        s = WriteNoCloudSeedImage(seed, iso);
-        if (!s.ok()) return fail(s.WithContext("writing the network seed"));
-        spec.extra_drives.push_back(VmExtraDrive{iso, "raw"});
-      }
+      s = AttachSeed(&spec, *vm, "vmreplica-test-" + test_id);
+      if (!s.ok()) return fail(s);
     }
     auto launched = VmLauncher::Start(spec);
     if (!launched.ok()) return fail(launched.status().WithContext("starting the test VM"));
