@@ -53,7 +53,7 @@ namespace vmreplica {
 
 // The newest schema this binary knows. Bumped by every migration; the
 // migration list in src/catalog/schema.cc is append-only.
-inline constexpr int kCatalogSchemaVersion = 3;
+inline constexpr int kCatalogSchemaVersion = 4;
 
 // PRAGMA application_id of a vmreplica catalog ("vmrc").
 inline constexpr int32_t kCatalogApplicationId = 0x766d7263;
@@ -95,6 +95,9 @@ struct RelationshipRecord {
   ReplicationType failed_over_replication_type = ReplicationType::kNone;
   std::string generation_id;             // history name of the disks (see design 4)
   uint64_t sequence = 0;                 // last delta sequence number
+  // How the initial copy is made (primary): with kExport the state stays 2
+  // after the export until the replica imported it.
+  InitialReplicationType initial_replication_type = InitialReplicationType::kNetwork;
 };
 
 struct RecoveryPointRecord {

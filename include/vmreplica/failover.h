@@ -57,6 +57,9 @@ struct FailoverOptions {
   // A graceful stop (ACPI power-down) waits this long before quit / kill.
   std::chrono::milliseconds vm_stop_grace{30'000};
   std::function<int64_t()> now_ms;  // Unix ms; default: the system clock
+  // TEST ONLY ([testing] import_chunk_delay_ms): ImportInitialReplica waits
+  // this long after each chunk, so that a test can stop the daemon mid-way.
+  std::chrono::milliseconds test_import_chunk_delay{0};
   // Asks the primary host at `address` ("host:port", the relationship's
   // PrimaryConnectionPoint) whether VM `vm_id` runs there. Unset: never asked.
   std::function<Result<ReplicaClient::PrimaryVmState>(const std::string& address, const std::string& vm_id)>
@@ -116,6 +119,18 @@ class FailoverManager {
   // A job (96); the state stays 2.
   Result<JobRecord> MarkAsReplica(const std::string& vm, const std::vector<std::string>& seed_disks);
 
+  // ImportInitialReplica (job 95; docs/replica_store.md section 17): loads
+  // the export <location>/<vm name>-<vm uuid>/ that the primary wrote with
+  // StartReplication type 2 into the replica store as point 1, checking
+  // every chunk's hash as it reads it, then applies the logs staged while
+  // the replica waited, in order; state 2 -> 3. 32775 outside state 2 or
+  // when the replica holds a point; 32779 when the directory or its export
+  // is missing; 32773 for a bad manifest, another VM's or generation's
+  // export, other disks, or a chunk that fails its hash (the load is undone:
+  // nothing imported). Cancelled or interrupted by a crash, it continues
+  // from the last durable chunk (after a restart by itself).
+  Result<JobRecord> ImportInitialReplica(const std::string& vm, const std::string& location);
+
   // Where the points are served (nbd+unix URIs use it).
   std::string points_socket() const;
 
@@ -155,6 +170,8 @@ class FailoverManager {
   Status MergeLive(JobContext& job, Active& a);
   Status DoTest(JobContext& job, const std::string& vm_id, const TestFailoverParams& p, const std::string& test_id);
   Status DoDestroy(JobContext& job, const std::string& vm_id);
+  Status DoImport(JobContext& job, const std::string& vm_id, const std::string& location);
+  void ResumeImports();
   // Stops the VM, removes its files, ends its exports, releases the store.
   Status TearDown(Active& a);
   Status SetState(const std::string& vm_id, ReplicationState state,

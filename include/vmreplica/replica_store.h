@@ -14,27 +14,41 @@
 //            (a failed MANIFEST write itself: refuse applies until reopened,
 //            Open decides from the MANIFEST it reads back)
 //
+// Initial load (docs section 17), only from point 0, no undo:
+//
+//   BeginLoad --> LOAD written (done_chunks 0) --> LoadChunk(0), (1), ...
+//   (pwrite / punch straight into disks/) --> every load_sync_bytes and at
+//   SyncLoad: [disks fdatasynced] --> LOAD rewritten with done_chunks
+//   --> FinishLoad: [disks fsynced] --> MANIFEST with point 1 alone (COMMIT)
+//   --> LOAD unlinked --> catalog mirrored
+//        \__ AbandonLoad: LOAD says 0 --> holes punched over every disk
+//             --> disks fsynced --> LOAD unlinked (back to point 0)
+//
 // Errors:
 //   InvalidArgument     bad names/sizes/options; a delta record out of the
 //                       disk's bounds or with a wrong payload length;
 //   FailedPrecondition  out-of-sequence or duplicate Apply; a store that
 //                       could not roll back a failed apply or whose
-//                       MANIFEST write failed (reopen it);
+//                       MANIFEST write failed (reopen it); Apply, reads of
+//                       point 0, PinPoint(0) and DropAllButLatest while an
+//                       initial load is in progress; load calls out of order;
 //   AlreadyExists       Create on a directory that holds a store;
 //   NotFound            unknown point, disk or store directory;
 //   Busy                the store directory is open elsewhere (LOCK);
-//   Corruption          MANIFEST or an undo segment failed a check; a point
-//                       whose segment is corrupt cannot be read;
+//   Corruption          MANIFEST, LOAD or an undo segment failed a check; a
+//                       point whose segment is corrupt cannot be read;
 //   IOError             the OS refused.
 //
 // Thread safety: all methods may be called from any thread. Apply calls are
-// serialised (one at a time); reads run concurrently with each other and
+// serialised (one at a time) with each other and with the load calls
+// (BeginLoad .. AbandonLoad); reads run concurrently with each other and
 // with Apply and always see a consistent point (docs section 9).
 #pragma once
 
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -52,6 +66,9 @@ inline constexpr uint32_t kReplicaBlockSize = 4096;
 inline constexpr uint64_t kDefaultApplyBatchBytes = uint64_t{32} << 20;
 // Largest accepted ReplicaStoreOptions::apply_batch_bytes.
 inline constexpr uint64_t kMaxApplyBatchBytes = uint64_t{1} << 30;
+// Range of ReplicaStoreOptions::load_sync_bytes.
+inline constexpr uint64_t kMinLoadSyncBytes = uint64_t{1} << 20;
+inline constexpr uint64_t kMaxLoadSyncBytes = uint64_t{16} << 30;
 
 struct ReplicaDisk {
   std::string name;   // 1..64 of [A-Za-z0-9._-], not starting with '.'
@@ -77,6 +94,12 @@ struct ReplicaStoreOptions {
   // the rest of a record cut at a batch boundary) and 5 MiB of buffers.
   // Range kReplicaBlockSize..kMaxApplyBatchBytes (else InvalidArgument).
   uint64_t apply_batch_bytes = kDefaultApplyBatchBytes;
+  // Initial load (docs section 17): after this many bytes of data records
+  // written by LoadChunk since the last sync, the disks are fdatasynced and
+  // LOAD records the chunks written so far as durable (the resume point
+  // after a crash). Range kMinLoadSyncBytes..kMaxLoadSyncBytes (else
+  // InvalidArgument).
+  uint64_t load_sync_bytes = uint64_t{256} << 20;
   // Milliseconds since the Unix epoch; default: the system clock.
   std::function<int64_t()> now_ms;
   // Fault-injection seam (tests): called before and after every write,
@@ -89,6 +112,18 @@ struct PointInfo {
   int64_t time_ms = 0;  // time of the consistent cut on the primary
   ReplicationType kind = ReplicationType::kRegular;
   std::string generation_id;
+};
+
+// An initial load in progress (docs/replica_store.md section 17).
+struct LoadInfo {
+  PointInfo point;      // what point 1 will be (time, kind, generation: 32 hex digits)
+  std::string source;   // "import" or "network"
+  std::string tag;      // opaque to the store, <= 256 bytes printable ASCII (the import's manifest checksum)
+};
+
+struct LoadState {
+  LoadInfo info;
+  uint64_t done_chunks = 0;  // chunks whose data is durable: the caller continues from this chunk
 };
 
 // A retained recovery point.
@@ -196,6 +231,58 @@ class ReplicaStore {
   // Releases one pin of `sequence`; NotFound when it holds none. Retention
   // catches up at the next Apply / ApplyRetention.
   Status UnpinPoint(uint64_t sequence);
+
+  // ---- Initial load (docs section 17) ----
+  // Writes point 1 straight into the disks, without undo: point 0 (the
+  // empty disks) is never a point anybody fails over to. While a load is in
+  // progress (LOAD exists, from BeginLoad or found by Open) Apply, reads of
+  // point 0 (ReadPoint, PointExtents, ChangedSince), PinPoint(0) and
+  // DropAllButLatest answer FailedPrecondition. A crash leaves either the
+  // load in progress at a done_chunks <= the chunks written, with the data
+  // of chunks < done_chunks intact, or point 1 committed (Open finishes
+  // the unlink of LOAD). Chunks must be deterministic: after a crash the
+  // caller sends chunks done_chunks.. again with the same records.
+
+  // Starts the initial load of point 1: FailedPrecondition unless
+  // latest_sequence() == 0, no load is in progress, no apply in flight and
+  // no point pinned; InvalidArgument for bad info. Writes <dir>/LOAD (temp,
+  // fsync, rename, fsync dir).
+  Status BeginLoad(const LoadInfo& info);
+  // The load in progress (after BeginLoad, or found by Open after a crash),
+  // or nullopt. done_chunks is what LOAD says is durable.
+  std::optional<LoadState> load_state() const;
+  // Starts the load in progress over from chunk 0 with new `info`, keeping
+  // the disks' content (no holes punched): for a source whose chunks make
+  // the disks exact whatever they held (a network initial copy sends its
+  // holes as zero records; a seeded one is compared with the disks as they
+  // are). LOAD is rewritten (done_chunks 0) before anything else is written.
+  // FailedPrecondition without a load in progress.
+  Status RestartLoad(const LoadInfo& info);
+  // Writes chunk `chunk` of the load: `chunk` must equal the number of
+  // chunks written so far in this process (load_state()->done_chunks right
+  // after BeginLoad or Open, then +1 per call; else FailedPrecondition).
+  // Records are bounds-checked as in Apply (InvalidArgument, nothing of an
+  // invalid record written); data records are written with pwrite, zero
+  // records as punched holes (zeros written where punching is not
+  // supported). Every `load_sync_bytes` of chunk data (and on
+  // FinishLoad / SyncLoad) every disk is fdatasynced, then LOAD rewritten
+  // with done_chunks. On an error of the source, of a record or of a write
+  // the chunk counts as not written (the caller may retry the same index);
+  // a failed sync leaves the store refusing calls until it is reopened
+  // (the load then continues from what LOAD says).
+  Status LoadChunk(uint64_t chunk, DeltaSource& records);
+  // Makes what was written so far durable and records done_chunks in LOAD now.
+  Status SyncLoad();
+  // fsyncs the disks, commits point 1 (MANIFEST rename: the commit, with
+  // info.point as its time / kind / generation and no undo segment: point 1
+  // is the only point), unlinks LOAD, mirrors the catalog like Apply.
+  // After it latest_sequence() == 1. Once the MANIFEST is renamed it
+  // answers OK (a failed unlink is logged and finished by Open).
+  Status FinishLoad();
+  // Gives the load up for good: LOAD rewritten with done_chunks 0, holes
+  // punched over every disk (point 0 is all zeros), disks fsynced, then
+  // LOAD unlinked. A new BeginLoad may follow.
+  Status AbandonLoad();
 
  private:
   struct Impl;

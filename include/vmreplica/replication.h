@@ -182,6 +182,14 @@ class ReplicationEngine {
   // (marked with state change 2 on the replica); the initial log carries
   // only the blocks whose hashes differ (job type 117).
   Result<JobRecord> StartReplication(const std::string& vm, int64_t start_unix_s, bool seeded = false);
+  // StartReplication type 2 (export, job type 118): the initial copy of a
+  // consistent cut is written under `location` as an initial-replica export
+  // (docs/export_format.md) and the replica is told to wait for its import
+  // (peer ReserveImport). The state stays 2 while delta cycles run (the
+  // replica stages them) until a cycle finds the import done: then 3.
+  // `location`: an absolute directory (created when missing); InvalidArgument
+  // otherwise. There is no StartTime (ignored, as in the reference).
+  Result<JobRecord> StartExportReplication(const std::string& vm, const std::string& location);
   // Resynchronize (from 7, 8, 9, 11, 16; StartTime 0 = now, at most 7 days
   // ahead): state 10, tracking restarted at a new cut, the replica's block
   // hashes compared with the cut's and only differing blocks sent as one
@@ -222,6 +230,12 @@ class ReplicationEngine {
   // `epoch` numbers the StartReplication calls of a VM: a copy that failed
   // or was cancelled resets the state only while no newer one started.
   Status RunInitial(const std::string& vm_id, JobContext* job, uint64_t epoch, bool seeded = false);
+  // The export job's body (StartExportReplication).
+  Status RunExport(const std::string& vm_id, const std::string& location, JobContext* job, uint64_t epoch);
+  // Peer ReserveImport for the relationship's exported generation.
+  Status ReserveImportOnReplica(const std::string& vm_id);
+  Result<JobRecord> StartExportJob(const std::string& vm_id, const std::string& vm_name, const std::string& location,
+                                   uint64_t epoch);
   bool IsCurrentInitial(const std::string& vm_id, uint64_t epoch);
   // `resync`: with `initial`, the cut's blocks are compared with the
   // replica's hash lists and only differing ones are sent.

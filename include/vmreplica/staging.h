@@ -15,27 +15,37 @@
 //              Corruption, nothing of it applied; the relationship must
 //              be resynced
 //
+// Import reservation (docs section 17): ReserveImport writes "<dir>/IMPORT"
+// while the store is at point 0 and nothing is staged. Log 1 then comes by
+// ImportInitialReplica (ReplicaStore::BeginLoad .. FinishLoad), never over
+// the link: BeginReceive expects 2, 3, ... and ApplyReady stops at the gap
+// until the store reaches point 1 and ClearImportReservation removes IMPORT.
+//
 // Errors:
 //   FailedPrecondition  a duplicate (already applied or already staged) or
 //                       out-of-sequence log; the message names the expected
-//                       and the received sequence;
+//                       and the received sequence; log 1 while it is
+//                       reserved for an import; a reservation refused;
 //   InvalidArgument     a header that breaks a field rule or does not match
 //                       the store (relationship id, disk names and sizes);
 //                       ApplyReady with another store than the one given to
 //                       Open;
 //   Corruption          a log failed a checksum or bound (the message names
-//                       the file and the byte offset);
+//                       the file and the byte offset); a bad IMPORT file;
 //   IOError             the OS refused; errors of ReplicaStore::Apply are
 //                       passed through.
 //
 // Thread safety: one receiver at a time (BeginReceive .. CommitReceived of
 // one log before the next BeginReceive), and ApplyReady calls serialised.
 // The receiver and ApplyReady may run on different threads concurrently.
+// ReserveImport / ClearImportReservation belong to the receiver's side: not
+// while a receive is in progress.
 #pragma once
 
 #include <atomic>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "vmreplica/catalog.h"
@@ -90,7 +100,8 @@ class Staging {
   Status CommitReceived(uint64_t sequence);
 
   // Applies the staged logs to `store` (the one given to Open) in sequence,
-  // from store.latest_sequence() + 1 until the next one is not staged.
+  // from store.latest_sequence() + 1 until the next one is not staged (with
+  // an import reservation and the store at 0: none, answering 0).
   // Each log is verified completely first, so a log that fails a check is
   // not applied at all: it is moved to "rejected/" and Corruption returned.
   // A staged log whose sequence is already applied (a crash after the
@@ -100,8 +111,30 @@ class Staging {
   Result<uint64_t> ApplyReady(ReplicaStore& store);
 
   // The sequence the next BeginReceive must carry: one past the latest
-  // applied and every staged log that follows it without a gap.
+  // applied and every staged log that follows it without a gap. With an
+  // import reservation while the store is at point 0 it starts at 2 (log 1
+  // comes by import), then skips the staged logs the same way.
   Result<uint64_t> expected_sequence() const;
+
+  // Writes <dir>/IMPORT {"version":1,"sequence":1,"generation":"<32 hex>"}
+  // (temp/fsync/rename/fsync dir): log 1 will come by ImportInitialReplica,
+  // not over the link. FailedPrecondition unless the store's latest is 0 and
+  // nothing is staged; idempotent for the same generation (OK),
+  // FailedPrecondition for another one. InvalidArgument unless
+  // `generation_hex` is 32 hex digits.
+  Status ReserveImport(const std::string& generation_hex);
+  // The reserved generation, or nullopt. A corrupt IMPORT file -> Corruption
+  // (Open validates it too).
+  Result<std::optional<std::string>> import_reservation() const;
+  // Removes IMPORT (fsync dir). OK when absent.
+  Status ClearImportReservation();
+  // Deletes every staged log (not the rejected ones): the primary gave up
+  // an initial replication whose logs these are. FailedPrecondition unless
+  // the store's latest point is 0. Not concurrent with ApplyReady or a
+  // receive (the caller holds both off).
+  Status DiscardStaged();
+  // "<dir>/IMPORT"
+  std::string ImportPath() const;
 
   const std::string& dir() const { return dir_; }
   // "<dir>/<20-digit seq>.vrl"
@@ -110,6 +143,8 @@ class Staging {
  private:
   Staging(std::string dir, const ReplicaStore& store, StagingOptions options);
   Status CheckHeader(const LogHeader& header) const;
+  // FailedPrecondition when `sequence` is reserved for an import.
+  Status CheckNotReserved(uint64_t sequence) const;
   Status Reject(const std::string& path, const Status& why);
   // Catalog mirror (no-ops without a catalog). Failures are logged and set
   // catalog_dirty_, so that the next ApplyReady reconciles everything.

@@ -149,6 +149,11 @@ class ReplicaClient {
   // (block_size: a power of two, 4 KiB .. 64 MiB), in disk order.
   Result<std::vector<BlockHashList>> GetBlockHashes(const std::string& vm_id, uint32_t relationship_index,
                                                     uint32_t block_size);
+  // StartReplication type 2 (docs/protocol.md "ReserveImport"): log 1 of
+  // generation `generation` comes by ImportInitialReplica; with `release`
+  // the reservation and the staged logs are given up instead.
+  Result<ReplicaStatusInfo> ReserveImport(const std::string& vm_id, uint32_t relationship_index,
+                                          const GenerationId& generation, bool release);
 
   // TEST ONLY: see TestOnlySendHooks.
   void SetTestOnlySendHooks(TestOnlySendHooks hooks) { test_hooks_ = std::move(hooks); }
@@ -274,6 +279,10 @@ class ReplicaReceiver {
   virtual Status HashDisks(const PrimaryCaller& caller, const std::string& vm_id, uint32_t relationship_index,
                            uint32_t block_size,
                            const std::function<bool(uint32_t disk, const std::string& serialized)>& emit) = 0;
+  // docs/protocol.md "ReserveImport". `generation_hex`: 32 hex digits.
+  virtual Result<ReplicaStatusInfo> ReserveImport(const PrimaryCaller& caller, const std::string& vm_id,
+                                                  uint32_t relationship_index, const std::string& generation_hex,
+                                                  bool release) = 0;
 };
 
 struct ReplicaManagerOptions {
@@ -320,6 +329,9 @@ class ReplicaManager final : public ReplicaReceiver {
   Status HashDisks(const PrimaryCaller& caller, const std::string& vm_id, uint32_t relationship_index,
                    uint32_t block_size,
                    const std::function<bool(uint32_t disk, const std::string& serialized)>& emit) override;
+  Result<ReplicaStatusInfo> ReserveImport(const PrimaryCaller& caller, const std::string& vm_id,
+                                          uint32_t relationship_index, const std::string& generation_hex,
+                                          bool release) override;
 
   // Waits until the replica of `vm_id` applied every staged log (or failed).
   // For tests and orderly shutdown. NotFound when it is not open.
@@ -347,6 +359,16 @@ class ReplicaManager final : public ReplicaReceiver {
   // While set, the replica takes no log and no hash request (a seed copy is
   // written into its disks). Busy when already set.
   Status SetSeeding(const std::string& vm_id, bool seeding);
+  // ImportInitialReplica (src/failover; docs/replica_store.md section 17).
+  // The generation (32 hex digits) the primary reserved the import for, or
+  // nullopt. NotFound when the replica is not open.
+  Result<std::optional<std::string>> ImportReservation(const std::string& vm_id);
+  // Reserves the import here (the primary could not reach us yet): the same
+  // rules as the peer call.
+  Status ReserveImportLocal(const std::string& vm_id, const std::string& generation_hex);
+  // After ReplicaStore::FinishLoad: the reservation goes, the relationship
+  // moves 2 -> 3 with sequence 1, and the staged logs (2, 3, ...) apply.
+  Status FinishImport(const std::string& vm_id);
 
   struct Replica;  // one open replica (src/transfer/replica_manager.cc)
 
@@ -354,6 +376,8 @@ class ReplicaManager final : public ReplicaReceiver {
   Result<std::shared_ptr<Replica>> Get(const PrimaryCaller& caller, const std::string& vm_id, uint32_t index);
   Result<std::shared_ptr<Replica>> OpenLocked(const std::string& dir, const RelationshipRecord& rel);
   Result<ReplicaStatusInfo> StatusOf(Replica& r);
+  // ReserveImport's work on an open replica.
+  Status ReserveOrRelease(Replica& r, const std::string& generation_hex, bool release);
   std::shared_ptr<Replica> FindOpen(const std::string& vm_id);  // null when not open
 
   // Constant after construction.

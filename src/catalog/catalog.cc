@@ -50,6 +50,10 @@ template <> struct EnumRange<AllowedAuthenticationType> {
   static constexpr int64_t kLo = 0, kHi = 3;
   static constexpr const char* kName = "AllowedAuthenticationType";
 };
+template <> struct EnumRange<InitialReplicationType> {
+  static constexpr int64_t kLo = 1, kHi = 3;
+  static constexpr const char* kName = "InitialReplicationType";
+};
 template <> struct EnumRange<JobState> {
   static constexpr int64_t kLo = 2, kHi = 11;
   static constexpr const char* kName = "JobState";
@@ -286,7 +290,8 @@ Result<DiskRecord> ReadDisk(const Stmt& q) {
 
 constexpr const char* kRelationshipColumns =
     "vm_id, idx, local_mode, state, health, settings_json, last_replication_ms, last_apply_ms, "
-    "last_app_consistent_ms, last_replication_type, failed_over_replication_type, generation_id, sequence";
+    "last_app_consistent_ms, last_replication_type, failed_over_replication_type, generation_id, sequence, "
+    "initial_type";
 
 Result<RelationshipRecord> ReadRelationship(const Stmt& q) {
   constexpr const char* t = "relationships";
@@ -307,6 +312,7 @@ Result<RelationshipRecord> ReadRelationship(const Stmt& q) {
       DecodeEnum(q.Int(10), t, "failed_over_replication_type", &r.failed_over_replication_type));
   r.generation_id = q.Text(11);
   r.sequence = q.U64(12);
+  VMR_RETURN_IF_ERROR(DecodeEnum(q.Int(13), t, "initial_type", &r.initial_replication_type));
   return r;
 }
 
@@ -816,14 +822,14 @@ Status Catalog::PutRelationship(const RelationshipRecord& r) {
   Stmt q(db_,
          "INSERT INTO relationships (vm_id, idx, local_mode, state, health, settings_json, last_replication_ms, "
          "last_apply_ms, last_app_consistent_ms, last_replication_type, failed_over_replication_type, "
-         "generation_id, sequence) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13) "
+         "generation_id, sequence, initial_type) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14) "
          "ON CONFLICT (vm_id, idx) DO UPDATE SET local_mode = excluded.local_mode, state = excluded.state, "
          "health = excluded.health, settings_json = excluded.settings_json, "
          "last_replication_ms = excluded.last_replication_ms, last_apply_ms = excluded.last_apply_ms, "
          "last_app_consistent_ms = excluded.last_app_consistent_ms, "
          "last_replication_type = excluded.last_replication_type, "
          "failed_over_replication_type = excluded.failed_over_replication_type, "
-         "generation_id = excluded.generation_id, sequence = excluded.sequence");
+         "generation_id = excluded.generation_id, sequence = excluded.sequence, initial_type = excluded.initial_type");
   q.Bind(1, r.vm_id)
       .Bind(2, int64_t{r.index})
       .Bind(3, int64_t{Number(r.local_mode)})
@@ -836,7 +842,8 @@ Status Catalog::PutRelationship(const RelationshipRecord& r) {
       .Bind(10, int64_t{Number(r.last_replication_type)})
       .Bind(11, int64_t{Number(r.failed_over_replication_type)})
       .Bind(12, r.generation_id)
-      .BindU64(13, r.sequence);
+      .BindU64(13, r.sequence)
+      .Bind(14, int64_t{Number(r.initial_replication_type)});
   Status s = q.Run();
   if (s.code() == Code::kNotFound) return Status::NotFound("VM " + r.vm_id + " is not in the catalog");
   return s;

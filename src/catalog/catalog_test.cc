@@ -248,6 +248,7 @@ TEST_F(CatalogTest, RelationshipRoundTripsEveryField) {
   r.failed_over_replication_type = ReplicationType::kPlanned;
   r.generation_id = "gen-42";
   r.sequence = 0x8000000000000001ull;
+  r.initial_replication_type = InitialReplicationType::kExport;
   ASSERT_TRUE(catalog_->PutRelationship(r).ok());
   Reopen();
 
@@ -278,6 +279,7 @@ TEST_F(CatalogTest, RelationshipRoundTripsEveryField) {
   EXPECT_EQ(g.settings.recovery_host_system, s.recovery_host_system);
   EXPECT_EQ(g.settings.primary_connection_point, s.primary_connection_point);
   EXPECT_EQ(g.settings.primary_host_system, s.primary_host_system);
+  EXPECT_EQ(g.initial_replication_type, InitialReplicationType::kExport);
   EXPECT_EQ(g.last_replication_ms, 1);
   EXPECT_EQ(g.last_apply_ms, 2);
   EXPECT_EQ(g.last_app_consistent_ms, 3);
@@ -438,21 +440,24 @@ TEST_F(CatalogTest, VersionOneCatalogIsMigratedAndKeepsItsRows) {
   MakeVm("vm-1", "db");
   catalog_.reset();
   // Turn the file back into a version-1 catalog: no staged_logs table.
-  RawExec("DROP TABLE staged_logs; DROP TABLE failover_network_settings; PRAGMA user_version = 1");
+  RawExec("DROP TABLE staged_logs; DROP TABLE failover_network_settings; "
+          "ALTER TABLE relationships DROP COLUMN initial_type; PRAGMA user_version = 1");
   Reopen();
   EXPECT_EQ(*catalog_->SchemaVersion(), kCatalogSchemaVersion);
   EXPECT_TRUE(catalog_->GetVm("vm-1")->has_value());
   EXPECT_TRUE(catalog_->PutStagedLog({"vm-1", 1, StagedLogState::kStaged, "a.vrl", 1, 1}).ok());
 }
 
-TEST_F(CatalogTest, VersionTwoCatalogIsMigratedToThreeAndKeepsItsRows) {
+TEST_F(CatalogTest, VersionTwoCatalogIsMigratedToTheLatestAndKeepsItsRows) {
   MakeVm("vm-1", "db");
   ASSERT_TRUE(catalog_->PutStagedLog({"vm-1", 4, StagedLogState::kStaged, "a.vrl", 1, 1}).ok());
   catalog_.reset();
-  // Turn the file back into a version-2 catalog: no failover_network_settings table.
-  RawExec("DROP TABLE failover_network_settings; PRAGMA user_version = 2");
+  // Turn the file back into a version-2 catalog: no failover_network_settings
+  // table (v3), no relationships.initial_type column (v4).
+  RawExec("DROP TABLE failover_network_settings; ALTER TABLE relationships DROP COLUMN initial_type; "
+          "PRAGMA user_version = 2");
   Reopen();
-  EXPECT_EQ(*catalog_->SchemaVersion(), 3);
+  EXPECT_EQ(*catalog_->SchemaVersion(), kCatalogSchemaVersion);
   EXPECT_TRUE(catalog_->GetVm("vm-1")->has_value());
   EXPECT_EQ(catalog_->ListStagedLogs("vm-1")->size(), 1u);
   FailoverNetworkRecord a;
@@ -460,6 +465,29 @@ TEST_F(CatalogTest, VersionTwoCatalogIsMigratedToThreeAndKeepsItsRows) {
   a.dhcp_enabled = true;
   ASSERT_TRUE(catalog_->PutFailoverNetworkSettings("vm-1", {a}).ok());
   EXPECT_EQ(catalog_->GetFailoverNetworkSettings("vm-1")->size(), 1u);
+}
+
+// Version 3 -> 4: a relationship row gets initial_type 1 (network).
+TEST_F(CatalogTest, VersionThreeRelationshipsGetTheNetworkInitialTypeAtMigration) {
+  MakeVm("vm-1", "db");
+  RelationshipRecord r;
+  r.vm_id = "vm-1";
+  r.state = ReplicationState::kReplicating;
+  r.settings.recovery_connection_point = "replica.example.com";
+  r.settings.recovery_server_port = 8443;
+  r.generation_id = "g";
+  r.sequence = 7;
+  r.initial_replication_type = InitialReplicationType::kSeededNetwork;
+  ASSERT_TRUE(catalog_->PutRelationship(r).ok());
+  catalog_.reset();
+  RawExec("ALTER TABLE relationships DROP COLUMN initial_type; PRAGMA user_version = 3");
+  Reopen();
+  EXPECT_EQ(*catalog_->SchemaVersion(), kCatalogSchemaVersion);
+  auto got = catalog_->GetRelationship("vm-1", 0);
+  ASSERT_TRUE(got.ok() && got->has_value()) << got.status().ToString();
+  EXPECT_EQ((*got)->initial_replication_type, InitialReplicationType::kNetwork);
+  EXPECT_EQ((*got)->sequence, 7u);
+  EXPECT_EQ((*got)->state, ReplicationState::kReplicating);
 }
 
 FailoverNetworkRecord StaticAdapter(const std::string& adapter, const std::string& ip) {

@@ -148,7 +148,15 @@ CREATE TABLE failover_network_settings (
 );
 )sql";
 
-constexpr const char* kMigrations[] = {kV1, kV2, kV3};
+// Version 4: how the relationship's initial replication is made (an
+// InitialReplicationType number: 1 network, 2 export, 3 seeded network).
+// With 2, the primary stays in state 2 after the export until the replica
+// imported it (docs/protocol.md "ReserveImport").
+constexpr const char* kV4 = R"sql(
+ALTER TABLE relationships ADD COLUMN initial_type INTEGER NOT NULL DEFAULT 1;
+)sql";
+
+constexpr const char* kMigrations[] = {kV1, kV2, kV3, kV4};
 static_assert(std::size(kMigrations) == kCatalogSchemaVersion,
               "each schema version needs exactly one migration");
 

@@ -23,7 +23,7 @@ const std::map<std::string, std::set<std::string>>& KnownKeys() {
       {"admin", {"remote_principals"}},
       {"knobs", {"connect_timeout_ms", "rpc_timeout_ms", "job_workers"}},
       {"replication", {"max_parallel_transfers", "bandwidth_limit_bytes_per_s", "bandwidth_schedule"}},
-      {"testing", {"replication_interval_override_ms", "app_consistent_interval_override_ms"}},
+      {"testing", {"replication_interval_override_ms", "app_consistent_interval_override_ms", "import_chunk_delay_ms"}},
   };
   return keys;
 }
@@ -188,6 +188,8 @@ Result<DaemonConfig> ParseConfig(const std::string& text, const std::string& bas
   if (found) c.test_replication_interval_override_ms = v;
   VMR_RETURN_IF_ERROR(GetInt(root, "testing", "app_consistent_interval_override_ms", 100, 43200000, &v, &found));
   if (found) c.test_app_consistent_interval_override_ms = v;
+  VMR_RETURN_IF_ERROR(GetInt(root, "testing", "import_chunk_delay_ms", 1, 10000, &v, &found));
+  if (found) c.test_import_chunk_delay_ms = v;
   if (auto node = root["replication"]["bandwidth_schedule"]) {
     VMR_ASSIGN_OR_RETURN(c.bandwidth_schedule, ParseBandwidthSchedule(node.node()));
   }

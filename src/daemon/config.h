@@ -37,6 +37,7 @@ struct DaemonConfig {
   // this many milliseconds (the daemon logs a warning at start).
   int64_t test_replication_interval_override_ms = 0;  // 0 = off, 100..3600000
   int64_t test_app_consistent_interval_override_ms = 0;  // 0 = off, 100..43200000
+  int64_t test_import_chunk_delay_ms = 0;                // 0 = off, 1..10000: ImportInitialReplica sleeps per chunk
   std::vector<BandwidthWindow> bandwidth_schedule;      // [[replication.bandwidth_schedule]]
 };
 

@@ -111,6 +111,11 @@ Result<std::unique_ptr<Daemon>> Daemon::Create(DaemonConfig config) {
 
   FailoverOptions fopts;
   fopts.state_dir = d->config_.state_dir;
+  fopts.test_import_chunk_delay = std::chrono::milliseconds(d->config_.test_import_chunk_delay_ms);
+  if (d->config_.test_import_chunk_delay_ms > 0) {
+    spdlog::warn("[testing] import_chunk_delay_ms = {}: imports are slowed down; never use this in production",
+                 d->config_.test_import_chunk_delay_ms);
+  }
   fopts.ask_primary = [open_channel](const std::string& address,
                                      const std::string& vm_id) -> Result<ReplicaClient::PrimaryVmState> {
     const size_t colon = address.rfind(':');

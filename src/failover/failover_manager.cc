@@ -242,6 +242,7 @@ Status FailoverManager::Start() {
   if (ec) return Status::IOError("listing " + options_.state_dir + "/failover: " + ec.message());
   std::sort(paths.begin(), paths.end());
   for (const auto& p : paths) Resume(p);
+  ResumeImports();
   return Status::Ok();
 }
 
@@ -1066,6 +1067,9 @@ Result<JobRecord> FailoverManager::MarkAsReplica(const std::string& vm_name, con
     if (store->latest_sequence() != 0) {
       return Status::FailedPrecondition("VM " + vm.name + ": the replica already holds replicated data (point " +
                                         std::to_string(store->latest_sequence()) + ")");
+    }
+    if (store->load_state()) {
+      return Status::FailedPrecondition("VM " + vm.name + ": an initial replica is being imported into it");
     }
     std::vector<Seed> out;
     for (size_t i = 0; i < seeds.size(); ++i) {

@@ -7,6 +7,8 @@
 #include <unistd.h>
 #include <zstd.h>
 
+#include <nlohmann/json.hpp>
+
 #include <algorithm>
 #include <cerrno>
 #include <charconv>
@@ -95,7 +97,91 @@ Status CheckOptions(const ReplicaStoreOptions& o) {
   if (o.apply_batch_bytes < kReplicaBlockSize || o.apply_batch_bytes > kMaxApplyBatchBytes)
     return Status::InvalidArgument("replica store: apply_batch_bytes " + std::to_string(o.apply_batch_bytes) +
                                    " is not in 4096..1 GiB");
+  if (o.load_sync_bytes < kMinLoadSyncBytes || o.load_sync_bytes > kMaxLoadSyncBytes)
+    return Status::InvalidArgument("replica store: load_sync_bytes " + std::to_string(o.load_sync_bytes) +
+                                   " is not in 1 MiB..16 GiB");
   return Status::Ok();
+}
+
+// ---- LOAD (docs section 17) ----
+constexpr size_t kMaxLoadTag = 256;
+// A valid LOAD is far smaller (the tag escapes to at most 512 bytes).
+constexpr size_t kMaxLoadFile = 4096;
+
+bool IsHex32(const std::string& s) {
+  if (s.size() != 32) return false;
+  for (char c : s)
+    if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f') || (c >= 'A' && c <= 'F'))) return false;
+  return true;
+}
+
+bool PrintableAscii(const std::string& s) {
+  for (char c : s)
+    if (c < 0x20 || c > 0x7e) return false;
+  return true;
+}
+
+Status CheckLoadInfo(const LoadInfo& info) {
+  if (info.source != "import" && info.source != "network")
+    return Status::InvalidArgument("initial load: source '" + info.source + "' is not \"import\" or \"network\"");
+  if (!IsHex32(info.point.generation_id))
+    return Status::InvalidArgument("initial load: generation '" + info.point.generation_id +
+                                   "' is not 32 hex digits");
+  if (static_cast<uint16_t>(info.point.kind) > 3) return Status::InvalidArgument("initial load: bad point kind");
+  if (info.tag.size() > kMaxLoadTag || !PrintableAscii(info.tag))
+    return Status::InvalidArgument("initial load: the tag must be at most 256 bytes of printable ASCII");
+  return Status::Ok();
+}
+
+std::string EncodeLoad(const LoadState& st) {
+  nlohmann::json j = {{"version", 1},
+                      {"sequence", 1},
+                      {"source", st.info.source},
+                      {"generation", st.info.point.generation_id},
+                      {"cut_time_unix_ms", st.info.point.time_ms},
+                      {"kind", static_cast<uint16_t>(st.info.point.kind)},
+                      {"done_chunks", st.done_chunks},
+                      {"tag", st.info.tag}};
+  return j.dump() + "\n";
+}
+
+// Every field is checked; anything else is Corruption naming the file.
+Result<LoadState> DecodeLoad(const std::string& bytes, const std::string& path) {
+  auto bad = [&](const std::string& why) { return Status::Corruption("initial-load record " + path + ": " + why); };
+  if (bytes.size() > kMaxLoadFile) return bad("larger than 4096 bytes");
+  nlohmann::json j = nlohmann::json::parse(bytes, nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded() || !j.is_object()) return bad("not a JSON object");
+  static const std::set<std::string> kFields = {"version", "sequence", "source", "generation",
+                                                "cut_time_unix_ms", "kind", "done_chunks", "tag"};
+  for (auto it = j.begin(); it != j.end(); ++it)
+    if (kFields.count(it.key()) == 0) return bad("unknown field '" + it.key() + "'");
+  for (const std::string& f : kFields)
+    if (!j.contains(f)) return bad("field '" + f + "' is missing");
+  auto unsigned_field = [&](const char* f) -> std::optional<uint64_t> {
+    if (!j[f].is_number_unsigned()) return std::nullopt;
+    return j[f].get<uint64_t>();
+  };
+  if (unsigned_field("version") != std::optional<uint64_t>(1)) return bad("version is not 1");
+  if (unsigned_field("sequence") != std::optional<uint64_t>(1)) return bad("sequence is not 1");
+  LoadState st;
+  std::optional<uint64_t> kind = unsigned_field("kind");
+  std::optional<uint64_t> done = unsigned_field("done_chunks");
+  if (!kind || *kind > 3) return bad("kind is not 0..3");
+  if (!done) return bad("done_chunks is not an unsigned integer");
+  const nlohmann::json& t = j["cut_time_unix_ms"];
+  if (!t.is_number_integer() || (t.is_number_unsigned() && t.get<uint64_t>() > uint64_t{INT64_MAX}))
+    return bad("cut_time_unix_ms is not a 64-bit integer");
+  if (!j["source"].is_string() || !j["generation"].is_string() || !j["tag"].is_string())
+    return bad("source, generation and tag must be strings");
+  st.info.source = j["source"].get<std::string>();
+  st.info.tag = j["tag"].get<std::string>();
+  st.info.point.generation_id = j["generation"].get<std::string>();
+  st.info.point.time_ms = t.get<int64_t>();
+  st.info.point.kind = static_cast<ReplicationType>(*kind);
+  st.done_chunks = *done;
+  Status s = CheckLoadInfo(st.info);
+  if (!s.ok()) return bad(s.message());
+  return st;
 }
 
 std::string SeqName(uint64_t seq) {
@@ -185,6 +271,12 @@ struct ReplicaStore::Impl {
   std::vector<int> disk_fds;                              // fds constant; content guarded by mu
   std::map<uint64_t, std::unique_ptr<Segment>> segments;  // guarded by mu; by point_seq
   std::unique_ptr<Segment> inflight;                      // guarded by mu
+  // The initial load in progress (docs section 17); done_chunks is what
+  // LOAD says. Guarded by mu; changed only with apply_mu held too, so the
+  // load calls and Apply read it under apply_mu alone.
+  std::optional<LoadState> load;
+  uint64_t load_written = 0;   // guarded by apply_mu: chunks written by this process (or durable at Open)
+  uint64_t load_unsynced = 0;  // guarded by apply_mu: data bytes written since the last sync
 
   ~Impl() {
     for (int fd : disk_fds)
@@ -192,6 +284,7 @@ struct ReplicaStore::Impl {
   }
 
   std::string ManifestPath() const { return dir + "/MANIFEST"; }
+  std::string LoadPath() const { return dir + "/LOAD"; }
   std::string DiskPath(uint32_t d) const { return dir + "/disks/" + disks[d].name + ".img"; }
   std::string UndoDir() const { return dir + "/undo"; }
   std::string SegmentPath(uint64_t seq) const { return UndoDir() + "/" + SeqName(seq) + ".vru"; }
@@ -225,6 +318,20 @@ struct ReplicaStore::Impl {
   }
 
   Status OpenDisks();
+  // Initial load (docs section 17); apply_mu held for all but RecoverLoad.
+  Status WriteLoad(const LoadState& st) {
+    return Step("load.write", [&] { return WriteFileAtomic(LoadPath(), EncodeLoad(st), 0600); });
+  }
+  Status UnlinkLoad() {
+    const std::string path = LoadPath();
+    VMR_RETURN_IF_ERROR(Step("load.unlink", [&] {
+      return ::unlink(path.c_str()) == 0 || errno == ENOENT ? Status::Ok() : Errno("unlink", path);
+    }));
+    return FsyncDir(dir, "load.dir.fsync");
+  }
+  Status CheckLoadCall(const char* call) const;
+  Status SyncLoadLocked();
+  Status RecoverLoad();  // at Open, after Recover
   Result<ScanResult> ScanSegment(int fd, const std::string& path, bool committed);
   Status RestoreFromScan(int fd, const std::string& path, const ScanResult& scan);
   Status RollbackInflightLocked();
@@ -292,6 +399,7 @@ Result<std::unique_ptr<ReplicaStore>> ReplicaStore::Create(const std::string& di
   // Leftovers of an earlier Create that did not reach its MANIFEST.
   std::error_code ec;
   for (const auto& e : std::filesystem::directory_iterator(impl->UndoDir(), ec)) std::filesystem::remove(e.path(), ec);
+  std::filesystem::remove(impl->LoadPath(), ec);
   impl->manifest.vm_id = impl->vm_id = vm_id;
   impl->manifest.disks = impl->disks = disks;
   impl->manifest.points.push_back(ManifestPoint{0, impl->Now(), 0, ""});
@@ -331,6 +439,7 @@ Result<std::unique_ptr<ReplicaStore>> ReplicaStore::Open(const std::string& dir,
   impl->disks = impl->manifest.disks;
   VMR_RETURN_IF_ERROR(impl->OpenDisks());
   VMR_RETURN_IF_ERROR(impl->Recover());
+  VMR_RETURN_IF_ERROR(impl->RecoverLoad());
   return std::unique_ptr<ReplicaStore>(new ReplicaStore(std::move(impl)));
 }
 
@@ -787,6 +896,9 @@ Status ReplicaStore::Apply(uint64_t sequence, const PointInfo& info, DeltaSource
   if (m.broken)
     return Status::FailedPrecondition("replica store " + m.dir +
                                       ": a failed apply could not be rolled back; reopen it");
+  if (m.load)  // apply_mu held: the load calls change it under it too
+    return Status::FailedPrecondition("replica store " + m.dir + ": an initial load is in progress; delta " +
+                                      std::to_string(sequence) + " cannot be applied until it is finished");
   const uint64_t latest = m.manifest.points.back().sequence;  // only writers change it: apply_mu held
   if (sequence <= latest)
     return Status::FailedPrecondition("delta " + std::to_string(sequence) + " is a duplicate: replica store " + m.dir +
@@ -1061,6 +1173,8 @@ Status ReplicaStore::DropAllButLatest() {
   std::lock_guard alk(m.apply_mu);
   if (m.broken)
     return Status::FailedPrecondition("replica store " + m.dir + ": a failed apply left it unsure; reopen it");
+  if (m.load)
+    return Status::FailedPrecondition("replica store " + m.dir + ": an initial load is in progress");
   std::lock_guard plk(m.pins_mu);  // no pin may appear between the check and the drop
   const uint64_t latest = m.manifest.points.back().sequence;  // writers change it under apply_mu, held
   for (const auto& [seq, count] : m.pins)
@@ -1122,6 +1236,9 @@ Status ReplicaStore::PinPoint(uint64_t sequence) {
     bool found = false;
     for (const ManifestPoint& p : m.manifest.points) found = found || p.sequence == sequence;
     if (!found) return Status::NotFound("recovery point " + std::to_string(sequence) + " is not retained in " + m.dir);
+    if (m.load && sequence == 0)
+      return Status::FailedPrecondition("replica store " + m.dir +
+                                        ": point 0 cannot be pinned while an initial load is in progress");
   }
   ++m.pins[sequence];
   return Status::Ok();
@@ -1149,6 +1266,9 @@ Status ReplicaStore::Impl::CheckReadable(uint64_t seq, uint32_t disk) const {
   bool found = false;
   for (const ManifestPoint& p : manifest.points) found = found || p.sequence == seq;
   if (!found) return Status::NotFound("recovery point " + std::to_string(seq) + " is not retained in " + dir);
+  if (load && seq == 0)
+    return Status::FailedPrecondition("point 0 of " + dir +
+                                      " cannot be read: an initial load is in progress (it is no longer empty)");
   if (disk >= disks.size()) return Status::NotFound("no disk " + std::to_string(disk) + " in " + dir);
   for (auto it = segments.lower_bound(seq); it != segments.end(); ++it)
     if (it->second->corrupt)
@@ -1211,6 +1331,9 @@ Result<std::vector<ReplicaRange>> ReplicaStore::ChangedSince(uint64_t sequence) 
   bool found = false;
   for (const ManifestPoint& p : m.manifest.points) found = found || p.sequence == sequence;
   if (!found) return Status::NotFound("recovery point " + std::to_string(sequence) + " is not retained in " + m.dir);
+  if (m.load && sequence == 0)
+    return Status::FailedPrecondition("point 0 of " + m.dir +
+                                      " cannot be compared: an initial load is in progress (it is no longer empty)");
   // Committed segments only: the delta in progress is not part of the latest point.
   std::vector<uint64_t> keys;
   for (auto it = m.segments.lower_bound(sequence); it != m.segments.end(); ++it) {
@@ -1281,6 +1404,246 @@ Result<std::vector<ReplicaExtent>> ReplicaStore::PointExtents(uint64_t sequence,
     blk = hole_blk;
   }
   return out;
+}
+
+// ---- Initial load (docs section 17) -------------------------------------------
+
+Status ReplicaStore::Impl::CheckLoadCall(const char* call) const {
+  if (broken)
+    return Status::FailedPrecondition(std::string(call) + ": replica store " + dir +
+                                      " refuses changes after a failed step; reopen it");
+  if (!load) return Status::FailedPrecondition(std::string(call) + ": no initial load is in progress in " + dir);
+  return Status::Ok();
+}
+
+// Makes every chunk written so far durable, then says so in LOAD. A failed
+// fdatasync may have dropped dirty pages of earlier chunks too, and a failed
+// LOAD write leaves its rename unknown: both leave the store refusing calls
+// until it is reopened (the load then continues from what LOAD says).
+Status ReplicaStore::Impl::SyncLoadLocked() {
+  if (load_written == load->done_chunks && load_unsynced == 0) return Status::Ok();
+  Status s;
+  for (uint32_t d = 0; s.ok() && d < disk_fds.size(); ++d) {
+    s = Step("load.disk.fsync", [&] {
+      return ::fdatasync(disk_fds[d]) == 0 ? Status::Ok() : Errno("fdatasync", DiskPath(d));
+    });
+  }
+  LoadState next = *load;
+  next.done_chunks = load_written;
+  if (s.ok()) s = WriteLoad(next);
+  if (!s.ok()) {
+    broken = true;
+    return s.WithContext("initial load of " + dir + ": sync after chunk " + std::to_string(load_written) +
+                         " failed; reopen the store and continue from load_state()->done_chunks");
+  }
+  {
+    auto lk = WriteLock();
+    load->done_chunks = load_written;
+  }
+  load_unsynced = 0;
+  return Status::Ok();
+}
+
+Status ReplicaStore::Impl::RecoverLoad() {
+  const std::string path = LoadPath();
+  struct stat fst {};
+  if (::stat(path.c_str(), &fst) != 0) {
+    if (errno == ENOENT) return Status::Ok();
+    return Errno("stat", path);
+  }
+  if (!S_ISREG(fst.st_mode) || static_cast<uint64_t>(fst.st_size) > kMaxLoadFile)
+    return Status::Corruption("initial-load record " + path + ": not a regular file of at most 4096 bytes");
+  VMR_ASSIGN_OR_RETURN(std::string bytes, ReadFile(path, kMaxLoadFile));
+  VMR_ASSIGN_OR_RETURN(LoadState st, DecodeLoad(bytes, path));
+  const ManifestPoint& oldest = manifest.points.front();
+  if (manifest.points.back().sequence == 0) {
+    load = st;
+    load_written = st.done_chunks;
+    spdlog::info("replica store {}: initial load ({}) in progress, {} chunk(s) durable", dir, st.info.source,
+                 st.done_chunks);
+    return Status::Ok();
+  }
+  // LOAD exists only while the latest point is 0, and the one step from 0
+  // to 1 with LOAD present is FinishLoad's commit: a crash before its
+  // unlink. Finish it.
+  if (oldest.sequence == 1 && oldest.generation != st.info.point.generation_id)
+    return Status::Corruption("initial-load record " + path + " names generation " + st.info.point.generation_id +
+                              " but point 1 has " + oldest.generation);
+  spdlog::info("replica store {}: initial load was committed; removing its record", dir);
+  if (::unlink(path.c_str()) != 0 && errno != ENOENT) return Errno("unlink", path);
+  return FsyncDir(dir, "load.dir.fsync");
+}
+
+Status ReplicaStore::BeginLoad(const LoadInfo& info) {
+  Impl& m = *impl_;
+  VMR_RETURN_IF_ERROR(CheckLoadInfo(info));
+  std::lock_guard alk(m.apply_mu);
+  if (m.broken)
+    return Status::FailedPrecondition("BeginLoad: replica store " + m.dir +
+                                      " refuses changes after a failed step; reopen it");
+  if (m.load) return Status::FailedPrecondition("BeginLoad: an initial load is already in progress in " + m.dir);
+  const uint64_t latest = m.manifest.points.back().sequence;  // writers change it under apply_mu, held
+  if (latest != 0)
+    return Status::FailedPrecondition("BeginLoad: replica store " + m.dir + " is at point " +
+                                      std::to_string(latest) + "; an initial load needs the empty store (point 0)");
+  std::lock_guard plk(m.pins_mu);  // no pin may appear between the check and the LOAD
+  if (!m.pins.empty())
+    return Status::FailedPrecondition("BeginLoad: point 0 of " + m.dir + " is pinned (exported)");
+  LoadState st{info, 0};
+  Status s = m.WriteLoad(st);
+  if (!s.ok()) {
+    // The rename may have happened: without LOAD gone, a later Open would
+    // find a load nobody runs.
+    const std::string path = m.LoadPath();
+    if (::unlink(path.c_str()) != 0 && errno != ENOENT) m.broken = true;
+    return s.WithContext("BeginLoad");
+  }
+  {
+    auto lk = m.WriteLock();
+    m.load = std::move(st);
+  }
+  m.load_written = 0;
+  m.load_unsynced = 0;
+  spdlog::info("replica store {}: initial load ({}) of point 1 begun, generation {}", m.dir, info.source,
+               info.point.generation_id);
+  return Status::Ok();
+}
+
+Status ReplicaStore::RestartLoad(const LoadInfo& info) {
+  Impl& m = *impl_;
+  VMR_RETURN_IF_ERROR(CheckLoadInfo(info));
+  std::lock_guard alk(m.apply_mu);
+  VMR_RETURN_IF_ERROR(m.CheckLoadCall("RestartLoad"));
+  LoadState st{info, 0};
+  VMR_RETURN_IF_ERROR(m.WriteLoad(st).WithContext("RestartLoad"));
+  {
+    auto lk = m.WriteLock();
+    m.load = std::move(st);
+  }
+  m.load_written = 0;
+  m.load_unsynced = 0;
+  spdlog::info("replica store {}: initial load ({}) of point 1 restarted from its first chunk, generation {}", m.dir,
+               info.source, info.point.generation_id);
+  return Status::Ok();
+}
+
+std::optional<LoadState> ReplicaStore::load_state() const {
+  auto lk = impl_->ReadLock();
+  return impl_->load;
+}
+
+Status ReplicaStore::LoadChunk(uint64_t chunk, DeltaSource& records) {
+  Impl& m = *impl_;
+  std::lock_guard alk(m.apply_mu);
+  VMR_RETURN_IF_ERROR(m.CheckLoadCall("LoadChunk"));
+  if (chunk != m.load_written)
+    return Status::FailedPrecondition("LoadChunk: chunk " + std::to_string(chunk) + " is out of order in " + m.dir +
+                                      ", expected chunk " + std::to_string(m.load_written));
+  // No lock around the writes: during a load no reader may touch the disks
+  // (point 0 is refused and no other point exists).
+  uint64_t count = 0, bytes = 0;
+  const std::string where = "load chunk " + std::to_string(chunk) + " of " + m.dir;
+  for (;;) {
+    auto next = records.Next();
+    if (!next.ok())
+      return next.status().WithContext(where + ": source failed after " + std::to_string(count) +
+                                       " record(s); the chunk counts as not written");
+    if (!next->has_value()) break;
+    const DeltaRecord& rec = **next;
+    Status s = m.ValidateRecord(rec);
+    if (s.ok()) {
+      s = m.Step("load.disk.write", [&] {
+        if (rec.zero) return m.WriteZeros(rec.disk, rec.offset, rec.length);
+        return PwriteFull(m.disk_fds[rec.disk], rec.data.data(), rec.length, rec.offset, m.DiskPath(rec.disk));
+      });
+    }
+    if (!s.ok())
+      return s.WithContext(where + ", record " + std::to_string(count) + "; the chunk counts as not written");
+    ++count;
+    if (!rec.zero) bytes += rec.length;
+  }
+  ++m.load_written;
+  m.load_unsynced += bytes;
+  if (m.load_unsynced >= m.opt.load_sync_bytes) return m.SyncLoadLocked();
+  return Status::Ok();
+}
+
+Status ReplicaStore::SyncLoad() {
+  Impl& m = *impl_;
+  std::lock_guard alk(m.apply_mu);
+  VMR_RETURN_IF_ERROR(m.CheckLoadCall("SyncLoad"));
+  return m.SyncLoadLocked();
+}
+
+Status ReplicaStore::FinishLoad() {
+  Impl& m = *impl_;
+  std::lock_guard alk(m.apply_mu);
+  VMR_RETURN_IF_ERROR(m.CheckLoadCall("FinishLoad"));
+  VMR_RETURN_IF_ERROR(m.SyncLoadLocked());
+  // fdatasync leaves metadata such as punched ranges to this fsync.
+  for (uint32_t d = 0; d < m.disk_fds.size(); ++d)
+    VMR_RETURN_IF_ERROR(m.FsyncFd(m.disk_fds[d], "load.disk.fsync", m.DiskPath(d)));
+  const LoadInfo& info = m.load->info;
+  Manifest next = m.manifest;
+  next.points = {ManifestPoint{1, info.point.time_ms, static_cast<uint16_t>(info.point.kind),
+                               info.point.generation_id}};
+  next.carried.clear();
+  // Commit.
+  Status s = m.WriteManifest(next);
+  if (!s.ok()) {
+    // The rename may or may not have reached the disk: Open decides.
+    m.broken = true;
+    return s.WithContext("FinishLoad: point 1 may or may not be committed; reopen the store");
+  }
+  const uint64_t chunks = m.load_written;
+  {
+    auto lk = m.WriteLock();
+    m.manifest = std::move(next);
+    m.load.reset();
+  }
+  m.load_written = 0;
+  m.load_unsynced = 0;
+  Status u = m.UnlinkLoad();
+  if (!u.ok())
+    spdlog::warn("replica store {}: point 1 committed; LOAD not removed (the next open removes it): {}", m.dir,
+                 u.ToString());
+  spdlog::info("replica store {}: initial load finished, {} chunk(s): point 1 committed", m.dir, chunks);
+  m.SyncCatalog().IgnoreError();  // logged inside; retried at the next Apply / Open
+  return Status::Ok();
+}
+
+Status ReplicaStore::AbandonLoad() {
+  Impl& m = *impl_;
+  std::lock_guard alk(m.apply_mu);
+  VMR_RETURN_IF_ERROR(m.CheckLoadCall("AbandonLoad"));
+  // First LOAD says nothing is durable, so that a crash while the holes
+  // are punched never claims a chunk whose data is gone.
+  LoadState zero = *m.load;
+  zero.done_chunks = 0;
+  VMR_RETURN_IF_ERROR(m.WriteLoad(zero).WithContext("AbandonLoad"));
+  {
+    auto lk = m.WriteLock();
+    m.load->done_chunks = 0;
+  }
+  m.load_written = 0;
+  m.load_unsynced = 0;
+  for (uint32_t d = 0; d < m.disk_fds.size(); ++d) {
+    VMR_RETURN_IF_ERROR(
+        m.Step("load.punch", [&] { return m.WriteZeros(d, 0, m.disks[d].size); }).WithContext("AbandonLoad"));
+    VMR_RETURN_IF_ERROR(m.FsyncFd(m.disk_fds[d], "load.disk.fsync", m.DiskPath(d)).WithContext("AbandonLoad"));
+  }
+  const std::string path = m.LoadPath();
+  Status s = m.Step("load.unlink", [&] {
+    return ::unlink(path.c_str()) == 0 || errno == ENOENT ? Status::Ok() : Errno("unlink", path);
+  });
+  if (!s.ok()) return s.WithContext("AbandonLoad");
+  {
+    auto lk = m.WriteLock();
+    m.load.reset();
+  }
+  VMR_RETURN_IF_ERROR(m.FsyncDir(m.dir, "load.dir.fsync").WithContext("AbandonLoad"));
+  spdlog::info("replica store {}: initial load abandoned; the disks are empty again (point 0)", m.dir);
+  return Status::Ok();
 }
 
 // ---- Accessors ---------------------------------------------------------------

@@ -8,6 +8,7 @@
 
 #include <atomic>
 #include <filesystem>
+#include <fstream>
 #include <functional>
 #include <map>
 #include <random>
@@ -1156,6 +1157,488 @@ TEST_F(ReplicaStoreTest, CrashAtEveryStepOfDropAllButLatestRecovers) {
   EXPECT_GT(completed_at, 3);
   EXPECT_TRUE(saw_old);
   EXPECT_TRUE(saw_new);
+  fs::remove_all(snap);
+  OpenCatalog();
+}
+
+// ---- Initial load (docs section 17) ---------------------------------------------
+
+const std::string kLoadGen = "0123456789abcdef0123456789abcdef";
+
+// An initial load cut into chunks; chunk k writes only inside ranges[k]:
+// data from an unaligned start, a zero record punched into that data, a
+// small data record over part of the zeros, and untouched (hole) bytes at
+// both ends.
+struct LoadPlan {
+  std::vector<std::vector<DeltaRecord>> chunks;
+  std::vector<ReplicaRange> ranges;
+};
+
+LoadPlan MakeLoadPlan(const std::vector<ReplicaDisk>& disks, uint64_t chunk_bytes, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  LoadPlan p;
+  for (uint32_t d = 0; d < disks.size(); ++d) {
+    for (uint64_t off = 0; off < disks[d].size; off += chunk_bytes) {
+      const uint64_t len = std::min(chunk_bytes, disks[d].size - off);
+      const uint64_t a = rng() % 5000;
+      const uint64_t b = len - rng() % 9000;
+      std::string bytes(b - a, '\0');
+      for (char& c : bytes) c = static_cast<char>(1 + rng() % 255);
+      const uint64_t z = a + rng() % ((b - a) / 2);
+      const uint64_t zl = std::min<uint64_t>(1 + rng() % 20000, b - z - 200);
+      std::vector<DeltaRecord> recs = {Data(d, off + a, std::move(bytes)), Zero(d, off + z, zl),
+                                       Data(d, off + z + zl / 2, std::string(100, static_cast<char>('k' + d)))};
+      p.chunks.push_back(std::move(recs));
+      p.ranges.push_back({d, off, len});
+    }
+  }
+  return p;
+}
+
+LoadInfo TestLoadInfo(int64_t t) {
+  LoadInfo info;
+  info.point = {t, ReplicationType::kApplicationConsistent, kLoadGen};
+  info.source = "import";
+  info.tag = "xxh3:0011223344556677";
+  return info;
+}
+
+// Reads a range of a disk image file directly (point 0 cannot be read
+// through the store during a load).
+std::string ReadImageFile(const std::string& path, uint64_t off, uint64_t len) {
+  std::string out(len, '\0');
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  EXPECT_GE(fd, 0) << path;
+  if (fd < 0) return out;
+  EXPECT_EQ(::pread(fd, out.data(), len, static_cast<off_t>(off)), static_cast<ssize_t>(len));
+  ::close(fd);
+  return out;
+}
+
+class ReplicaLoadTest : public ReplicaStoreTest {
+ protected:
+  void SetUp() override {
+    disks_ = {{"vda", 4 << 20}, {"vdb", 1 << 20}};
+    ReplicaStoreTest::SetUp();
+    plan_ = MakeLoadPlan(disks_, 512 << 10, 4242);
+    image_ = Zeros();
+    for (const auto& c : plan_.chunks) ApplyToImage(c, &image_);
+  }
+  ReplicaStoreOptions LoadOptions() {
+    ReplicaStoreOptions o = Options();
+    o.load_sync_bytes = 1 << 20;  // a sync about every other chunk
+    return o;
+  }
+  Status LoadChunk(uint64_t k) {
+    VectorSource src(plan_.chunks[k]);
+    return store_->LoadChunk(k, src);
+  }
+  std::string LoadPath() const { return store_dir_ + "/LOAD"; }
+  void ExpectLoadedPointOne() {
+    ASSERT_EQ(store_->latest_sequence(), 1u);
+    std::vector<ReplicaPoint> pts = store_->ListPoints();
+    ASSERT_EQ(pts.size(), 1u);
+    EXPECT_EQ(pts[0].sequence, 1u);
+    EXPECT_EQ(pts[0].time_ms, now_ - kMin);
+    EXPECT_EQ(pts[0].kind, ReplicationType::kApplicationConsistent);
+    EXPECT_EQ(pts[0].generation_id, kLoadGen);
+    EXPECT_FALSE(store_->load_state().has_value());
+    EXPECT_FALSE(fs::exists(LoadPath()));
+    ExpectPoint(1, image_);
+  }
+
+  LoadPlan plan_;
+  Image image_;
+};
+
+TEST_F(ReplicaLoadTest, LoadedChunksBecomePointOneExactlyAndLaterDeltasApplyOnTop) {
+  StepCounter steps;
+  ReplicaStoreOptions o = LoadOptions();
+  steps.Attach(&o);
+  Create(o);
+  ASSERT_EQ(plan_.chunks.size(), 10u);
+  EXPECT_FALSE(store_->load_state().has_value());
+  ASSERT_TRUE(store_->BeginLoad(TestLoadInfo(now_ - kMin)).ok());
+  ASSERT_TRUE(fs::exists(LoadPath()));
+  auto st = store_->load_state();
+  ASSERT_TRUE(st.has_value());
+  EXPECT_EQ(st->done_chunks, 0u);
+  EXPECT_EQ(st->info.source, "import");
+  EXPECT_EQ(st->info.tag, "xxh3:0011223344556677");
+  EXPECT_EQ(st->info.point.generation_id, kLoadGen);
+  for (uint64_t k = 0; k < plan_.chunks.size(); ++k) ASSERT_TRUE(LoadChunk(k).ok()) << k;
+  // About 500 KiB of data per chunk and a sync per MiB: LOAD moved on.
+  st = store_->load_state();
+  ASSERT_TRUE(st.has_value());
+  EXPECT_GE(st->done_chunks, 4u);
+  EXPECT_LT(st->done_chunks, 10u);
+  EXPECT_EQ(steps("undo.create:before"), 0);  // no undo at all
+  ASSERT_TRUE(store_->FinishLoad().ok());
+  ExpectLoadedPointOne();
+  EXPECT_EQ(CatalogSeqs(), (std::vector<uint64_t>{1}));
+  auto rows = catalog_->ListRecoveryPoints(kVm);
+  ASSERT_TRUE(rows.ok());
+  ASSERT_EQ(rows->size(), 1u);
+  EXPECT_EQ((*rows)[0].generation_id, kLoadGen);
+  std::set<std::string> undo;
+  for (const auto& e : fs::directory_iterator(store_dir_ + "/undo")) undo.insert(e.path().filename().string());
+  EXPECT_TRUE(undo.empty());
+
+  // Deltas on top: undo, points, reads of both.
+  std::mt19937_64 rng(5);
+  std::vector<DeltaRecord> d2 = RandomDelta(rng, disks_);
+  d2.push_back(Zero(0, 8192, 200000));
+  Image img2 = image_;
+  ApplyToImage(d2, &img2);
+  ASSERT_TRUE(Apply(2, d2, now_).ok());
+  ExpectPoint(1, image_);
+  ExpectPoint(2, img2);
+  EXPECT_EQ(PointSeqs(), (std::vector<uint64_t>{1, 2}));
+  EXPECT_EQ(CatalogSeqs(), (std::vector<uint64_t>{1, 2}));
+  Reopen(o);
+  ExpectPoint(1, image_);
+  ExpectPoint(2, img2);
+  auto changed = store_->ChangedSince(1);
+  ASSERT_TRUE(changed.ok());
+  EXPECT_FALSE(changed->empty());
+}
+
+TEST_F(ReplicaLoadTest, LoadCallsOutOfOrderOrBadInputAreRefused) {
+  ReplicaStoreOptions bad = LoadOptions();
+  bad.load_sync_bytes = (1 << 20) - 1;
+  EXPECT_EQ(ReplicaStore::Create(store_dir_, kVm, disks_, nullptr, bad).status().code(), Code::kInvalidArgument);
+  bad.load_sync_bytes = (uint64_t{16} << 30) + 1;
+  EXPECT_EQ(ReplicaStore::Create(store_dir_, kVm, disks_, nullptr, bad).status().code(), Code::kInvalidArgument);
+  Create(LoadOptions());
+
+  VectorSource empty({});
+  EXPECT_EQ(store_->LoadChunk(0, empty).code(), Code::kFailedPrecondition);  // no load
+  EXPECT_EQ(store_->SyncLoad().code(), Code::kFailedPrecondition);
+  EXPECT_EQ(store_->FinishLoad().code(), Code::kFailedPrecondition);
+  EXPECT_EQ(store_->AbandonLoad().code(), Code::kFailedPrecondition);
+
+  LoadInfo info = TestLoadInfo(now_ - kMin);
+  info.source = "tape";
+  EXPECT_EQ(store_->BeginLoad(info).code(), Code::kInvalidArgument);
+  info = TestLoadInfo(now_ - kMin);
+  info.point.generation_id = "0123";
+  EXPECT_EQ(store_->BeginLoad(info).code(), Code::kInvalidArgument);
+  info.point.generation_id = std::string(31, 'a') + "z";
+  EXPECT_EQ(store_->BeginLoad(info).code(), Code::kInvalidArgument);
+  info = TestLoadInfo(now_ - kMin);
+  info.tag = "bad\ntag";
+  EXPECT_EQ(store_->BeginLoad(info).code(), Code::kInvalidArgument);
+  info.tag = std::string(257, 'a');
+  EXPECT_EQ(store_->BeginLoad(info).code(), Code::kInvalidArgument);
+  info = TestLoadInfo(now_ - kMin);
+  info.point.kind = static_cast<ReplicationType>(4);
+  EXPECT_EQ(store_->BeginLoad(info).code(), Code::kInvalidArgument);
+  EXPECT_FALSE(fs::exists(LoadPath()));
+
+  // A pinned point 0 (an export) refuses the load.
+  ASSERT_TRUE(store_->PinPoint(0).ok());
+  EXPECT_EQ(store_->BeginLoad(TestLoadInfo(now_ - kMin)).code(), Code::kFailedPrecondition);
+  ASSERT_TRUE(store_->UnpinPoint(0).ok());
+
+  ASSERT_TRUE(store_->BeginLoad(TestLoadInfo(now_ - kMin)).ok());
+  EXPECT_EQ(store_->BeginLoad(TestLoadInfo(now_ - kMin)).code(), Code::kFailedPrecondition);
+  EXPECT_EQ(LoadChunk(1).code(), Code::kFailedPrecondition);  // chunk 0 first
+
+  // Point 0 is no longer "empty": refused while the load runs.
+  std::string buf(4096, 'X');
+  EXPECT_EQ(store_->ReadPoint(0, 0, 0, buf.size(), buf.data()).code(), Code::kFailedPrecondition);
+  EXPECT_EQ(store_->PointExtents(0, 0).status().code(), Code::kFailedPrecondition);
+  EXPECT_EQ(store_->ChangedSince(0).status().code(), Code::kFailedPrecondition);
+  EXPECT_EQ(store_->PinPoint(0).code(), Code::kFailedPrecondition);
+  EXPECT_EQ(store_->DropAllButLatest().code(), Code::kFailedPrecondition);
+  EXPECT_EQ(Apply(1, {Data(0, 0, "x")}, now_).code(), Code::kFailedPrecondition);
+
+  // An out-of-bounds record: nothing of it written, the chunk not counted.
+  const uint64_t size0 = disks_[0].size;
+  {
+    // (A chunk is retried with the same records: its first one is chunk 0's.)
+    VectorSource src({plan_.chunks[0][0], Data(0, size0 - 100, std::string(200, 'b'))});
+    EXPECT_EQ(store_->LoadChunk(0, src).code(), Code::kInvalidArgument);
+  }
+  EXPECT_EQ(ReadImageFile(store_->DiskPath(0), size0 - 100, 100), std::string(100, '\0'));
+  {
+    VectorSource src({Zero(1, disks_[1].size, 4096)});
+    EXPECT_EQ(store_->LoadChunk(0, src).code(), Code::kInvalidArgument);
+    VectorSource src2({Data(2, 0, "x")});
+    EXPECT_EQ(store_->LoadChunk(0, src2).code(), Code::kInvalidArgument);
+  }
+  // A failing source: the chunk counts as not written; the same index again.
+  {
+    VectorSource src(plan_.chunks[0], 1);
+    EXPECT_EQ(store_->LoadChunk(0, src).code(), Code::kUnavailable);
+  }
+  for (uint64_t k = 0; k < plan_.chunks.size(); ++k) ASSERT_TRUE(LoadChunk(k).ok()) << k;
+  EXPECT_EQ(LoadChunk(3).code(), Code::kFailedPrecondition);  // already written
+  ASSERT_TRUE(store_->FinishLoad().ok());
+  ExpectLoadedPointOne();
+
+  // Once at point 1 there is nothing to load.
+  EXPECT_EQ(store_->BeginLoad(TestLoadInfo(now_)).code(), Code::kFailedPrecondition);
+  EXPECT_EQ(store_->FinishLoad().code(), Code::kFailedPrecondition);
+  VectorSource src({Data(0, 0, "x")});
+  EXPECT_EQ(store_->LoadChunk(0, src).code(), Code::kFailedPrecondition);
+  // And a store that applied deltas the ordinary way refuses one too.
+  store_.reset();
+  fs::remove_all(store_dir_);
+  Create(LoadOptions());
+  ASSERT_TRUE(Apply(1, {Data(0, 0, "x")}, now_).ok());
+  EXPECT_EQ(store_->BeginLoad(TestLoadInfo(now_)).code(), Code::kFailedPrecondition);
+}
+
+TEST_F(ReplicaLoadTest, AbandonedLoadLeavesEmptyDisksAndANewLoadWorks) {
+  Create(LoadOptions());
+  ASSERT_TRUE(store_->BeginLoad(TestLoadInfo(now_ - kMin)).ok());
+  for (uint64_t k = 0; k < 5; ++k) ASSERT_TRUE(LoadChunk(k).ok()) << k;
+  ASSERT_TRUE(store_->SyncLoad().ok());
+  EXPECT_EQ(store_->load_state()->done_chunks, 5u);
+  ASSERT_TRUE(store_->AbandonLoad().ok());
+  EXPECT_FALSE(store_->load_state().has_value());
+  EXPECT_FALSE(fs::exists(LoadPath()));
+  EXPECT_EQ(store_->latest_sequence(), 0u);
+  for (uint32_t d = 0; d < disks_.size(); ++d)
+    EXPECT_TRUE(ReadImageFile(store_->DiskPath(d), 0, disks_[d].size) == std::string(disks_[d].size, '\0')) << d;
+  ExpectPoint(0, Zeros());
+  Reopen(LoadOptions());
+  EXPECT_FALSE(store_->load_state().has_value());
+  ExpectPoint(0, Zeros());
+
+  ASSERT_TRUE(store_->BeginLoad(TestLoadInfo(now_ - kMin)).ok());
+  for (uint64_t k = 0; k < plan_.chunks.size(); ++k) ASSERT_TRUE(LoadChunk(k).ok()) << k;
+  ASSERT_TRUE(store_->FinishLoad().ok());
+  ExpectLoadedPointOne();
+}
+
+TEST_F(ReplicaLoadTest, OpenFindsTheLoadAndItContinuesFromDoneChunks) {
+  Create(LoadOptions());
+  ASSERT_TRUE(store_->BeginLoad(TestLoadInfo(now_ - kMin)).ok());
+  for (uint64_t k = 0; k < 6; ++k) ASSERT_TRUE(LoadChunk(k).ok()) << k;
+  ASSERT_TRUE(store_->SyncLoad().ok());
+  ASSERT_TRUE(LoadChunk(6).ok());  // written but not synced: not in LOAD
+  Reopen(LoadOptions());
+  auto st = store_->load_state();
+  ASSERT_TRUE(st.has_value());
+  EXPECT_EQ(st->done_chunks, 6u);
+  EXPECT_EQ(st->info.point.generation_id, kLoadGen);
+  EXPECT_EQ(st->info.point.time_ms, now_ - kMin);
+  EXPECT_EQ(st->info.point.kind, ReplicationType::kApplicationConsistent);
+  EXPECT_EQ(st->info.tag, "xxh3:0011223344556677");
+  EXPECT_EQ(store_->latest_sequence(), 0u);
+  std::string buf(10, 'X');
+  EXPECT_EQ(store_->ReadPoint(0, 0, 0, buf.size(), buf.data()).code(), Code::kFailedPrecondition);
+  EXPECT_EQ(Apply(1, {Data(0, 0, "x")}, now_).code(), Code::kFailedPrecondition);
+  EXPECT_EQ(LoadChunk(7).code(), Code::kFailedPrecondition);
+  for (uint64_t k = 6; k < plan_.chunks.size(); ++k) ASSERT_TRUE(LoadChunk(k).ok()) << k;
+  ASSERT_TRUE(store_->FinishLoad().ok());
+  ExpectLoadedPointOne();
+  Reopen(LoadOptions());
+  ExpectLoadedPointOne();
+  EXPECT_EQ(CatalogSeqs(), (std::vector<uint64_t>{1}));
+}
+
+TEST_F(ReplicaLoadTest, CorruptLoadRecordIsCorruptionAtOpen) {
+  Create(LoadOptions());
+  ASSERT_TRUE(store_->BeginLoad(TestLoadInfo(now_ - kMin)).ok());
+  store_.reset();
+  auto good = ReadFile(LoadPath());
+  ASSERT_TRUE(good.ok());
+  ASSERT_NE(good->find("\"done_chunks\":0"), std::string::npos) << *good;
+  auto with = [&](const std::string& from, const std::string& to) {
+    std::string s = *good;
+    size_t at = s.find(from);
+    EXPECT_NE(at, std::string::npos) << from;
+    if (at != std::string::npos) s.replace(at, from.size(), to);
+    return s;
+  };
+  const std::vector<std::string> bad = {
+      "",
+      "{",
+      "[1,2]",
+      with("\"version\":1", "\"version\":2"),
+      with("\"sequence\":1", "\"sequence\":2"),
+      with("\"done_chunks\":0", "\"done_chunks\":-1"),
+      with("\"done_chunks\":0", "\"done_chunks\":\"0\""),
+      with("\"kind\":2", "\"kind\":9"),
+      with("\"source\":\"import\"", "\"source\":\"tape\""),
+      with(kLoadGen, "0123"),
+      with("\"tag\":", "\"other\":1,\"tag\":"),
+      with("\"tag\":\"xxh3:0011223344556677\",", ""),
+      with("\"tag\":\"xxh3:0011223344556677\"", "\"tag\":\"a\\u0001b\""),
+      with("\"cut_time_unix_ms\":" + std::to_string(now_ - kMin), "\"cut_time_unix_ms\":1.5"),
+      std::string(5000, ' ') + *good,
+  };
+  for (const std::string& content : bad) {
+    std::ofstream(LoadPath(), std::ios::binary | std::ios::trunc) << content;
+    auto s = ReplicaStore::Open(store_dir_, catalog_.get(), LoadOptions());
+    ASSERT_FALSE(s.ok()) << content;
+    EXPECT_EQ(s.status().code(), Code::kCorruption) << content;
+    EXPECT_NE(s.status().message().find("LOAD"), std::string::npos) << s.status().ToString();
+  }
+  std::ofstream(LoadPath(), std::ios::binary | std::ios::trunc) << *good;
+  Reopen(LoadOptions());
+  ASSERT_TRUE(store_->load_state().has_value());
+}
+
+// SIGKILL at every hook call of BeginLoad, LoadChunk (with syncs), SyncLoad
+// and FinishLoad: Open finds nothing begun, a load in progress whose durable
+// chunks are intact, or point 1 committed; either way the load finishes
+// with the exact image.
+TEST_F(ReplicaLoadTest, CrashAtEveryStepOfALoadRecovers) {
+  ReplicaStoreOptions o = LoadOptions();
+  Create(o);
+  store_.reset();
+  catalog_.reset();
+  const std::string snap = dir_ + ".snap";
+  fs::remove_all(snap);
+  fs::create_directories(snap);
+  fs::copy(dir_, snap, fs::copy_options::recursive);
+  const uint64_t nchunks = plan_.chunks.size();
+  int completed_at = 0;
+  int saw_nothing = 0, saw_load = 0, saw_committed = 0, saw_partial = 0;
+  for (int n = 1; n < 1000 && completed_at == 0; ++n) {
+    fs::remove_all(dir_);
+    fs::copy(snap, dir_, fs::copy_options::recursive);
+    pid_t pid = ::fork();
+    ASSERT_GE(pid, 0);
+    if (pid == 0) {
+      auto cat = Catalog::Open(dir_ + "/catalog.db");
+      if (!cat.ok()) ::_exit(3);
+      ReplicaStoreOptions co = o;
+      co.crash_hook = [n](std::string_view, uint64_t k) {
+        if (k == static_cast<uint64_t>(n)) ::raise(SIGKILL);
+      };
+      auto st = ReplicaStore::Open(store_dir_, cat->get(), co);
+      if (!st.ok()) ::_exit(4);
+      if (!(*st)->BeginLoad(TestLoadInfo(now_ - kMin)).ok()) ::_exit(5);
+      for (uint64_t k = 0; k < nchunks; ++k) {
+        VectorSource src(plan_.chunks[k]);
+        if (!(*st)->LoadChunk(k, src).ok()) ::_exit(6);
+        if (k == 2 && !(*st)->SyncLoad().ok()) ::_exit(7);
+      }
+      ::_exit((*st)->FinishLoad().ok() ? 0 : 8);
+    }
+    int wstatus = 0;
+    ASSERT_EQ(::waitpid(pid, &wstatus, 0), pid);
+    if (WIFEXITED(wstatus)) {
+      ASSERT_EQ(WEXITSTATUS(wstatus), 0) << "child failed at n=" << n;
+      completed_at = n;
+    } else {
+      ASSERT_TRUE(WIFSIGNALED(wstatus) && WTERMSIG(wstatus) == SIGKILL);
+    }
+    OpenCatalog();
+    Reopen(o);
+    auto st = store_->load_state();
+    if (st) {
+      ++saw_load;
+      ASSERT_EQ(store_->latest_sequence(), 0u) << "n=" << n;
+      ASSERT_LE(st->done_chunks, nchunks) << "n=" << n;
+      EXPECT_EQ(st->info.point.generation_id, kLoadGen);
+      if (st->done_chunks > 0 && st->done_chunks < nchunks) ++saw_partial;
+      for (uint64_t k = 0; k < st->done_chunks; ++k) {
+        const ReplicaRange& r = plan_.ranges[k];
+        ASSERT_TRUE(ReadImageFile(store_->DiskPath(r.disk), r.offset, r.length) ==
+                    image_[r.disk].substr(r.offset, r.length))
+            << "chunk " << k << " of " << st->done_chunks << " durable ones differs, n=" << n;
+      }
+      for (uint64_t k = st->done_chunks; k < nchunks; ++k) ASSERT_TRUE(LoadChunk(k).ok()) << "n=" << n;
+      ASSERT_TRUE(store_->FinishLoad().ok()) << "n=" << n;
+    } else if (store_->latest_sequence() == 0) {
+      ++saw_nothing;  // killed before LOAD was renamed into place
+      ASSERT_FALSE(fs::exists(LoadPath()));
+      ASSERT_TRUE(store_->BeginLoad(TestLoadInfo(now_ - kMin)).ok()) << "n=" << n;
+      for (uint64_t k = 0; k < nchunks; ++k) ASSERT_TRUE(LoadChunk(k).ok()) << "n=" << n;
+      ASSERT_TRUE(store_->FinishLoad().ok()) << "n=" << n;
+    } else {
+      ++saw_committed;
+    }
+    ExpectLoadedPointOne();
+    ASSERT_EQ(CatalogSeqs(), (std::vector<uint64_t>{1})) << "n=" << n;
+    if (HasFatalFailure()) break;
+    store_.reset();
+    catalog_.reset();
+  }
+  EXPECT_GT(completed_at, 40);
+  EXPECT_GT(saw_nothing, 0);
+  EXPECT_GT(saw_partial, 0);
+  EXPECT_GT(saw_load, saw_partial);
+  EXPECT_GT(saw_committed, 0);  // a crash after the MANIFEST rename, before LOAD's unlink
+  std::printf("initial load of %llu chunks has %d hook calls\n", static_cast<unsigned long long>(nchunks),
+              completed_at - 1);
+  fs::remove_all(snap);
+  OpenCatalog();
+}
+
+// SIGKILL at every hook call of AbandonLoad: the load is still there (at
+// done_chunks 0 once LOAD was rewritten) or gone with empty disks.
+TEST_F(ReplicaLoadTest, CrashAtEveryStepOfAbandonLoadRecovers) {
+  ReplicaStoreOptions o = LoadOptions();
+  Create(o);
+  ASSERT_TRUE(store_->BeginLoad(TestLoadInfo(now_ - kMin)).ok());
+  for (uint64_t k = 0; k < 4; ++k) ASSERT_TRUE(LoadChunk(k).ok()) << k;
+  ASSERT_TRUE(store_->SyncLoad().ok());
+  store_.reset();
+  catalog_.reset();
+  const std::string snap = dir_ + ".snap";
+  fs::remove_all(snap);
+  fs::create_directories(snap);
+  fs::copy(dir_, snap, fs::copy_options::recursive);
+  int completed_at = 0;
+  bool saw_four = false, saw_zero = false, saw_gone = false;
+  for (int n = 1; n < 100 && completed_at == 0; ++n) {
+    fs::remove_all(dir_);
+    fs::copy(snap, dir_, fs::copy_options::recursive);
+    pid_t pid = ::fork();
+    ASSERT_GE(pid, 0);
+    if (pid == 0) {
+      auto cat = Catalog::Open(dir_ + "/catalog.db");
+      if (!cat.ok()) ::_exit(3);
+      ReplicaStoreOptions co = o;
+      co.crash_hook = [n](std::string_view, uint64_t k) {
+        if (k == static_cast<uint64_t>(n)) ::raise(SIGKILL);
+      };
+      auto st = ReplicaStore::Open(store_dir_, cat->get(), co);
+      if (!st.ok()) ::_exit(4);
+      ::_exit((*st)->AbandonLoad().ok() ? 0 : 5);
+    }
+    int wstatus = 0;
+    ASSERT_EQ(::waitpid(pid, &wstatus, 0), pid);
+    if (WIFEXITED(wstatus)) {
+      ASSERT_EQ(WEXITSTATUS(wstatus), 0) << "child failed at n=" << n;
+      completed_at = n;
+    } else {
+      ASSERT_TRUE(WIFSIGNALED(wstatus) && WTERMSIG(wstatus) == SIGKILL);
+    }
+    OpenCatalog();
+    Reopen(o);
+    auto st = store_->load_state();
+    if (st) {
+      ASSERT_TRUE(st->done_chunks == 4 || st->done_chunks == 0) << "n=" << n;
+      (st->done_chunks == 4 ? saw_four : saw_zero) = true;
+      for (uint64_t k = 0; k < st->done_chunks; ++k) {
+        const ReplicaRange& r = plan_.ranges[k];
+        ASSERT_TRUE(ReadImageFile(store_->DiskPath(r.disk), r.offset, r.length) ==
+                    image_[r.disk].substr(r.offset, r.length))
+            << "chunk " << k << ", n=" << n;
+      }
+      ASSERT_TRUE(store_->AbandonLoad().ok()) << "n=" << n;
+    } else {
+      saw_gone = true;
+    }
+    ASSERT_EQ(store_->latest_sequence(), 0u);
+    ExpectPoint(0, Zeros());
+    ASSERT_EQ(CatalogSeqs(), (std::vector<uint64_t>{0})) << "n=" << n;
+    if (HasFatalFailure()) break;
+    store_.reset();
+    catalog_.reset();
+  }
+  EXPECT_GT(completed_at, 5);
+  EXPECT_TRUE(saw_four);
+  EXPECT_TRUE(saw_zero);
+  EXPECT_TRUE(saw_gone);
   fs::remove_all(snap);
   OpenCatalog();
 }

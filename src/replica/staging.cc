@@ -15,6 +15,8 @@
 #include <filesystem>
 #include <system_error>
 
+#include <nlohmann/json.hpp>
+
 #include "vmreplica/fileutil.h"
 
 namespace vmreplica {
@@ -25,6 +27,31 @@ namespace fs = std::filesystem;
 constexpr const char* kLogSuffix = ".vrl";
 constexpr const char* kPartSuffix = ".vrl.part";
 constexpr const char* kRejectedDir = "rejected";
+constexpr const char* kImportFile = "IMPORT";
+// A valid IMPORT is about 80 bytes.
+constexpr size_t kMaxImportFile = 1024;
+
+bool IsHex32(const std::string& s) {
+  if (s.size() != 32) return false;
+  for (char c : s)
+    if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f') || (c >= 'A' && c <= 'F'))) return false;
+  return true;
+}
+
+// The generation of an IMPORT file's bytes; every field checked.
+Result<std::string> DecodeImport(const std::string& bytes, const std::string& path) {
+  auto bad = [&](const std::string& why) { return Status::Corruption("import reservation " + path + ": " + why); };
+  if (bytes.size() > kMaxImportFile) return bad("larger than 1024 bytes");
+  nlohmann::json j = nlohmann::json::parse(bytes, nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded() || !j.is_object()) return bad("not a JSON object");
+  if (j.size() != 3 || !j.contains("version") || !j.contains("sequence") || !j.contains("generation"))
+    return bad("fields must be exactly version, sequence and generation");
+  if (!j["version"].is_number_unsigned() || j["version"].get<uint64_t>() != 1) return bad("version is not 1");
+  if (!j["sequence"].is_number_unsigned() || j["sequence"].get<uint64_t>() != 1) return bad("sequence is not 1");
+  if (!j["generation"].is_string() || !IsHex32(j["generation"].get<std::string>()))
+    return bad("generation is not 32 hex digits");
+  return j["generation"].get<std::string>();
+}
 
 std::string SeqName(uint64_t sequence) {
   char buf[32];
@@ -141,6 +168,7 @@ Result<std::unique_ptr<Staging>> Staging::Open(const std::string& dir, const Rep
   if (ec) return Status::IOError("list " + dir + ": " + ec.message());
   if (removed) VMR_RETURN_IF_ERROR(FsyncParentDir(dir + "/x"));
   std::unique_ptr<Staging> staging(new Staging(dir, store, std::move(options)));
+  VMR_RETURN_IF_ERROR(staging->import_reservation().status());
   Status reconciled = staging->ReconcileCatalog();
   if (!reconciled.ok()) {
     // The files are the truth; the mirror is repaired at the next ApplyReady.
@@ -205,8 +233,87 @@ void Staging::MirrorDeleted(uint64_t sequence, StagedLogState state) {
   }
 }
 
+std::string Staging::ImportPath() const { return dir_ + "/" + kImportFile; }
+
+Result<std::optional<std::string>> Staging::import_reservation() const {
+  const std::string path = ImportPath();
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0) {
+    if (errno == ENOENT) return std::optional<std::string>();
+    return Errno("stat", path);
+  }
+  if (!S_ISREG(st.st_mode) || static_cast<uint64_t>(st.st_size) > kMaxImportFile)
+    return Status::Corruption("import reservation " + path + ": not a regular file of at most 1024 bytes");
+  VMR_ASSIGN_OR_RETURN(std::string bytes, ReadFile(path, kMaxImportFile));
+  VMR_ASSIGN_OR_RETURN(std::string generation, DecodeImport(bytes, path));
+  return std::optional<std::string>(std::move(generation));
+}
+
+Status Staging::ReserveImport(const std::string& generation_hex) {
+  if (!IsHex32(generation_hex))
+    return Status::InvalidArgument("ReserveImport: generation '" + generation_hex + "' is not 32 hex digits");
+  VMR_ASSIGN_OR_RETURN(std::optional<std::string> have, import_reservation());
+  if (have) {
+    if (*have == generation_hex) return Status::Ok();
+    return Status::FailedPrecondition("ReserveImport: staging " + dir_ +
+                                      " already holds an import reservation for generation " + *have + ", not " +
+                                      generation_hex);
+  }
+  const uint64_t latest = store_->latest_sequence();
+  if (latest != 0)
+    return Status::FailedPrecondition("ReserveImport: the replica store is at point " + std::to_string(latest) +
+                                      "; log 1 can be reserved for an import only at point 0");
+  std::error_code ec;
+  for (fs::directory_iterator it(dir_, ec), end; !ec && it != end; it.increment(ec)) {
+    uint64_t seq = 0;
+    const std::string name = it->path().filename().string();
+    if (ParseName(name, kLogSuffix, &seq) || ParseName(name, kPartSuffix, &seq))
+      return Status::FailedPrecondition("ReserveImport: log " + std::to_string(seq) +
+                                        " is already staged or being received in " + dir_);
+  }
+  if (ec) return Status::IOError("list " + dir_ + ": " + ec.message());
+  nlohmann::json j = {{"version", 1}, {"sequence", 1}, {"generation", generation_hex}};
+  VMR_RETURN_IF_ERROR(WriteFileAtomic(ImportPath(), j.dump() + "\n", 0600));
+  spdlog::info("staging {}: log 1 reserved for an import of generation {}", dir_, generation_hex);
+  return Status::Ok();
+}
+
+Status Staging::DiscardStaged() {
+  if (store_->latest_sequence() != 0) {
+    return Status::FailedPrecondition("staging " + dir_ + ": the store holds point " +
+                                      std::to_string(store_->latest_sequence()) + "; staged logs are kept");
+  }
+  std::map<std::pair<uint64_t, StagedLogState>, StagedFile> files;
+  VMR_RETURN_IF_ERROR(ListLogs(dir_, "", StagedLogState::kStaged, &files));
+  for (const auto& [key, f] : files) {
+    const std::string path = dir_ + "/" + f.file_name;
+    if (::unlink(path.c_str()) != 0 && errno != ENOENT) return Errno("unlink", path);
+    MirrorDeleted(key.first, StagedLogState::kStaged);
+  }
+  if (!files.empty()) {
+    VMR_RETURN_IF_ERROR(FsyncParentDir(dir_ + "/" + files.begin()->second.file_name));
+    spdlog::info("staging {}: {} staged log(s) discarded", dir_, files.size());
+  }
+  return Status::Ok();
+}
+
+Status Staging::ClearImportReservation() {
+  const std::string path = ImportPath();
+  if (::unlink(path.c_str()) != 0) {
+    if (errno == ENOENT) return Status::Ok();
+    return Errno("unlink", path);
+  }
+  VMR_RETURN_IF_ERROR(FsyncParentDir(path));
+  spdlog::info("staging {}: import reservation removed", dir_);
+  return Status::Ok();
+}
+
 Result<uint64_t> Staging::expected_sequence() const {
   uint64_t next = store_->latest_sequence() + 1;
+  if (next == 1) {
+    VMR_ASSIGN_OR_RETURN(std::optional<std::string> reserved, import_reservation());
+    if (reserved) next = 2;  // log 1 comes by import
+  }
   while (Exists(LogPath(next))) ++next;
   return next;
 }
@@ -243,6 +350,9 @@ Result<std::unique_ptr<LogWriter>> Staging::BeginReceive(const LogHeader& header
     return Status::FailedPrecondition("duplicate log: sequence " + std::to_string(seq) +
                                       " is already staged; expected " + std::to_string(expected));
   }
+  if (seq == 1 && latest == 0) {
+    VMR_RETURN_IF_ERROR(CheckNotReserved(seq));
+  }
   if (seq != expected) {
     return Status::FailedPrecondition("out-of-sequence log: expected sequence " + std::to_string(expected) + ", got " +
                                       std::to_string(seq));
@@ -271,12 +381,24 @@ Status Staging::CommitReceived(uint64_t sequence) {
   if (Exists(log)) {
     return Status::FailedPrecondition("duplicate log: sequence " + std::to_string(sequence) + " is already staged");
   }
+  if (sequence == 1 && store_->latest_sequence() == 0) {
+    // A receive begun before the reservation: it must not take log 1's place.
+    VMR_RETURN_IF_ERROR(CheckNotReserved(sequence));
+  }
   VMR_RETURN_IF_ERROR(FsyncFile(part));
   if (::rename(part.c_str(), log.c_str()) != 0) return Errno("rename to " + log, part);
   VMR_RETURN_IF_ERROR(FsyncParentDir(log));
   MirrorStaged(sequence, StagedLogState::kStaged, SeqName(sequence) + kLogSuffix);
   spdlog::info("staging {}: log {} staged ({} records)", dir_, sequence, summary->trailer.record_count);
   return Status::Ok();
+}
+
+Status Staging::CheckNotReserved(uint64_t sequence) const {
+  VMR_ASSIGN_OR_RETURN(std::optional<std::string> reserved, import_reservation());
+  if (!reserved) return Status::Ok();
+  return Status::FailedPrecondition("log " + std::to_string(sequence) + " is reserved for ImportInitialReplica (" +
+                                    ImportPath() + ", generation " + *reserved +
+                                    "); it does not come over the link; expected sequence 2 or later");
 }
 
 Status Staging::Reject(const std::string& path, const Status& why) {

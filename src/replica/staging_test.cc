@@ -108,6 +108,20 @@ void WriteLog(const std::string& path, uint64_t seq, const std::vector<DeltaReco
   ASSERT_TRUE((*w)->Finish().ok());
 }
 
+// Records from a vector.
+class VectorRecords : public DeltaSource {
+ public:
+  explicit VectorRecords(std::vector<DeltaRecord> recs) : recs_(std::move(recs)) {}
+  Result<std::optional<DeltaRecord>> Next() override {
+    if (i_ == recs_.size()) return std::optional<DeltaRecord>();
+    return std::optional<DeltaRecord>(recs_[i_++]);
+  }
+
+ private:
+  std::vector<DeltaRecord> recs_;
+  size_t i_ = 0;
+};
+
 class StagingTest : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -432,6 +446,168 @@ TEST_F(StagingTest, CommitWithoutFinishIsRefused) {
   EXPECT_EQ(st.code(), Code::kCorruption) << st.ToString();
   EXPECT_FALSE(fs::exists(staging_->LogPath(1)));
   EXPECT_EQ(staging_->CommitReceived(7).code(), Code::kNotFound);
+}
+
+// ---- Import reservation (docs/replica_store.md section 17) ----------------------
+
+const std::string kGen = "00112233445566778899aabbccddeeff";
+
+// Loads Delta(1) into the store as point 1, the way an import does.
+void LoadPointOne(ReplicaStore& store) {
+  LoadInfo info;
+  info.point = {int64_t{1700000001000}, ReplicationType::kRegular, kGen};
+  info.source = "import";
+  info.tag = "sha256:0123";
+  ASSERT_TRUE(store.BeginLoad(info).ok());
+  VectorRecords recs(Delta(1));
+  ASSERT_TRUE(store.LoadChunk(0, recs).ok());
+  Status s = store.FinishLoad();
+  ASSERT_TRUE(s.ok()) << s.ToString();
+  ASSERT_EQ(store.latest_sequence(), 1u);
+}
+
+TEST_F(StagingTest, ImportReservationSkipsLogOneUntilTheLoadIsDone) {
+  EXPECT_EQ(*staging_->expected_sequence(), 1u);
+  auto none = staging_->import_reservation();
+  ASSERT_TRUE(none.ok());
+  EXPECT_FALSE(none->has_value());
+  ASSERT_TRUE(staging_->ReserveImport(kGen).ok());
+  ASSERT_TRUE(staging_->ReserveImport(kGen).ok());  // idempotent
+  EXPECT_EQ(**staging_->import_reservation(), kGen);
+  EXPECT_EQ(*staging_->expected_sequence(), 2u);
+
+  auto one = staging_->BeginReceive(Header(1));
+  ASSERT_FALSE(one.ok());
+  EXPECT_EQ(one.status().code(), Code::kFailedPrecondition);
+  EXPECT_NE(one.status().message().find("reserved"), std::string::npos) << one.status().ToString();
+  EXPECT_FALSE(fs::exists(PartPath(1)));
+
+  ASSERT_TRUE(Receive(2, Delta(2)).ok());
+  EXPECT_EQ(*staging_->expected_sequence(), 3u);
+  ASSERT_TRUE(Receive(3, Delta(3)).ok());
+  EXPECT_EQ(*staging_->expected_sequence(), 4u);
+  auto n = staging_->ApplyReady(*store_);
+  ASSERT_TRUE(n.ok()) << n.status().ToString();
+  EXPECT_EQ(*n, 0u);  // stops at the gap: log 1 is never staged
+  EXPECT_EQ(store_->latest_sequence(), 0u);
+  EXPECT_TRUE(fs::exists(staging_->LogPath(2)));
+  EXPECT_TRUE(fs::exists(staging_->LogPath(3)));
+
+  // The reservation and the staged logs survive a restart.
+  OpenStaging();
+  EXPECT_EQ(**staging_->import_reservation(), kGen);
+  EXPECT_EQ(*staging_->expected_sequence(), 4u);
+  EXPECT_EQ(staging_->BeginReceive(Header(1)).status().code(), Code::kFailedPrecondition);
+
+  LoadPointOne(*store_);
+  if (HasFatalFailure()) return;
+  ASSERT_TRUE(staging_->ClearImportReservation().ok());
+  EXPECT_FALSE(fs::exists(staging_->ImportPath()));
+  ASSERT_TRUE(staging_->ClearImportReservation().ok());  // absent: OK
+  EXPECT_FALSE(staging_->import_reservation()->has_value());
+  n = staging_->ApplyReady(*store_);
+  ASSERT_TRUE(n.ok()) << n.status().ToString();
+  EXPECT_EQ(*n, 2u);
+  EXPECT_EQ(store_->latest_sequence(), 3u);
+  EXPECT_TRUE(ReadImage() == Expected(3));
+  std::vector<ReplicaPoint> points = store_->ListPoints();
+  ASSERT_EQ(points.size(), 3u);
+  EXPECT_EQ(points[0].sequence, 1u);
+  EXPECT_EQ(points[0].generation_id, kGen);
+  EXPECT_EQ(points[1].generation_id, "ab020202020202020202020202020202");
+  EXPECT_EQ(points[2].generation_id, "ab030303030303030303030303030303");
+  EXPECT_TRUE(Files(staging_->dir()).empty());
+  EXPECT_TRUE(Rows().empty());
+}
+
+TEST_F(StagingTest, ImportReservationIsRefusedWhenALogIsStagedOrAnotherGenerationHoldsIt) {
+  EXPECT_EQ(staging_->ReserveImport("0011").code(), Code::kInvalidArgument);
+  EXPECT_EQ(staging_->ReserveImport(std::string(32, 'g')).code(), Code::kInvalidArgument);
+
+  ASSERT_TRUE(Receive(1, Delta(1)).ok());
+  Status staged = staging_->ReserveImport(kGen);
+  EXPECT_EQ(staged.code(), Code::kFailedPrecondition) << staged.ToString();
+  EXPECT_FALSE(fs::exists(staging_->ImportPath()));
+
+  ASSERT_TRUE(staging_->ApplyReady(*store_).ok());
+  ASSERT_EQ(store_->latest_sequence(), 1u);
+  Status applied = staging_->ReserveImport(kGen);
+  EXPECT_EQ(applied.code(), Code::kFailedPrecondition) << applied.ToString();
+  EXPECT_FALSE(fs::exists(staging_->ImportPath()));
+}
+
+// The primary gave the export up: the staged logs and the reservation go,
+// and log 1 is expected again.
+TEST_F(StagingTest, DiscardStagedDeletesTheLogsAndTheirRowsOnlyAtPointZero) {
+  ASSERT_TRUE(staging_->ReserveImport(kGen).ok());
+  ASSERT_TRUE(Receive(2, Delta(2)).ok());
+  ASSERT_TRUE(Receive(3, Delta(3)).ok());
+  EXPECT_EQ(Rows().size(), 2u);
+  ASSERT_TRUE(staging_->DiscardStaged().ok());
+  ASSERT_TRUE(staging_->ClearImportReservation().ok());
+  EXPECT_FALSE(fs::exists(staging_->LogPath(2)));
+  EXPECT_FALSE(fs::exists(staging_->LogPath(3)));
+  EXPECT_TRUE(Rows().empty());
+  EXPECT_EQ(*staging_->expected_sequence(), 1u);
+  ASSERT_TRUE(staging_->DiscardStaged().ok());  // nothing staged: OK
+
+  ASSERT_TRUE(Receive(1, Delta(1)).ok());
+  ASSERT_TRUE(staging_->ApplyReady(*store_).ok());
+  ASSERT_TRUE(Receive(2, Delta(2)).ok());
+  Status kept = staging_->DiscardStaged();
+  EXPECT_EQ(kept.code(), Code::kFailedPrecondition) << kept.ToString();
+  EXPECT_TRUE(fs::exists(staging_->LogPath(2)));
+}
+
+TEST_F(StagingTest, ImportReservationOfAnotherGenerationIsRefused) {
+  ASSERT_TRUE(staging_->ReserveImport(kGen).ok());
+  Status other = staging_->ReserveImport("ffeeddccbbaa99887766554433221100");
+  EXPECT_EQ(other.code(), Code::kFailedPrecondition) << other.ToString();
+  EXPECT_EQ(**staging_->import_reservation(), kGen);
+}
+
+TEST_F(StagingTest, ReceiveBegunBeforeTheReservationCannotTakeLogOne) {
+  auto w = staging_->BeginReceive(Header(1));
+  ASSERT_TRUE(w.ok());
+  for (const DeltaRecord& r : Delta(1)) ASSERT_TRUE((*w)->Add(r).ok());
+  ASSERT_TRUE((*w)->Finish().ok());
+  // A receive in progress refuses the reservation ...
+  EXPECT_EQ(staging_->ReserveImport(kGen).code(), Code::kFailedPrecondition);
+  // ... and a reservation written anyway (as by another process) keeps log 1 out.
+  ASSERT_TRUE(WriteFileAtomic(staging_->ImportPath(),
+                              R"({"version":1,"sequence":1,"generation":")" + kGen + "\"}\n", 0600)
+                  .ok());
+  EXPECT_EQ(staging_->CommitReceived(1).code(), Code::kFailedPrecondition);
+  EXPECT_FALSE(fs::exists(staging_->LogPath(1)));
+}
+
+TEST_F(StagingTest, CorruptImportReservationIsCorruption) {
+  const std::vector<std::string> bad = {
+      "not json",
+      R"({"version":2,"sequence":1,"generation":")" + kGen + "\"}",
+      R"({"version":1,"sequence":2,"generation":")" + kGen + "\"}",
+      R"({"version":1,"sequence":1,"generation":"0011"})",
+      R"({"version":1,"sequence":1})",
+      R"({"version":1,"sequence":1,"generation":")" + kGen + R"(","extra":1})",
+      R"({"version":"1","sequence":1,"generation":")" + kGen + "\"}",
+      std::string(2000, ' ') + R"({"version":1,"sequence":1,"generation":")" + kGen + "\"}",
+  };
+  for (const std::string& content : bad) {
+    std::ofstream(staging_->ImportPath(), std::ios::binary | std::ios::trunc) << content;
+    auto r = staging_->import_reservation();
+    EXPECT_EQ(r.status().code(), Code::kCorruption) << content;
+    EXPECT_EQ(staging_->expected_sequence().status().code(), Code::kCorruption) << content;
+    StagingOptions o;
+    o.writer = WriterOptions();
+    auto st = Staging::Open(store_dir_ + "/staging", *store_, o);
+    ASSERT_FALSE(st.ok()) << content;
+    EXPECT_EQ(st.status().code(), Code::kCorruption) << content;
+    EXPECT_NE(st.status().message().find("IMPORT"), std::string::npos) << st.status().ToString();
+  }
+  // The one good form, for contrast.
+  std::ofstream(staging_->ImportPath(), std::ios::binary | std::ios::trunc)
+      << R"({"version":1,"sequence":1,"generation":")" + kGen + "\"}";
+  EXPECT_EQ(**staging_->import_reservation(), kGen);
 }
 
 }  // namespace

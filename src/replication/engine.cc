@@ -10,6 +10,7 @@
 #include "vmreplica/block_hash.h"
 #include "vmreplica/fileutil.h"
 #include "vmreplica/guest_agent.h"
+#include "vmreplica/initial_export.h"
 #include "vmreplica/model/transitions.h"
 #include "vmreplica/nbd_reader.h"
 #include "vmreplica/qmp.h"
@@ -285,6 +286,11 @@ Status ReplicationEngine::Start() {
                    Name(rel.state));
       if (rel.state == ReplicationState::kResynchronizing) interrupted_resync.push_back(rel.vm_id);
       StartWorkerLocked(rel.vm_id);
+    } else if (rel.state == ReplicationState::kWaitingToCompleteInitialReplication &&
+               rel.initial_replication_type == InitialReplicationType::kExport && rel.sequence >= 1 &&
+               !rel.generation_id.empty()) {
+      spdlog::info("VM {}: exported; its deltas replicate while the replica waits for the import", rel.vm_id);
+      StartWorkerLocked(rel.vm_id);
     } else if (rel.state == ReplicationState::kWaitingToCompleteInitialReplication) {
       restart_initial.push_back(rel.vm_id);
     }
@@ -311,22 +317,32 @@ Status ReplicationEngine::Start() {
     // replication job of the VM); one already due starts now.
     int64_t start_unix_s = 0;
     bool seeded = false;
+    std::string export_location;  // the last try was an export (StartReplication type 2)
     int64_t newest_ms = -1;
     if (jobs.ok()) {
       for (const auto& j : *jobs) {
-        if (j.type != JobType::kInitialReplicationNetwork && j.type != JobType::kSeededInitialReplication) continue;
+        if (j.type != JobType::kInitialReplicationNetwork && j.type != JobType::kSeededInitialReplication &&
+            j.type != JobType::kExportInitialReplication) {
+          continue;
+        }
         auto p = nlohmann::json::parse(j.parameters_json, nullptr, /*allow_exceptions=*/false);
         if (p.is_discarded() || !p.is_object() || p.value("vm", std::string()) != vm_id) continue;
         if (j.created_ms <= newest_ms) continue;
         newest_ms = j.created_ms;
+        export_location = j.type == JobType::kExportInitialReplication && p.contains("location") &&
+                                  p["location"].is_string()
+                              ? p["location"].get<std::string>()
+                              : std::string();
         const auto& at = p.contains("start_time_unix_s") ? p["start_time_unix_s"] : nlohmann::json();
         start_unix_s = at.is_number_integer() ? at.get<int64_t>() : 0;
         seeded = p.contains("seeded") && p["seeded"].is_boolean() && p["seeded"].get<bool>();
       }
     }
     if (start_unix_s <= Now() / 1000) start_unix_s = 0;
-    auto job = StartInitialJob(vm_id, name, start_unix_s, ReplicationState::kReadyForReplication,
-                               NextInitialEpoch(vm_id), seeded);
+    auto job = !export_location.empty()
+                   ? StartExportJob(vm_id, name, export_location, NextInitialEpoch(vm_id))
+                   : StartInitialJob(vm_id, name, start_unix_s, ReplicationState::kReadyForReplication,
+                                     NextInitialEpoch(vm_id), seeded);
     if (job.ok()) {
       spdlog::warn("VM {}: the initial replication was interrupted by a daemon restart; it starts again as job {}",
                    vm_id, job->id);
@@ -485,6 +501,33 @@ Result<CycleReport> ReplicationEngine::RunCycle(const std::string& vm_id, bool i
       return Status::Ok();
     });
     if (!s.ok()) spdlog::warn("VM {}: recording LastApplyTime failed: {}", vm_id, s.ToString());
+  }
+  // StartReplication type 2: until the replica imported the export (its
+  // latest point is still 0) every cycle renews the import reservation
+  // (idempotent) so that the replica stages this log instead of expecting
+  // log 1; the first cycle that finds the import done ends state 2.
+  if (!initial && rel.initial_replication_type == InitialReplicationType::kExport) {
+    if (replica.latest_applied == 0) {
+      VMR_ASSIGN_OR_RETURN(replica, client.ReserveImport(vm_id, kPrimaryIndex, generation, /*release=*/false));
+    } else if (rel.state == ReplicationState::kWaitingToCompleteInitialReplication) {
+      VMR_RETURN_IF_ERROR(UpdateRelationship(vm_id, [&](RelationshipRecord& r) {
+        if (r.state == ReplicationState::kWaitingToCompleteInitialReplication) {
+          r.state = ReplicationState::kReplicating;
+          spdlog::info("VM {}: the replica imported the initial copy: state {} -> {}", vm_id,
+                       Name(ReplicationState::kWaitingToCompleteInitialReplication),
+                       Name(ReplicationState::kReplicating));
+        }
+        return Status::Ok();
+      }));
+    }
+  }
+  // A copy over the link while the replica still waits for an import it
+  // will never get (an export given up) or holds logs of an earlier try
+  // but no point: those are released first, so the copy goes as log 1.
+  if (initial && replica.latest_applied == 0 && replica.expected_sequence > 1) {
+    spdlog::info("VM {}: the replica holds staged logs or an import reservation but no point; releasing them",
+                 vm_id);
+    VMR_ASSIGN_OR_RETURN(replica, client.ReserveImport(vm_id, kPrimaryIndex, GenerationId{}, /*release=*/true));
   }
   // The replica already holds a log although we never recorded the initial
   // copy as done (we crashed between its acknowledgement and our record, or
@@ -900,7 +943,12 @@ void ReplicationEngine::WorkerLoop(Worker* w) {
       return;
     }
     const ReplicationState state = (*rel)->state;
-    if (state != ReplicationState::kReplicating && state != ReplicationState::kCritical) {
+    // An export waiting for its import (StartReplication type 2) replicates
+    // its deltas in state 2: the replica stages them.
+    const bool awaiting_import = state == ReplicationState::kWaitingToCompleteInitialReplication &&
+                                 (*rel)->initial_replication_type == InitialReplicationType::kExport &&
+                                 (*rel)->sequence >= 1 && !(*rel)->generation_id.empty();
+    if (state != ReplicationState::kReplicating && state != ReplicationState::kCritical && !awaiting_import) {
       // Resync required and AutoResynchronizeEnabled: the resync starts by
       // itself inside its window (checked again every 30 s; a failed one
       // leaves 9 and is retried at the next check).
@@ -1061,6 +1109,7 @@ Result<JobRecord> ReplicationEngine::StartReplication(const std::string& vm, int
   VMR_RETURN_IF_ERROR(UpdateRelationship(vm_id, [&](RelationshipRecord& r) -> Status {
     VMR_ASSIGN_OR_RETURN(auto t, CheckTransition(TableMode::kPrimary, r.state, Operation::kStartReplication));
     r.state = t.during;
+    r.initial_replication_type = seeded ? InitialReplicationType::kSeededNetwork : InitialReplicationType::kNetwork;
     // This call owns the copy's state from here on (catalog, then mu_: the
     // engine's lock order inside transactions).
     epoch = NextInitialEpoch(vm_id);
@@ -1144,6 +1193,206 @@ Result<JobRecord> ReplicationEngine::Resynchronize(const std::string& vm, int64_
       });
   if (!job.ok()) leave("could not start");
   return job;
+}
+
+Result<JobRecord> ReplicationEngine::StartExportReplication(const std::string& vm, const std::string& location) {
+  VMR_ASSIGN_OR_RETURN(auto rec, ResolveVm(vm));
+  VMR_ASSIGN_OR_RETURN(auto rel, catalog_->GetRelationship(rec.id, kPrimaryIndex));
+  if (!rel) return Status::FailedPrecondition("VM " + rec.name + " has no replication relationship");
+  VMR_RETURN_IF_ERROR(RequirePrimary(rec, *rel, "StartReplication"));
+  if (location.empty() || location[0] != '/' || location.size() > 4096 ||
+      std::any_of(location.begin(), location.end(), [](unsigned char c) { return c < 0x20 || c == 0x7f; })) {
+    return Status::InvalidArgument("InitialReplicationExportLocation: '" + location +
+                                   "' is not an absolute directory path");
+  }
+  const std::string vm_id = rec.id;
+  uint64_t epoch = 0;
+  VMR_RETURN_IF_ERROR(UpdateRelationship(vm_id, [&](RelationshipRecord& r) -> Status {
+    VMR_ASSIGN_OR_RETURN(auto t, CheckTransition(TableMode::kPrimary, r.state, Operation::kStartReplication));
+    r.state = t.during;
+    r.initial_replication_type = InitialReplicationType::kExport;
+    r.generation_id.clear();
+    r.sequence = 0;
+    epoch = NextInitialEpoch(vm_id);
+    return Status::Ok();
+  }));
+  return StartExportJob(vm_id, rec.name, location, epoch);
+}
+
+Result<JobRecord> ReplicationEngine::StartExportJob(const std::string& vm_id, const std::string& vm_name,
+                                                    const std::string& location, uint64_t epoch) {
+  nlohmann::json params = {{"vm", vm_id}, {"location", location}};
+  auto job = jobs_->Start(JobType::kExportInitialReplication, vm_name, params.dump(), /*cancellable=*/true,
+                          /*resumable=*/false, [this, vm_id, location, epoch](JobContext& jc) -> Status {
+                            return RunExport(vm_id, location, &jc, epoch);
+                          });
+  if (!job.ok()) {
+    Status undo = UndoInitialState(vm_id, epoch, ReplicationState::kReadyForReplication);
+    (void)undo;
+  }
+  return job;
+}
+
+// StartReplication type 2: the cut goes into an export directory instead of
+// over the link (docs/export_format.md); the replica is then told to expect
+// log 1 from ImportInitialReplica (docs/protocol.md "ReserveImport").
+Status ReplicationEngine::RunExport(const std::string& vm_id, const std::string& location, JobContext* job,
+                                   uint64_t epoch) {
+  const auto started = std::chrono::steady_clock::now();
+  auto body = [&]() -> Result<std::pair<ExportSummary, CycleReport>> {
+    auto vm_lock = VmLock(vm_id);
+    std::lock_guard<std::mutex> l(*vm_lock);
+    Slot slot(this);
+    VMR_ASSIGN_OR_RETURN(auto vm_opt, catalog_->GetVm(vm_id));
+    if (!vm_opt) return Status::NotFound("VM " + vm_id + " is no longer in the catalog");
+    VMR_ASSIGN_OR_RETURN(auto rel_opt, catalog_->GetRelationship(vm_id, kPrimaryIndex));
+    if (!rel_opt) return Status::NotFound("VM " + vm_id + " has no replication relationship");
+    VMR_ASSIGN_OR_RETURN(auto def, DefinitionOf(*vm_opt));
+    VMR_ASSIGN_OR_RETURN(auto included, IncludedDisks(def, rel_opt->settings));
+    const std::string run_dir = RunDirOf(vm_id);
+    VMR_RETURN_IF_ERROR(MakeDirs(run_dir));
+    VMR_ASSIGN_OR_RETURN(auto attached, AttachVm(def, run_dir));
+    std::vector<TrackedDisk> tracked;
+    const std::vector<TrackedDisk> all = attached->tracked_disks();
+    for (const auto& d : included) {
+      auto it = std::find_if(all.begin(), all.end(), [&](const TrackedDisk& t) { return t.name == d.name; });
+      if (it == all.end()) {
+        return Status::FailedPrecondition("disk " + d.name + " of VM " + vm_id + " is not attached");
+      }
+      tracked.push_back(*it);
+    }
+    TrackerOptions topt;
+    topt.nbd_socket = attached->nbd_socket();
+    ChangeTracker tracker(attached->qmp(), vm_id, tracked, topt);
+    VMR_ASSIGN_OR_RETURN(auto reconciled, tracker.Reconcile());
+    for (const auto& a : reconciled.actions) spdlog::info("VM {}: reconcile: {}", vm_id, a);
+    // Tracking starts at the export's cut: the deltas after it go over the link.
+    if (reconciled.generation != 0) {
+      VMR_RETURN_IF_ERROR(tracker.RestartTracking());
+    } else {
+      VMR_RETURN_IF_ERROR(tracker.Enable());
+    }
+    const GenerationId generation = RandomId();
+    VMR_ASSIGN_OR_RETURN(auto cut, tracker.TakeCut(attached->export_dir()));
+    CycleReport report;
+    report.initial = true;
+    report.sequence = 1;
+    report.cut_time_ms = Now();
+    auto abort = [&](const Status& why) -> Status {
+      Status a = tracker.Abort(cut);
+      if (!a.ok()) spdlog::error("VM {}: aborting cut g{} failed too: {}", vm_id, cut.generation, a.ToString());
+      return why;
+    };
+    ExportInfo info;
+    info.vm_id = vm_id;
+    info.vm_name = vm_opt->name;
+    info.definition = vm_opt->definition_json;
+    info.generation_id = HexId(generation);
+    info.cut_time_unix_ms = report.cut_time_ms;
+    std::vector<std::unique_ptr<DeltaSource>> parts;
+    uint64_t total = 0;
+    for (size_t i = 0; i < cut.disks.size(); ++i) {
+      const auto& cd = cut.disks[i];
+      info.disks.push_back(ExportDisk{cd.disk, cd.size_bytes});
+      auto reader = NbdDeltaReader::Open(cd.socket_path, cd.export_name, static_cast<uint32_t>(i), std::nullopt);
+      if (!reader.ok()) {
+        parts.clear();
+        return abort(reader.status().WithContext("disk " + cd.disk));
+      }
+      total += cd.size_bytes;
+      parts.push_back(std::move(*reader));
+    }
+    Result<ExportSummary> written = Status::Unavailable("not run");
+    {
+      ConcatDeltaSource concat(std::move(parts));
+      std::atomic<bool> cancel{false};
+      ExportOptions eo;
+      eo.compress = rel_opt->settings.compression_enabled;
+      eo.cancel = &cancel;
+      written = WriteInitialExport(location, info, concat, eo, [&](uint64_t done, uint64_t all) {
+        if (stop_flag_.load() || (job && job->CancelRequested())) cancel = true;
+        if (job && all > 0) job->SetProgress(static_cast<uint32_t>(done * 95 / all));
+      });
+    }
+    if (!written.ok()) return abort(written.status().WithContext("writing the export under " + location));
+    if (Status c = tracker.Commit(cut); !c.ok()) {
+      // The export holds the cut; bitmap g merges into the next one at the
+      // next Reconcile, so the first delta resends a superset: no loss.
+      spdlog::warn("VM {}: commit of cut g{} failed ({}); its changes will be sent again", vm_id, cut.generation,
+                   c.ToString());
+    }
+    report.data_bytes = written->totals.data_bytes;
+    report.zero_bytes = written->totals.zero_bytes;
+    report.wire_bytes = 0;
+    report.records = written->totals.data_chunks + written->totals.zero_chunks;
+    report.duration_ms =
+        std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - started).count();
+    (void)total;
+    // Recorded before the replica is told: from here the relationship's
+    // deltas start at log 2 on top of this generation.
+    VMR_RETURN_IF_ERROR(UpdateRelationship(vm_id, [&](RelationshipRecord& r) -> Status {
+      if (!IsCurrentInitial(vm_id, epoch)) return Status::Cancelled("a newer StartReplication owns the copy");
+      r.generation_id = HexId(generation);
+      r.sequence = 1;
+      r.last_replication_ms = report.cut_time_ms;
+      r.last_replication_type = ReplicationType::kRegular;
+      return Status::Ok();
+    }));
+    return std::make_pair(*written, report);
+  };
+  auto r = body();
+  if (!r.ok()) {
+    if (stop_flag_.load()) return r.status().WithContext("export interrupted by the daemon's stop");
+    Status undo = UndoInitialState(vm_id, epoch, ReplicationState::kReadyForReplication);
+    if (!undo.ok()) spdlog::error("VM {}: resetting the state failed: {}", vm_id, undo.ToString());
+    Status f = RecordFailure(vm_id, r.status(), false);
+    (void)f;
+    return r.status().WithContext("export of the initial replica");
+  }
+  const auto& [summary, report] = *r;
+  if (Status s = catalog_->RunInTransaction([&]() -> Status {
+        VMR_ASSIGN_OR_RETURN(StatisticsRecord st, LoadStatistics(vm_id));
+        st.initial_replication_size_bytes = report.data_bytes;
+        return catalog_->PutStatistics(st);
+      });
+      !s.ok()) {
+    spdlog::warn("VM {}: recording the export's size failed: {}", vm_id, s.ToString());
+  }
+  // Tell the replica now; when it cannot be reached, every cycle asks again
+  // before it sends a log.
+  std::string reserved = "reserved on the replica";
+  if (Status s = ReserveImportOnReplica(vm_id); !s.ok()) {
+    reserved = "the replica could not be told yet (" + s.ToString() + "); every cycle tries again";
+    spdlog::warn("VM {}: {}", vm_id, reserved);
+  }
+  if (job) {
+    job->SetResult(nlohmann::json{{"directory", summary.directory},
+                                  {"data_bytes", summary.totals.data_bytes},
+                                  {"zero_bytes", summary.totals.zero_bytes},
+                                  {"stored_bytes", summary.totals.stored_bytes},
+                                  {"data_chunks", summary.totals.data_chunks},
+                                  {"zero_chunks", summary.totals.zero_chunks},
+                                  {"data_files", summary.data_files},
+                                  {"import", reserved},
+                                  {"duration_ms", report.duration_ms}}
+                       .dump());
+  }
+  spdlog::info("VM {}: initial replica exported to {}: {} bytes of data ({} stored) in {} ms; waiting for "
+               "ImportInitialReplica on the replica",
+               vm_id, summary.directory, summary.totals.data_bytes, summary.totals.stored_bytes, report.duration_ms);
+  KickWorker(vm_id);
+  return Status::Ok();
+}
+
+Status ReplicationEngine::ReserveImportOnReplica(const std::string& vm_id) {
+  VMR_ASSIGN_OR_RETURN(auto rel, catalog_->GetRelationship(vm_id, kPrimaryIndex));
+  if (!rel) return Status::NotFound("VM " + vm_id + " has no replication relationship");
+  VMR_ASSIGN_OR_RETURN(GenerationId generation, ParseHexId(rel->generation_id));
+  if (!options_.open_channel) return Status::Internal("replication engine: no channel factory");
+  VMR_ASSIGN_OR_RETURN(auto channel, options_.open_channel(rel->settings.recovery_connection_point,
+                                                           static_cast<uint16_t>(rel->settings.recovery_server_port)));
+  ReplicaClient client(channel);
+  return client.ReserveImport(vm_id, kPrimaryIndex, generation, /*release=*/false).status();
 }
 
 uint64_t ReplicationEngine::NextInitialEpoch(const std::string& vm_id) {
@@ -1282,7 +1531,8 @@ Status ReplicationEngine::RequestStateChange(const std::string& vm, int index, R
     auto jobs = jobs_->List();
     if (jobs.ok()) {
       for (const auto& j : *jobs) {
-        if ((j.type == JobType::kInitialReplicationNetwork || j.type == JobType::kSeededInitialReplication) &&
+        if ((j.type == JobType::kInitialReplicationNetwork || j.type == JobType::kSeededInitialReplication ||
+             j.type == JobType::kExportInitialReplication) &&
             j.parameters_json.find(rec.id) != std::string::npos &&
             (j.state == JobState::kNew || j.state == JobState::kStarting || j.state == JobState::kRunning)) {
           Status c = jobs_->Cancel(j.id);
@@ -1295,6 +1545,13 @@ Status ReplicationEngine::RequestStateChange(const std::string& vm, int index, R
   VMR_RETURN_IF_ERROR(UpdateRelationship(rec.id, [&](RelationshipRecord& r) -> Status {
     VMR_ASSIGN_OR_RETURN(auto t, CheckTransition(TableMode::kPrimary, r.state, *op));
     r.state = t.after;
+    // A cancelled initial replication (an export waiting for its import
+    // too) starts from nothing again: the next copy releases the replica's
+    // reservation and staged logs.
+    if (*op == Operation::kRequestCancelInitialReplication) {
+      r.generation_id.clear();
+      r.sequence = 0;
+    }
     // Resumed before the initial copy finished: there is nothing to send
     // deltas against yet; StartReplication runs it again.
     if (r.state == ReplicationState::kReplicating && r.generation_id.empty()) {

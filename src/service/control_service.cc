@@ -51,7 +51,6 @@ void NotSupportedYet(v1::MethodResult* r, const char* method, const char* capabi
 
 constexpr const char* kReplicationCapability = "replication end to end is not implemented yet";
 constexpr const char* kFailoverCapability = "the failover family is not implemented yet";
-constexpr const char* kInitialCapability = "export/import and seeded initial replication are not implemented yet";
 
 }  // namespace
 
@@ -454,7 +453,10 @@ grpc::Status ControlService::StartReplication(grpc::ServerContext* ctx, const v1
   if (!env_->replication) return Answer(r, NoEngine());
   const uint32_t type = req->initial_replication_type();
   if (type == Number(InitialReplicationType::kExport)) {
-    NotSupportedYet(r, "StartReplication", kInitialCapability);
+    // StartTime is ignored for an export, as in the reference.
+    auto job = env_->replication->StartExportReplication(req->vm(), req->initial_replication_export_location());
+    if (!job.ok()) return Answer(r, job.status());
+    SetJobStarted(r, *job);
     return grpc::Status::OK;
   }
   if (type != Number(InitialReplicationType::kNetwork) && type != Number(InitialReplicationType::kSeededNetwork)) {
@@ -870,6 +872,17 @@ grpc::Status ControlService::DestroySystem(grpc::ServerContext* ctx, const v1::V
   return grpc::Status::OK;
 }
 
+grpc::Status ControlService::ImportInitialReplica(grpc::ServerContext* ctx, const v1::ImportInitialReplicaRequest* req,
+                                                  v1::MethodResponse* resp) {
+  auto* r = resp->mutable_result();
+  if (!Authorize(*ctx, "ImportInitialReplica", r)) return grpc::Status::OK;
+  if (!env_->failover) return Answer(r, NoFailover());
+  auto job = env_->failover->ImportInitialReplica(req->vm(), req->initial_replication_import_location());
+  if (!job.ok()) return Answer(r, job.status());
+  SetJobStarted(r, *job);
+  return grpc::Status::OK;
+}
+
 // ---------------------------------------------------------------- not yet
 
 #define VMR_NOT_YET(Method, Request, Response, capability)                                   \
@@ -881,7 +894,6 @@ grpc::Status ControlService::DestroySystem(grpc::ServerContext* ctx, const v1::V
     return grpc::Status::OK;                                                                 \
   }
 
-VMR_NOT_YET(ImportInitialReplica, ImportInitialReplicaRequest, MethodResponse, kInitialCapability)
 VMR_NOT_YET(ReverseReplicationRelationship, VmSettingsRequest, MethodResponse, kFailoverCapability)
 VMR_NOT_YET(InitiateFailback, FailbackRequest, MethodResponse, kFailoverCapability)
 VMR_NOT_YET(ChangeReplicationModeToPrimary, VmRelationshipRequest, MethodResponse, kFailoverCapability)

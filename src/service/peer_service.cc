@@ -185,6 +185,29 @@ grpc::Status PeerService::GetPrimaryVmState(grpc::ServerContext* context, const 
   return grpc::Status::OK;
 }
 
+grpc::Status PeerService::ReserveImport(grpc::ServerContext* context, const v1::ReserveImportRequest* request,
+                                        v1::ReplicaStatus* response) {
+  if (replicas_ == nullptr) return grpc::Status(grpc::StatusCode::UNIMPLEMENTED, "no data plane on this host");
+  auto caller = Authorize(*context);
+  if (!caller.ok()) return Refuse("ReserveImport", PeerNames(*context), caller.status());
+  std::string hex;
+  if (!request->release()) {
+    if (request->generation().size() != 16) {
+      return Refuse("ReserveImport", caller->names, Status::InvalidArgument("generation: must be 16 bytes"));
+    }
+    static constexpr char kDigits[] = "0123456789abcdef";
+    for (unsigned char c : request->generation()) {
+      hex.push_back(kDigits[c >> 4]);
+      hex.push_back(kDigits[c & 15]);
+    }
+  }
+  auto r = replicas_->ReserveImport(*caller, request->vm_id(), request->relationship_index(), hex,
+                                    request->release());
+  if (!r.ok()) return Refuse("ReserveImport", caller->names, r.status());
+  ToProto(*r, response);
+  return grpc::Status::OK;
+}
+
 grpc::Status PeerService::GetBlockHashes(grpc::ServerContext* context, const v1::BlockHashRequest* request,
                                          grpc::ServerWriter<v1::BlockHashPiece>* writer) {
   if (replicas_ == nullptr) return grpc::Status(grpc::StatusCode::UNIMPLEMENTED, "no data plane on this host");

@@ -34,6 +34,8 @@ class PeerService final : public v1::ReplicaPeer::Service {
   // failover there). Answered from the replication engine.
   grpc::Status GetPrimaryVmState(grpc::ServerContext* context, const v1::PrimaryVmQuery* request,
                                  v1::PrimaryVmState* response) override;
+  grpc::Status ReserveImport(grpc::ServerContext* context, const v1::ReserveImportRequest* request,
+                             v1::ReplicaStatus* response) override;
   grpc::Status GetBlockHashes(grpc::ServerContext* context, const v1::BlockHashRequest* request,
                               grpc::ServerWriter<v1::BlockHashPiece>* writer) override;
   grpc::Status PushDelta(grpc::ServerContext* context,

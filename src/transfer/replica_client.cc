@@ -210,6 +210,20 @@ Result<ReplicaClient::PrimaryVmState> ReplicaClient::GetPrimaryVmState(const std
   return PrimaryVmState{static_cast<int>(resp.run_state()), resp.replication_state(), resp.detail()};
 }
 
+Result<ReplicaStatusInfo> ReplicaClient::ReserveImport(const std::string& vm_id, uint32_t relationship_index,
+                                                       const GenerationId& generation, bool release) {
+  v1::ReserveImportRequest req;
+  req.set_vm_id(vm_id);
+  req.set_relationship_index(relationship_index);
+  req.set_generation(std::string(reinterpret_cast<const char*>(generation.data()), generation.size()));
+  req.set_release(release);
+  grpc::ClientContext ctx;
+  SetDeadline(&ctx, unary_timeout_);
+  v1::ReplicaStatus resp;
+  VMR_RETURN_IF_ERROR(StatusFromGrpc(stub_->ReserveImport(&ctx, req, &resp)).WithContext("ReserveImport"));
+  return FromProto(resp);
+}
+
 Result<std::vector<BlockHashList>> ReplicaClient::GetBlockHashes(const std::string& vm_id,
                                                                  uint32_t relationship_index, uint32_t block_size) {
   v1::BlockHashRequest req;

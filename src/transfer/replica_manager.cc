@@ -208,6 +208,9 @@ struct ReplicaManager::Replica {
     std::unique_ptr<LogWriter> writer;
     uint64_t next_chunk = 0;
     LogTrailer totals;  // counts received so far (chain unused)
+    // The initial copy onto an empty store: loaded straight into the disks
+    // (ReplicaStore::BeginLoad), no log file, no writer.
+    bool load = false;
   };
   std::mutex recv_mu;
   std::condition_variable recv_cv;
@@ -640,6 +643,96 @@ Status ReplicaManager::HashDisks(const PrimaryCaller& caller, const std::string&
   return Status::Ok();
 }
 
+Result<ReplicaStatusInfo> ReplicaManager::ReserveImport(const PrimaryCaller& caller, const std::string& vm_id,
+                                                        uint32_t index, const std::string& generation_hex,
+                                                        bool release) {
+  VMR_ASSIGN_OR_RETURN(auto r, Get(caller, vm_id, index));
+  VMR_RETURN_IF_ERROR(ReserveOrRelease(*r, generation_hex, release));
+  return StatusOf(*r);
+}
+
+Status ReplicaManager::ReserveOrRelease(Replica& r, const std::string& generation_hex, bool release) {
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    if (r.seeding) return Status::Unavailable("VM " + r.vm_id + ": a seed copy is being written on the replica");
+  }
+  VMR_ASSIGN_OR_RETURN(auto rel, catalog_->GetRelationship(r.vm_id, static_cast<int>(r.index)));
+  if (!rel || rel->state != ReplicationState::kWaitingToCompleteInitialReplication) {
+    return Status::FailedPrecondition("VM " + r.vm_id + ": the replica does not wait for an initial replication (state " +
+                                      (rel ? std::string(Name(rel->state)) : std::string("none")) + ")");
+  }
+  // No log is received meanwhile.
+  std::unique_lock<std::mutex> l(r.recv_mu);
+  if (!r.recv_cv.wait_for(l, options_.resume_wait, [&] { return !r.receiving; })) {
+    return Status::Unavailable("another stream of VM " + r.vm_id + " is still running");
+  }
+  if (!release) {
+    VMR_RETURN_IF_ERROR(r.staging->ReserveImport(generation_hex));
+    return Status::Ok();
+  }
+  if (r.store->latest_sequence() != 0) {
+    return Status::FailedPrecondition("VM " + r.vm_id + ": the replica holds point " +
+                                      std::to_string(r.store->latest_sequence()) + "; nothing to release");
+  }
+  if (r.store->load_state()) {
+    return Status::FailedPrecondition("VM " + r.vm_id + ": an import is being loaded into the replica");
+  }
+  // Nothing is applied meanwhile (the applier reads the files we delete).
+  {
+    std::unique_lock<std::mutex> al(r.apply_mu);
+    r.held = true;
+    r.apply_cv.wait(al, [&] { return r.stop || !r.applying; });
+  }
+  if (r.partial) {
+    r.partial->writer->Abandon();
+    r.partial.reset();
+  }
+  r.committed.reset();
+  Status s = r.staging->DiscardStaged();
+  if (s.ok()) s = r.staging->ClearImportReservation();
+  {
+    std::lock_guard<std::mutex> al(r.apply_mu);
+    r.held = false;
+  }
+  if (s.ok()) spdlog::info("replica {}: import reservation and staged logs released by the primary", r.vm_id);
+  return s;
+}
+
+Result<std::optional<std::string>> ReplicaManager::ImportReservation(const std::string& vm_id) {
+  std::shared_ptr<Replica> r = FindOpen(vm_id);
+  if (!r) return Status::NotFound("replica " + vm_id + " is not open");
+  return r->staging->import_reservation();
+}
+
+Status ReplicaManager::ReserveImportLocal(const std::string& vm_id, const std::string& generation_hex) {
+  std::shared_ptr<Replica> r = FindOpen(vm_id);
+  if (!r) return Status::NotFound("replica " + vm_id + " is not open");
+  return ReserveOrRelease(*r, generation_hex, /*release=*/false);
+}
+
+Status ReplicaManager::FinishImport(const std::string& vm_id) {
+  std::shared_ptr<Replica> r = FindOpen(vm_id);
+  if (!r) return Status::NotFound("replica " + vm_id + " is not open");
+  if (r->store->latest_sequence() < 1) {
+    return Status::FailedPrecondition("VM " + vm_id + ": the import is not loaded yet");
+  }
+  VMR_RETURN_IF_ERROR(r->staging->ClearImportReservation());
+  const uint64_t latest = r->store->latest_sequence();
+  const int64_t now = r->now_ms();
+  r->EditRelationship([&](RelationshipRecord& rel) {
+    rel.sequence = std::max(rel.sequence, latest);
+    rel.last_apply_ms = now;
+    if (rel.state == ReplicationState::kWaitingToCompleteInitialReplication) {
+      spdlog::info("replica {}: initial replica imported: state {} -> {}", vm_id, Name(rel.state),
+                   Name(ReplicationState::kReplicating));
+      rel.state = ReplicationState::kReplicating;
+    }
+    return true;
+  });
+  r->RequestApply();
+  return Status::Ok();
+}
+
 Result<ReplicaStore*> ReplicaManager::AcquireLocal(const std::string& vm_id) {
   std::lock_guard<std::mutex> l(mu_);
   auto it = replicas_.find(vm_id);
@@ -802,7 +895,8 @@ Status ReplicaManager::ReceiveDelta(const PrimaryCaller& caller, DeltaStream& st
   auto drop = [&](const Status& why) {
     spdlog::warn("replica {}: partial log {} dropped: {}", vm, start.sequence(), why.ToString());
     if (r->partial) {
-      r->partial->writer->Abandon();
+      // A load stays in progress: the next stream of log 1 restarts it.
+      if (r->partial->writer) r->partial->writer->Abandon();
       r->partial.reset();
     }
     return why;
@@ -830,6 +924,25 @@ Status ReplicaManager::ReceiveDelta(const PrimaryCaller& caller, DeltaStream& st
       return Status::FailedPrecondition("VM " + vm + " is in state " + std::string(Name(rel->state)) +
                                         ": it does not receive logs");
     }
+    if (start.sequence() == 1 && r->store->latest_sequence() == 0) {
+      // The initial copy is written once, straight into the disks, and
+      // becomes point 1 at its end (docs/replica_store.md section 17). A
+      // load left by an earlier try restarts: every log 1 makes the disks
+      // exact whatever they hold (holes travel as zero records; a seeded
+      // copy was compared with the disks as they are).
+      LoadInfo li;
+      li.point.time_ms = static_cast<int64_t>(start.cut_time_unix_ms());
+      li.point.kind = static_cast<ReplicationType>(start.kind());
+      li.point.generation_id = GenerationText(start.new_generation());
+      li.source = "network";
+      li.tag = "network:" + li.point.generation_id;
+      VMR_RETURN_IF_ERROR(r->store->load_state() ? r->store->RestartLoad(li) : r->store->BeginLoad(li));
+      r->partial.emplace();
+      r->partial->start = start;
+      r->partial->load = true;
+      spdlog::info("replica {}: receiving the initial copy (log 1, {}) straight into the disks", vm,
+                   li.point.generation_id);
+    } else {
     LogHeader h;
     h.relationship_id = vm;
     h.relationship_index = r->index;
@@ -845,6 +958,7 @@ Status ReplicaManager::ReceiveDelta(const PrimaryCaller& caller, DeltaStream& st
     r->partial->writer = std::move(writer);
     spdlog::info("replica {}: receiving log {} ({} -> {})", vm, start.sequence(),
                  GenerationText(start.base_generation()), GenerationText(start.new_generation()));
+    }
   } else {
     spdlog::info("replica {}: resuming log {} at chunk {}", vm, start.sequence(), r->partial->next_chunk);
   }
@@ -875,6 +989,7 @@ Status ReplicaManager::ReceiveDelta(const PrimaryCaller& caller, DeltaStream& st
         l.lock();
         return drop(Status::InvalidArgument("the log has more than 2^24 records"));
       }
+      std::vector<DeltaRecord> loaded;  // a load's records of this chunk
       for (auto& pr : *body->mutable_records()) {
         DeltaRecord rec;
         rec.disk = pr.disk();
@@ -891,12 +1006,24 @@ Status ReplicaManager::ReceiveDelta(const PrimaryCaller& caller, DeltaStream& st
           rec.data = std::move(*pr.mutable_data());
           part.totals.data_bytes += rec.length;
         }
+        ++part.totals.record_count;
+        if (part.load) {
+          loaded.push_back(std::move(rec));
+          continue;
+        }
         Status s = part.writer->Add(rec);
         if (!s.ok()) {
           l.lock();
           return drop(s);
         }
-        ++part.totals.record_count;
+      }
+      if (part.load) {
+        VectorDeltaSource src(std::move(loaded));
+        Status s = r->store->LoadChunk(part.next_chunk, src);
+        if (!s.ok()) {
+          l.lock();
+          return drop(s);
+        }
       }
       ++part.next_chunk;
       v1::DeltaReply ack;
@@ -911,8 +1038,9 @@ Status ReplicaManager::ReceiveDelta(const PrimaryCaller& caller, DeltaStream& st
                                        std::to_string(part.next_chunk) + " chunks, " +
                                        std::to_string(part.totals.record_count) + " records)"));
       }
-      Status s = part.writer->Finish();
-      if (s.ok()) s = r->staging->CommitReceived(start.sequence());
+      const bool loaded = part.load;
+      Status s = loaded ? r->store->FinishLoad() : part.writer->Finish();
+      if (s.ok() && !loaded) s = r->staging->CommitReceived(start.sequence());
       if (!s.ok()) return drop(s);
       r->partial.reset();
       r->committed = start;
@@ -922,6 +1050,16 @@ Status ReplicaManager::ReceiveDelta(const PrimaryCaller& caller, DeltaStream& st
         rel.last_replication_ms = now;
         rel.last_replication_type = static_cast<ReplicationType>(start.kind());
         if (start.kind() == 2) rel.last_app_consistent_ms = now;
+        if (loaded) {
+          // Point 1 is committed: applied as well as received.
+          rel.sequence = std::max<uint64_t>(rel.sequence, 1);
+          rel.last_apply_ms = now;
+          if (rel.state == ReplicationState::kWaitingToCompleteInitialReplication) {
+            spdlog::info("replica {}: initial replication loaded: state {} -> {}", vm, Name(rel.state),
+                         Name(ReplicationState::kReplicating));
+            rel.state = ReplicationState::kReplicating;
+          }
+        }
         return true;
       });
       spdlog::info("replica {}: log {} staged ({} records)", vm, start.sequence(), e.record_count());

@@ -220,8 +220,9 @@ TEST_F(TransferTest, CreateAndSeveralDeltasGiveExactPoints) {
 
   std::mt19937_64 rng(42);
   auto images = EmptyImages();
+  // Point 0 (the empty disks) is not kept: the initial copy is loaded
+  // straight into the disks and becomes point 1 (replica_store.md 17).
   std::map<uint64_t, std::vector<std::string>> expected;
-  expected[0] = images;
   for (uint64_t seq = 1; seq <= 4; ++seq) {
     VectorDeltaSource src(RandomDelta(rng, images, seq == 1 ? 60 : 25));
     expected[seq] = images;
@@ -251,13 +252,13 @@ TEST_F(TransferTest, CreateAndSeveralDeltasGiveExactPoints) {
   EXPECT_GT((*rel)->last_replication_ms, 0);
   auto points = catalog_->ListRecoveryPoints(kVm);
   ASSERT_TRUE(points.ok());
-  EXPECT_EQ(points->size(), 5u);  // points 0..4, mirrored by the store
+  EXPECT_EQ(points->size(), 4u);  // points 1..4, mirrored by the store
 
   ExpectPoints(expected);
   // Removal kept the VM and its points, dropped the relationship.
   EXPECT_TRUE(catalog_->GetVm(kVm)->has_value());
   EXPECT_FALSE(catalog_->GetRelationship(kVm, 0)->has_value());
-  EXPECT_EQ(catalog_->ListRecoveryPoints(kVm)->size(), 5u);
+  EXPECT_EQ(catalog_->ListRecoveryPoints(kVm)->size(), 4u);
 }
 
 TEST_F(TransferTest, BrokenStreamResumesFromLastAckedChunk) {
@@ -292,6 +293,61 @@ TEST_F(TransferTest, BrokenStreamResumesFromLastAckedChunk) {
   for (size_t i = 1; i < sent[2].size(); ++i) EXPECT_EQ(sent[2][i], sent[2][i - 1] + 1);
   EXPECT_EQ(sent[2].back() + 1, stats->chunks);
   ExpectPoints({{1, images}});
+}
+
+// The initial copy is loaded straight into the disks. A copy given up half
+// way (its stream broken for good) leaves a load in progress: point 0 is no
+// longer readable, and the next log 1 (another cut) restarts the load over
+// the disks as they are; a complete log 1 (every block, as the primary's
+// full copy sends holes as zero records) leaves exactly its image.
+TEST_F(TransferTest, InitialCopyGivenUpHalfWayIsRestartedByTheNextCopy) {
+  auto client = Client("primary-a.lab");
+  ASSERT_TRUE(client->CreateReplica(Params()).ok());
+  std::mt19937_64 rng(11);
+  auto first = EmptyImages();
+  {
+    VectorDeltaSource src(RandomDelta(rng, first, 120));
+    TestOnlySendHooks hooks;
+    hooks.break_after_chunk = [](uint64_t index, int, uint64_t) { return index >= 3; };
+    client->SetTestOnlySendHooks(hooks);
+    SendOptions o;
+    o.compress = false;
+    o.chunk_bytes = 8 << 10;
+    auto stats = client->SendDelta(Info(1), src, o);
+    ASSERT_FALSE(stats.ok());
+  }
+  auto status = client->GetReplicaStatus(kVm, 0);
+  ASSERT_TRUE(status.ok()) << status.status().ToString();
+  EXPECT_EQ(status->latest_applied, 0u);
+  EXPECT_EQ(status->expected_sequence, 1u);
+  // The second copy: every block of both disks, other content, another generation.
+  auto second = EmptyImages();
+  std::vector<DeltaRecord> full;
+  for (uint32_t d = 0; d < kDisks.size(); ++d) {
+    for (auto& c : second[d]) c = static_cast<char>(rng());
+    for (uint64_t off = 0; off < kDisks[d].size; off += 64 << 10) {
+      if ((off >> 16) % 3 == 0) {
+        full.push_back(ZeroRecord(d, off, 64 << 10));
+        std::fill_n(second[d].begin() + static_cast<std::ptrdiff_t>(off), 64 << 10, '\0');
+      } else {
+        full.push_back(DataRecord(d, off, second[d].substr(off, 64 << 10)));
+      }
+    }
+  }
+  client = Client("primary-a.lab");  // no test hooks
+  VectorDeltaSource src(std::move(full));
+  auto info = Info(1);
+  info.new_generation[0] ^= 0xff;
+  SendOptions o;
+  o.chunk_bytes = 16 << 10;
+  auto stats = client->SendDelta(info, src, o);
+  ASSERT_TRUE(stats.ok()) << stats.status().ToString();
+  status = client->GetReplicaStatus(kVm, 0);
+  ASSERT_TRUE(status.ok());
+  EXPECT_EQ(status->latest_applied, 1u);
+  EXPECT_EQ(status->state, ReplicationState::kReplicating);
+  EXPECT_FALSE(std::filesystem::exists(storage_ + "/" + kVm + "/LOAD"));
+  ExpectPoints({{1, second}});
 }
 
 TEST_F(TransferTest, OutOfSequenceAndDuplicateLogsAreRefused) {

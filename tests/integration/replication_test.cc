@@ -19,6 +19,7 @@
 #include <thread>
 
 #include "integration/harness.h"
+#include "vmreplica/initial_export.h"
 #include "vmreplica/qmp.h"
 
 namespace vmreplica::testing {
@@ -45,7 +46,7 @@ class ReplicationTest : public ::testing::Test {
     ASSERT_TRUE(s.ok()) << s.ToString();
 
     primary_ = std::make_unique<Daemon>(dir_, Spec("primary.vmreplica.test", PrimaryConfig()));
-    replica_ = std::make_unique<Daemon>(dir_, Spec("replica.vmreplica.test", ""));
+    replica_ = std::make_unique<Daemon>(dir_, Spec("replica.vmreplica.test", ReplicaConfig()));
     std::string err;
     ASSERT_TRUE(primary_->Start(&err)) << err;
     ASSERT_TRUE(replica_->Start(&err)) << err;
@@ -77,6 +78,7 @@ class ReplicationTest : public ::testing::Test {
 
   // Extra TOML for the primary (tests with slow transfers override it).
   virtual std::string PrimaryConfig() const { return "[testing]\nreplication_interval_override_ms = 1000\n"; }
+  virtual std::string ReplicaConfig() const { return ""; }
 
   DaemonSpec Spec(const std::string& host, const std::string& extra) {
     return DaemonSpec{host, dir_ / "ca/ca.crt", dir_ / ("pki/" + host + ".crt"), dir_ / ("pki/" + host + ".key"),
@@ -576,6 +578,197 @@ TEST_F(ReplicationTest, SeededInitialReplicationSendsOnlyTheBlocksTheCopyLacks) 
   ExpectReplicaEqualsPrimary();
   // Once the replica holds replicated data, no copy can be registered.
   refused(replica_->Cli({"mark-replica", "demo", "--disk", "vda=" + (dir_ / "seed.raw")}), "32775", "");
+}
+
+// StartReplication type 2: export, ship (a copy of the directory), import.
+// Deltas written between the export and the import are staged on the
+// replica and arrive after the import, in order (each phase overwrites the
+// one before, so a missing or reordered log shows in the final image).
+TEST_F(ReplicationTest, ExportShipImportThenTheDeltasStagedMeanwhileApplyInOrder) {
+  Enable();
+  ASSERT_FALSE(HasFatalFailure());
+  Write({"write -P 21 0 16777216", "write -P 22 33554432 8388608"});  // phase 1: in the export
+  const std::string location = dir_ / "export";
+  auto r = primary_->Cli({"--json", "start", "demo", "--export", location});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err << ReadText(primary_->log_path());
+  json result = json::parse(LastJsonDocument(r.out)["job"].value("result_json", std::string("{}")), nullptr, false);
+  ASSERT_TRUE(result.is_object()) << r.out;
+  const std::string exported = location + "/demo-" + vm_id_;
+  EXPECT_EQ(result.value("directory", std::string()), exported) << r.out;
+  EXPECT_EQ(JsonInt(result["data_bytes"]), 24 << 20) << r.out;  // zeros are not stored
+  ASSERT_TRUE(std::filesystem::exists(exported + "/MANIFEST"));
+  EXPECT_EQ(State(*primary_), 2);
+  EXPECT_EQ(State(*replica_), 2);
+
+  // Phases 2 and 3, one cycle each, while the replica waits: staged only.
+  const int64_t t0 = NowMs();
+  Write({"write -P 23 4194304 8388608"});
+  ASSERT_TRUE(WaitForCycleAfter(t0)) << ReadText(primary_->log_path());
+  const int64_t t1 = NowMs();
+  Write({"write -P 24 6291456 1048576", "write -z 34603008 1048576"});
+  ASSERT_TRUE(WaitForCycleAfter(t1)) << ReadText(primary_->log_path());
+  EXPECT_EQ(State(*primary_), 2);
+  EXPECT_EQ(State(*replica_), 2);
+  EXPECT_EQ(Sha256Padded(ReplicaDiskPath(), kDiskBytes), Sha256Padded("/dev/null", kDiskBytes))
+      << "the replica applied something before the import";
+
+  // Shipping: the directory copied elsewhere; broken copies beside it.
+  const std::string shipped = dir_ / "shipped";
+  auto copy = [&](const std::string& to) {
+    std::filesystem::create_directories(to);
+    auto c = RunProgram({"/bin/cp", "-a", exported, to + "/"});
+    ASSERT_EQ(c.exit_code, 0) << c.err;
+  };
+  copy(shipped);
+  const std::string flipped = dir_ / "flipped", truncated = dir_ / "truncated", other = dir_ / "other";
+  copy(flipped);
+  copy(truncated);
+  {
+    const std::string data = flipped + "/demo-" + vm_id_ + "/data-000000.bin";
+    // In the last chunk: the chunks before it are loaded, then undone.
+    const auto at = static_cast<std::streamoff>(std::filesystem::file_size(data) - 8);
+    std::fstream f(data, std::ios::in | std::ios::out | std::ios::binary);
+    ASSERT_TRUE(f.good()) << data;
+    f.seekg(at);
+    char c = 0;
+    f.read(&c, 1);
+    c = static_cast<char>(c ^ 0x5a);
+    f.seekp(at);
+    f.write(&c, 1);
+  }
+  std::filesystem::resize_file(truncated + "/demo-" + vm_id_ + "/MANIFEST",
+                               std::filesystem::file_size(truncated + "/demo-" + vm_id_ + "/MANIFEST") / 2);
+  {
+    // A real export of another VM (another UUID) placed where this VM's would be.
+    ExportInfo info;
+    info.vm_id = "0f0e0d0c-0b0a-4908-8706-050403020100";
+    info.vm_name = "demo";
+    info.definition = "{}";
+    info.disks.push_back(ExportDisk{"vda", kDiskBytes});
+    info.generation_id = "00112233445566778899aabbccddeeff";
+    VectorDeltaSource src({DataRecord(0, 0, std::string(65536, 'x'))});
+    auto w = WriteInitialExport(other, info, src);
+    ASSERT_TRUE(w.ok()) << w.status().ToString();
+    std::filesystem::rename(w->directory, other + "/demo-" + vm_id_);
+  }
+  auto refused = [&](const std::string& dir, const std::string& code, const std::string& what) {
+    auto res = replica_->Cli({"import", "demo", dir});
+    EXPECT_EQ(res.exit_code, 1) << res.out << res.err;
+    EXPECT_NE(res.err.find(code), std::string::npos) << res.err;
+    EXPECT_NE(res.err.find(what), std::string::npos) << res.err;
+    EXPECT_EQ(State(*replica_), 2);
+    EXPECT_EQ(Sha256Padded(ReplicaDiskPath(), kDiskBytes), Sha256Padded("/dev/null", kDiskBytes))
+        << "a refused import left data behind (" << dir << ")";
+  };
+  refused(dir_ / "nowhere", "32779", "nowhere");
+  refused(flipped, "32773", "chunk");
+  {
+    auto res = replica_->Cli({"import", "demo", flipped});
+    EXPECT_EQ(res.err.find("chunk 0 "), std::string::npos) << "the flip should be past the first chunk: " << res.err;
+  }
+  refused(truncated, "32773", "MANIFEST");
+  refused(other, "32773", "0f0e0d0c-0b0a-4908-8706-050403020100");
+  // A primary-side method is refused on the replica, and import on the primary.
+  r = primary_->Cli({"import", "demo", shipped});
+  EXPECT_EQ(r.exit_code, 1) << r.out << r.err;
+
+  r = replica_->Cli({"--json", "import", "demo", shipped});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err << ReadText(replica_->log_path());
+  result = json::parse(LastJsonDocument(r.out)["job"].value("result_json", std::string("{}")), nullptr, false);
+  ASSERT_TRUE(result.is_object()) << r.out;
+  EXPECT_EQ(JsonInt(result["data_bytes"]), 24 << 20) << r.out;
+  EXPECT_GE(JsonInt(result["latest_sequence"]), 3) << r.out;  // logs 2 and 3 applied after point 1
+  EXPECT_EQ(State(*replica_), 3);
+  ExpectReplicaEqualsPrimary();
+  ASSERT_TRUE(WaitForState(3)) << ReadText(primary_->log_path());
+  // Replication goes on as usual.
+  const int64_t t2 = NowMs();
+  Write(RandomWrites(5));
+  ASSERT_TRUE(WaitForCycleAfter(t2));
+  ExpectReplicaEqualsPrimary();
+  // A second import is refused: the replica holds points now.
+  r = replica_->Cli({"import", "demo", shipped});
+  EXPECT_EQ(r.exit_code, 1) << r.out << r.err;
+  EXPECT_NE(r.err.find("32775"), std::string::npos) << r.err;
+}
+
+// An export given up (cancel-initial) and a copy over the link instead: the
+// replica's reservation and the logs it staged for the import are released
+// first, so the copy goes as log 1 and replication proceeds.
+TEST_F(ReplicationTest, ExportGivenUpThenACopyOverTheLinkReleasesTheReplicasReservation) {
+  Enable();
+  ASSERT_FALSE(HasFatalFailure());
+  Write({"write -P 31 0 4194304"});
+  auto r = primary_->Cli({"start", "demo", "--export", dir_ / "export"});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err << ReadText(primary_->log_path());
+  const int64_t t0 = NowMs();
+  Write({"write -P 32 1048576 1048576"});
+  ASSERT_TRUE(WaitForCycleAfter(t0)) << ReadText(primary_->log_path());
+  r = primary_->Cli({"cancel-initial", "demo"});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  EXPECT_EQ(State(*primary_), 1);
+  Write({"write -P 33 2097152 1048576"});
+  r = primary_->Cli({"start", "demo"});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err << ReadText(primary_->log_path()) << ReadText(replica_->log_path());
+  ASSERT_TRUE(WaitForState(3));
+  ExpectReplicaEqualsPrimary();
+  EXPECT_NE(ReadText(replica_->log_path()).find("import reservation and staged logs released"), std::string::npos);
+  // The old export cannot be imported any more.
+  r = replica_->Cli({"import", "demo", dir_ / "export"});
+  EXPECT_EQ(r.exit_code, 1) << r.out << r.err;
+  EXPECT_NE(r.err.find("32775"), std::string::npos) << r.err;
+}
+
+// The replica daemon killed in the middle of an import: at its next start
+// the import continues by itself from the last durable chunk (not from the
+// first) and the result is exact.
+class SlowImportTest : public ReplicationTest {
+ protected:
+  std::string ReplicaConfig() const override { return "[testing]\nimport_chunk_delay_ms = 400\n"; }
+};
+
+TEST_F(SlowImportTest, ReplicaKilledDuringTheImportContinuesItByItselfAtItsNextStart) {
+  Enable();
+  ASSERT_FALSE(HasFatalFailure());
+  {
+    std::ofstream out(dir_ / "random.bin", std::ios::binary);
+    std::string buf(1 << 20, '\0');
+    for (int i = 0; i < 40; ++i) {
+      for (auto& c : buf) c = static_cast<char>(rng_());
+      out.write(buf.data(), static_cast<std::streamsize>(buf.size()));
+    }
+  }
+  Write({"write -s " + (dir_ / "random.bin") + " 0 40M"});
+  auto r = primary_->Cli({"start", "demo", "--export", dir_ / "export"});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err << ReadText(primary_->log_path());
+  r = replica_->Cli({"--async", "import", "demo", dir_ / "export"});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  // Killed once the load recorded durable progress (LOAD.done_chunks > 0).
+  const std::string load = dir_ / ("replicas/" + vm_id_ + "/LOAD");
+  bool progressed = false;
+  for (auto deadline = std::chrono::steady_clock::now() + 60s; std::chrono::steady_clock::now() < deadline;) {
+    json j = json::parse(ReadText(load), nullptr, false);
+    if (j.is_object() && j.value("done_chunks", 0) > 0) {
+      progressed = true;
+      break;
+    }
+    std::this_thread::sleep_for(50ms);
+  }
+  ASSERT_TRUE(progressed) << ReadText(replica_->log_path());
+  replica_->Kill();
+  EXPECT_EQ(State(*primary_), 2);
+  std::string err;
+  ASSERT_TRUE(replica_->Start(&err)) << err;
+  auto deadline = std::chrono::steady_clock::now() + 120s;
+  while (State(*replica_) != 3 && std::chrono::steady_clock::now() < deadline) std::this_thread::sleep_for(200ms);
+  ASSERT_EQ(State(*replica_), 3) << ReadText(replica_->log_path());
+  const std::string log = ReadText(replica_->log_path());
+  const auto at = log.find("the import continues at chunk ");
+  ASSERT_NE(at, std::string::npos) << log;
+  EXPECT_NE(log.compare(at + 30, 2, "0 "), 0) << "resumed from the first chunk: " << log.substr(at, 60);
+  EXPECT_FALSE(std::filesystem::exists(load));
+  ASSERT_TRUE(WaitForState(3)) << ReadText(primary_->log_path());
+  ExpectReplicaEqualsPrimary();
 }
 
 class AppConsistentReplicationTest : public ReplicationTest {
