@@ -123,12 +123,14 @@ class FailoverManager {
   // the export <location>/<vm name>-<vm uuid>/ that the primary wrote with
   // StartReplication type 2 into the replica store as point 1, checking
   // every chunk's hash as it reads it, then applies the logs staged while
-  // the replica waited, in order; state 2 -> 3. 32775 outside state 2 or
-  // when the replica holds a point; 32779 when the directory or its export
-  // is missing; 32773 for a bad manifest, another VM's or generation's
-  // export, other disks, or a chunk that fails its hash (the load is undone:
-  // nothing imported). Cancelled or interrupted by a crash, it continues
-  // from the last durable chunk (after a restart by itself).
+  // the replica waited, in order; state 2 -> 3. At the call: 32775 outside
+  // state 2, 32773 for a location that is not absolute, 32774 while an
+  // import of the VM runs. The job's error: 32775 when the replica holds a
+  // point, 32779 when the directory or its export is missing, 32773 for a
+  // bad manifest, another VM's or generation's export, other disks, or a
+  // chunk that fails its hash (the load is undone: nothing imported).
+  // Cancelled or interrupted by a crash, it continues from the last durable
+  // chunk (after a restart by itself).
   Result<JobRecord> ImportInitialReplica(const std::string& vm, const std::string& location);
 
   // Where the points are served (nbd+unix URIs use it).

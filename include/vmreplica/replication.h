@@ -106,6 +106,13 @@ struct CycleReport {
   int64_t cut_time_ms = 0;
   int64_t duration_ms = 0;
   uint64_t pending_bytes = 0;  // still dirty on the primary after the cycle (PendingReplicationSize)
+  // Resync: bytes read from this side's disks by every attempt of the
+  // resync, and the chunk a paused one continued at (0: not continued).
+  uint64_t read_bytes = 0;
+  uint64_t continued_from_chunk = 0;
+  uint32_t continued_at_disk = 0;      // where the part the replica held ended
+  uint64_t continued_at_offset = 0;
+  uint64_t read_bytes_before = 0;      // read by the earlier attempts
 };
 
 // Health and its messages by the reference's rules (section 5, "Health").
@@ -289,6 +296,11 @@ class ReplicationEngine {
   std::map<std::string, uint64_t> pending_;                 // dirty bytes not yet sent; guarded by mu_
   std::set<std::string> replica_settings_synced_;           // the replica has our settings; guarded by mu_
   std::map<std::string, uint64_t> initial_epoch_;           // StartReplication calls per VM; guarded by mu_
+  // A resync whose log the replica holds in part (paused or broken): what
+  // continuing it needs (docs/protocol.md "Continuing a log"). In memory
+  // only: after a restart of either daemon the resync starts over.
+  struct ResyncProgress;  // src/replication/engine.cc
+  std::map<std::string, std::unique_ptr<ResyncProgress>> resync_progress_;  // guarded by mu_
   std::map<std::string, std::chrono::steady_clock::time_point> app_retry_at_;  // no app-consistent try before; mu_
   bool stopping_ = false;                                   // guarded by mu_
   std::atomic<bool> stop_flag_{false};                      // Stop() called: transfers end early

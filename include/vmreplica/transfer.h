@@ -75,6 +75,8 @@ struct ReplicaStatusInfo {
   uint64_t latest_applied = 0;
   ReplicationState state{};
   int64_t last_apply_ms = 0;  // LastApplyTime on the replica (0 = none yet)
+  uint64_t partial_sequence = 0;  // a log held in part (0 = none) ...
+  uint64_t partial_chunks = 0;    // ... and how many of its chunks
 };
 
 struct DeltaInfo {
@@ -87,7 +89,24 @@ struct DeltaInfo {
   bool initial = false;                              // the initial copy: sequence 1 in version 1
 };
 
+// Where one chunk of a log ends (a paused resync continues after it).
+struct ChunkMark {
+  uint64_t index = 0;                                    // the chunk
+  uint64_t records = 0, data_bytes = 0, zero_bytes = 0;  // the log's totals up to and including it
+  uint32_t last_disk = 0;                                // its last record ends at (last_disk, last_end)
+  uint64_t last_end = 0;
+};
+
 struct SendOptions {
+  // Continues a log the replica holds the first chunks of (a paused resync,
+  // docs/protocol.md "Continuing a log"): the replica's partial log of this
+  // very start must hold exactly the chunks up to continuation->index; the
+  // source's records follow them (numbered from index + 1, totals counted
+  // on from the mark's). Otherwise Unavailable ("the replica lost the
+  // partial log"): nothing is sent.
+  std::optional<ChunkMark> continuation;
+  // Called with each chunk's mark when the chunk is made (calling thread).
+  std::function<void(const ChunkMark&)> on_chunk;
   bool compress = true;
   uint32_t chunk_bytes = 1 << 20;                     // 4 KiB .. 16 MiB of record data per chunk
   std::function<void(uint64_t bytes_sent)> progress;  // may be empty; total payload bytes so far
@@ -366,6 +385,13 @@ class ReplicaManager final : public ReplicaReceiver {
   // Reserves the import here (the primary could not reach us yet): the same
   // rules as the peer call.
   Status ReserveImportLocal(const std::string& vm_id, const std::string& generation_hex);
+  // The import's load (source and tag of `info`) begun or found again,
+  // with no log received meanwhile: the reservation must be of the
+  // export's generation (made here when the primary could not tell us); a
+  // broken network copy of log 1 is given up; a load of another source or
+  // export is undone first. Answers the chunk to continue from. Busy while
+  // a seed copy is written; FailedPrecondition once the store holds a point.
+  Result<uint64_t> BeginImportLoad(const std::string& vm_id, const LoadInfo& info);
   // After ReplicaStore::FinishLoad: the reservation goes, the relationship
   // moves 2 -> 3 with sequence 1, and the staged logs (2, 3, ...) apply.
   Status FinishImport(const std::string& vm_id);

@@ -1069,7 +1069,11 @@ Result<JobRecord> FailoverManager::MarkAsReplica(const std::string& vm_name, con
                                         std::to_string(store->latest_sequence()) + ")");
     }
     if (store->load_state()) {
-      return Status::FailedPrecondition("VM " + vm.name + ": an initial replica is being imported into it");
+      return Status::FailedPrecondition("VM " + vm.name + ": an initial replica is being loaded into it");
+    }
+    if (auto reserved = replicas_->ImportReservation(vm.id); !reserved.ok() || reserved->has_value()) {
+      return Status::FailedPrecondition("VM " + vm.name +
+                                        ": the replica waits for the import of an exported initial replica");
     }
     std::vector<Seed> out;
     for (size_t i = 0; i < seeds.size(); ++i) {

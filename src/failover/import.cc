@@ -122,44 +122,22 @@ Status FailoverManager::DoImport(JobContext& job, const std::string& vm_id, cons
                                      disks[i].name + "' of " + std::to_string(disks[i].size) + " bytes");
     }
   }
-  VMR_ASSIGN_OR_RETURN(auto reserved, replicas_->ImportReservation(vm_id));
-  if (reserved && *reserved != info.generation_id) {
-    return Status::InvalidArgument("export " + dir + ": generation " + info.generation_id +
-                                   ", but the primary announced the export of generation " + *reserved +
-                                   " (an older export of this VM?)");
+  // The reservation checked (or made) and the load begun, or found again
+  // when this very export was being loaded (it continues), with no log
+  // received meanwhile.
+  LoadInfo li;
+  li.point.time_ms = info.cut_time_unix_ms;
+  li.point.kind = ReplicationType::kRegular;
+  li.point.generation_id = info.generation_id;
+  li.source = kLoadSource;
+  li.tag = LoadTag(info);
+  auto begun = replicas_->BeginImportLoad(vm_id, li);
+  if (!begun.ok()) {
+    if (begun.status().code() == Code::kInvalidArgument) return begun.status().WithContext("export " + dir);
+    return begun.status();
   }
-  if (store->latest_sequence() != 0) {
-    return Status::FailedPrecondition("VM " + vm->name + ": the replica already holds point " +
-                                      std::to_string(store->latest_sequence()));
-  }
-  if (!reserved) {
-    // The primary could not reach us after its export: deltas wait on its
-    // side; from now on this replica expects log 2.
-    VMR_RETURN_IF_ERROR(replicas_->ReserveImportLocal(vm_id, info.generation_id));
-  }
-
-  // A load of this very export interrupted earlier continues; one of
-  // another export is undone first.
-  uint64_t first = 0;
-  if (auto load = store->load_state()) {
-    if (load->info.source == kLoadSource && load->info.tag == LoadTag(info)) {
-      first = load->done_chunks;
-      spdlog::info("replica {}: the import continues at chunk {} of {}", vm_id, first, reader->chunk_count());
-    } else {
-      spdlog::warn("replica {}: an unfinished load ({}, {}) is undone before this import", vm_id, load->info.source,
-                   load->info.tag);
-      VMR_RETURN_IF_ERROR(store->AbandonLoad());
-    }
-  }
-  if (!store->load_state()) {
-    LoadInfo li;
-    li.point.time_ms = info.cut_time_unix_ms;
-    li.point.kind = ReplicationType::kRegular;
-    li.point.generation_id = info.generation_id;
-    li.source = kLoadSource;
-    li.tag = LoadTag(info);
-    VMR_RETURN_IF_ERROR(store->BeginLoad(li));
-  }
+  const uint64_t first = *begun;
+  if (first > 0) spdlog::info("replica {}: the import continues at chunk {} of {}", vm_id, first, reader->chunk_count());
   if (first > reader->chunk_count()) {
     return Status::Corruption("replica " + vm_id + ": the load in progress counts more chunks than the export has");
   }
@@ -242,7 +220,22 @@ void FailoverManager::ResumeImports() {
     auto store = replicas_->AcquireLocal(rel.vm_id);
     if (!store.ok()) continue;
     const bool loading = (*store)->load_state().has_value() && (*store)->load_state()->info.source == kLoadSource;
+    const bool loaded = (*store)->latest_sequence() >= 1;
     replicas_->ReleaseLocal(rel.vm_id);
+    if (loaded) {
+      // Point 1 committed, the finish not done (a crash in between): the
+      // reservation goes, state 3, the staged logs apply.
+      auto reserved = replicas_->ImportReservation(rel.vm_id);
+      if (reserved.ok() && reserved->has_value()) {
+        Status s = replicas_->FinishImport(rel.vm_id);
+        if (s.ok()) {
+          spdlog::warn("replica {}: an import interrupted after its load was finished now", rel.vm_id);
+        } else {
+          spdlog::error("replica {}: finishing an interrupted import: {}", rel.vm_id, s.ToString());
+        }
+      }
+      continue;
+    }
     if (!loading) continue;
     std::string location;
     int64_t newest = -1;

@@ -83,6 +83,58 @@ Result<VmDefinition> DefinitionOf(const VmRecord& vm) {
   return VmDefinition::FromJson(j);
 }
 
+}  // namespace
+
+struct ReplicationEngine::ResyncProgress {
+  DeltaInfo info;                     // the log's start (its first cut)
+  uint64_t replica_latest = 0;        // the replica's latest point when it hashed
+  std::vector<BlockHashList> remote;  // the replica's hashes, per disk
+  std::vector<ChunkMark> marks;       // every chunk made, in order
+  uint64_t read_bytes = 0;            // read from our disks so far
+};
+
+namespace {
+
+// Passes `inner`'s records on; when destroyed (ConcatDeltaSource frees a
+// part once it is done) adds what `inner` read to `*total`.
+class ReadTap : public DeltaSource {
+ public:
+  ReadTap(std::unique_ptr<DeltaSource> inner, std::function<uint64_t()> read, uint64_t* total)
+      : inner_(std::move(inner)), read_(std::move(read)), total_(total) {}
+  ~ReadTap() override { *total_ += read_(); }
+  Result<std::optional<DeltaRecord>> Next() override { return inner_->Next(); }
+
+ private:
+  std::unique_ptr<DeltaSource> inner_;
+  std::function<uint64_t()> read_;
+  uint64_t* total_;
+};
+
+// The records of `inner` (one disk, increasing offsets) below `end`; a
+// record crossing it is cut there. Stops reading `inner` at `end`.
+class ClipSource : public DeltaSource {
+ public:
+  ClipSource(std::unique_ptr<DeltaSource> inner, uint64_t end) : inner_(std::move(inner)), end_(end) {}
+  Result<std::optional<DeltaRecord>> Next() override {
+    if (done_) return std::optional<DeltaRecord>();
+    VMR_ASSIGN_OR_RETURN(auto r, inner_->Next());
+    if (!r || r->offset >= end_) {
+      done_ = true;
+      return std::optional<DeltaRecord>();
+    }
+    if (r->offset + r->length > end_) {
+      r->length = end_ - r->offset;
+      if (!r->zero) r->data.resize(r->length);
+    }
+    return r;
+  }
+
+ private:
+  std::unique_ptr<DeltaSource> inner_;
+  const uint64_t end_;
+  bool done_ = false;
+};
+
 // Turns the records of an initial-copy read (data only: zero extents are
 // skipped because a fresh replica reads as zeros) into a complete image:
 // every gap between records, and the tail of each disk, becomes a zero
@@ -443,13 +495,25 @@ Result<CycleReport> ReplicationEngine::RunCycle(const std::string& vm_id, bool i
   VMR_ASSIGN_OR_RETURN(auto reconciled, tracker.Reconcile());
   for (const auto& a : reconciled.actions) spdlog::info("VM {}: reconcile: {}", vm_id, a);
   GenerationId generation{};
-  if (initial) {
-    // The initial copy reads everything allocated; tracking starts at its cut.
-    if (reconciled.generation != 0) {
-      VMR_RETURN_IF_ERROR(tracker.RestartTracking());
-    } else {
-      VMR_RETURN_IF_ERROR(tracker.Enable());
+  // A resync paused or broken earlier may continue its log (decided once
+  // the replica's status is known; its tracking is not restarted then).
+  std::unique_ptr<ResyncProgress> prior;
+  if (initial && resync) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (auto it = resync_progress_.find(vm_id); it != resync_progress_.end()) {
+      prior = std::move(it->second);
+      resync_progress_.erase(it);
     }
+  }
+  auto restart_tracking = [&]() -> Status {
+    // The initial copy reads everything allocated; tracking starts at its cut.
+    if (reconciled.generation != 0) return tracker.RestartTracking();
+    return tracker.Enable();
+  };
+  if (initial && prior) {
+    generation = prior->info.new_generation;
+  } else if (initial) {
+    VMR_RETURN_IF_ERROR(restart_tracking());
     generation = RandomId();
   } else {
     VMR_RETURN_IF_ERROR(tracker.CheckTracking());
@@ -545,7 +609,33 @@ Result<CycleReport> ReplicationEngine::RunCycle(const std::string& vm_id, bool i
   // Resync: the replica's hashes of its latest image, fetched before the cut
   // (hashing reads its disks once; the cut's fleecing need not wait).
   std::vector<BlockHashList> remote;
-  if (resync) {
+  std::optional<ChunkMark> continuation;
+  if (prior) {
+    // The replica must hold the first chunks of that very log and nothing
+    // newer: same latest point (it hashed that image), the log still
+    // expected, and our tracking intact since the log's first cut (its
+    // bitmap holds every write since then).
+    const bool same = !initial_log && replica.latest_applied == prior->replica_latest &&
+                      replica.expected_sequence == prior->info.sequence &&
+                      replica.partial_sequence == prior->info.sequence && replica.partial_chunks >= 1 &&
+                      replica.partial_chunks <= prior->marks.size() && prior->remote.size() == tracked.size();
+    Status tracking = same ? tracker.CheckTracking() : Status::FailedPrecondition("not continued");
+    if (same && tracking.ok()) {
+      continuation = prior->marks[replica.partial_chunks - 1];
+      prior->marks.resize(replica.partial_chunks);
+      remote = prior->remote;
+      spdlog::info("VM {}: the resynchronization continues its log {} after chunk {} (disk {} at {})", vm_id,
+                   prior->info.sequence, continuation->index, continuation->last_disk, continuation->last_end);
+    } else {
+      spdlog::info("VM {}: the resynchronization starts over (the replica holds {} chunk(s) of log {}, latest {}; {})",
+                   vm_id, replica.partial_chunks, replica.partial_sequence, replica.latest_applied,
+                   tracking.ToString());
+      prior.reset();
+      VMR_RETURN_IF_ERROR(restart_tracking());
+      generation = RandomId();
+    }
+  }
+  if (resync && !continuation) {
     // Seeded (no log applied yet): the replica's disks hold the copy its
     // operator registered; a resync: its latest image. Either way only
     // blocks that differ travel, so the result is exact.
@@ -664,8 +754,78 @@ Result<CycleReport> ReplicationEngine::RunCycle(const std::string& vm_id, bool i
   std::vector<std::unique_ptr<DeltaSource>> parts;
   uint64_t total_bytes = 0;
   std::vector<uint64_t> disk_base;
+  // What the resync's sources read (for the job's read_bytes), added up as
+  // each source is freed.
+  uint64_t read_now = 0;
+  auto tap_diff = [&read_now](std::unique_ptr<NbdBlockDiffSource> d) -> std::unique_ptr<DeltaSource> {
+    const NbdBlockDiffSource* raw = d.get();
+    return std::make_unique<ReadTap>(std::move(d), [raw] { return raw->stats().bytes_read; }, &read_now);
+  };
   for (size_t i = 0; i < cut.disks.size(); ++i) {
     const auto& cd = cut.disks[i];
+    if (continuation) {
+      // Continuing a resync's log after the chunk the replica holds last,
+      // which ends at (dP, eP). Before it, everything was compared at the
+      // first cut: only what the guest wrote since then (this cut's bitmap)
+      // is sent again. The block holding eP (when a record was split there)
+      // is sent whole. After it, the blocks are compared with the replica's
+      // hashes as usual. Later records overwrite earlier ones of the log.
+      auto built = [&]() -> Result<std::unique_ptr<DeltaSource>> {
+        const uint32_t dP = continuation->last_disk;
+        const uint64_t bs = kResyncBlockSize;
+        const BlockHashList& list = remote[i];
+        const uint64_t total_blocks = list.TotalBlocks();
+        uint64_t clip = cd.size_bytes, diff_from = total_blocks;
+        std::optional<uint64_t> forced;
+        if (i == dP) {
+          const uint64_t eP = std::min(continuation->last_end, cd.size_bytes);
+          clip = eP / bs * bs;
+          diff_from = (eP + bs - 1) / bs;
+          if (eP % bs != 0) forced = eP / bs;
+        } else if (i > dP) {
+          clip = 0;
+          diff_from = 0;
+        }
+        std::vector<std::unique_ptr<DeltaSource>> pieces;
+        if (clip > 0) {
+          VMR_ASSIGN_OR_RETURN(auto dirty, NbdDeltaReader::Open(cd.socket_path, cd.export_name,
+                                                                static_cast<uint32_t>(i), cd.bitmap_context));
+          const NbdDeltaReader* raw = dirty.get();
+          pieces.push_back(std::make_unique<ClipSource>(
+              std::make_unique<ReadTap>(std::move(dirty), [raw] { return raw->stats().data_bytes; }, &read_now),
+              clip));
+        }
+        auto diff_range = [&](uint64_t first, uint64_t count, bool force) -> Status {
+          BlockHashList sub;
+          sub.block_size = list.block_size;
+          sub.disk_size = list.disk_size;
+          sub.first_block = first;
+          if (force) {
+            sub.hashes.assign(count, Hash128{~uint64_t{0}, ~uint64_t{0}});  // matches no block: sent
+          } else {
+            sub.hashes.assign(list.hashes.begin() + static_cast<std::ptrdiff_t>(first - list.first_block),
+                              list.hashes.begin() + static_cast<std::ptrdiff_t>(first - list.first_block + count));
+          }
+          BlockHashOptions ho;
+          ho.block_size = kResyncBlockSize;
+          VMR_ASSIGN_OR_RETURN(auto d, NbdBlockDiffSource::Open(cd.socket_path, cd.export_name,
+                                                                static_cast<uint32_t>(i), std::move(sub), ho));
+          pieces.push_back(tap_diff(std::move(d)));
+          return Status::Ok();
+        };
+        if (forced) VMR_RETURN_IF_ERROR(diff_range(*forced, 1, /*force=*/true));
+        if (diff_from < total_blocks) VMR_RETURN_IF_ERROR(diff_range(diff_from, total_blocks - diff_from, false));
+        return std::unique_ptr<DeltaSource>(std::make_unique<ConcatDeltaSource>(std::move(pieces)));
+      }();
+      if (!built.ok()) {
+        parts.clear();
+        return abort(built.status().WithContext("disk " + cd.disk));
+      }
+      disk_base.push_back(total_bytes);
+      total_bytes += cd.size_bytes;
+      parts.push_back(std::move(*built));
+      continue;
+    }
     if (resync) {
       BlockHashOptions ho;
       ho.block_size = kResyncBlockSize;
@@ -676,7 +836,7 @@ Result<CycleReport> ReplicationEngine::RunCycle(const std::string& vm_id, bool i
       }
       disk_base.push_back(total_bytes);
       total_bytes += cd.size_bytes;
-      parts.push_back(std::move(*diff));
+      parts.push_back(tap_diff(std::move(*diff)));
       continue;
     }
     std::optional<std::string> bitmap;
@@ -735,13 +895,45 @@ Result<CycleReport> ReplicationEngine::RunCycle(const std::string& vm_id, bool i
   info.cut_time_unix_ms = static_cast<uint64_t>(report.cut_time_ms);
   info.kind = report.kind;
   info.initial = initial_log;
+  // A continued resync log keeps its start (the replica matches it with the
+  // part it holds): its sequence, generation and first cut's time.
+  if (continuation) info = prior->info;
   SendOptions so;
   so.compress = rel.settings.compression_enabled;
   so.throttle = [this](uint64_t bytes) { Throttle(bytes); };
+  const bool resync_log = resync && !initial_log;
+  std::vector<ChunkMark> marks = prior ? prior->marks : std::vector<ChunkMark>();
+  if (resync_log) {
+    so.continuation = continuation;
+    so.on_chunk = [&marks](const ChunkMark& m) { marks.push_back(m); };
+  }
   auto sent = client.SendDelta(info, source, so);
   filled.reset();
-  concat.reset();
-  if (!sent.ok()) return abort(sent.status());
+  concat.reset();  // every source freed: read_now is complete
+  const uint64_t read_bytes = (prior ? prior->read_bytes : 0) + read_now;
+  if (!sent.ok()) {
+    // The replica keeps the part of the log it holds: the next resync of
+    // this VM continues it instead of hashing and reading everything again.
+    // Not when the replica lost it (or never had any).
+    if (resync_log && !marks.empty() && sent.status().message().find("lost the partial log") == std::string::npos) {
+      auto p = std::make_unique<ResyncProgress>();
+      p->info = info;
+      p->replica_latest = replica.latest_applied;
+      p->remote = std::move(remote);
+      p->marks = std::move(marks);
+      p->read_bytes = read_bytes;
+      std::lock_guard<std::mutex> lock(mu_);
+      resync_progress_[vm_id] = std::move(p);
+    }
+    return abort(sent.status());
+  }
+  report.read_bytes = read_bytes;
+  report.continued_from_chunk = continuation ? continuation->index + 1 : 0;
+  if (continuation) {
+    report.continued_at_disk = continuation->last_disk;
+    report.continued_at_offset = continuation->last_end;
+    report.read_bytes_before = prior->read_bytes;
+  }
 
   if (Status c = tracker.Commit(cut); !c.ok()) {
     // The replica holds the log; bitmap g stays and merges into g+1 at the
@@ -1163,6 +1355,13 @@ Result<JobRecord> ReplicationEngine::Resynchronize(const std::string& vm, int64_
           std::lock_guard<std::mutex> l(*vm_lock);
           Slot slot(this);
           r = RunCycle(vm_id, /*initial=*/true, &jc, /*resync=*/true);
+          // The replica no longer holds the part a paused resync would
+          // continue (it restarted meanwhile): the resync starts over.
+          if (!r.ok() && r.status().message().find("lost the partial log") != std::string::npos &&
+              !stop_flag_.load() && !jc.CancelRequested()) {
+            spdlog::info("VM {}: {}; the resynchronization starts over", vm_id, r.status().ToString());
+            r = RunCycle(vm_id, /*initial=*/true, &jc, /*resync=*/true);
+          }
         }
         if (!r.ok()) {
           leave("failed");
@@ -1179,6 +1378,11 @@ Result<JobRecord> ReplicationEngine::Resynchronize(const std::string& vm, int64_
           spdlog::error("VM {}: recording the resynchronization failed: {}", vm_id, s.ToString());
         }
         jc.SetResult(nlohmann::json{{"sequence", r->sequence},
+                                    {"read_bytes", r->read_bytes},
+                                    {"continued_from_chunk", r->continued_from_chunk},
+                                    {"continued_at_disk", r->continued_at_disk},
+                                    {"continued_at_offset", r->continued_at_offset},
+                                    {"read_bytes_before", r->read_bytes_before},
                                     {"resynchronized_bytes", r->data_bytes + r->zero_bytes},
                                     {"data_bytes", r->data_bytes},
                                     {"zero_bytes", r->zero_bytes},
@@ -1249,6 +1453,28 @@ Status ReplicationEngine::RunExport(const std::string& vm_id, const std::string&
     if (!rel_opt) return Status::NotFound("VM " + vm_id + " has no replication relationship");
     VMR_ASSIGN_OR_RETURN(auto def, DefinitionOf(*vm_opt));
     VMR_ASSIGN_OR_RETURN(auto included, IncludedDisks(def, rel_opt->settings));
+    // The replica, when it can be reached, must hold no point (an export
+    // only starts an empty replica) and gives up what an earlier export
+    // left: its reservation and the logs staged for it.
+    if (options_.open_channel) {
+      auto channel = options_.open_channel(rel_opt->settings.recovery_connection_point,
+                                           static_cast<uint16_t>(rel_opt->settings.recovery_server_port));
+      if (channel.ok()) {
+        ReplicaClient client(*channel);
+        auto st = client.GetReplicaStatus(vm_id, kPrimaryIndex);
+        if (st.ok() && st->latest_applied >= 1) {
+          return Status::FailedPrecondition("the replica already holds point " + std::to_string(st->latest_applied) +
+                                            " of this VM: an export cannot start it; start a network initial "
+                                            "replication (it makes the replica exact) instead");
+        }
+        if (st.ok()) {
+          VMR_RETURN_IF_ERROR(client.ReserveImport(vm_id, kPrimaryIndex, GenerationId{}, /*release=*/true).status());
+        } else {
+          spdlog::warn("VM {}: the replica cannot be asked before the export ({}); it is told afterwards", vm_id,
+                       st.status().ToString());
+        }
+      }
+    }
     const std::string run_dir = RunDirOf(vm_id);
     VMR_RETURN_IF_ERROR(MakeDirs(run_dir));
     VMR_ASSIGN_OR_RETURN(auto attached, AttachVm(def, run_dir));
@@ -1332,6 +1558,9 @@ Status ReplicationEngine::RunExport(const std::string& vm_id, const std::string&
     // deltas start at log 2 on top of this generation.
     VMR_RETURN_IF_ERROR(UpdateRelationship(vm_id, [&](RelationshipRecord& r) -> Status {
       if (!IsCurrentInitial(vm_id, epoch)) return Status::Cancelled("a newer StartReplication owns the copy");
+      if (r.state != ReplicationState::kWaitingToCompleteInitialReplication) {
+        return Status::Cancelled("the initial replication was cancelled");
+      }
       r.generation_id = HexId(generation);
       r.sequence = 1;
       r.last_replication_ms = report.cut_time_ms;
@@ -1557,6 +1786,12 @@ Status ReplicationEngine::RequestStateChange(const std::string& vm, int index, R
     if (r.state == ReplicationState::kReplicating && r.generation_id.empty()) {
       r.state = ReplicationState::kReadyForReplication;
     }
+    // Resumed while an export waits for its import (nothing applied on the
+    // replica yet): back to waiting; its cycles go on there.
+    if (r.state == ReplicationState::kReplicating && r.initial_replication_type == InitialReplicationType::kExport &&
+        r.last_apply_ms == 0) {
+      r.state = ReplicationState::kWaitingToCompleteInitialReplication;
+    }
     after = r.state;
     StatisticsRecord none;
     r.health = EvaluateHealth(r, none, Now(), 0).health;
@@ -1575,7 +1810,8 @@ Status ReplicationEngine::RequestStateChange(const std::string& vm, int index, R
       }
     }
   }
-  if (after == ReplicationState::kReplicating) {
+  if (after == ReplicationState::kReplicating ||
+      (after == ReplicationState::kWaitingToCompleteInitialReplication && *op == Operation::kRequestResume)) {
     {
       std::lock_guard<std::mutex> lock(mu_);
       failures_[rec.id] = 0;

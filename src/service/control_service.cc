@@ -13,6 +13,7 @@
 #include "service/tls.h"
 #include "vmreplica/cloud_init.h"
 #include "vmreplica/model/return_code.h"
+#include "vmreplica/model/transitions.h"
 #include "vmreplica/model/settings.h"
 #include "vmreplica/vm_binding.h"
 
@@ -885,19 +886,48 @@ grpc::Status ControlService::ImportInitialReplica(grpc::ServerContext* ctx, cons
 
 // ---------------------------------------------------------------- not yet
 
-#define VMR_NOT_YET(Method, Request, Response, capability)                                   \
-  grpc::Status ControlService::Method(grpc::ServerContext* ctx, const v1::Request*,           \
-                                      v1::Response* resp) {                                  \
-    auto* r = resp->mutable_result();                                                        \
-    if (!Authorize(*ctx, #Method, r)) return grpc::Status::OK;                               \
-    NotSupportedYet(r, #Method, capability);                                                 \
-    return grpc::Status::OK;                                                                 \
-  }
+namespace {
 
-VMR_NOT_YET(ReverseReplicationRelationship, VmSettingsRequest, MethodResponse, kFailoverCapability)
-VMR_NOT_YET(InitiateFailback, FailbackRequest, MethodResponse, kFailoverCapability)
-VMR_NOT_YET(ChangeReplicationModeToPrimary, VmRelationshipRequest, MethodResponse, kFailoverCapability)
+// Methods whose capability is not built yet still check what they can: the
+// VM (32779 when unknown), its relationship and the state table (32775 in a
+// state the method is not allowed from); only a call that would be allowed
+// answers 32770 (not supported).
+Status CheckStateOfMissingMethod(Catalog* catalog, const std::string& vm_name, int index, Operation op) {
+  if (index != 0 && index != 1) return Status::InvalidArgument("RelationshipIndex: 0 or 1");
+  VMR_ASSIGN_OR_RETURN(VmRecord vm, FindNetworkVm(catalog, vm_name));
+  VMR_ASSIGN_OR_RETURN(auto rel, catalog->GetRelationship(vm.id, index));
+  if (!rel) return Status::FailedPrecondition("VM " + vm.name + " has no replication relationship");
+  VMR_ASSIGN_OR_RETURN(TableMode mode, TableModeFor(vm.mode, index));
+  VMR_RETURN_IF_ERROR(CheckTransition(mode, rel->state, op).status());
+  return Status::NotSupported(std::string(Name(op)) + " is not supported by this vmreplica build yet (" +
+                              kFailoverCapability + "; docs/failover.md sections 7-18 specify it)");
+}
 
-#undef VMR_NOT_YET
+}  // namespace
+
+grpc::Status ControlService::ReverseReplicationRelationship(grpc::ServerContext* ctx,
+                                                            const v1::VmSettingsRequest* req,
+                                                            v1::MethodResponse* resp) {
+  auto* r = resp->mutable_result();
+  if (!Authorize(*ctx, "ReverseReplicationRelationship", r)) return grpc::Status::OK;
+  return Answer(r, CheckStateOfMissingMethod(env_->catalog, req->vm(), 0,
+                                             Operation::kReverseReplicationRelationship));
+}
+
+grpc::Status ControlService::InitiateFailback(grpc::ServerContext* ctx, const v1::FailbackRequest* req,
+                                              v1::MethodResponse* resp) {
+  auto* r = resp->mutable_result();
+  if (!Authorize(*ctx, "InitiateFailback", r)) return grpc::Status::OK;
+  return Answer(r, CheckStateOfMissingMethod(env_->catalog, req->vm(), 0, Operation::kInitiateFailback));
+}
+
+grpc::Status ControlService::ChangeReplicationModeToPrimary(grpc::ServerContext* ctx,
+                                                            const v1::VmRelationshipRequest* req,
+                                                            v1::MethodResponse* resp) {
+  auto* r = resp->mutable_result();
+  if (!Authorize(*ctx, "ChangeReplicationModeToPrimary", r)) return grpc::Status::OK;
+  return Answer(r, CheckStateOfMissingMethod(env_->catalog, req->vm(), static_cast<int>(req->relationship_index()),
+                                             Operation::kChangeReplicationModeToPrimary));
+}
 
 }  // namespace vmreplica::service

@@ -89,6 +89,8 @@ void ToProto(const ReplicaStatusInfo& s, v1::ReplicaStatus* p) {
   p->set_latest_applied(s.latest_applied);
   p->set_state(Number(s.state));
   p->set_last_apply_time_unix_ms(s.last_apply_ms);
+  p->set_partial_sequence(s.partial_sequence);
+  p->set_partial_chunks(s.partial_chunks);
 }
 
 grpc::Status Refuse(const char* method, const std::vector<std::string>& names, const Status& s) {

@@ -24,6 +24,8 @@ Result<ReplicaStatusInfo> FromProto(const v1::ReplicaStatus& p) {
   s.expected_sequence = p.expected_sequence();
   s.latest_applied = p.latest_applied();
   s.last_apply_ms = p.last_apply_time_unix_ms();
+  s.partial_sequence = p.partial_sequence();
+  s.partial_chunks = p.partial_chunks();
   auto state = Parse<ReplicationState>(std::to_string(p.state()));
   if (!state) {
     return Status::Corruption("replica status: state " + std::to_string(p.state()) +
@@ -42,7 +44,14 @@ struct Chunk {
 class Chunker {
  public:
   Chunker(DeltaSource& source, const SendOptions& options, SendStats* stats)
-      : source_(source), options_(options), stats_(stats) {}
+      : source_(source), options_(options), stats_(stats) {
+    if (options.continuation) {
+      next_index_ = options.continuation->index + 1;
+      stats_->records = options.continuation->records;
+      stats_->data_bytes = options.continuation->data_bytes;
+      stats_->zero_bytes = options.continuation->zero_bytes;
+    }
+  }
 
   // The next chunk, or nullopt at the end of the source.
   Result<std::optional<Chunk>> Next() {
@@ -59,12 +68,14 @@ class Chunker {
         carry_ = std::move(*r);
       }
       DeltaRecord& r = *carry_;
+      last_disk_ = r.disk;
       auto* out = body.add_records();
       out->set_disk(r.disk);
       out->set_offset(r.offset);
       if (r.zero) {
         out->set_length(r.length);
         out->set_zero(true);
+        last_end_ = r.offset + r.length;
         stats_->zero_bytes += r.length;
         data += 32;
         carry_.reset();
@@ -74,6 +85,7 @@ class Chunker {
         const uint64_t room = options_.chunk_bytes - std::min<uint64_t>(data, options_.chunk_bytes);
         const uint64_t take = std::min<uint64_t>(r.length, std::max<uint64_t>(room, 1));
         out->set_length(take);
+        last_end_ = r.offset + take;
         if (take == r.length) {
           out->set_data(std::move(r.data));
           carry_.reset();
@@ -91,6 +103,10 @@ class Chunker {
     if (body.records_size() == 0) return std::optional<Chunk>();
     Chunk c;
     c.index = next_index_++;
+    if (options_.on_chunk) {
+      options_.on_chunk(ChunkMark{c.index, stats_->records, stats_->data_bytes, stats_->zero_bytes, last_disk_,
+                                  last_end_});
+    }
     auto* m = c.message.mutable_chunk();
     m->set_index(c.index);
     std::string raw;
@@ -125,6 +141,8 @@ class Chunker {
   std::optional<DeltaRecord> carry_;  // the rest of a split data record
   bool eof_ = false;
   uint64_t next_index_ = 0;
+  uint32_t last_disk_ = 0;  // where the last record taken ends
+  uint64_t last_end_ = 0;
 };
 
 // Replies of one stream, filled by its reader thread.

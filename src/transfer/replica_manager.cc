@@ -146,10 +146,21 @@ std::string GenerationText(const std::string& bytes) {
   return out;
 }
 
+bool IsAllZero(const std::string& bytes) {
+  return std::all_of(bytes.begin(), bytes.end(), [](char c) { return c == 0; });
+}
+
 bool SameStart(const v1::DeltaStart& a, const v1::DeltaStart& b) {
   return a.vm_id() == b.vm_id() && a.relationship_index() == b.relationship_index() && a.sequence() == b.sequence() &&
          a.base_generation() == b.base_generation() && a.new_generation() == b.new_generation() &&
          a.cut_time_unix_ms() == b.cut_time_unix_ms() && a.kind() == b.kind() && a.initial() == b.initial();
+}
+
+// Whether the store's load in progress is the network load of log 1 `start`
+// (and not an import's, or another copy's).
+bool OwnsLoad(const ReplicaStore& store, const v1::DeltaStart& start) {
+  auto ls = store.load_state();
+  return ls && ls->info.source == "network" && ls->info.tag == "network:" + GenerationText(start.new_generation());
 }
 
 }  // namespace
@@ -206,7 +217,9 @@ struct ReplicaManager::Replica {
   struct Partial {
     v1::DeltaStart start;
     std::unique_ptr<LogWriter> writer;
-    uint64_t next_chunk = 0;
+    // Chunks held. Written by the receiving stream only; atomic because
+    // StatusOf reports it from other threads.
+    std::atomic<uint64_t> next_chunk{0};
     LogTrailer totals;  // counts received so far (chain unused)
     // The initial copy onto an empty store: loaded straight into the disks
     // (ReplicaStore::BeginLoad), no log file, no writer.
@@ -380,6 +393,13 @@ Result<ReplicaStatusInfo> ReplicaManager::StatusOf(Replica& r) {
   if (!rel) return Status::NotFound("VM " + r.vm_id + " has no replica relationship");
   s.state = rel->state;
   s.last_apply_ms = rel->last_apply_ms;
+  {
+    std::lock_guard<std::mutex> l(r.recv_mu);
+    if (r.partial) {
+      s.partial_sequence = r.partial->start.sequence();
+      s.partial_chunks = r.partial->next_chunk.load();
+    }
+  }
   return s;
 }
 
@@ -556,7 +576,7 @@ Status ReplicaManager::RemoveReplica(const PrimaryCaller& caller, const std::str
     }
     r->removed = true;
     if (r->partial) {
-      r->partial->writer->Abandon();
+      if (r->partial->writer) r->partial->writer->Abandon();
       r->partial.reset();
     }
   }
@@ -668,6 +688,8 @@ Status ReplicaManager::ReserveOrRelease(Replica& r, const std::string& generatio
   }
   if (!release) {
     VMR_RETURN_IF_ERROR(r.staging->ReserveImport(generation_hex));
+    // A network copy of log 1 broken off earlier cannot resume any more.
+    if (r.partial && r.partial->load) r.partial.reset();
     return Status::Ok();
   }
   if (r.store->latest_sequence() != 0) {
@@ -684,7 +706,7 @@ Status ReplicaManager::ReserveOrRelease(Replica& r, const std::string& generatio
     r.apply_cv.wait(al, [&] { return r.stop || !r.applying; });
   }
   if (r.partial) {
-    r.partial->writer->Abandon();
+    if (r.partial->writer) r.partial->writer->Abandon();
     r.partial.reset();
   }
   r.committed.reset();
@@ -696,6 +718,44 @@ Status ReplicaManager::ReserveOrRelease(Replica& r, const std::string& generatio
   }
   if (s.ok()) spdlog::info("replica {}: import reservation and staged logs released by the primary", r.vm_id);
   return s;
+}
+
+Result<uint64_t> ReplicaManager::BeginImportLoad(const std::string& vm_id, const LoadInfo& info) {
+  std::shared_ptr<Replica> r = FindOpen(vm_id);
+  if (!r) return Status::NotFound("replica " + vm_id + " is not open");
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    if (r->seeding) return Status::Busy("VM " + vm_id + ": a seed copy is being written into the replica");
+  }
+  // No log is received meanwhile, so the reservation and the load agree.
+  std::unique_lock<std::mutex> l(r->recv_mu);
+  if (!r->recv_cv.wait_for(l, options_.resume_wait, [&] { return !r->receiving; })) {
+    return Status::Unavailable("a stream of VM " + vm_id + " is still running");
+  }
+  if (r->store->latest_sequence() != 0) {
+    return Status::FailedPrecondition("VM " + vm_id + ": the replica already holds point " +
+                                      std::to_string(r->store->latest_sequence()));
+  }
+  VMR_ASSIGN_OR_RETURN(auto reserved, r->staging->import_reservation());
+  if (reserved && *reserved != info.point.generation_id) {
+    return Status::InvalidArgument("the export is of generation " + info.point.generation_id +
+                                   ", but the primary announced the export of generation " + *reserved +
+                                   " (an older export of this VM?)");
+  }
+  if (!reserved) {
+    // The primary could not reach us after its export: deltas wait on its
+    // side; from now on this replica expects log 2.
+    VMR_RETURN_IF_ERROR(r->staging->ReserveImport(info.point.generation_id));
+  }
+  if (r->partial && r->partial->load) r->partial.reset();
+  if (auto load = r->store->load_state()) {
+    if (load->info.source == info.source && load->info.tag == info.tag) return load->done_chunks;
+    spdlog::warn("replica {}: an unfinished load ({}, {}) is undone before this import", vm_id, load->info.source,
+                 load->info.tag);
+    VMR_RETURN_IF_ERROR(r->store->AbandonLoad());
+  }
+  VMR_RETURN_IF_ERROR(r->store->BeginLoad(info));
+  return uint64_t{0};
 }
 
 Result<std::optional<std::string>> ReplicaManager::ImportReservation(const std::string& vm_id) {
@@ -924,7 +984,37 @@ Status ReplicaManager::ReceiveDelta(const PrimaryCaller& caller, DeltaStream& st
       return Status::FailedPrecondition("VM " + vm + " is in state " + std::string(Name(rel->state)) +
                                         ": it does not receive logs");
     }
+    // A log builds on the replica's latest point (or, before an import, on
+    // the reserved export): one based on another history would leave an
+    // image that is neither (an earlier copy, another export).
+    if (!IsAllZero(start.base_generation())) {
+      std::string have;
+      const uint64_t latest = r->store->latest_sequence();
+      if (start.sequence() - 1 > latest && !(latest == 0 && start.sequence() == 2)) {
+        // The log before it is staged: its header names its generation
+        // (log 1 is never staged before an import: the reservation says).
+        auto prev = LogReader::Open(r->staging->LogPath(start.sequence() - 1), LogReadMode::kComplete);
+        if (!prev.ok()) return prev.status().WithContext("VM " + vm + ": reading staged log " +
+                                                         std::to_string(start.sequence() - 1));
+        const GenerationId& g = (*prev)->header().new_generation;
+        have = GenerationText(std::string(g.begin(), g.end()));
+      } else if (latest >= 1) {
+        have = r->store->ListPoints().back().generation_id;
+      } else {
+        VMR_ASSIGN_OR_RETURN(auto reserved, r->staging->import_reservation());
+        if (reserved) have = *reserved;
+      }
+      if (have != GenerationText(start.base_generation())) {
+        return Status::FailedPrecondition(
+            "VM " + vm + ": resynchronization required: log " + std::to_string(start.sequence()) +
+            " builds on generation " + GenerationText(start.base_generation()) + " but the replica's latest point is " +
+            (have.empty() ? std::string("the empty disks") : "of generation " + have));
+      }
+    }
     if (start.sequence() == 1 && r->store->latest_sequence() == 0) {
+      if (auto ls = r->store->load_state(); ls && ls->info.source != "network") {
+        return Status::FailedPrecondition("VM " + vm + ": an initial replica is being imported into the replica");
+      }
       // The initial copy is written once, straight into the disks, and
       // becomes point 1 at its end (docs/replica_store.md section 17). A
       // load left by an earlier try restarts: every log 1 makes the disks
@@ -960,7 +1050,10 @@ Status ReplicaManager::ReceiveDelta(const PrimaryCaller& caller, DeltaStream& st
                  GenerationText(start.base_generation()), GenerationText(start.new_generation()));
     }
   } else {
-    spdlog::info("replica {}: resuming log {} at chunk {}", vm, start.sequence(), r->partial->next_chunk);
+    if (r->partial->load && !OwnsLoad(*r->store, start)) {
+      return drop(Status::FailedPrecondition("VM " + vm + ": the initial load of log 1 was taken over (an import)"));
+    }
+    spdlog::info("replica {}: resuming log {} at chunk {}", vm, start.sequence(), r->partial->next_chunk.load());
   }
   Replica::Partial& part = *r->partial;
   l.unlock();  // the partial log is ours while `receiving` is set
@@ -978,7 +1071,7 @@ Status ReplicaManager::ReceiveDelta(const PrimaryCaller& caller, DeltaStream& st
       if (c.index() != part.next_chunk) {
         l.lock();
         return drop(Status::FailedPrecondition("chunk " + std::to_string(c.index()) + " out of order, expected " +
-                                               std::to_string(part.next_chunk)));
+                                               std::to_string(part.next_chunk.load())));
       }
       auto body = DecodeChunk(c);
       if (!body.ok()) {
@@ -1035,10 +1128,13 @@ Status ReplicaManager::ReceiveDelta(const PrimaryCaller& caller, DeltaStream& st
       if (e.chunk_count() != part.next_chunk || e.record_count() != part.totals.record_count ||
           e.data_bytes() != part.totals.data_bytes || e.zero_bytes() != part.totals.zero_bytes) {
         return drop(Status::Corruption("the log's end does not match what was received (" +
-                                       std::to_string(part.next_chunk) + " chunks, " +
+                                       std::to_string(part.next_chunk.load()) + " chunks, " +
                                        std::to_string(part.totals.record_count) + " records)"));
       }
       const bool loaded = part.load;
+      if (loaded && !OwnsLoad(*r->store, start)) {
+        return drop(Status::FailedPrecondition("VM " + vm + ": the initial load of log 1 was taken over (an import)"));
+      }
       Status s = loaded ? r->store->FinishLoad() : part.writer->Finish();
       if (s.ok() && !loaded) s = r->staging->CommitReceived(start.sequence());
       if (!s.ok()) return drop(s);
@@ -1055,8 +1151,8 @@ Status ReplicaManager::ReceiveDelta(const PrimaryCaller& caller, DeltaStream& st
           rel.sequence = std::max<uint64_t>(rel.sequence, 1);
           rel.last_apply_ms = now;
           if (rel.state == ReplicationState::kWaitingToCompleteInitialReplication) {
-            spdlog::info("replica {}: initial replication loaded: state {} -> {}", vm, Name(rel.state),
-                         Name(ReplicationState::kReplicating));
+            spdlog::info("replica {}: initial replication applied (loaded into the disks): state {} -> {}", vm,
+                         Name(rel.state), Name(ReplicationState::kReplicating));
             rel.state = ReplicationState::kReplicating;
           }
         }

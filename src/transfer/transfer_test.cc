@@ -350,6 +350,40 @@ TEST_F(TransferTest, InitialCopyGivenUpHalfWayIsRestartedByTheNextCopy) {
   ExpectPoints({{1, second}});
 }
 
+// A log that builds on another history than the replica's latest point (an
+// earlier copy, another export) is refused as "resynchronization required"
+// and nothing of it is staged; one on the right base goes on.
+TEST_F(TransferTest, LogBuildingOnAnotherGenerationIsRefusedAsResyncRequired) {
+  auto client = Client("primary-a.lab");
+  ASSERT_TRUE(client->CreateReplica(Params()).ok());
+  std::mt19937_64 rng(13);
+  auto images = EmptyImages();
+  SendOptions o;
+  {
+    VectorDeltaSource src(RandomDelta(rng, images, 5));
+    ASSERT_TRUE(client->SendDelta(Info(1), src, o).ok());
+  }
+  {
+    auto copy = images;
+    VectorDeltaSource src(RandomDelta(rng, copy, 3));
+    auto info = Info(2);
+    info.base_generation.fill(0x77);
+    auto sent = client->SendDelta(info, src, o);
+    ASSERT_FALSE(sent.ok());
+    EXPECT_EQ(sent.status().code(), Code::kFailedPrecondition);
+    EXPECT_NE(sent.status().message().find("resynchronization required"), std::string::npos)
+        << sent.status().ToString();
+  }
+  auto status = client->GetReplicaStatus(kVm, 0);
+  ASSERT_TRUE(status.ok());
+  EXPECT_EQ(status->expected_sequence, 2u);
+  {
+    VectorDeltaSource src(RandomDelta(rng, images, 3));
+    ASSERT_TRUE(client->SendDelta(Info(2), src, o).ok());
+  }
+  ExpectPoints({{2, images}});
+}
+
 TEST_F(TransferTest, OutOfSequenceAndDuplicateLogsAreRefused) {
   auto client = Client("primary-a.lab");
   ASSERT_TRUE(client->CreateReplica(Params()).ok());

@@ -206,6 +206,12 @@ TEST_F(FailoverTest, UnplannedFailoverToTheMiddlePointThenRevertAndFailOverToThe
   ExpectRefused(replica_->Cli({"stop-failover", "guest"}), "32775");
   ExpectRefused(primary_->Cli({"failover", "guest", "--force"}), "32775");
   ExpectRefused(replica_->Cli({"failover", "guest", "--point", "no-such-point"}), "32773");
+  // Reverse replication and failback: never from Replicating, never on the primary.
+  ExpectRefused(replica_->Cli({"reverse", "guest"}), "32775");
+  ExpectRefused(replica_->Cli({"failback", "guest"}), "32775");
+  ExpectRefused(replica_->Cli({"change-mode-to-primary", "guest"}), "32775");
+  ExpectRefused(primary_->Cli({"reverse", "guest"}), "32775");
+  ExpectRefused(primary_->Cli({"failback", "guest"}), "32775");
   // The failover IP settings, on the replica's VM (its definition came from
   // the primary with the NIC's MAC).
   auto r = replica_->Cli({"set-failover-ip", "guest", "--adapter", kMac, "--ip", "192.0.2.10", "--subnet", "24",
@@ -322,6 +328,9 @@ TEST_F(FailoverTest, UnplannedFailoverToTheMiddlePointThenRevertAndFailOverToThe
     }
   }
   // Illegal once committed: revert, another failover, a test VM, commit again.
+  // Allowed but not built yet (32770): reverse replication and failback.
+  ExpectRefused(replica_->Cli({"reverse", "guest"}), "32770");
+  ExpectRefused(replica_->Cli({"failback", "guest"}), "32770");
   ExpectRefused(replica_->Cli({"stop-failover", "guest"}), "32775");
   ExpectRefused(replica_->Cli({"failover", "guest"}), "32775");
   ExpectRefused(replica_->Cli({"failover", "guest", "--as-test"}), "32775");

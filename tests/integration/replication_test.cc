@@ -864,10 +864,45 @@ TEST_F(SlowReplicationTest, ResyncPausedStaysPausedAndResumeCompletesIt) {
   EXPECT_EQ(State(*primary_), 11);
   std::this_thread::sleep_for(3s);  // the cancelled job must not move it
   EXPECT_EQ(State(*primary_), 11) << ReadText(primary_->log_path());
+  // Written while paused: one block the replica already holds in the paused
+  // log (its first chunk, 8 MiB on), one past it: both must arrive.
+  Write({"write -P 77 8M 64k", "write -P 78 40M 64k"});
   r = primary_->Cli({"resume", "demo"});
   ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
   ASSERT_TRUE(WaitForState(3, 180s)) << ReadText(primary_->log_path());
   ExpectReplicaEqualsPrimary();
+  // It continued where it stopped: the replica hashed its disk once (the
+  // continuation reuses its hashes and the part of the log it holds), and
+  // this side read one pass plus only what it had read past the point the
+  // replica held (and one block where a record was cut).
+  const std::string replica_log = ReadText(replica_->log_path());
+  size_t hashed = 0;
+  for (size_t at = 0; (at = replica_log.find("hashed for a resynchronisation", at)) != std::string::npos; ++at) {
+    ++hashed;
+  }
+  EXPECT_EQ(hashed, 1u) << replica_log;
+  r = primary_->Cli({"--json", "jobs", "list"});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  json resync_result;
+  int64_t newest = -1;
+  for (const auto& j : LastJsonDocument(r.out).value("jobs", json::array())) {
+    if (j.value("job_type", 0) != 107 || j.value("job_state", 0) != 7) continue;
+    if (JsonInt(j["created_unix_ms"]) <= newest) continue;
+    newest = JsonInt(j["created_unix_ms"]);
+    resync_result = json::parse(j.value("result_json", std::string("{}")), nullptr, false);
+  }
+  ASSERT_TRUE(resync_result.is_object()) << r.out;
+  std::cout << "resync continued: " << resync_result.dump() << "\n";
+  EXPECT_GT(resync_result.value("continued_from_chunk", 0), 0) << resync_result.dump();
+  const int64_t at = resync_result.value("continued_at_offset", int64_t{0});
+  const int64_t before = resync_result.value("read_bytes_before", int64_t{0});
+  const int64_t read = resync_result.value("read_bytes", int64_t{0});
+  EXPECT_GT(at, 0) << resync_result.dump();
+  EXPECT_GE(before, at) << resync_result.dump();
+  const int64_t redone = before - at;
+  // + the block written in the held part while paused, + the block where a record was cut.
+  EXPECT_LE(read, static_cast<int64_t>(kDiskBytes) + redone + 65536 + 65536) << resync_result.dump();
+  EXPECT_GE(read, static_cast<int64_t>(kDiskBytes)) << resync_result.dump();
 }
 
 TEST_F(SlowReplicationTest, PrimaryDaemonKilledDuringACutRestartsAndLosesNothing) {
