@@ -301,6 +301,7 @@ class ReplicationEngine {
   // only: after a restart of either daemon the resync starts over.
   struct ResyncProgress;  // src/replication/engine.cc
   std::map<std::string, std::unique_ptr<ResyncProgress>> resync_progress_;  // guarded by mu_
+  void DropResyncProgress(const std::string& vm_id);
   std::map<std::string, std::chrono::steady_clock::time_point> app_retry_at_;  // no app-consistent try before; mu_
   bool stopping_ = false;                                   // guarded by mu_
   std::atomic<bool> stop_flag_{false};                      // Stop() called: transfers end early

@@ -905,7 +905,18 @@ Result<CycleReport> ReplicationEngine::RunCycle(const std::string& vm_id, bool i
   std::vector<ChunkMark> marks = prior ? prior->marks : std::vector<ChunkMark>();
   if (resync_log) {
     so.continuation = continuation;
-    so.on_chunk = [&marks](const ChunkMark& m) { marks.push_back(m); };
+    // A chunk of the dirty part of a continuation ends below the point the
+    // replica's part already covers: its mark keeps that point, so that a
+    // later continuation never compares (instead of resending) blocks the
+    // part holds with content of an older cut.
+    so.on_chunk = [&marks, floor = continuation](ChunkMark m) {
+      if (floor && (m.last_disk < floor->last_disk ||
+                    (m.last_disk == floor->last_disk && m.last_end < floor->last_end))) {
+        m.last_disk = floor->last_disk;
+        m.last_end = floor->last_end;
+      }
+      marks.push_back(m);
+    };
   }
   auto sent = client.SendDelta(info, source, so);
   filled.reset();
@@ -1290,6 +1301,7 @@ Result<JobRecord> ReplicationEngine::StartReplication(const std::string& vm, int
   VMR_ASSIGN_OR_RETURN(auto rel, catalog_->GetRelationship(rec.id, kPrimaryIndex));
   if (!rel) return Status::FailedPrecondition("VM " + rec.name + " has no replication relationship");
   VMR_RETURN_IF_ERROR(RequirePrimary(rec, *rel, "StartReplication"));
+  DropResyncProgress(rec.id);
   const int64_t now_s = Now() / 1000;
   if (start_unix_s != 0 && (start_unix_s < now_s - 60 || start_unix_s > now_s + 7 * 86400)) {
     return Status::InvalidArgument("ScheduledStartTime: must be within the next 7 days");
@@ -1410,6 +1422,7 @@ Result<JobRecord> ReplicationEngine::StartExportReplication(const std::string& v
                                    "' is not an absolute directory path");
   }
   const std::string vm_id = rec.id;
+  DropResyncProgress(vm_id);
   uint64_t epoch = 0;
   VMR_RETURN_IF_ERROR(UpdateRelationship(vm_id, [&](RelationshipRecord& r) -> Status {
     VMR_ASSIGN_OR_RETURN(auto t, CheckTransition(TableMode::kPrimary, r.state, Operation::kStartReplication));
@@ -1558,7 +1571,7 @@ Status ReplicationEngine::RunExport(const std::string& vm_id, const std::string&
     // deltas start at log 2 on top of this generation.
     VMR_RETURN_IF_ERROR(UpdateRelationship(vm_id, [&](RelationshipRecord& r) -> Status {
       if (!IsCurrentInitial(vm_id, epoch)) return Status::Cancelled("a newer StartReplication owns the copy");
-      if (r.state != ReplicationState::kWaitingToCompleteInitialReplication) {
+      if (r.state == ReplicationState::kReadyForReplication || r.state == ReplicationState::kDisabled) {
         return Status::Cancelled("the initial replication was cancelled");
       }
       r.generation_id = HexId(generation);
@@ -1734,17 +1747,25 @@ Status ReplicationEngine::RequestStateChange(const std::string& vm, int index, R
   if (!rel) return Status::FailedPrecondition("VM " + rec.name + " has no replication relationship");
   auto op = OperationForRequestedState(requested);
   if (!op) return Status::InvalidArgument("RequestedState: not a replication state change");
-  if (*op != Operation::kRequestSuspend && *op != Operation::kRequestResume &&
-      *op != Operation::kRequestCancelInitialReplication && *op != Operation::kRequestCancelResynchronization) {
+  const bool built = *op == Operation::kRequestSuspend || *op == Operation::kRequestResume ||
+                     *op == Operation::kRequestCancelInitialReplication ||
+                     *op == Operation::kRequestCancelResynchronization;
+  // Planned failover (4) is specified (docs/failover.md section 9), not
+  // built: its state rules are checked all the same (32775 before 32770).
+  if (!built && *op != Operation::kRequestPrepareForPlannedFailover) {
     return Status::NotSupported("RequestedState " + std::to_string(static_cast<int>(requested)) +
                                 " is not supported by this vmreplica build yet");
   }
   VMR_RETURN_IF_ERROR(RequirePrimary(rec, *rel, "RequestReplicationStateChange"));
   VMR_RETURN_IF_ERROR(CheckTransition(TableMode::kPrimary, rel->state, *op).status());
+  if (!built) {
+    return Status::NotSupported("RequestedState " + std::to_string(static_cast<int>(requested)) +
+                                " (prepare a planned failover) is not supported by this vmreplica build yet");
+  }
   if (*op == Operation::kRequestResume && (rel->state == ReplicationState::kWaitingForStartResynchronize ||
                                            rel->state == ReplicationState::kResynchronizeSuspended)) {
-    // Resuming a resync that waits or was paused runs it (again, from the
-    // start: a resync log is applied whole or not at all).
+    // Resuming a resync that waits or was paused runs it: it continues its
+    // log where it stopped when it can, else it starts over (RunCycle).
     return Resynchronize(rec.id, 0).status();
   }
   if (*op == Operation::kRequestResume && rel->state != ReplicationState::kSuspended &&
@@ -1770,6 +1791,8 @@ Status ReplicationEngine::RequestStateChange(const std::string& vm, int index, R
       }
     }
   }
+  // A cancelled resync is not continued later: the next one starts over.
+  if (*op == Operation::kRequestCancelResynchronization) DropResyncProgress(rec.id);
   ReplicationState after = rel->state;
   VMR_RETURN_IF_ERROR(UpdateRelationship(rec.id, [&](RelationshipRecord& r) -> Status {
     VMR_ASSIGN_OR_RETURN(auto t, CheckTransition(TableMode::kPrimary, r.state, *op));
@@ -1864,7 +1887,13 @@ Status ReplicationEngine::ModifySettings(const std::string& vm, const Relationsh
   return Status::Ok();
 }
 
+void ReplicationEngine::DropResyncProgress(const std::string& vm_id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  resync_progress_.erase(vm_id);
+}
+
 Status ReplicationEngine::RemoveRelationship(const std::string& vm, int index) {
+  if (auto rec = ResolveVm(vm); rec.ok()) DropResyncProgress(rec->id);
   if (index != kPrimaryIndex) return Status::NotSupported("extended replication is not supported yet");
   VMR_ASSIGN_OR_RETURN(auto rec, ResolveVm(vm));
   VMR_ASSIGN_OR_RETURN(auto rel, catalog_->GetRelationship(rec.id, index));

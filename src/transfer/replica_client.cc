@@ -378,7 +378,11 @@ Result<SendStats> ReplicaClient::SendDelta(const DeltaInfo& info, DeltaSource& s
     } else {
       const uint64_t resume = holds([&] { return rs.resume_chunk; });
       const uint64_t oldest = window.empty() ? chunker.chunks_made() : window.front().index;
-      if (resume < oldest) {
+      if (options.continuation && attempt == 1 && resume != options.continuation->index + 1) {
+        attempt_status = Status::Unavailable("the replica lost the partial log (it holds " + std::to_string(resume) +
+                                             " chunks, the continuation follows chunk " +
+                                             std::to_string(options.continuation->index) + ")");
+      } else if (resume < oldest) {
         attempt_status =
             Status::Unavailable("the replica lost the partial log (it wants chunk " + std::to_string(resume) +
                                 ", the oldest kept is " + std::to_string(oldest) + "): send the delta again");

@@ -394,8 +394,11 @@ Result<ReplicaStatusInfo> ReplicaManager::StatusOf(Replica& r) {
   s.state = rel->state;
   s.last_apply_ms = rel->last_apply_ms;
   {
-    std::lock_guard<std::mutex> l(r.recv_mu);
-    if (r.partial) {
+    // Only a part no stream is adding to (a stream still running, its
+    // break not yet seen, could add chunks after this answer).
+    std::unique_lock<std::mutex> l(r.recv_mu);
+    r.recv_cv.wait_for(l, std::chrono::seconds(2), [&] { return !r.receiving; });
+    if (r.partial && !r.receiving) {
       s.partial_sequence = r.partial->start.sequence();
       s.partial_chunks = r.partial->next_chunk.load();
     }
@@ -696,8 +699,12 @@ Status ReplicaManager::ReserveOrRelease(Replica& r, const std::string& generatio
     return Status::FailedPrecondition("VM " + r.vm_id + ": the replica holds point " +
                                       std::to_string(r.store->latest_sequence()) + "; nothing to release");
   }
-  if (r.store->load_state()) {
-    return Status::FailedPrecondition("VM " + r.vm_id + ": an import is being loaded into the replica");
+  // A load left by a network copy or an import of the copy given up is
+  // undone (an import still running then fails at its next chunk).
+  if (auto ls = r.store->load_state()) {
+    spdlog::warn("replica {}: the primary gave the initial copy up; the unfinished load ({}) is undone", r.vm_id,
+                 ls->info.source);
+    VMR_RETURN_IF_ERROR(r.store->AbandonLoad());
   }
   // Nothing is applied meanwhile (the applier reads the files we delete).
   {
@@ -994,10 +1001,14 @@ Status ReplicaManager::ReceiveDelta(const PrimaryCaller& caller, DeltaStream& st
         // The log before it is staged: its header names its generation
         // (log 1 is never staged before an import: the reservation says).
         auto prev = LogReader::Open(r->staging->LogPath(start.sequence() - 1), LogReadMode::kComplete);
-        if (!prev.ok()) return prev.status().WithContext("VM " + vm + ": reading staged log " +
-                                                         std::to_string(start.sequence() - 1));
-        const GenerationId& g = (*prev)->header().new_generation;
-        have = GenerationText(std::string(g.begin(), g.end()));
+        if (prev.ok()) {
+          const GenerationId& g = (*prev)->header().new_generation;
+          have = GenerationText(std::string(g.begin(), g.end()));
+        } else if (prev.status().code() == Code::kNotFound && r->store->latest_sequence() >= start.sequence() - 1) {
+          have = r->store->ListPoints().back().generation_id;  // applied (and unlinked) meanwhile
+        } else {
+          return prev.status().WithContext("VM " + vm + ": reading staged log " + std::to_string(start.sequence() - 1));
+        }
       } else if (latest >= 1) {
         have = r->store->ListPoints().back().generation_id;
       } else {

@@ -373,6 +373,18 @@ TEST_F(ReplicationTest, ReplicaSideCannotActAsPrimaryAndPrimaryRemovalKeepsTheRe
   EXPECT_NE(r.err.find("32770"), std::string::npos) << r.err;
   r = replica_->Cli({"suspend", "demo"});
   EXPECT_EQ(r.exit_code, 1) << r.out << r.err;
+  // Planned failover (state change 4) is specified, not built: allowed from
+  // 3 it answers 32770, from 7 (Suspended) the state rules say 32775.
+  r = primary_->Cli({"failover", "demo", "--prepare"});
+  EXPECT_EQ(r.exit_code, 1) << r.out << r.err;
+  EXPECT_NE(r.err.find("32770"), std::string::npos) << r.err;
+  r = primary_->Cli({"suspend", "demo"});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  r = primary_->Cli({"failover", "demo", "--prepare"});
+  EXPECT_EQ(r.exit_code, 1) << r.out << r.err;
+  EXPECT_NE(r.err.find("32775"), std::string::npos) << r.err;
+  r = primary_->Cli({"resume", "demo"});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
   Write(RandomWrites(10));
   const int64_t written = NowMs();
   ASSERT_TRUE(WaitForCycleAfter(written)) << ReadText(primary_->log_path());
