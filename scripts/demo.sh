@@ -82,8 +82,8 @@ hash_primary() { qemu-img convert -f raw -O raw "$disk" "$work/primary.raw" && s
 vm_id=$($P --json vm get demo | python3 -c 'import json,sys; print(json.load(sys.stdin)["vm"]["id"])')
 replica_disk="$work/replica/vms/$vm_id/disks/vda.img"
 last_time() { $P --json get demo | python3 -c 'import json,sys; print(int(json.load(sys.stdin)["relationships"][0].get("last_replication_time_unix_ms", 0)))'; }
-hash_replica() {  # the replica's latest image, padded to the disk size like the primary's
-  python3 - "$replica_disk" $((256 << 20)) <<'PY'
+hash_padded() {  # sha256 of file $1 padded with zeros to the disk size (a sparse replica file may be shorter)
+  python3 - "$1" $((256 << 20)) <<'PY'
 import hashlib, sys
 h = hashlib.sha256(); n = 0; size = int(sys.argv[2])
 with open(sys.argv[1], 'rb') as f:
@@ -94,6 +94,7 @@ with open(sys.argv[1], 'rb') as f:
 h.update(bytes(size - n)); print(h.hexdigest())
 PY
 }
+hash_replica() { hash_padded "$replica_disk"; }  # the replica's latest image
 
 verify() {
   local want got
@@ -155,17 +156,7 @@ print(json.loads(doc["job"]["result_json"])["sequence"])' <<< "$fo")
 view="nbd+unix:///$vm_id/vda@$seq?socket=$work/replica/state/run/points.sock"
 echo "failover point $seq, disk view $view"
 qemu-img convert -f raw -O raw "$view" "$work/failover.raw"
-got=$(python3 - "$work/failover.raw" $((256 << 20)) <<'PY'
-import hashlib, sys
-h = hashlib.sha256(); n = 0; size = int(sys.argv[2])
-with open(sys.argv[1], 'rb') as f:
-    while True:
-        b = f.read(1 << 20)
-        if not b: break
-        h.update(b); n += len(b)
-h.update(bytes(size - n)); print(h.hexdigest())
-PY
-)
+got=$(hash_padded "$work/failover.raw")
 if [[ "$got" != "$want" ]]; then echo "MISMATCH: failover disk $got != primary's last data $want"; exit 1; fi
 echo "verified: the failover VM's disk (point $seq) sha256 $got == the primary's last data"
 say "replica: Stop-VMFailover demo (the failover ends: its export goes, the state is back to Replicating)"

@@ -25,6 +25,7 @@
 #include <unordered_map>
 #include <unordered_set>
 
+#include "replica/text_checks.h"
 #include "replica/undo_format.h"
 #include "vmreplica/fileutil.h"
 
@@ -108,12 +109,7 @@ constexpr size_t kMaxLoadTag = 256;
 // A valid LOAD is far smaller (the tag escapes to at most 512 bytes).
 constexpr size_t kMaxLoadFile = 4096;
 
-bool IsHex32(const std::string& s) {
-  if (s.size() != 32) return false;
-  for (char c : s)
-    if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f') || (c >= 'A' && c <= 'F'))) return false;
-  return true;
-}
+using replica_internal::IsHex32;
 
 bool PrintableAscii(const std::string& s) {
   for (char c : s)

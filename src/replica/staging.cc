@@ -17,6 +17,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "replica/text_checks.h"
 #include "vmreplica/fileutil.h"
 
 namespace vmreplica {
@@ -31,12 +32,7 @@ constexpr const char* kImportFile = "IMPORT";
 // A valid IMPORT is about 80 bytes.
 constexpr size_t kMaxImportFile = 1024;
 
-bool IsHex32(const std::string& s) {
-  if (s.size() != 32) return false;
-  for (char c : s)
-    if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f') || (c >= 'A' && c <= 'F'))) return false;
-  return true;
-}
+using replica_internal::IsHex32;
 
 // The generation of an IMPORT file's bytes; every field checked.
 Result<std::string> DecodeImport(const std::string& bytes, const std::string& path) {

@@ -1529,7 +1529,6 @@ Status ReplicationEngine::RunExport(const std::string& vm_id, const std::string&
     info.generation_id = HexId(generation);
     info.cut_time_unix_ms = report.cut_time_ms;
     std::vector<std::unique_ptr<DeltaSource>> parts;
-    uint64_t total = 0;
     for (size_t i = 0; i < cut.disks.size(); ++i) {
       const auto& cd = cut.disks[i];
       info.disks.push_back(ExportDisk{cd.disk, cd.size_bytes});
@@ -1538,7 +1537,6 @@ Status ReplicationEngine::RunExport(const std::string& vm_id, const std::string&
         parts.clear();
         return abort(reader.status().WithContext("disk " + cd.disk));
       }
-      total += cd.size_bytes;
       parts.push_back(std::move(*reader));
     }
     Result<ExportSummary> written = Status::Unavailable("not run");
@@ -1566,7 +1564,6 @@ Status ReplicationEngine::RunExport(const std::string& vm_id, const std::string&
     report.records = written->totals.data_chunks + written->totals.zero_chunks;
     report.duration_ms =
         std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - started).count();
-    (void)total;
     // Recorded before the replica is told: from here the relationship's
     // deltas start at log 2 on top of this generation.
     VMR_RETURN_IF_ERROR(UpdateRelationship(vm_id, [&](RelationshipRecord& r) -> Status {
