@@ -24,6 +24,14 @@
 //        \__ AbandonLoad: LOAD says 0 --> holes punched over every disk
 //             --> disks fsynced --> LOAD unlinked (back to point 0)
 //
+// Adoption (docs section 18), files placed by the caller:
+//
+//   Adopt --> LOCK --> [earlier ADOPT finished] --> checks (no load, files
+//   exist with their sizes) --> [disks fsynced] --> ADOPT written -->
+//   MANIFEST with point `sequence` alone (COMMIT) --> every undo segment
+//   unlinked --> old-only disk images unlinked --> ADOPT unlinked -->
+//   catalog mirrored
+//
 // Errors:
 //   InvalidArgument     bad names/sizes/options; a delta record out of the
 //                       disk's bounds or with a wrong payload length;
@@ -32,10 +40,12 @@
 //                       MANIFEST write failed (reopen it); Apply, reads of
 //                       point 0, PinPoint(0) and DropAllButLatest while an
 //                       initial load is in progress; load calls out of order;
+//                       Adopt over a store whose initial load is in progress;
 //   AlreadyExists       Create on a directory that holds a store;
-//   NotFound            unknown point, disk or store directory;
+//   NotFound            unknown point, disk or store directory; a disk
+//                       file Adopt needs is missing;
 //   Busy                the store directory is open elsewhere (LOCK);
-//   Corruption          MANIFEST, LOAD or an undo segment failed a check; a
+//   Corruption          MANIFEST, LOAD, ADOPT or an undo segment failed a check; a
 //                       point whose segment is corrupt cannot be read;
 //   IOError             the OS refused.
 //
@@ -156,9 +166,37 @@ class ReplicaStore {
   static Result<std::unique_ptr<ReplicaStore>> Create(const std::string& dir, const std::string& vm_id,
                                                       const std::vector<ReplicaDisk>& disks, Catalog* catalog,
                                                       ReplicaStoreOptions options);
-  // Opens an existing store and runs recovery (docs section 7).
+  // Opens an existing store and runs recovery (docs section 7; an
+  // adoption's ADOPT record first, section 18).
   static Result<std::unique_ptr<ReplicaStore>> Open(const std::string& dir, Catalog* catalog,
                                                     ReplicaStoreOptions options);
+
+  // Makes `dir` a store whose only point is `sequence` (>= 1), described by
+  // `info` (time, kind 0..3, generation_id: 32 hex digits), whose content is
+  // the disk files the caller already placed at <dir>/disks/<name>.img
+  // (raw, each exactly disks[i].size bytes, a multiple of
+  // kReplicaBlockSize; they are fsynced here, never written). `dir` may
+  // hold nothing yet (the layout is created) or an existing store of the
+  // same VM that is not open anywhere (LOCK free): its points and undo
+  // segments are discarded, and its disk images whose names are not in
+  // `disks` are deleted. The next Apply is sequence + 1. Crash-safe (docs
+  // section 18): the MANIFEST rename is the commit; before it, Open sees
+  // the old store or none; after it, Open finishes the cleanup (an ADOPT
+  // record tells it that the leftover segments are orphans, never an apply
+  // to roll back). The catalog mirror (when `catalog` is set, as in
+  // Create): the VM's recovery points become this one point. The same call
+  // again is idempotent. Errors: InvalidArgument (VM id, names, sizes, a
+  // file of another size or not a regular file, sequence 0, bad kind or
+  // generation, options, an existing store of another VM), Busy (LOCK
+  // held), NotFound (a disk file missing), FailedPrecondition (the
+  // existing store has an initial load in progress), Corruption (the
+  // existing MANIFEST or an ADOPT record fails its checks), IOError (also
+  // a cleanup step after the commit failed: the point is adopted, and Open
+  // or the same Adopt again finishes the cleanup).
+  static Result<std::unique_ptr<ReplicaStore>> Adopt(const std::string& dir, const std::string& vm_id,
+                                                     const std::vector<ReplicaDisk>& disks, uint64_t sequence,
+                                                     const PointInfo& info, Catalog* catalog,
+                                                     ReplicaStoreOptions options);
 
   ReplicaStore(const ReplicaStore&) = delete;
   ReplicaStore& operator=(const ReplicaStore&) = delete;

@@ -29,6 +29,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <string>
 #include <vector>
@@ -38,6 +39,7 @@
 #include "vmreplica/jobs.h"
 #include "vmreplica/model/enums.h"
 #include "vmreplica/model/settings.h"
+#include "vmreplica/model/transitions.h"
 #include "vmreplica/status.h"
 
 namespace grpc {
@@ -45,6 +47,8 @@ class Channel;
 }
 
 namespace vmreplica {
+
+class AttachedVm;
 
 // One window of the bandwidth schedule, in local time.
 struct BandwidthWindow {
@@ -113,6 +117,9 @@ struct CycleReport {
   uint32_t continued_at_disk = 0;      // where the part the replica held ended
   uint64_t continued_at_offset = 0;
   uint64_t read_bytes_before = 0;      // read by the earlier attempts
+  // A planned failover's final log (kind kPlanned): recording it moves the
+  // relationship from 3 to 4 (docs/failover.md section 9.2).
+  bool planned = false;
 };
 
 // Health and its messages by the reference's rules (section 5, "Health").
@@ -203,6 +210,15 @@ class ReplicationEngine {
   // ordinary log (the replica keeps its earlier points); then 3. A failure
   // or cancel leaves 9. Job type 107, result: resynchronized_bytes, ...
   Result<JobRecord> Resynchronize(const std::string& vm, int64_t start_unix_s);
+  // RequestReplicationStateChange 4 on the primary (docs/failover.md section
+  // 9): with the VM off and the replica replicating, job 96 sends the final
+  // changes as a PlannedFailover log and the state becomes 4. 32775 when the
+  // VM runs, an image is held by another process, the state is not 3, or the
+  // replica is not in 3; 32777 when the replica cannot be reached.
+  Result<JobRecord> PrepareForPlannedFailover(const std::string& vm);
+  // RevertFailover on a primary in 4 (section 9.5): back to 3, unless the
+  // replica reports that it failed over (32775). Job 98.
+  Result<JobRecord> RevertPlannedFailover(const std::string& vm);
   // RequestReplicationStateChange: 7 suspend, 3 resume, 1 cancel initial.
   Status RequestStateChange(const std::string& vm, int index, RequestedReplicationState requested);
   Status ModifySettings(const std::string& vm, const RelationshipSettings& settings);
@@ -230,7 +246,11 @@ class ReplicationEngine {
   Result<PrimaryRunState> QueryPrimaryRunState(const std::vector<std::string>& caller_names, const std::string& vm_id);
 
   // NotSupported unless this host is the primary of `rel`.
-  static Status RequirePrimary(const VmRecord& vm, const RelationshipRecord& rel, const char* method);
+  // OK on the primary side. Elsewhere: 32775 when the VM's own table forbids
+  // `op` in its state (the message names the state), else 32770 (the method
+  // is allowed there but not built for that side).
+  static Status RequirePrimary(const VmRecord& vm, const RelationshipRecord& rel, const char* method,
+                               std::optional<Operation> op = std::nullopt);
 
  private:
   struct Worker;
@@ -246,7 +266,13 @@ class ReplicationEngine {
   bool IsCurrentInitial(const std::string& vm_id, uint64_t epoch);
   // `resync`: with `initial`, the cut's blocks are compared with the
   // replica's hash lists and only differing ones are sent.
-  Result<CycleReport> RunCycle(const std::string& vm_id, bool initial, JobContext* job, bool resync = false);
+  // A planned failover's cycle: the attach to use (the VM is off) and the
+  // log's kind.
+  struct PlannedCycle {
+    AttachedVm* attached = nullptr;
+  };
+  Result<CycleReport> RunCycle(const std::string& vm_id, bool initial, JobContext* job, bool resync = false,
+                               const PlannedCycle* planned = nullptr);
   void WorkerLoop(Worker* w);
   void StartWorkerLocked(const std::string& vm_id);
   void KickWorker(const std::string& vm_id);

@@ -126,6 +126,35 @@ class AttachedVm {
 // hands overlay files created there to that user before QEMU opens them.
 Result<std::unique_ptr<AttachedVm>> AttachVm(const VmDefinition& def, const std::string& run_dir);
 
+// Whether a VM is running, as far as this host can tell (a planned failover
+// needs it off; GetPrimaryVmState reports it). docs/failover.md section 9.1.
+enum class VmPower { kUnknown = 0, kRunning = 1, kOff = 2 };
+struct VmPowerState {
+  VmPower power = VmPower::kUnknown;
+  // kQmp: QEMU still runs with the guest stopped (status shutdown,
+  // guest-panicked, internal-error): it holds the disks and the bitmaps, so
+  // AttachVm (not AttachVmImages) reaches them.
+  bool via_qemu = false;
+  std::string detail;  // what was seen, for messages and logs
+};
+
+// kQmp: connects to qmp_socket (5 s). No socket, or a refused connection:
+// off (no QEMU serves it; AttachVmImages then proves that no other process
+// writes the images). A greeting plus query-status answering shutdown,
+// guest-panicked or internal-error: off and via_qemu. Any other status, a
+// failed query-status or a monitor that does not greet in time (busy with
+// another client): running. kLibvirt: virDomainGetState; SHUTOFF is off,
+// anything else running; libvirt unreachable is Unavailable. kOffline: off.
+Result<VmPowerState> QueryVmPower(const VmDefinition& def);
+
+// Opens the definition's images (whatever its kind) with a
+// qemu-storage-daemon under run_dir, node names as an offline attach gives
+// them, with QEMU's image locking on: FailedPrecondition "an image of VM X
+// is in use by another process" when a QEMU (or libvirt domain) still holds
+// one for writing. Persistent bitmaps come with qcow2 images. NotFound when
+// an image is missing.
+Result<std::unique_ptr<AttachedVm>> AttachVmImages(const VmDefinition& def, const std::string& run_dir);
+
 // Catalog mapping: id = uuid, mode kNone, definition_json = ToJson().dump().
 VmRecord ToVmRecord(const VmDefinition& def);
 std::vector<DiskRecord> ToDiskRecords(const VmDefinition& def);

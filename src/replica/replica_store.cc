@@ -5,6 +5,7 @@
 #include <spdlog/spdlog.h>
 #include <sys/stat.h>
 #include <unistd.h>
+#include <xxhash.h>
 #include <zstd.h>
 
 #include <nlohmann/json.hpp>
@@ -180,6 +181,76 @@ Result<LoadState> DecodeLoad(const std::string& bytes, const std::string& path) 
   return st;
 }
 
+// Checks shared by Create and Adopt.
+Status CheckStoreArgs(const std::string& vm_id, const std::vector<ReplicaDisk>& disks) {
+  if (vm_id.empty() || vm_id.size() > kMaxString) return Status::InvalidArgument("replica store: bad VM id");
+  if (disks.empty() || disks.size() > kMaxDisks) return Status::InvalidArgument("replica store: 1..256 disks needed");
+  std::set<std::string> names;
+  for (const ReplicaDisk& d : disks) {
+    if (!ValidDiskName(d.name)) return Status::InvalidArgument("replica store: bad disk name '" + d.name + "'");
+    if (!names.insert(d.name).second) return Status::InvalidArgument("replica store: disk " + d.name + " given twice");
+    if (d.size == 0 || d.size % kReplicaBlockSize != 0)
+      return Status::InvalidArgument("replica store: size of disk " + d.name + " must be a positive multiple of 4096");
+  }
+  return Status::Ok();
+}
+
+// ---- ADOPT (docs section 18) ----
+// A valid ADOPT is far smaller: 256 disk names of at most 64 bytes.
+constexpr size_t kMaxAdoptFile = 128 * 1024;
+
+struct AdoptRecord {
+  uint64_t sequence = 0;                // the adopted point
+  std::string generation;               // its generation (32 hex digits)
+  uint64_t manifest_xxh3 = 0;           // XXH3_64bits of the adopted MANIFEST's bytes
+  std::vector<std::string> drop_disks;  // disk images of the old store not adopted
+};
+
+std::string EncodeAdopt(const AdoptRecord& r) {
+  char hash[17];
+  std::snprintf(hash, sizeof hash, "%016" PRIx64, r.manifest_xxh3);
+  nlohmann::json j = {{"version", 1},
+                      {"sequence", r.sequence},
+                      {"generation", r.generation},
+                      {"manifest_xxh3", std::string(hash)},
+                      {"drop_disks", r.drop_disks}};
+  return j.dump() + "\n";
+}
+
+// Every field is checked; anything else is Corruption naming the file.
+Result<AdoptRecord> DecodeAdopt(const std::string& bytes, const std::string& path) {
+  auto bad = [&](const std::string& why) { return Status::Corruption("adoption record " + path + ": " + why); };
+  if (bytes.size() > kMaxAdoptFile) return bad("too large");
+  nlohmann::json j = nlohmann::json::parse(bytes, nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded() || !j.is_object()) return bad("not a JSON object");
+  static const std::set<std::string> kFields = {"version", "sequence", "generation", "manifest_xxh3", "drop_disks"};
+  for (auto it = j.begin(); it != j.end(); ++it)
+    if (kFields.count(it.key()) == 0) return bad("unknown field '" + it.key() + "'");
+  for (const std::string& f : kFields)
+    if (!j.contains(f)) return bad("field '" + f + "' is missing");
+  if (!j["version"].is_number_unsigned() || j["version"].get<uint64_t>() != 1) return bad("version is not 1");
+  if (!j["sequence"].is_number_unsigned() || j["sequence"].get<uint64_t>() == 0) return bad("sequence is not >= 1");
+  AdoptRecord r;
+  r.sequence = j["sequence"].get<uint64_t>();
+  if (!j["generation"].is_string() || !IsHex32(j["generation"].get<std::string>()))
+    return bad("generation is not 32 hex digits");
+  r.generation = j["generation"].get<std::string>();
+  const nlohmann::json& h = j["manifest_xxh3"];
+  std::string hex = h.is_string() ? h.get<std::string>() : std::string();
+  auto [end, err] = std::from_chars(hex.data(), hex.data() + hex.size(), r.manifest_xxh3, 16);
+  if (hex.size() != 16 || err != std::errc() || end != hex.data() + hex.size())
+    return bad("manifest_xxh3 is not 16 hex digits");
+  const nlohmann::json& d = j["drop_disks"];
+  if (!d.is_array() || d.size() > kMaxDisks) return bad("drop_disks is not an array of at most 256 names");
+  std::set<std::string> seen;
+  for (const nlohmann::json& n : d) {
+    if (!n.is_string() || !ValidDiskName(n.get<std::string>()) || !seen.insert(n.get<std::string>()).second)
+      return bad("drop_disks holds a bad or repeated disk name");
+    r.drop_disks.push_back(n.get<std::string>());
+  }
+  return r;
+}
+
 std::string SeqName(uint64_t seq) {
   char b[32];
   std::snprintf(b, sizeof b, "%020" PRIu64, seq);
@@ -281,6 +352,7 @@ struct ReplicaStore::Impl {
 
   std::string ManifestPath() const { return dir + "/MANIFEST"; }
   std::string LoadPath() const { return dir + "/LOAD"; }
+  std::string AdoptPath() const { return dir + "/ADOPT"; }
   std::string DiskPath(uint32_t d) const { return dir + "/disks/" + disks[d].name + ".img"; }
   std::string UndoDir() const { return dir + "/undo"; }
   std::string SegmentPath(uint64_t seq) const { return UndoDir() + "/" + SeqName(seq) + ".vru"; }
@@ -303,6 +375,12 @@ struct ReplicaStore::Impl {
     return s;
   }
 
+  // Unlinks `path` (already gone is fine) between the hooks of `step`.
+  Status UnlinkStep(const std::string& step, const std::string& path) {
+    return Step(step, [&] {
+      return ::unlink(path.c_str()) == 0 || errno == ENOENT ? Status::Ok() : Errno("unlink", path);
+    });
+  }
   Status FsyncFd(int fd, const std::string& step, const std::string& path) {
     return Step(step, [&] { return ::fsync(fd) == 0 ? Status::Ok() : Errno("fsync", path); });
   }
@@ -311,6 +389,28 @@ struct ReplicaStore::Impl {
   }
   Status WriteManifest(const Manifest& m) {
     return Step("manifest.write", [&] { return WriteFileAtomic(ManifestPath(), EncodeManifest(m)); });
+  }
+  // The MANIFEST of FinishLoad and Adopt (docs sections 17, 18): this store
+  // with point `seq` alone and no carried segment.
+  Manifest OnlyPoint(uint64_t seq, const PointInfo& p) const {
+    Manifest next = manifest;
+    next.points = {ManifestPoint{seq, p.time_ms, static_cast<uint16_t>(p.kind), p.generation_id}};
+    next.carried.clear();
+    return next;
+  }
+  // Their commit: `next` renamed into place, then installed, with `also`
+  // run under the same write lock. A failed write may or may not have
+  // reached the disk: the store refuses changes (only Open can tell).
+  Status CommitOnlyPoint(Manifest next, const std::function<void()>& also) {
+    Status s = WriteManifest(next);
+    if (!s.ok()) {
+      broken = true;
+      return s;
+    }
+    auto lk = WriteLock();
+    manifest = std::move(next);
+    if (also) also();
+    return Status::Ok();
   }
 
   Status OpenDisks();
@@ -328,6 +428,13 @@ struct ReplicaStore::Impl {
   Status CheckLoadCall(const char* call) const;
   Status SyncLoadLocked();
   Status RecoverLoad();  // at Open, after Recover
+  // Adoption (docs section 18). An ADOPT record found by Open (before
+  // Recover) or by Adopt: finishes a committed adoption's cleanup or
+  // forgets one that did not commit. `manifest_bytes`: MANIFEST, if any.
+  Status RecoverAdopt(const std::optional<std::string>& manifest_bytes);
+  // After an adoption's commit: every undo file, the old-only disk images,
+  // then ADOPT itself.
+  Status FinishAdopt(const std::vector<std::string>& drop_disks);
   Result<ScanResult> ScanSegment(int fd, const std::string& path, bool committed);
   Status RestoreFromScan(int fd, const std::string& path, const ScanResult& scan);
   Status RollbackInflightLocked();
@@ -372,15 +479,7 @@ Status ReplicaStore::Impl::OpenDisks() {
 Result<std::unique_ptr<ReplicaStore>> ReplicaStore::Create(const std::string& dir, const std::string& vm_id,
                                                            const std::vector<ReplicaDisk>& disks, Catalog* catalog,
                                                            ReplicaStoreOptions options) {
-  if (vm_id.empty() || vm_id.size() > kMaxString) return Status::InvalidArgument("replica store: bad VM id");
-  if (disks.empty() || disks.size() > kMaxDisks) return Status::InvalidArgument("replica store: 1..256 disks needed");
-  std::set<std::string> names;
-  for (const ReplicaDisk& d : disks) {
-    if (!ValidDiskName(d.name)) return Status::InvalidArgument("replica store: bad disk name '" + d.name + "'");
-    if (!names.insert(d.name).second) return Status::InvalidArgument("replica store: disk " + d.name + " given twice");
-    if (d.size == 0 || d.size % kReplicaBlockSize != 0)
-      return Status::InvalidArgument("replica store: size of disk " + d.name + " must be a positive multiple of 4096");
-  }
+  VMR_RETURN_IF_ERROR(CheckStoreArgs(vm_id, disks));
   VMR_RETURN_IF_ERROR(CheckOptions(options));
   VMR_RETURN_IF_ERROR(MakeDirs(dir + "/disks"));
   VMR_RETURN_IF_ERROR(MakeDirs(dir + "/undo"));
@@ -396,6 +495,7 @@ Result<std::unique_ptr<ReplicaStore>> ReplicaStore::Create(const std::string& di
   std::error_code ec;
   for (const auto& e : std::filesystem::directory_iterator(impl->UndoDir(), ec)) std::filesystem::remove(e.path(), ec);
   std::filesystem::remove(impl->LoadPath(), ec);
+  std::filesystem::remove(impl->AdoptPath(), ec);  // an adoption that never committed
   impl->manifest.vm_id = impl->vm_id = vm_id;
   impl->manifest.disks = impl->disks = disks;
   impl->manifest.points.push_back(ManifestPoint{0, impl->Now(), 0, ""});
@@ -426,6 +526,7 @@ Result<std::unique_ptr<ReplicaStore>> ReplicaStore::Open(const std::string& dir,
   VMR_ASSIGN_OR_RETURN(FileLock lock, FileLock::Acquire(dir + "/LOCK"));
   impl->lock.emplace(std::move(lock));
   VMR_ASSIGN_OR_RETURN(std::string bytes, ReadFile(impl->ManifestPath()));
+  VMR_RETURN_IF_ERROR(impl->RecoverAdopt(bytes));  // before Recover: ADOPT's orphans are never rolled back
   VMR_ASSIGN_OR_RETURN(impl->manifest, DecodeManifest(bytes));
   std::set<std::string> names;
   for (const ReplicaDisk& d : impl->manifest.disks)
@@ -1037,12 +1138,16 @@ Status ReplicaStore::Impl::SyncCatalog() {
   }
   Status s = catalog->RunInTransaction([&]() -> Status {
     VMR_ASSIGN_OR_RETURN(auto rows, catalog->ListRecoveryPoints(m.vm_id));
-    std::set<std::string> want;
-    for (const ManifestPoint& p : m.points) want.insert(CatalogPointId(m.vm_id, p.sequence));
+    // A row is kept only when every field matches its point: an adopted
+    // point (docs section 18) may reuse a sequence with other details.
+    std::map<std::string, const ManifestPoint*> want;
+    for (const ManifestPoint& p : m.points) want[CatalogPointId(m.vm_id, p.sequence)] = &p;
     std::set<std::string> have;
     std::vector<std::string> drop;
     for (const RecoveryPointRecord& r : rows) {
-      if (want.count(r.id) == 0) {
+      auto w = want.find(r.id);
+      if (w == want.end() || r.sequence != w->second->sequence || r.time_ms != w->second->time_ms ||
+          r.kind != w->second->kind || r.generation_id != w->second->generation) {
         drop.push_back(r.id);
       } else {
         have.insert(r.id);
@@ -1579,24 +1684,11 @@ Status ReplicaStore::FinishLoad() {
   // fdatasync leaves metadata such as punched ranges to this fsync.
   for (uint32_t d = 0; d < m.disk_fds.size(); ++d)
     VMR_RETURN_IF_ERROR(m.FsyncFd(m.disk_fds[d], "load.disk.fsync", m.DiskPath(d)));
-  const LoadInfo& info = m.load->info;
-  Manifest next = m.manifest;
-  next.points = {ManifestPoint{1, info.point.time_ms, static_cast<uint16_t>(info.point.kind),
-                               info.point.generation_id}};
-  next.carried.clear();
-  // Commit.
-  Status s = m.WriteManifest(next);
-  if (!s.ok()) {
-    // The rename may or may not have reached the disk: Open decides.
-    m.broken = true;
-    return s.WithContext("FinishLoad: point 1 may or may not be committed; reopen the store");
-  }
+  // Commit (shared with Adopt). A failed write leaves the store refusing
+  // changes: the rename may or may not have reached the disk, Open decides.
+  Status s = m.CommitOnlyPoint(m.OnlyPoint(1, m.load->info.point), [&] { m.load.reset(); });
+  if (!s.ok()) return s.WithContext("FinishLoad: point 1 may or may not be committed; reopen the store");
   const uint64_t chunks = m.load_written;
-  {
-    auto lk = m.WriteLock();
-    m.manifest = std::move(next);
-    m.load.reset();
-  }
   m.load_written = 0;
   m.load_unsynced = 0;
   Status u = m.UnlinkLoad();
@@ -1640,6 +1732,171 @@ Status ReplicaStore::AbandonLoad() {
   VMR_RETURN_IF_ERROR(m.FsyncDir(m.dir, "load.dir.fsync").WithContext("AbandonLoad"));
   spdlog::info("replica store {}: initial load abandoned; the disks are empty again (point 0)", m.dir);
   return Status::Ok();
+}
+
+// ---- Adoption (docs section 18) ------------------------------------------------
+
+Status ReplicaStore::Impl::FinishAdopt(const std::vector<std::string>& drop_disks) {
+  // Every undo file is an orphan of the old store, never an apply to roll
+  // back: the adopted point is the only one and the disks are its content.
+  std::error_code ec;
+  std::vector<std::string> files;
+  for (const auto& e : std::filesystem::directory_iterator(UndoDir(), ec)) {
+    const std::string name = e.path().filename().string();
+    if (name.ends_with(".vru") || name.ends_with(".tmp")) files.push_back(e.path().string());
+  }
+  if (ec) return Status::IOError("list " + UndoDir() + ": " + ec.message());
+  for (const std::string& path : files) VMR_RETURN_IF_ERROR(UnlinkStep("undo.unlink", path));
+  if (!files.empty()) VMR_RETURN_IF_ERROR(FsyncDir(UndoDir(), "undo.dir.fsync"));
+  for (const std::string& name : drop_disks)
+    VMR_RETURN_IF_ERROR(UnlinkStep("adopt.disk.unlink", dir + "/disks/" + name + ".img"));
+  if (!drop_disks.empty()) VMR_RETURN_IF_ERROR(FsyncDir(dir + "/disks", "disks.dir.fsync"));
+  VMR_RETURN_IF_ERROR(UnlinkStep("adopt.unlink", AdoptPath()));
+  return FsyncDir(dir, "adopt.dir.fsync");
+}
+
+Status ReplicaStore::Impl::RecoverAdopt(const std::optional<std::string>& manifest_bytes) {
+  const std::string path = AdoptPath();
+  struct stat fst {};
+  if (::stat(path.c_str(), &fst) != 0) {
+    if (errno == ENOENT) return Status::Ok();
+    return Errno("stat", path);
+  }
+  if (!S_ISREG(fst.st_mode) || static_cast<uint64_t>(fst.st_size) > kMaxAdoptFile)
+    return Status::Corruption("adoption record " + path + ": not a regular file of at most 128 KiB");
+  VMR_ASSIGN_OR_RETURN(std::string bytes, ReadFile(path, kMaxAdoptFile));
+  VMR_ASSIGN_OR_RETURN(AdoptRecord rec, DecodeAdopt(bytes, path));
+  const bool committed =
+      manifest_bytes && XXH3_64bits(manifest_bytes->data(), manifest_bytes->size()) == rec.manifest_xxh3;
+  if (!committed) {
+    // The old store (or none) stands: only the record goes.
+    spdlog::info("replica store {}: adoption of point {} did not commit; its record is removed", dir, rec.sequence);
+    VMR_RETURN_IF_ERROR(UnlinkStep("adopt.unlink", path));
+    return FsyncDir(dir, "adopt.dir.fsync");
+  }
+  VMR_ASSIGN_OR_RETURN(Manifest m, DecodeManifest(*manifest_bytes));
+  if (m.points.size() != 1 || m.points[0].sequence != rec.sequence || m.points[0].generation != rec.generation ||
+      !m.carried.empty())
+    return Status::Corruption("adoption record " + path + " does not describe MANIFEST");
+  for (const std::string& name : rec.drop_disks)
+    for (const ReplicaDisk& d : m.disks)
+      if (d.name == name)
+        return Status::Corruption("adoption record " + path + " would delete disk " + name + ", which MANIFEST lists");
+  spdlog::info("replica store {}: adoption of point {} was committed; removing the old store's files", dir,
+               rec.sequence);
+  return FinishAdopt(rec.drop_disks);
+}
+
+Result<std::unique_ptr<ReplicaStore>> ReplicaStore::Adopt(const std::string& dir, const std::string& vm_id,
+                                                          const std::vector<ReplicaDisk>& disks, uint64_t sequence,
+                                                          const PointInfo& info, Catalog* catalog,
+                                                          ReplicaStoreOptions options) {
+  VMR_RETURN_IF_ERROR(CheckStoreArgs(vm_id, disks));
+  if (sequence == 0 || sequence == UINT64_MAX)
+    return Status::InvalidArgument("Adopt: sequence " + std::to_string(sequence) + " is not in 1..2^64-2");
+  if (static_cast<uint16_t>(info.kind) > 3) return Status::InvalidArgument("Adopt: bad point kind");
+  if (!IsHex32(info.generation_id))
+    return Status::InvalidArgument("Adopt: generation '" + info.generation_id + "' is not 32 hex digits");
+  VMR_RETURN_IF_ERROR(CheckOptions(options));
+  VMR_RETURN_IF_ERROR(MakeDirs(dir + "/disks"));
+  VMR_RETURN_IF_ERROR(MakeDirs(dir + "/undo"));
+  auto impl = std::make_unique<Impl>();
+  Impl& m = *impl;
+  m.dir = dir;
+  m.catalog = catalog;
+  m.opt = std::move(options);
+  VMR_ASSIGN_OR_RETURN(FileLock lock, FileLock::Acquire(dir + "/LOCK"));
+  m.lock.emplace(std::move(lock));
+
+  // 1. The existing store, if any, once an earlier adoption's record is
+  // settled (its cleanup finished, or the record dropped).
+  std::optional<std::string> old_bytes;
+  {
+    struct stat fst {};
+    if (::stat(m.ManifestPath().c_str(), &fst) == 0) {
+      VMR_ASSIGN_OR_RETURN(std::string b, ReadFile(m.ManifestPath()));
+      old_bytes = std::move(b);
+    } else if (errno != ENOENT) {
+      return Errno("stat", m.ManifestPath());
+    }
+  }
+  VMR_RETURN_IF_ERROR(m.RecoverAdopt(old_bytes));
+  std::optional<Manifest> old;
+  if (old_bytes) {
+    auto dec = DecodeManifest(*old_bytes);
+    if (!dec.ok()) return dec.status().WithContext("Adopt: the existing store in " + dir + " (remove it to adopt)");
+    old = std::move(dec).value();
+    if (old->vm_id != vm_id)
+      return Status::InvalidArgument("Adopt: " + dir + " holds the store of VM " + old->vm_id + ", not of " + vm_id);
+  }
+  // 2. Checks, before any change. A load in progress is refused; a LOAD
+  // left by a committed load (or without a store) is removed below, as
+  // Open (or Create) would remove it.
+  bool stale_load = false;
+  {
+    struct stat fst {};
+    if (::stat(m.LoadPath().c_str(), &fst) == 0) {
+      if (old && old->points.back().sequence == 0)
+        return Status::FailedPrecondition("Adopt: the store in " + dir +
+                                          " has an initial load in progress (LOAD); finish or abandon it first");
+      stale_load = true;
+    } else if (errno != ENOENT) {
+      return Errno("stat", m.LoadPath());
+    }
+  }
+  m.vm_id = m.manifest.vm_id = vm_id;
+  m.disks = m.manifest.disks = disks;
+  for (uint32_t d = 0; d < disks.size(); ++d) {
+    const std::string p = m.DiskPath(d);
+    struct stat fst {};
+    if (::stat(p.c_str(), &fst) != 0) {
+      if (errno == ENOENT) return Status::NotFound("Adopt: disk file " + p + " is missing");
+      return Errno("stat", p);
+    }
+    if (!S_ISREG(fst.st_mode)) return Status::InvalidArgument("Adopt: disk file " + p + " is not a regular file");
+    int fd = ::open(p.c_str(), O_RDWR | O_CLOEXEC);
+    if (fd < 0) return Errno("open disk image", p);
+    m.disk_fds.push_back(fd);
+    if (::fstat(fd, &fst) != 0) return Errno("stat", p);
+    if (!S_ISREG(fst.st_mode)) return Status::InvalidArgument("Adopt: disk file " + p + " is not a regular file");
+    if (static_cast<uint64_t>(fst.st_size) != disks[d].size)
+      return Status::InvalidArgument("Adopt: disk file " + p + " has " + std::to_string(fst.st_size) +
+                                     " bytes, disk " + disks[d].name + " has " + std::to_string(disks[d].size));
+    m.disk_blocks.push_back(disks[d].size / kReplicaBlockSize);
+  }
+  std::vector<std::string> drop_disks;  // the old store's images that are not adopted
+  if (old) {
+    for (const ReplicaDisk& od : old->disks) {
+      bool kept = false;
+      for (const ReplicaDisk& nd : disks) kept = kept || nd.name == od.name;
+      if (!kept) drop_disks.push_back(od.name);
+    }
+  }
+  // 3. Until the commit nothing below changes what Open sees (but the
+  // removal of a LOAD that Open would remove as well).
+  if (stale_load) VMR_RETURN_IF_ERROR(m.UnlinkLoad());
+  for (uint32_t d = 0; d < m.disk_fds.size(); ++d)
+    VMR_RETURN_IF_ERROR(m.FsyncFd(m.disk_fds[d], "disk.fsync", m.DiskPath(d)));
+  VMR_RETURN_IF_ERROR(m.FsyncDir(dir + "/disks", "disks.dir.fsync"));
+  Manifest next = m.OnlyPoint(sequence, info);
+  const std::string encoded = EncodeManifest(next);
+  const AdoptRecord rec{sequence, info.generation_id, XXH3_64bits(encoded.data(), encoded.size()), drop_disks};
+  VMR_RETURN_IF_ERROR(
+      m.Step("adopt.write", [&] { return WriteFileAtomic(m.AdoptPath(), EncodeAdopt(rec), 0600); }));
+  // 4. Commit (shared with FinishLoad).
+  Status s = m.CommitOnlyPoint(std::move(next), nullptr);
+  if (!s.ok())
+    return s.WithContext("Adopt: point " + std::to_string(sequence) + " of " + dir +
+                         " may or may not be adopted; Open or the same Adopt again decides");
+  // 5. Cleanup: the old store's files, then ADOPT.
+  s = m.FinishAdopt(drop_disks);
+  if (!s.ok())
+    return s.WithContext("Adopt: point " + std::to_string(sequence) + " of " + dir +
+                         " is adopted but its cleanup failed; Open or the same Adopt again finishes it");
+  spdlog::info("replica store {}: adopted {} disk(s) of VM {} as point {} (generation {}){}", dir, disks.size(), vm_id,
+               sequence, info.generation_id, old ? ", replacing the store that was there" : "");
+  m.SyncCatalog().IgnoreError();  // logged inside; retried at the next Apply / Open
+  return std::unique_ptr<ReplicaStore>(new ReplicaStore(std::move(impl)));
 }
 
 // ---- Accessors ---------------------------------------------------------------

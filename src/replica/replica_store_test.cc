@@ -1643,5 +1643,487 @@ TEST_F(ReplicaLoadTest, CrashAtEveryStepOfAbandonLoadRecovers) {
   OpenCatalog();
 }
 
+// ---- Adoption (docs section 18) --------------------------------------------------
+
+const std::string kAdoptGen = "fedcba9876543210fedcba9876543210";
+
+class ReplicaAdoptTest : public ReplicaStoreTest {
+ protected:
+  PointInfo AdoptInfo() const { return {now_ - 5 * kMin, ReplicationType::kPlanned, kAdoptGen}; }
+  std::string DiskFile(const std::string& name) const { return store_dir_ + "/disks/" + name + ".img"; }
+  // What the caller of Adopt does: raw files at <dir>/disks/<name>.img,
+  // sparse (all-zero blocks are left as holes).
+  void PlaceFiles(const std::vector<ReplicaDisk>& disks, const Image& img) {
+    fs::create_directories(store_dir_ + "/disks");
+    for (size_t d = 0; d < disks.size(); ++d) {
+      const std::string path = DiskFile(disks[d].name);
+      int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+      ASSERT_GE(fd, 0) << path;
+      ASSERT_EQ(::ftruncate(fd, static_cast<off_t>(disks[d].size)), 0);
+      for (uint64_t off = 0; off < disks[d].size; off += 4096) {
+        const std::string block = img[d].substr(off, 4096);
+        if (block == std::string(4096, '\0')) continue;
+        ASSERT_EQ(::pwrite(fd, block.data(), block.size(), static_cast<off_t>(off)), 4096);
+      }
+      ::close(fd);
+    }
+  }
+  // Random content with holes, zero runs and unaligned data.
+  Image RandomImage(uint64_t seed) const {
+    std::mt19937_64 rng(seed);
+    Image img = Zeros();
+    for (int i = 0; i < 6; ++i) ApplyToImage(RandomDelta(rng, disks_), &img);
+    return img;
+  }
+  Result<std::unique_ptr<ReplicaStore>> Adopt(uint64_t seq, ReplicaStoreOptions o) {
+    return ReplicaStore::Adopt(store_dir_, kVm, disks_, seq, AdoptInfo(), catalog_.get(), std::move(o));
+  }
+  void AdoptOk(uint64_t seq, ReplicaStoreOptions o) {
+    store_.reset();
+    auto s = Adopt(seq, std::move(o));
+    ASSERT_TRUE(s.ok()) << s.status().ToString();
+    store_ = std::move(s).value();
+  }
+  std::set<std::string> UndoFiles() const {
+    std::set<std::string> out;
+    for (const auto& e : fs::directory_iterator(store_dir_ + "/undo")) out.insert(e.path().filename().string());
+    return out;
+  }
+  // The store holds point `seq` alone, as Adopt recorded it, reading `img`;
+  // no undo file, no ADOPT; the catalog mirrors it.
+  void ExpectAdopted(uint64_t seq, const Image& img) {
+    ASSERT_EQ(store_->latest_sequence(), seq);
+    std::vector<ReplicaPoint> pts = store_->ListPoints();
+    ASSERT_EQ(pts.size(), 1u);
+    EXPECT_EQ(pts[0].sequence, seq);
+    EXPECT_EQ(pts[0].time_ms, AdoptInfo().time_ms);
+    EXPECT_EQ(pts[0].kind, ReplicationType::kPlanned);
+    EXPECT_EQ(pts[0].generation_id, kAdoptGen);
+    EXPECT_TRUE(UndoFiles().empty());
+    EXPECT_FALSE(fs::exists(store_dir_ + "/ADOPT"));
+    ExpectPoint(seq, img);
+    auto rows = catalog_->ListRecoveryPoints(kVm);
+    ASSERT_TRUE(rows.ok());
+    ASSERT_EQ(rows->size(), 1u);
+    EXPECT_EQ((*rows)[0].sequence, seq);
+    EXPECT_EQ((*rows)[0].generation_id, kAdoptGen);
+    EXPECT_EQ((*rows)[0].time_ms, AdoptInfo().time_ms);
+    EXPECT_EQ((*rows)[0].kind, static_cast<uint16_t>(ReplicationType::kPlanned));
+  }
+  // A store of three disks (vdc is not adopted later) with points 0..4 and
+  // undo segments 0..3; images[k] is point k (disks vda, vdb only).
+  void MakeOldStore(ReplicaStoreOptions o, std::map<uint64_t, Image>* images) {
+    const std::vector<ReplicaDisk> adopted = disks_;
+    disks_.push_back({"vdc", 64 << 10});
+    Create(o);
+    std::mt19937_64 rng(77);
+    Image cur = Zeros();
+    (*images)[0] = cur;
+    for (uint64_t seq = 1; seq <= 4; ++seq) {
+      auto recs = RandomDelta(rng, disks_);
+      recs.push_back(Data(2, 4096 * seq, std::string(5000, static_cast<char>('p' + seq))));
+      ApplyToImage(recs, &cur);
+      (*images)[seq] = cur;
+      ASSERT_TRUE(Apply(seq, recs, now_ - static_cast<int64_t>(10 - seq) * kMin).ok());
+    }
+    ASSERT_EQ(PointSeqs(), (std::vector<uint64_t>{0, 1, 2, 3, 4}));
+    ASSERT_EQ(UndoFiles().size(), 4u);
+    for (auto& [seq, img] : *images) img.resize(adopted.size());
+    disks_ = adopted;
+  }
+};
+
+TEST_F(ReplicaAdoptTest, AdoptIntoANewDirectoryMakesTheFilesTheOnlyPoint) {
+  const Image img = RandomImage(11);
+  PlaceFiles(disks_, img);
+  ASSERT_FALSE(fs::exists(store_dir_ + "/MANIFEST"));
+  StepCounter steps;
+  ReplicaStoreOptions o = Options();
+  steps.Attach(&o);
+  AdoptOk(1, o);
+  ExpectAdopted(1, img);
+  EXPECT_EQ(steps("manifest.write:before"), 1);
+  EXPECT_EQ(steps("disk.fsync:before"), 2);
+  EXPECT_EQ(steps("undo.create:before"), 0);
+  // The next delta is 2, on top of the adopted point.
+  EXPECT_EQ(Apply(1, {Data(0, 0, "x")}, now_).code(), Code::kFailedPrecondition);
+  EXPECT_EQ(Apply(3, {Data(0, 0, "x")}, now_).code(), Code::kFailedPrecondition);
+  std::mt19937_64 rng(12);
+  auto d2 = RandomDelta(rng, disks_);
+  Image img2 = img;
+  ApplyToImage(d2, &img2);
+  ASSERT_TRUE(Apply(2, d2, now_).ok());
+  EXPECT_EQ(PointSeqs(), (std::vector<uint64_t>{1, 2}));
+  EXPECT_EQ(store_->ListPoints()[0].generation_id, kAdoptGen);
+  EXPECT_EQ(CatalogSeqs(), (std::vector<uint64_t>{1, 2}));
+  ExpectPoint(1, img);
+  ExpectPoint(2, img2);
+  Reopen(o);
+  EXPECT_EQ(store_->ListPoints()[0].generation_id, kAdoptGen);
+  ExpectPoint(1, img);
+  ExpectPoint(2, img2);
+}
+
+TEST_F(ReplicaAdoptTest, AdoptAnyLaterSequenceAndAgainIsIdempotent) {
+  const Image img = RandomImage(13);
+  PlaceFiles(disks_, img);
+  AdoptOk(41, Options());
+  ExpectAdopted(41, img);
+  AdoptOk(41, Options());  // the same call again: the same store
+  ExpectAdopted(41, img);
+  ASSERT_TRUE(Apply(42, {Data(1, 100, "abc")}, now_).ok());
+  EXPECT_EQ(PointSeqs(), (std::vector<uint64_t>{41, 42}));
+  ExpectPoint(41, img);
+}
+
+// The old store's point 1 has segment undo/1.vru: with point 1 adopted it
+// must be deleted as an orphan, never rolled back as an unfinished apply.
+TEST_F(ReplicaAdoptTest, AdoptOverAnExistingStoreDiscardsItsPointsAndSegments) {
+  ReplicaStoreOptions o = Options();
+  o.fine_window_ms = 100 * kHour;
+  std::map<uint64_t, Image> old;
+  MakeOldStore(o, &old);
+  store_.reset();
+  ASSERT_TRUE(fs::exists(DiskFile("vdc")));
+  const Image img = RandomImage(17);
+  PlaceFiles(disks_, img);
+  AdoptOk(1, o);
+  ExpectAdopted(1, img);
+  EXPECT_FALSE(fs::exists(DiskFile("vdc")));  // the old store's disk that is not adopted
+  EXPECT_EQ(store_->disks().size(), 2u);
+  auto changed = store_->ChangedSince(1);
+  ASSERT_TRUE(changed.ok());
+  EXPECT_TRUE(changed->empty());
+  for (uint64_t gone : {0, 2, 3, 4}) {
+    std::string buf(10, 'X');
+    EXPECT_EQ(store_->ReadPoint(gone, 0, 0, buf.size(), buf.data()).code(), Code::kNotFound) << gone;
+  }
+  std::mt19937_64 rng(18);
+  Image cur = img;
+  std::map<uint64_t, Image> images = {{1, img}};
+  for (uint64_t seq = 2; seq <= 4; ++seq) {
+    auto recs = RandomDelta(rng, disks_);
+    ApplyToImage(recs, &cur);
+    images[seq] = cur;
+    ASSERT_TRUE(Apply(seq, recs, now_).ok()) << seq;
+  }
+  Reopen(o);
+  EXPECT_EQ(PointSeqs(), (std::vector<uint64_t>{1, 2, 3, 4}));
+  EXPECT_EQ(CatalogSeqs(), (std::vector<uint64_t>{1, 2, 3, 4}));
+  for (const auto& [seq, want] : images) ExpectPoint(seq, want);
+  EXPECT_EQ(store_->ListPoints()[0].generation_id, kAdoptGen);
+}
+
+TEST_F(ReplicaAdoptTest, RefusalsLeaveTheDirectoryAsItWas) {
+  const Image img = RandomImage(19);
+  // Bad arguments: nothing is looked at.
+  auto code = [&](const std::vector<ReplicaDisk>& disks, uint64_t seq, const PointInfo& info) {
+    return ReplicaStore::Adopt(store_dir_, kVm, disks, seq, info, catalog_.get(), Options()).status().code();
+  };
+  EXPECT_EQ(code(disks_, 0, AdoptInfo()), Code::kInvalidArgument);
+  PointInfo bad = AdoptInfo();
+  bad.generation_id = "g";
+  EXPECT_EQ(code(disks_, 1, bad), Code::kInvalidArgument);
+  bad.generation_id = std::string(31, 'a') + "x";
+  EXPECT_EQ(code(disks_, 1, bad), Code::kInvalidArgument);
+  bad = AdoptInfo();
+  bad.kind = static_cast<ReplicationType>(4);
+  EXPECT_EQ(code(disks_, 1, bad), Code::kInvalidArgument);
+  EXPECT_EQ(code({{"../vda", 4096}}, 1, AdoptInfo()), Code::kInvalidArgument);
+  EXPECT_EQ(code({{"vda", 4000}}, 1, AdoptInfo()), Code::kInvalidArgument);
+  EXPECT_EQ(code({{"vda", 4096}, {"vda", 4096}}, 1, AdoptInfo()), Code::kInvalidArgument);
+  EXPECT_EQ(ReplicaStore::Adopt(store_dir_, "", disks_, 1, AdoptInfo(), nullptr, Options()).status().code(),
+            Code::kInvalidArgument);
+
+  // A disk file missing, of another size, not a regular file: no store.
+  PlaceFiles({disks_[0]}, {img[0]});
+  EXPECT_EQ(Adopt(1, Options()).status().code(), Code::kNotFound);
+  EXPECT_FALSE(fs::exists(store_dir_ + "/MANIFEST"));
+  PlaceFiles({{disks_[1].name, disks_[1].size + 4096}}, {img[1] + std::string(4096, '\0')});
+  EXPECT_EQ(Adopt(1, Options()).status().code(), Code::kInvalidArgument);
+  fs::remove(DiskFile(disks_[1].name));
+  fs::create_directory(DiskFile(disks_[1].name));
+  EXPECT_EQ(Adopt(1, Options()).status().code(), Code::kInvalidArgument);
+  EXPECT_FALSE(fs::exists(store_dir_ + "/MANIFEST"));
+  EXPECT_EQ(ReplicaStore::Open(store_dir_, catalog_.get(), Options()).status().code(), Code::kNotFound);
+  fs::remove(DiskFile(disks_[1].name));
+  EXPECT_TRUE(CatalogSeqs().empty());
+
+  // An existing store: open elsewhere (LOCK held), of another VM, with a
+  // load in progress. Each refusal leaves it as it was.
+  fs::remove_all(store_dir_);
+  Create(Options());
+  ASSERT_TRUE(Apply(1, {Data(0, 0, std::string(9000, 'q'))}, now_).ok());
+  Image old1 = Zeros();
+  ApplyToImage({Data(0, 0, std::string(9000, 'q'))}, &old1);
+  EXPECT_EQ(Adopt(2, Options()).status().code(), Code::kBusy);
+  store_.reset();
+  ASSERT_TRUE(catalog_->PutVm({"vm-2", "vm two", ReplicationMode::kReplica, "{}", 0}).ok());
+  EXPECT_EQ(ReplicaStore::Adopt(store_dir_, "vm-2", disks_, 2, AdoptInfo(), catalog_.get(), Options())
+                .status()
+                .code(),
+            Code::kInvalidArgument);
+  Reopen(Options());
+  EXPECT_EQ(PointSeqs(), (std::vector<uint64_t>{0, 1}));
+  ExpectPoint(0, Zeros());
+  ExpectPoint(1, old1);
+  EXPECT_EQ(CatalogSeqs(), (std::vector<uint64_t>{0, 1}));
+
+  store_.reset();
+  fs::remove_all(store_dir_);
+  Create(Options());
+  LoadInfo load;
+  load.point = {now_, ReplicationType::kRegular, kLoadGen};
+  load.source = "network";
+  ASSERT_TRUE(store_->BeginLoad(load).ok());
+  VectorSource chunk({Data(0, 4096, std::string(4096, 'L'))});
+  ASSERT_TRUE(store_->LoadChunk(0, chunk).ok());
+  ASSERT_TRUE(store_->SyncLoad().ok());
+  store_.reset();
+  EXPECT_EQ(Adopt(1, Options()).status().code(), Code::kFailedPrecondition);
+  EXPECT_FALSE(fs::exists(store_dir_ + "/ADOPT"));
+  Reopen(Options());
+  ASSERT_TRUE(store_->load_state().has_value());
+  EXPECT_EQ(store_->load_state()->done_chunks, 1u);
+  EXPECT_EQ(store_->latest_sequence(), 0u);
+}
+
+TEST_F(ReplicaAdoptTest, CorruptAdoptionRecordIsCorruptionAtOpen) {
+  PlaceFiles(disks_, RandomImage(23));
+  AdoptOk(1, Options());
+  store_.reset();
+  const std::string path = store_dir_ + "/ADOPT";
+  const std::vector<std::string> bad = {
+      "",
+      "{",
+      "{\"version\":1}",
+      "{\"version\":2,\"sequence\":1,\"generation\":\"" + kAdoptGen +
+          "\",\"manifest_xxh3\":\"0000000000000000\",\"drop_disks\":[]}",
+      "{\"version\":1,\"sequence\":0,\"generation\":\"" + kAdoptGen +
+          "\",\"manifest_xxh3\":\"0000000000000000\",\"drop_disks\":[]}",
+      "{\"version\":1,\"sequence\":1,\"generation\":\"xyz\",\"manifest_xxh3\":\"0000000000000000\",\"drop_disks\":[]}",
+      "{\"version\":1,\"sequence\":1,\"generation\":\"" + kAdoptGen +
+          "\",\"manifest_xxh3\":\"00000000000000\",\"drop_disks\":[]}",
+      "{\"version\":1,\"sequence\":1,\"generation\":\"" + kAdoptGen +
+          "\",\"manifest_xxh3\":\"0000000000000000\",\"drop_disks\":[\"../x\"]}",
+      "{\"version\":1,\"sequence\":1,\"generation\":\"" + kAdoptGen +
+          "\",\"manifest_xxh3\":\"0000000000000000\",\"drop_disks\":[],\"extra\":1}",
+  };
+  for (const std::string& content : bad) {
+    std::ofstream(path, std::ios::binary | std::ios::trunc) << content;
+    auto s = ReplicaStore::Open(store_dir_, catalog_.get(), Options());
+    ASSERT_FALSE(s.ok()) << content;
+    EXPECT_EQ(s.status().code(), Code::kCorruption) << content;
+    EXPECT_NE(s.status().message().find("ADOPT"), std::string::npos) << s.status().ToString();
+  }
+  // A well-formed record that does not match MANIFEST: an adoption that did
+  // not commit; it is removed and the store opens.
+  std::ofstream(path, std::ios::binary | std::ios::trunc)
+      << "{\"version\":1,\"sequence\":1,\"generation\":\"" + kAdoptGen +
+             "\",\"manifest_xxh3\":\"0123456789abcdef\",\"drop_disks\":[\"vdz\"]}";
+  Reopen(Options());
+  EXPECT_FALSE(fs::exists(path));
+  EXPECT_EQ(PointSeqs(), (std::vector<uint64_t>{1}));
+}
+
+// Kills a child at every hook call of Adopt over a store with points 0..4
+// (its point 1 has a segment: adopting point 1 must never roll it back) and
+// a disk that is not adopted. The files adopted are the old store's own
+// disks (the round trip). Open then gives the old store, every point exact,
+// or the adopted point alone reading the files; never a mix.
+TEST_F(ReplicaAdoptTest, CrashAtEveryStepOfAdoptOverAStoreGivesTheOldOrTheNew) {
+  ReplicaStoreOptions o = Options();
+  o.fine_window_ms = 100 * kHour;
+  std::map<uint64_t, Image> old;
+  MakeOldStore(o, &old);
+  const std::vector<uint64_t> before = PointSeqs();
+  store_.reset();
+  catalog_.reset();
+  const std::string snap = dir_ + ".snap";
+  fs::remove_all(snap);
+  fs::create_directories(snap);
+  fs::copy(dir_, snap, fs::copy_options::recursive);
+  int completed_at = 0;
+  int saw_old = 0, saw_new = 0;
+  for (int n = 1; n < 200 && completed_at == 0; ++n) {
+    fs::remove_all(dir_);
+    fs::copy(snap, dir_, fs::copy_options::recursive);
+    pid_t pid = ::fork();
+    ASSERT_GE(pid, 0);
+    if (pid == 0) {
+      auto cat = Catalog::Open(dir_ + "/catalog.db");
+      if (!cat.ok()) ::_exit(3);
+      ReplicaStoreOptions co = o;
+      co.crash_hook = [n](std::string_view, uint64_t k) {
+        if (k == static_cast<uint64_t>(n)) ::raise(SIGKILL);
+      };
+      auto st = ReplicaStore::Adopt(store_dir_, kVm, disks_, 1, AdoptInfo(), cat->get(), co);
+      ::_exit(st.ok() ? 0 : 4);
+    }
+    int wstatus = 0;
+    ASSERT_EQ(::waitpid(pid, &wstatus, 0), pid);
+    if (WIFEXITED(wstatus)) {
+      ASSERT_EQ(WEXITSTATUS(wstatus), 0) << "child failed at n=" << n;
+      completed_at = n;
+    } else {
+      ASSERT_TRUE(WIFSIGNALED(wstatus) && WTERMSIG(wstatus) == SIGKILL);
+    }
+    OpenCatalog();
+    Reopen(o);
+    EXPECT_FALSE(fs::exists(store_dir_ + "/ADOPT")) << "n=" << n;
+    if (PointSeqs() == before) {
+      ++saw_old;
+      ASSERT_EQ(store_->disks().size(), 3u);
+      for (const ReplicaPoint& p : store_->ListPoints()) {
+        EXPECT_EQ(p.generation_id, p.sequence == 0 ? "" : "g");
+        ExpectPoint(p.sequence, old[p.sequence]);  // vda, vdb (vdc is checked by the store's reads)
+      }
+      EXPECT_EQ(UndoFiles().size(), 4u) << "n=" << n;
+      EXPECT_TRUE(fs::exists(DiskFile("vdc"))) << "n=" << n;
+      EXPECT_EQ(CatalogSeqs(), before) << "n=" << n;
+    } else {
+      ++saw_new;
+      ExpectAdopted(1, old[4]);
+      EXPECT_FALSE(fs::exists(DiskFile("vdc"))) << "n=" << n;
+      ASSERT_TRUE(Apply(2, {Data(1, 3, "after")}, now_).ok()) << "n=" << n;
+    }
+    if (HasFatalFailure()) break;
+    store_.reset();
+    catalog_.reset();
+  }
+  EXPECT_GT(completed_at, 10);
+  EXPECT_GT(saw_old, 0);
+  EXPECT_GT(saw_new, 1);  // crashes after the commit, before the cleanup ended
+  std::printf("adoption over a store has %d hook calls\n", completed_at - 1);
+  fs::remove_all(snap);
+  OpenCatalog();
+}
+
+// The same for a new directory: no store, or the adopted one.
+TEST_F(ReplicaAdoptTest, CrashAtEveryStepOfAdoptIntoANewDirectoryGivesNoneOrTheNew) {
+  const Image img = RandomImage(29);
+  PlaceFiles(disks_, img);
+  catalog_.reset();
+  const std::string snap = dir_ + ".snap";
+  fs::remove_all(snap);
+  fs::create_directories(snap);
+  fs::copy(dir_, snap, fs::copy_options::recursive);
+  int completed_at = 0;
+  int saw_none = 0, saw_new = 0;
+  for (int n = 1; n < 200 && completed_at == 0; ++n) {
+    fs::remove_all(dir_);
+    fs::copy(snap, dir_, fs::copy_options::recursive);
+    pid_t pid = ::fork();
+    ASSERT_GE(pid, 0);
+    if (pid == 0) {
+      auto cat = Catalog::Open(dir_ + "/catalog.db");
+      if (!cat.ok()) ::_exit(3);
+      ReplicaStoreOptions co = Options();
+      co.crash_hook = [n](std::string_view, uint64_t k) {
+        if (k == static_cast<uint64_t>(n)) ::raise(SIGKILL);
+      };
+      auto st = ReplicaStore::Adopt(store_dir_, kVm, disks_, 1, AdoptInfo(), cat->get(), co);
+      ::_exit(st.ok() ? 0 : 4);
+    }
+    int wstatus = 0;
+    ASSERT_EQ(::waitpid(pid, &wstatus, 0), pid);
+    if (WIFEXITED(wstatus)) {
+      ASSERT_EQ(WEXITSTATUS(wstatus), 0) << "child failed at n=" << n;
+      completed_at = n;
+    } else {
+      ASSERT_TRUE(WIFSIGNALED(wstatus) && WTERMSIG(wstatus) == SIGKILL);
+    }
+    OpenCatalog();
+    auto opened = ReplicaStore::Open(store_dir_, catalog_.get(), Options());
+    if (!opened.ok()) {
+      ++saw_none;
+      ASSERT_EQ(opened.status().code(), Code::kNotFound) << "n=" << n << ": " << opened.status().ToString();
+      EXPECT_TRUE(CatalogSeqs().empty());
+      for (size_t d = 0; d < disks_.size(); ++d)
+        ASSERT_TRUE(ReadImageFile(DiskFile(disks_[d].name), 0, disks_[d].size) == img[d]) << "n=" << n;
+      AdoptOk(1, Options());  // the caller adopts again
+    } else {
+      ++saw_new;
+      store_ = std::move(opened).value();
+    }
+    ExpectAdopted(1, img);
+    if (HasFatalFailure()) break;
+    store_.reset();
+    catalog_.reset();
+  }
+  EXPECT_GT(completed_at, 5);
+  EXPECT_GT(saw_none, 0);
+  EXPECT_GT(saw_new, 0);
+  fs::remove_all(snap);
+  OpenCatalog();
+}
+
+// An adoption killed right after its commit leaves the old store's
+// segments and ADOPT; Open finishes the cleanup. Killing that Open at every
+// hook call, the next Open still gives the adopted point alone.
+TEST_F(ReplicaAdoptTest, CrashAtEveryStepOfOpenFinishingAnAdoptionRecovers) {
+  ReplicaStoreOptions o = Options();
+  o.fine_window_ms = 100 * kHour;
+  std::map<uint64_t, Image> old;
+  MakeOldStore(o, &old);
+  store_.reset();
+  catalog_.reset();
+  pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    auto cat = Catalog::Open(dir_ + "/catalog.db");
+    if (!cat.ok()) ::_exit(3);
+    ReplicaStoreOptions co = o;
+    co.crash_hook = [](std::string_view step, uint64_t) {
+      if (step == "manifest.write:after") ::raise(SIGKILL);
+    };
+    auto st = ReplicaStore::Adopt(store_dir_, kVm, disks_, 1, AdoptInfo(), cat->get(), co);
+    ::_exit(st.ok() ? 0 : 4);
+  }
+  int wstatus = 0;
+  ASSERT_EQ(::waitpid(pid, &wstatus, 0), pid);
+  ASSERT_TRUE(WIFSIGNALED(wstatus) && WTERMSIG(wstatus) == SIGKILL);
+  ASSERT_TRUE(fs::exists(store_dir_ + "/ADOPT"));
+  ASSERT_EQ(UndoFiles().size(), 4u);
+  const std::string snap = dir_ + ".snap";
+  fs::remove_all(snap);
+  fs::create_directories(snap);
+  fs::copy(dir_, snap, fs::copy_options::recursive);
+  int completed_at = 0;
+  for (int n = 1; n < 100 && completed_at == 0; ++n) {
+    fs::remove_all(dir_);
+    fs::copy(snap, dir_, fs::copy_options::recursive);
+    pid = ::fork();
+    ASSERT_GE(pid, 0);
+    if (pid == 0) {
+      auto cat = Catalog::Open(dir_ + "/catalog.db");
+      if (!cat.ok()) ::_exit(3);
+      ReplicaStoreOptions co = o;
+      co.crash_hook = [n](std::string_view, uint64_t k) {
+        if (k == static_cast<uint64_t>(n)) ::raise(SIGKILL);
+      };
+      ::_exit(ReplicaStore::Open(store_dir_, cat->get(), co).ok() ? 0 : 4);
+    }
+    ASSERT_EQ(::waitpid(pid, &wstatus, 0), pid);
+    if (WIFEXITED(wstatus)) {
+      ASSERT_EQ(WEXITSTATUS(wstatus), 0) << "child failed at n=" << n;
+      completed_at = n;
+    } else {
+      ASSERT_TRUE(WIFSIGNALED(wstatus) && WTERMSIG(wstatus) == SIGKILL);
+    }
+    OpenCatalog();
+    Reopen(o);
+    ExpectAdopted(1, old[4]);
+    EXPECT_FALSE(fs::exists(DiskFile("vdc"))) << "n=" << n;
+    if (HasFatalFailure()) break;
+    store_.reset();
+    catalog_.reset();
+  }
+  // 4 segments, undo/, vdc, disks/, ADOPT, the directory: 9 steps.
+  EXPECT_EQ(completed_at, 19);
+  fs::remove_all(snap);
+  OpenCatalog();
+}
+
 }  // namespace
 }  // namespace vmreplica

@@ -202,6 +202,9 @@ class GapFillingSource : public DeltaSource {
   std::optional<DeltaRecord> held_;
 };
 
+// How RunCycle says that the VM is shut down (the worker skips the cycle).
+constexpr const char* kVmIsOff = "the VM is off";
+
 bool IsNetworkError(const Status& s) {
   return s.code() == Code::kUnavailable || s.code() == Code::kTimeout;
 }
@@ -304,8 +307,17 @@ Result<VmRecord> ReplicationEngine::ResolveVm(const std::string& vm) {
   return Status::NotFound("no VM named or with id '" + vm + "' on this host (`vmreplica vm add` binds one)");
 }
 
-Status ReplicationEngine::RequirePrimary(const VmRecord& vm, const RelationshipRecord& rel, const char* method) {
+Status ReplicationEngine::RequirePrimary(const VmRecord& vm, const RelationshipRecord& rel, const char* method,
+                                         std::optional<Operation> op) {
   if (rel.local_mode == ReplicationMode::kPrimary) return Status::Ok();
+  if (op) {
+    auto mode = TableModeFor(vm.mode, rel.index);
+    if (mode.ok()) {
+      auto t = CheckTransition(*mode, rel.state, *op);
+      if (!t.ok()) return t.status().WithContext(std::string(method) + " on the " + std::string(Name(rel.local_mode)) +
+                                                 " side of VM " + vm.name);
+    }
+  }
   return Status::NotSupported(std::string(method) + " on the " + std::string(Name(rel.local_mode)) +
                               " side of VM " + vm.name +
                               " is not supported by this vmreplica build yet; run it on the primary");
@@ -465,7 +477,8 @@ void ReplicationEngine::KickWorker(const std::string& vm_id) {
 
 // ------------------------------------------------------------------ the cycle
 
-Result<CycleReport> ReplicationEngine::RunCycle(const std::string& vm_id, bool initial, JobContext* job, bool resync) {
+Result<CycleReport> ReplicationEngine::RunCycle(const std::string& vm_id, bool initial, JobContext* job, bool resync,
+                                                const PlannedCycle* planned) {
   const auto started = std::chrono::steady_clock::now();
   VMR_ASSIGN_OR_RETURN(auto vm_opt, catalog_->GetVm(vm_id));
   if (!vm_opt) return Status::NotFound("VM " + vm_id + " is no longer in the catalog");
@@ -477,7 +490,27 @@ Result<CycleReport> ReplicationEngine::RunCycle(const std::string& vm_id, bool i
 
   const std::string run_dir = RunDirOf(vm_id);
   VMR_RETURN_IF_ERROR(MakeDirs(run_dir));
-  VMR_ASSIGN_OR_RETURN(auto attached, AttachVm(def, run_dir));
+  // A planned failover's cycle brings its own attach (the VM is off: the
+  // images opened by a qemu-storage-daemon, or the QEMU that still holds them).
+  std::unique_ptr<AttachedVm> attached_owned;
+  AttachedVm* attached = planned != nullptr ? planned->attached : nullptr;
+  if (attached == nullptr) {
+    auto a = AttachVm(def, run_dir);
+    if (!a.ok()) {
+      // A VM that is shut down (no QEMU serves it, or its libvirt domain is
+      // off) writes nothing: the cycle is skipped, not failed, so a VM shut
+      // down for maintenance (or before a planned failover) stays healthy.
+      if (def.kind != VmSourceKind::kOffline) {
+        auto power = QueryVmPower(def);
+        if (power.ok() && power->power == VmPower::kOff && !power->via_qemu) {
+          return Status::FailedPrecondition(std::string(kVmIsOff) + " (" + power->detail + ")");
+        }
+      }
+      return a.status();
+    }
+    attached_owned = std::move(a).value();
+    attached = attached_owned.get();
+  }
   std::vector<TrackedDisk> tracked;
   for (const auto& d : included) {
     bool found = false;
@@ -709,7 +742,7 @@ Result<CycleReport> ReplicationEngine::RunCycle(const std::string& vm_id, bool i
   };
   std::optional<FreezeGuard> freeze;
   bool frozen = false;
-  if (!initial && AppConsistentDue(rel)) {
+  if (!initial && planned == nullptr && AppConsistentDue(rel)) {
     const std::string sock = attached->guest_agent_socket();
     if (def.kind == VmSourceKind::kLibvirt) {
       // libvirtd holds the agent's channel itself; freezing through libvirt
@@ -738,6 +771,10 @@ Result<CycleReport> ReplicationEngine::RunCycle(const std::string& vm_id, bool i
     }
   }
   freeze.reset();
+  if (planned != nullptr) {
+    report.kind = ReplicationType::kPlanned;
+    report.planned = true;
+  }
   if (!report.app_consistent_failure.empty()) {
     spdlog::warn("VM {}: application-consistent point not taken, crash-consistent instead: {}", vm_id,
                  report.app_consistent_failure);
@@ -994,6 +1031,11 @@ Status ReplicationEngine::RecordSuccess(const std::string& vm_id, const CycleRep
       spdlog::info("VM {}: replication recovered", vm_id);
       rel->state = ReplicationState::kReplicating;
     }
+    // The final log of a planned failover: prepared (4). Only from 3: a
+    // state changed meanwhile is left as it is (the job reports it).
+    if (report.planned && rel->state == ReplicationState::kReplicating) {
+      rel->state = ReplicationState::kSyncedReplicationComplete;
+    }
     VMR_ASSIGN_OR_RETURN(StatisticsRecord s, LoadStatistics(vm_id));
     s.pending_replication_size_bytes = report.pending_bytes;
     if (!report.app_consistent_failure.empty()) s.application_consistent_snapshot_failure_count += 1;
@@ -1112,6 +1154,7 @@ void ReplicationEngine::WorkerLoop(Worker* w) {
   using Steady = std::chrono::steady_clock;
   const std::string vm_id = w->vm_id;
   Steady::time_point due = Steady::now();  // a resumed relationship replicates at once
+  bool off_logged = false;                 // "the VM is off" logged once per stretch
   {
     auto rel = catalog_->GetRelationship(vm_id, kPrimaryIndex);
     if (rel.ok() && *rel && (*rel)->last_replication_ms > 0) {
@@ -1188,12 +1231,20 @@ void ReplicationEngine::WorkerLoop(Worker* w) {
     const auto interval = IntervalOf(**rel);
     const Steady::time_point begin = Steady::now();
     Result<CycleReport> r = Status::Unavailable("not run");
+    bool prepared = false;
     {
       auto vm_lock = VmLock(vm_id);
       std::lock_guard<std::mutex> l(*vm_lock);
-      Slot slot(this);
-      r = RunCycle(vm_id, /*initial=*/false, nullptr);
+      // A planned failover holds the lock while it sends the final log: once
+      // it is done the state is 4 and no cycle may follow it.
+      auto now_rel = catalog_->GetRelationship(vm_id, kPrimaryIndex);
+      prepared = now_rel.ok() && *now_rel && (*now_rel)->state == ReplicationState::kSyncedReplicationComplete;
+      if (!prepared) {
+        Slot slot(this);
+        r = RunCycle(vm_id, /*initial=*/false, nullptr);
+      }
     }
+    if (prepared) continue;  // the state is read again: 4 waits for a kick
     const Steady::time_point end = Steady::now();
     // Every interval boundary passed since the cycle was due without a
     // successful cycle is a missed cycle.
@@ -1210,6 +1261,7 @@ void ReplicationEngine::WorkerLoop(Worker* w) {
       });
       if (!s.ok()) spdlog::warn("VM {}: recording missed cycles failed: {}", vm_id, s.ToString());
     }
+    if (r.ok()) off_logged = false;
     if (r.ok()) {
       spdlog::info("VM {}: delta {} sent {} bytes changed ({} on the wire, {} zero) in {} ms{}", vm_id,
                    r->sequence, r->data_bytes, r->wire_bytes, r->zero_bytes, r->duration_ms,
@@ -1220,6 +1272,15 @@ void ReplicationEngine::WorkerLoop(Worker* w) {
       // A cycle run before it was due (kicked by a settings change or a
       // resume) starts the schedule afresh from its own start.
       due = begin < due ? begin + interval : due + (boundaries + 1) * interval;
+      misses_counted = 0;
+      retrying = false;
+      backoff = options_.retry_initial;
+    } else if (r.status().message().rfind(kVmIsOff, 0) == 0) {
+      // Nothing to send while the VM is off: the schedule goes on as after
+      // an empty cycle (no failure, no miss, LastReplicationTime unchanged).
+      if (!off_logged) spdlog::info("VM {}: {}; cycles wait until it runs", vm_id, r.status().message());
+      off_logged = true;
+      due = due + (boundaries + 1) * interval;
       misses_counted = 0;
       retrying = false;
       backoff = options_.retry_initial;
@@ -1409,6 +1470,160 @@ Result<JobRecord> ReplicationEngine::Resynchronize(const std::string& vm, int64_
       });
   if (!job.ok()) leave("could not start");
   return job;
+}
+
+// ------------------------------------------------------------ planned failover
+
+Result<JobRecord> ReplicationEngine::PrepareForPlannedFailover(const std::string& vm) {
+  VMR_ASSIGN_OR_RETURN(auto rec, ResolveVm(vm));
+  VMR_ASSIGN_OR_RETURN(auto rel, catalog_->GetRelationship(rec.id, kPrimaryIndex));
+  if (!rel) return Status::FailedPrecondition("VM " + rec.name + " has no replication relationship");
+  const Operation op = Operation::kRequestPrepareForPlannedFailover;
+  VMR_RETURN_IF_ERROR(RequirePrimary(rec, *rel, "RequestReplicationStateChange 4", op));
+  VMR_RETURN_IF_ERROR(CheckTransition(TableMode::kPrimary, rel->state, op).status());
+  VMR_ASSIGN_OR_RETURN(auto def, DefinitionOf(rec));
+  // The VM must be off: a planned failover loses nothing only if nothing
+  // writes after the final cut.
+  VMR_ASSIGN_OR_RETURN(VmPowerState power, QueryVmPower(def));
+  if (power.power != VmPower::kOff) {
+    return Status::FailedPrecondition("VM " + rec.name + " runs (" + power.detail +
+                                      "): shut it down first, then prepare the planned failover");
+  }
+  // The replica must take the final log now.
+  if (!options_.open_channel) return Status::Internal("replication engine: no channel factory");
+  auto channel = options_.open_channel(rel->settings.recovery_connection_point,
+                                       static_cast<uint16_t>(rel->settings.recovery_server_port));
+  if (!channel.ok()) return Status::Unavailable("the replica server cannot be reached: " + channel.status().message());
+  ReplicaClient client(*channel);
+  auto replica = client.GetReplicaStatus(rec.id, kPrimaryIndex);
+  if (!replica.ok()) {
+    if (IsNetworkError(replica.status())) {
+      return Status::Unavailable("the replica server " + rel->settings.recovery_connection_point +
+                                 " cannot be reached; a planned failover needs its replica: " +
+                                 replica.status().message());
+    }
+    return replica.status().WithContext("the replica server");
+  }
+  if (replica->state != ReplicationState::kReplicating) {
+    return Status::FailedPrecondition("the replica of VM " + rec.name + " is in state " +
+                                      std::string(Name(replica->state)) + " (" +
+                                      std::to_string(static_cast<int>(replica->state)) +
+                                      "), not Replicating (3): a planned failover needs a replicating replica");
+  }
+  const std::string vm_id = rec.id;
+  const bool via_qemu = power.via_qemu;
+  spdlog::info("VM {}: planned failover requested ({})", rec.name, power.detail);
+  nlohmann::json params = {{"vm", vm_id}, {"requested_state", 4}};
+  return jobs_->Start(
+      JobType::kStateChange, rec.name, params.dump(), /*cancellable=*/false, /*resumable=*/false,
+      [this, vm_id, via_qemu](JobContext& jc) -> Status {
+        // The VM's lock keeps the worker's cycles out from the attach to the
+        // catalog write (section 9.2).
+        auto vm_lock = VmLock(vm_id);
+        std::lock_guard<std::mutex> l(*vm_lock);
+        VMR_ASSIGN_OR_RETURN(auto rel_now, catalog_->GetRelationship(vm_id, kPrimaryIndex));
+        if (!rel_now || (*rel_now).state != ReplicationState::kReplicating) {
+          return Status::FailedPrecondition("VM " + vm_id + ": the state changed before the planned failover ran");
+        }
+        VMR_ASSIGN_OR_RETURN(auto vm_rec, catalog_->GetVm(vm_id));
+        if (!vm_rec) return Status::NotFound("VM " + vm_id + " is no longer in the catalog");
+        VMR_ASSIGN_OR_RETURN(auto def, DefinitionOf(*vm_rec));
+        const std::string run_dir = RunDirOf(vm_id);
+        VMR_RETURN_IF_ERROR(MakeDirs(run_dir));
+        // The QEMU that still holds the disks (guest shut down, process
+        // kept), else the images opened here: the image locks prove that no
+        // other process writes them.
+        std::unique_ptr<AttachedVm> attached;
+        if (via_qemu) {
+          VMR_ASSIGN_OR_RETURN(attached, AttachVm(def, run_dir));
+        } else {
+          VMR_ASSIGN_OR_RETURN(attached, AttachVmImages(def, run_dir));
+        }
+        PlannedCycle planned{attached.get()};
+        Slot slot(this);
+        bool resync_form = false;
+        Result<CycleReport> r = RunCycle(vm_id, /*initial=*/false, &jc, /*resync=*/false, &planned);
+        if (!r.ok() && r.status().code() == Code::kFailedPrecondition &&
+            r.status().message().find("resynchronization required") != std::string::npos) {
+          // Tracking was lost (a raw disk whose QEMU exited, a killed QEMU):
+          // the final log compares every block with the replica's hashes.
+          spdlog::info("VM {}: planned failover: {}; the final log takes the resynchronization form", vm_id,
+                       r.status().ToString());
+          DropResyncProgress(vm_id);
+          resync_form = true;
+          r = RunCycle(vm_id, /*initial=*/true, &jc, /*resync=*/true, &planned);
+        }
+        if (!r.ok()) return r.status().WithContext("planned failover");
+        // Detach before the catalog write: a qemu-storage-daemon started
+        // here stops cleanly and stores the (empty) bitmaps consistent.
+        attached.reset();
+        VMR_RETURN_IF_ERROR(RecordSuccess(vm_id, *r).WithContext("recording the planned failover"));
+        VMR_ASSIGN_OR_RETURN(auto rel_after, catalog_->GetRelationship(vm_id, kPrimaryIndex));
+        if (!rel_after || rel_after->state != ReplicationState::kSyncedReplicationComplete) {
+          return Status::FailedPrecondition("VM " + vm_id +
+                                            ": the final log was sent but the state changed meanwhile");
+        }
+        jc.SetResult(nlohmann::json{{"sequence", r->sequence},
+                                    {"kind", static_cast<int>(r->kind)},
+                                    {"data_bytes", r->data_bytes},
+                                    {"zero_bytes", r->zero_bytes},
+                                    {"wire_bytes", r->wire_bytes},
+                                    {"records", r->records},
+                                    {"resync_form", resync_form}}
+                         .dump());
+        spdlog::info("VM {}: planned failover prepared: final log {} ({} bytes of data, {} of zeros); state {}",
+                     vm_id, r->sequence, r->data_bytes, r->zero_bytes,
+                     Name(ReplicationState::kSyncedReplicationComplete));
+        return Status::Ok();
+      });
+}
+
+Result<JobRecord> ReplicationEngine::RevertPlannedFailover(const std::string& vm) {
+  VMR_ASSIGN_OR_RETURN(auto rec, ResolveVm(vm));
+  VMR_ASSIGN_OR_RETURN(auto rel, catalog_->GetRelationship(rec.id, kPrimaryIndex));
+  if (!rel) return Status::FailedPrecondition("VM " + rec.name + " has no replication relationship");
+  VMR_RETURN_IF_ERROR(RequirePrimary(rec, *rel, "RevertFailover", Operation::kRevertFailover));
+  VMR_RETURN_IF_ERROR(CheckTransition(TableMode::kPrimary, rel->state, Operation::kRevertFailover).status());
+  // Reverting while the replica has failed over would make two primaries.
+  if (options_.open_channel) {
+    auto channel = options_.open_channel(rel->settings.recovery_connection_point,
+                                         static_cast<uint16_t>(rel->settings.recovery_server_port));
+    Result<ReplicaStatusInfo> replica = channel.ok() ? ReplicaClient(*channel).GetReplicaStatus(rec.id, kPrimaryIndex)
+                                                     : Result<ReplicaStatusInfo>(channel.status());
+    if (replica.ok()) {
+      const ReplicationState s = replica->state;
+      if (s == ReplicationState::kRecovered || s == ReplicationState::kCommitted ||
+          s == ReplicationState::kRecoveryInProgress || s == ReplicationState::kFailbackInProgress ||
+          s == ReplicationState::kFailbackComplete) {
+        return Status::FailedPrecondition("the replica of VM " + rec.name + " has failed over (state " +
+                                          std::string(Name(s)) + "): revert it there first, or reverse");
+      }
+    } else {
+      spdlog::warn("VM {}: RevertFailover: the replica cannot tell its state ({}); reverting anyway", rec.name,
+                   replica.status().ToString());
+    }
+  }
+  const std::string vm_id = rec.id;
+  return jobs_->Start(JobType::kRevertFailover, rec.name, nlohmann::json{{"vm", vm_id}}.dump(), false, false,
+                      [this, vm_id](JobContext& jc) -> Status {
+                        ReplicationState before{};
+                        VMR_RETURN_IF_ERROR(UpdateRelationship(vm_id, [&](RelationshipRecord& r) -> Status {
+                          VMR_ASSIGN_OR_RETURN(auto t, CheckTransition(TableMode::kPrimary, r.state,
+                                                                       Operation::kRevertFailover));
+                          before = r.state;
+                          r.state = t.after;
+                          return Status::Ok();
+                        }));
+                        spdlog::info("VM {}: planned failover reverted: state {} -> {}", vm_id, Name(before),
+                                     Name(ReplicationState::kReplicating));
+                        {
+                          std::lock_guard<std::mutex> lock(mu_);
+                          failures_[vm_id] = 0;
+                        }
+                        KickWorker(vm_id);
+                        jc.SetResult(nlohmann::json{{"state", 3}}.dump());
+                        return Status::Ok();
+                      });
 }
 
 Result<JobRecord> ReplicationEngine::StartExportReplication(const std::string& vm, const std::string& location) {
@@ -1744,21 +1959,17 @@ Status ReplicationEngine::RequestStateChange(const std::string& vm, int index, R
   if (!rel) return Status::FailedPrecondition("VM " + rec.name + " has no replication relationship");
   auto op = OperationForRequestedState(requested);
   if (!op) return Status::InvalidArgument("RequestedState: not a replication state change");
+  // Planned failover (4) runs as a job (PrepareForPlannedFailover).
+  if (*op == Operation::kRequestPrepareForPlannedFailover) return PrepareForPlannedFailover(rec.id).status();
   const bool built = *op == Operation::kRequestSuspend || *op == Operation::kRequestResume ||
                      *op == Operation::kRequestCancelInitialReplication ||
                      *op == Operation::kRequestCancelResynchronization;
-  // Planned failover (4) is specified (docs/failover.md section 9), not
-  // built: its state rules are checked all the same (32775 before 32770).
-  if (!built && *op != Operation::kRequestPrepareForPlannedFailover) {
+  if (!built) {
     return Status::NotSupported("RequestedState " + std::to_string(static_cast<int>(requested)) +
                                 " is not supported by this vmreplica build yet");
   }
   VMR_RETURN_IF_ERROR(RequirePrimary(rec, *rel, "RequestReplicationStateChange"));
   VMR_RETURN_IF_ERROR(CheckTransition(TableMode::kPrimary, rel->state, *op).status());
-  if (!built) {
-    return Status::NotSupported("RequestedState " + std::to_string(static_cast<int>(requested)) +
-                                " (prepare a planned failover) is not supported by this vmreplica build yet");
-  }
   if (*op == Operation::kRequestResume && (rel->state == ReplicationState::kWaitingForStartResynchronize ||
                                            rel->state == ReplicationState::kResynchronizeSuspended)) {
     // Resuming a resync that waits or was paused runs it: it continues its
@@ -1986,10 +2197,17 @@ Result<ReplicationEngine::PrimaryRunState> ReplicationEngine::QueryPrimaryRunSta
       out.run_state = 2;
       out.detail = "an offline VM: its disks are served by qemu-storage-daemon, no guest runs";
       return out;
-    case VmSourceKind::kLibvirt:
-      out.run_state = 0;
-      out.detail = "a libvirt domain: its run state is not checked";
+    case VmSourceKind::kLibvirt: {
+      auto power = QueryVmPower(def);
+      if (!power.ok()) {
+        out.run_state = 0;
+        out.detail = "libvirt cannot tell: " + power.status().message();
+      } else {
+        out.run_state = power->power == VmPower::kOff ? 2 : power->power == VmPower::kRunning ? 1 : 0;
+        out.detail = power->detail;
+      }
       return out;
+    }
     case VmSourceKind::kQmp:
       break;
   }

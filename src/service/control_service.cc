@@ -586,6 +586,13 @@ grpc::Status ControlService::ChangeState(const std::string& vm, int index, uint3
     return Answer(r, Status::InvalidArgument("RequestedState: " + std::to_string(requested) +
                                              " is not one of 1, 2, 3, 4, 7, 9"));
   }
+  // 4 (prepare a planned failover) answers a job (docs/failover.md section 9).
+  if (*state == RequestedReplicationState::kPrepareForPlannedFailover && index == 0) {
+    auto job = env_->replication->PrepareForPlannedFailover(vm);
+    if (!job.ok()) return Answer(r, job.status());
+    SetJobStarted(r, *job);
+    return grpc::Status::OK;
+  }
   return Answer(r, env_->replication->RequestStateChange(vm, index, *state));
 }
 
@@ -815,6 +822,17 @@ grpc::Status ControlService::RevertFailover(grpc::ServerContext* ctx, const v1::
                                             v1::MethodResponse* resp) {
   auto* r = resp->mutable_result();
   if (!Authorize(*ctx, "RevertFailover", r)) return grpc::Status::OK;
+  // A primary in 4 cancels its planned failover (the engine); a replica
+  // reverts its failover (the FailoverManager).
+  if (env_->replication) {
+    auto vm = env_->replication->ResolveVm(req->vm());
+    if (vm.ok() && vm->mode == ReplicationMode::kPrimary) {
+      auto job = env_->replication->RevertPlannedFailover(vm->id);
+      if (!job.ok()) return Answer(r, job.status());
+      SetJobStarted(r, *job);
+      return grpc::Status::OK;
+    }
+  }
   if (!env_->failover) return Answer(r, NoFailover());
   auto job = env_->failover->RevertFailover(req->vm());
   if (!job.ok()) return Answer(r, job.status());

@@ -391,4 +391,69 @@ Result<std::unique_ptr<AttachedVm>> AttachVm(const VmDefinition& def, const std:
   return Status::InvalidArgument("kind: unknown");
 }
 
+Result<VmPowerState> QueryVmPower(const VmDefinition& def) {
+  VMR_RETURN_IF_ERROR(def.Validate());
+  VmPowerState out;
+  switch (def.kind) {
+    case VmSourceKind::kOffline:
+      out.power = VmPower::kOff;
+      out.detail = "an offline VM: no guest runs";
+      return out;
+    case VmSourceKind::kLibvirt:
+      return vm_internal::LibvirtPower(def);
+    case VmSourceKind::kQmp:
+      break;
+  }
+  QmpClientOptions qo;
+  qo.connect_timeout = std::chrono::seconds(5);
+  auto qmp = QmpClient::Connect(def.qmp_socket, qo);
+  if (!qmp.ok()) {
+    if (qmp.status().code() == Code::kTimeout) {
+      // Something listens but does not greet: QEMU serving another client.
+      out.power = VmPower::kRunning;
+      out.detail = "QEMU's monitor at " + def.qmp_socket + " is busy (" + qmp.status().message() + ")";
+    } else {
+      out.power = VmPower::kOff;
+      out.detail = "no QEMU answers at " + def.qmp_socket + " (" + qmp.status().message() + ")";
+    }
+    return out;
+  }
+  auto status = (*qmp)->Execute("query-status", nullptr, std::chrono::seconds(5));
+  if (!status.ok() || !status->is_object() || !status->contains("status") || !(*status)["status"].is_string()) {
+    out.power = VmPower::kRunning;
+    out.detail = "a process answers at " + def.qmp_socket + " but query-status failed (" +
+                 (status.ok() ? std::string("no status") : status.status().message()) + ")";
+    return out;
+  }
+  const std::string st = (*status)["status"].get<std::string>();
+  const bool stopped = st == "shutdown" || st == "guest-panicked" || st == "internal-error";
+  out.power = stopped ? VmPower::kOff : VmPower::kRunning;
+  out.via_qemu = stopped;
+  out.detail = "QEMU status " + st;
+  return out;
+}
+
+Result<std::unique_ptr<AttachedVm>> AttachVmImages(const VmDefinition& def, const std::string& run_dir) {
+  VMR_RETURN_IF_ERROR(def.Validate());
+  struct stat st;
+  if (run_dir.empty() || ::stat(run_dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) {
+    return Status::InvalidArgument("run_dir: \"" + run_dir + "\" is not an existing directory");
+  }
+  VmDefinition images = def;
+  images.kind = VmSourceKind::kOffline;
+  images.qmp_socket.clear();
+  images.nbd_socket.clear();
+  images.qga_socket.clear();
+  images.libvirt_uri.clear();
+  images.libvirt_domain.clear();
+  images.libvirt_xml.clear();
+  for (auto& d : images.disks) d.node_name = QsdProcess::FormatNodeName(d.name);
+  auto attached = vm_internal::AttachOffline(images, run_dir);
+  if (!attached.ok() && attached.status().message().find("lock") != std::string::npos) {
+    return Status::FailedPrecondition("an image of VM " + def.name + " is in use by another process (" +
+                                      attached.status().message() + ")");
+  }
+  return attached;
+}
+
 }  // namespace vmreplica

@@ -401,4 +401,17 @@ Result<std::unique_ptr<AttachedVm>> AttachLibvirt(const VmDefinition& def, const
       new LibvirtAttachedVm(std::move(conn), std::move(dom), std::move(in.def.disks), export_dir, uid, gid, agent));
 }
 
+Result<VmPowerState> LibvirtPower(const VmDefinition& def) {
+  VMR_ASSIGN_OR_RETURN(ConnPtr conn, Open(def.libvirt_uri));
+  VMR_ASSIGN_OR_RETURN(DomainPtr dom, Lookup(conn.get(), def.libvirt_domain));
+  int state = 0, reason = 0;
+  if (virDomainGetState(dom.get(), &state, &reason, 0) != 0) {
+    return Status::Unavailable("virDomainGetState of " + def.libvirt_domain + ": " + LastError());
+  }
+  VmPowerState out;
+  out.power = state == VIR_DOMAIN_SHUTOFF ? VmPower::kOff : VmPower::kRunning;
+  out.detail = "libvirt domain " + def.libvirt_domain + " state " + std::to_string(state);
+  return out;
+}
+
 }  // namespace vmreplica::vm_internal

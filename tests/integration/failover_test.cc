@@ -483,5 +483,111 @@ TEST_F(FailoverTest, TestFailoverRunsBesideReplicationAndLeavesNothingBehind) {
   ExpectRefused(replica_->Cli({"stop-failover", "guest", "--test"}), "32775");
 }
 
+// Planned failover (docs/failover.md section 9): refused while the guest
+// runs and on the replica side; with the guest shut down the final changes
+// travel as a PlannedFailover point and the primary is in 4; the replica's
+// point then equals the primary's disk byte for byte and its failover VM
+// finds every phase. A revert on the primary is refused while the replica
+// is failed over, then brings the primary back to 3, and a shut-down VM
+// keeps its relationship healthy.
+TEST_F(FailoverTest, PlannedFailoverSendsTheFinalChangesAndLosesNothing) {
+  ASSERT_FALSE(HasFatalFailure());
+  auto deadline = std::chrono::steady_clock::now() + 120s;
+  while (ReplicaState() != 3 && std::chrono::steady_clock::now() < deadline) std::this_thread::sleep_for(200ms);
+  ASSERT_EQ(ReplicaState(), 3) << ReadText(replica_->log_path());
+  const std::string sum1 = WritePhase(1);
+  ASSERT_TRUE(WaitPointAfter(NowMs()));
+
+  // Refused while the guest runs (32775, naming why), and on the replica.
+  auto r = primary_->Cli({"failover", "guest", "--prepare"});
+  ExpectRefused(r, "32775");
+  EXPECT_NE(r.err.find("shut it down"), std::string::npos) << r.err;
+  ExpectRefused(replica_->Cli({"failover", "guest", "--prepare"}), "32775");
+  EXPECT_EQ(JsonInt(Relationship(*primary_)["replication_state"]), 3);
+
+  // Phase two, then the guest shuts down (its QEMU exits and stores the
+  // persistent bitmaps): whatever no cycle carried yet is in the final log.
+  const std::string sum2 = WritePhase(2);
+  const pid_t guest_pid = guest_->pid();
+  (void)guest_->Run("umount /mnt/d; poweroff -f", 10s);  // the guest dies: no answer
+  deadline = std::chrono::steady_clock::now() + 120s;
+  while (!ProcessGone(guest_pid) && std::chrono::steady_clock::now() < deadline) std::this_thread::sleep_for(100ms);
+  ASSERT_TRUE(ProcessGone(guest_pid)) << "the guest did not power off";
+
+  r = primary_->Cli({"--json", "failover", "guest", "--prepare"});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err << ReadText(primary_->log_path());
+  json result = json::parse(LastJsonDocument(r.out)["job"].value("result_json", std::string("{}")), nullptr, false);
+  ASSERT_TRUE(result.is_object()) << r.out;
+  EXPECT_EQ(JsonInt(result["kind"]), 3) << r.out;
+  EXPECT_FALSE(result.value("resync_form", true)) << "the persistent bitmaps survived the guest's shutdown: " << r.out;
+  const int64_t final_seq = JsonInt(result["sequence"]);
+  json a_rel = Relationship(*primary_);
+  EXPECT_EQ(JsonInt(a_rel["replication_state"]), 4) << a_rel.dump();
+  EXPECT_EQ(JsonInt(a_rel["last_replication_type"]), 3) << a_rel.dump();
+  // Prepared once: a second request is illegal in 4.
+  ExpectRefused(primary_->Cli({"failover", "guest", "--prepare"}), "32775");
+
+  // The replica holds the final log as a planned-failover point.
+  deadline = std::chrono::steady_clock::now() + 60s;
+  std::optional<json> last_point;
+  while (std::chrono::steady_clock::now() < deadline) {
+    auto p = replica_->Cli({"--json", "points", "guest"});
+    json doc = p.exit_code == 0 ? LastJsonDocument(p.out) : json();
+    if (doc.contains("points") && !doc["points"].empty() && JsonInt(doc["points"].back()["sequence"]) == final_seq) {
+      last_point = doc["points"].back();
+      break;
+    }
+    std::this_thread::sleep_for(200ms);
+  }
+  ASSERT_TRUE(last_point) << ReadText(replica_->log_path());
+  EXPECT_EQ(JsonInt((*last_point)["kind"]), 3) << last_point->dump();
+
+  // Fail over to it (the primary says its VM is off: no --force needed).
+  r = replica_->Cli({"failover", "guest"});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err << ReadText(replica_->log_path());
+  EXPECT_EQ(ReplicaState(), 5);
+  EXPECT_EQ(JsonInt(Relationship(*replica_)["failed_over_replication_type"]), 3);
+  // Zero loss: the point's view equals the primary's disk, byte for byte.
+  const std::string view = "nbd+unix:///" + vm_id_ + "/vda@" + std::to_string(final_seq) + "?socket=" + PointsSocket();
+  auto cmp = RunProgram({"/usr/bin/qemu-img", "compare", "-f", "raw", "-F", "qcow2", view, dir_ / "vda.qcow2"});
+  EXPECT_EQ(cmp.exit_code, 0) << cmp.out << cmp.err;
+
+  // While the replica is failed over, the primary may not take its VM back.
+  r = primary_->Cli({"stop-failover", "guest"});
+  ExpectRefused(r, "32775");
+  EXPECT_NE(r.err.find("has failed over"), std::string::npos) << r.err;
+  EXPECT_EQ(JsonInt(Relationship(*primary_)["replication_state"]), 4);
+
+  // The failover VM boots from the planned point and finds both phases.
+  r = replica_->Cli({"stop-failover", "guest"});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  r = replica_->Cli({"failover", "guest", "--start"});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err << ReadText(replica_->log_path());
+  {
+    auto console = GuestConsole::Connect(FailoverRunDir() + "/serial.sock", 180s);
+    ASSERT_TRUE(console.ok()) << console.status().ToString() << ReadText(FailoverRunDir() + "/serial.log");
+    auto g = (*console)->Run("mkdir -p /mnt/d && mount -t ext4 /dev/vda /mnt/d && md5sum /mnt/d/p1 /mnt/d/p2", 120s);
+    ASSERT_TRUE(g.ok()) << g.status().ToString();
+    EXPECT_EQ(g->first, 0) << g->second;
+    EXPECT_NE(g->second.find(sum1.substr(0, 32)), std::string::npos) << g->second;
+    EXPECT_NE(g->second.find(sum2.substr(0, 32)), std::string::npos) << g->second;
+  }
+  r = replica_->Cli({"stop-failover", "guest"});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  EXPECT_EQ(ReplicaState(), 3);
+
+  // The replica is back to 3: the primary cancels its planned failover.
+  r = primary_->Cli({"stop-failover", "guest"});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err << ReadText(primary_->log_path());
+  EXPECT_EQ(JsonInt(Relationship(*primary_)["replication_state"]), 3);
+  ExpectRefused(primary_->Cli({"stop-failover", "guest"}), "32775");  // nothing to revert in 3
+  // The VM stays off: its cycles wait, they do not fail (three failures in a
+  // row would make it Critical; the interval is one second).
+  std::this_thread::sleep_for(5s);
+  a_rel = Relationship(*primary_);
+  EXPECT_EQ(JsonInt(a_rel["replication_state"]), 3) << a_rel.dump() << ReadText(primary_->log_path());
+  EXPECT_NE(ReadText(primary_->log_path()).find("the VM is off"), std::string::npos);
+}
+
 }  // namespace
 }  // namespace vmreplica::testing

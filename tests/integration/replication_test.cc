@@ -373,11 +373,17 @@ TEST_F(ReplicationTest, ReplicaSideCannotActAsPrimaryAndPrimaryRemovalKeepsTheRe
   EXPECT_NE(r.err.find("32770"), std::string::npos) << r.err;
   r = replica_->Cli({"suspend", "demo"});
   EXPECT_EQ(r.exit_code, 1) << r.out << r.err;
-  // Planned failover (state change 4) is specified, not built: allowed from
-  // 3 it answers 32770, from 7 (Suspended) the state rules say 32775.
+  // Planned failover (state change 4): the VM (a qemu-storage-daemon
+  // serving its disks) is live, so 32775 from 3 and a reason; from 7
+  // (Suspended) the state rules say 32775.
   r = primary_->Cli({"failover", "demo", "--prepare"});
   EXPECT_EQ(r.exit_code, 1) << r.out << r.err;
-  EXPECT_NE(r.err.find("32770"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("32775"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("shut it down"), std::string::npos) << r.err;
+  // The replica side cannot prepare a planned failover (its table forbids it).
+  r = replica_->Cli({"failover", "demo", "--prepare"});
+  EXPECT_EQ(r.exit_code, 1) << r.out << r.err;
+  EXPECT_NE(r.err.find("32775"), std::string::npos) << r.err;
   r = primary_->Cli({"suspend", "demo"});
   ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
   r = primary_->Cli({"failover", "demo", "--prepare"});
