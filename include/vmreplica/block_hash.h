@@ -130,6 +130,12 @@ class NbdBlockReader;  // internal to src/exportimport
 // blocks are all zeros, a data record otherwise (at most request_bytes per
 // record). Blocks with equal hashes are not sent. Used by one thread at a
 // time.
+//
+// A source may cover several runs of blocks (OpenRuns: the reverse sync,
+// docs/failover.md section 12 step 4): one connection, the runs read in
+// order, each in request-sized pieces counted from the run's own first
+// block, so the records are exactly those one Open per run would give, in
+// the same order.
 class NbdBlockDiffSource final : public DeltaSource {
  public:
   // `remote`: the other side's list; its block size must equal
@@ -140,29 +146,51 @@ class NbdBlockDiffSource final : public DeltaSource {
                                                           const std::string& export_name,
                                                           uint32_t disk_index, BlockHashList remote,
                                                           const BlockHashOptions& options);
+
+  // Several runs of one disk over one connection. `remote_runs`: the other
+  // side's lists, each valid, all with block size options.block_size and the
+  // same disk size (the export's), in ascending block order and not
+  // overlapping (a run may start where the previous one ends); each is read
+  // as Open reads its one list. An empty vector is allowed: the export is
+  // still opened and its size is not checked; Next() answers nullopt at
+  // once. InvalidArgument for a list that breaks these rules (naming its
+  // index) or an export of another size; connection errors as Open.
+  static Result<std::unique_ptr<NbdBlockDiffSource>> OpenRuns(
+      const std::string& socket_path, const std::string& export_name, uint32_t disk_index,
+      std::vector<BlockHashList> remote_runs, const BlockHashOptions& options);
+
   ~NbdBlockDiffSource() override;
   NbdBlockDiffSource(const NbdBlockDiffSource&) = delete;
   NbdBlockDiffSource& operator=(const NbdBlockDiffSource&) = delete;
 
   Result<std::optional<DeltaRecord>> Next() override;
 
-  // This side's hashes of the range: complete once Next() answered nullopt
-  // (a resync can verify the result against them).
-  const BlockHashList& local() const { return local_; }
-  // Bytes read from the export so far, zero blocks seen, requests.
+  // This side's hashes of the first run (for Open: its only run): complete
+  // once Next() answered nullopt (a resync can verify the result against
+  // them). For a source with several runs use local_runs(); for one with
+  // none this is an empty list (block_size 0).
+  const BlockHashList& local() const;
+  // This side's hashes, one list per run, in the order of the runs (same
+  // first_block and count as the other side's); complete once Next()
+  // answered nullopt.
+  const std::vector<BlockHashList>& local_runs() const { return local_; }
+  // Bytes read from the export so far (all runs), zero blocks seen, requests.
   const BlockHashStats& stats() const;
   // Sum of the lengths of the records handed out so far.
   uint64_t sent_bytes() const { return sent_bytes_; }
 
  private:
   NbdBlockDiffSource(std::unique_ptr<NbdBlockReader> reader, uint32_t disk_index,
-                     BlockHashList remote, BlockHashList local);
+                     std::vector<BlockHashList> remote, std::vector<BlockHashList> local,
+                     uint32_t block_size);
 
   std::unique_ptr<NbdBlockReader> reader_;
   const uint32_t disk_index_;
-  const BlockHashList remote_;
-  BlockHashList local_;
+  const uint32_t block_size_;
+  const std::vector<BlockHashList> remote_;  // one per run
+  std::vector<BlockHashList> local_;         // one per run, filled as pieces arrive
   const Hash128 zero_full_;
+  size_t run_ = 0;                   // run of the last piece read
   std::deque<DeltaRecord> pending_;  // runs of the current piece not yet handed out
   bool done_ = false;
   uint64_t sent_bytes_ = 0;

@@ -105,6 +105,11 @@ class FailoverManager {
   // VM's writes merge into it (live, while it runs), every other point is
   // deleted. Irreversible; resumed after a crash (docs/failover.md).
   Result<JobRecord> CommitFailover(const std::string& vm);
+  // Starts a committed failover VM (state 6) again, directly on its disk
+  // wrappers (no overlay, no point view): its writes go to the store's
+  // files and the wrappers' bitmaps record them. 32775 when the VM has no
+  // committed failover with wrappers, or already runs. No job.
+  Status StartVm(const std::string& vm);
   Result<JobRecord> TestReplicaSystem(const TestFailoverParams& params);
   // `vm`: the test VM (id or name) or the replica VM that has one.
   Result<JobRecord> DestroySystem(const std::string& vm);
@@ -170,6 +175,12 @@ class FailoverManager {
   // Merges the running failover VM's overlays into the store's disk files
   // with QEMU block mirrors (sync "top"), then pivots the VM onto them.
   Status MergeLive(JobContext& job, Active& a);
+  // CommitFailover step 4: <state>/failover/<vm id>.since from the store's
+  // history (docs/failover.md section 10.3), recorded in the record.
+  Status WriteSinceFile(Active& a, const ReplicaStore& store);
+  // <state>/wrappers/<vm id>/<disk>.qcow2 over the store's disk file, made
+  // when missing (MakeDiskWrapper, section 10.2); answers its path.
+  Result<std::string> EnsureWrapper(const std::string& vm_id, const ReplicaStore& store, uint32_t disk);
   Status DoTest(JobContext& job, const std::string& vm_id, const TestFailoverParams& p, const std::string& test_id);
   Status DoDestroy(JobContext& job, const std::string& vm_id);
   Status DoImport(JobContext& job, const std::string& vm_id, const std::string& location);

@@ -36,6 +36,7 @@
 #include <vector>
 
 #include "vmreplica/delta.h"
+#include "vmreplica/replica_store.h"
 #include "vmreplica/status.h"
 
 struct nbd_handle;
@@ -156,5 +157,26 @@ class NbdDeltaReader : public DeltaSource {
   Status failed_;                            // not OK once dead
   NbdReaderStats stats_;
 };
+
+// The ranges a dirty bitmap marks in an NBD export, without reading data
+// (the reverse sync's candidates, docs/failover.md section 12 step 2):
+// block status for `bitmap_context` only (e.g. "qemu:dirty-bitmap:vmr-x-g2")
+// over the whole export, one request per chunk of at most 1 GiB, every reply
+// checked (contiguous from the request's offset, no zero lengths, progress).
+// Each dirty extent is rounded out to 4096-byte boundaries; the result is
+// sorted, coalesced (no two ranges touch or overlap) and clipped to the
+// export's size (so a range that reaches the end of an export whose size is
+// not a multiple of 4096 ends there); every range has `disk` = disk_index.
+// Errors: InvalidArgument (empty names, base:allocation as the context),
+// Unavailable (cannot connect, no such export, connection lost),
+// FailedPrecondition (the server does not offer the context: the bitmap is
+// missing or not exported, i.e. tracking is lost), Corruption (replies that
+// break the protocol), Timeout (no progress for 60 s).
+// Blocking; one connection, closed before returning. Thread-safe (no shared
+// state).
+Result<std::vector<ReplicaRange>> NbdDirtyExtents(const std::string& socket_path,
+                                                  const std::string& export_name,
+                                                  const std::string& bitmap_context,
+                                                  uint32_t disk_index);
 
 }  // namespace vmreplica

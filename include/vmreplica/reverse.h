@@ -101,11 +101,11 @@ Result<SinceList> ReadRangeListFile(const std::string& path, uint16_t kind, uint
 // ---------------------------------------------------------------- ranges
 
 // A run of whole blocks of one disk.
-struct BlockRange {
+struct BlockRun {
   uint64_t first_block = 0;
   uint64_t block_count = 0;
 
-  bool operator==(const BlockRange&) const = default;
+  bool operator==(const BlockRun&) const = default;
 };
 
 // B's blocks written after the common point `common_sequence` (section 10.3
@@ -126,7 +126,7 @@ std::vector<ReplicaRange> UniteRanges(std::vector<ReplicaRange> a, const std::ve
 // `block_size` (> 0; else the answer is empty), clamped to the disk's
 // ceil(disk_size / block_size) blocks, ascending; runs that overlap, touch
 // or lie less than `merge_gap` bytes apart are merged into one run.
-std::vector<BlockRange> RoundToBlocks(const std::vector<ReplicaRange>& r, uint32_t disk, uint32_t block_size,
+std::vector<BlockRun> RoundToBlocks(const std::vector<ReplicaRange>& r, uint32_t disk, uint32_t block_size,
                                       uint64_t disk_size, uint64_t merge_gap);
 
 // The since list of `store` (section 10.3 step 3): the latest point and

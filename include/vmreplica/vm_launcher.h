@@ -4,7 +4,10 @@
 // A failover or test VM never writes to the replica store: each of its disks
 // is a qcow2 overlay created in the run directory whose backing is a
 // point-in-time view of the replica disk (an NBD export, or a file). Reads
-// fall through to the view; writes stay in the overlay. OverlayDeltaSource
+// fall through to the view; writes stay in the overlay. The exception is a
+// VM whose failover was committed: it runs directly on disk wrappers
+// (MakeDiskWrapper, VmLaunchDisk::direct_image) over the store's files, and
+// the wrappers' persistent bitmaps record its writes. OverlayDeltaSource
 // reads exactly the extents an overlay holds (not its backing), for
 // CommitFailover (merge into the base) and failback (send changed blocks).
 //
@@ -18,8 +21,10 @@
 //
 // Files in the run directory (all made by the launcher; DropOverlays removes
 // them): <disk>.qcow2 (overlays), qemu.pid (QEMU's -pidfile), vm.json
-// (state: pid, process start time, accelerator, name, uuid, files), qmp.sock,
-// serial.sock, serial.log, qemu.log.
+// (state: pid, process start time, accelerator, name, uuid, files and, for
+// direct disks only, "direct_images": their absolute paths), qmp.sock,
+// serial.sock, serial.log, qemu.log. Direct images live outside the run
+// directory and are never removed by the launcher.
 #pragma once
 
 #include <sys/types.h>
@@ -66,7 +71,8 @@ Status ProbeKvm();
 struct VmLaunchDisk {
   // What the overlay reads from: an NBD URI ("nbd+unix:///<export>?socket=
   // <path>", "nbd://host:port/<export>") whose data is raw, or an absolute
-  // path of an image file. No commas, no control characters.
+  // path of an image file. No commas, no control characters. Empty when
+  // direct_image is set.
   std::string backing;
   std::string backing_format = "raw";  // "raw" or "qcow2" (files only; NBD is always raw)
   uint64_t size_bytes = 0;             // virtual size of the disk, > 0, a multiple of 512
@@ -76,7 +82,48 @@ struct VmLaunchDisk {
   // backing as json:{"driver":"nbd","server":{...},"export":...,
   // "reconnect-delay":N} with backing format "nbd". [0, 3600].
   uint32_t nbd_reconnect_delay_s = 0;
+  // "" (the default): the disk is an overlay over `backing`, as above.
+  // Otherwise the absolute path of an existing qcow2 disk wrapper
+  // (MakeDiskWrapper) that QEMU opens read-write itself, with node name
+  // "vmr-commit-<disk name>" (the name CommitFailover's live merge gives its
+  // target, docs/failover.md section 10.3): no overlay is made, the guest's
+  // writes go to the wrapper's data file and its persistent bitmap records
+  // them. No commas, no control characters; its virtual size must be
+  // size_bytes; backing must be empty and nbd_reconnect_delay_s 0; either
+  // every disk of a spec has a direct_image or none has; the disk's name is
+  // at most 20 bytes (QEMU's node names are at most 31). The launcher never
+  // removes or changes the file (DropOverlays leaves it).
+  std::string direct_image;
 };
+
+// Makes `wrapper_path` a qcow2 disk wrapper of the raw file `raw_path`
+// (docs/failover.md section 10.2): cluster size 1 MiB, data file `raw_path`
+// (recorded exactly as given) with data_file_raw=on and preallocated
+// metadata, so guest offset = file offset and every byte of data stays in
+// the raw file; it carries the persistent, enabled dirty bitmap
+// `bitmap_name` (granularity 4096) from its creation. The qemu-img sequence:
+// create over a scratch data file <dir>/.<stem>.tmp (a create naming the raw
+// file would truncate it), amend the data file to `raw_path`, unlink the
+// scratch file, add the bitmap, check the header with qemu-img info, fsync,
+// rename <wrapper_path>.part to `wrapper_path`, fsync the directory. The raw
+// file is never truncated or written (its size is checked before and after).
+//
+// Idempotent: a file already at `wrapper_path` that is a qcow2 of
+// `size_bytes` with data file `raw_path` (raw) and the bitmap (granularity
+// 4096) is OK as it is (whether or not its bitmap is consistent: that is the
+// tracker's concern); a leftover .part or scratch file is replaced.
+// Errors: InvalidArgument (paths not absolute or with ',' or control
+// characters, the same path twice, size 0 or not a multiple of 512, a bad
+// bitmap name (empty, over 1023 bytes, control characters, a leading '-'),
+// the raw file not a regular file or not exactly `size_bytes` long, the
+// wrapper's directory missing), NotFound (no raw file),
+// AlreadyExists (another file at `wrapper_path`: it is left alone),
+// FailedPrecondition (qemu-img not installed), IOError (a step failed:
+// qemu-img's message; nothing is left but the raw file).
+// Blocking (runs qemu-img 5 times); not safe against a concurrent call for
+// the same wrapper_path.
+Status MakeDiskWrapper(const std::string& raw_path, const std::string& wrapper_path, uint64_t size_bytes,
+                       const std::string& bitmap_name, const std::string& qemu_img = "qemu-img");
 
 // A read-only disk after the VM's own disks (a cloud-init seed image).
 struct VmExtraDrive {
@@ -129,13 +176,16 @@ class OverlayDeltaSource;
 class VmLauncher {
  public:
   // Writes vm.json, creates the overlays (qemu-img create -f qcow2 -F <fmt>
-  // -b <backing>), records QEMU's pid in vm.json before QEMU execs, starts
-  // QEMU and waits for its QMP monitor (connects once, then disconnects: the
-  // monitor takes one client at a time).
-  // InvalidArgument for a bad spec (naming the field: "disks[1].backing"),
+  // -b <backing>) or checks the direct images (qemu-img info), records
+  // QEMU's pid in vm.json before QEMU execs, starts QEMU and waits for its
+  // QMP monitor (connects once, then disconnects: the monitor takes one
+  // client at a time).
+  // InvalidArgument for a bad spec (naming the field: "disks[1].backing";
+  // also a direct image that is not a qcow2 of the disk's size),
   // AlreadyExists when run_dir already holds a VM's state or an overlay
   // (Adopt it, Stop, DropOverlays first), FailedPrecondition for kKvm
-  // without a usable KVM or when qemu-img is not installed, Unavailable when
+  // without a usable KVM, when qemu-img is not installed or when a direct
+  // image is held by another process, Unavailable when
   // a backing cannot be opened (qemu-img's message), IOError when QEMU cannot
   // be executed or exits during the start (the end of qemu.log), Timeout
   // when QMP does not answer in time (QEMU is killed). On any error nothing
@@ -169,7 +219,8 @@ class VmLauncher {
   Status DropOverlays();
 
   // Reads the extents the overlays hold (all disks, in disk order).
-  // FailedPrecondition while the VM runs.
+  // FailedPrecondition while the VM runs, and for direct images (no
+  // overlay: the wrappers' bitmaps record what the VM wrote).
   Result<std::unique_ptr<OverlayDeltaSource>> OpenWrites();
 
   pid_t pid() const { return pid_; }  // -1 once IsRunning() has seen the VM gone (or it never started)
@@ -177,7 +228,11 @@ class VmLauncher {
   const std::string& name() const { return name_; }
   const std::string& uuid() const { return uuid_; }
   const std::string& run_dir() const { return run_dir_; }
-  const std::vector<std::string>& overlays() const { return overlays_; }  // absolute paths, disk order
+  // Absolute paths, disk order; empty when the disks are direct images.
+  const std::vector<std::string>& overlays() const { return overlays_; }
+  // The direct images (VmLaunchDisk::direct_image), disk order; empty when
+  // the disks are overlays.
+  const std::vector<std::string>& direct_images() const { return direct_images_; }
   std::string qmp_socket() const { return run_dir_ + "/qmp.sock"; }
   std::string serial_socket() const { return run_dir_ + "/serial.sock"; }  // kSocket only
   std::string serial_log() const { return run_dir_ + "/serial.log"; }
@@ -194,6 +249,7 @@ class VmLauncher {
   std::string uuid_;
   VmAccel accel_ = VmAccel::kTcg;
   std::vector<std::string> overlays_;
+  std::vector<std::string> direct_images_;  // absolute paths outside run_dir, never removed
   std::vector<std::string> files_;  // every file made in run_dir (relative names)
   pid_t pid_ = -1;
   uint64_t start_ticks_ = 0;  // /proc/<pid>/stat field 22: tells our QEMU from a reused pid

@@ -5,6 +5,7 @@
 
 #include "cli/connection.h"
 #include "cli/format.h"
+#include "cli/session.h"
 #include "cli/verbs.h"
 #include "vmreplica/vm.grpc.pb.h"
 
@@ -212,6 +213,15 @@ void AddVmVerbs(Registry& reg) {
                 return s.HandleResult("RemoveVm", resp.result(), nullptr);
               });
   rm->add_option("VM", *rm_name, "name or UUID")->required();
+
+  auto start_name = std::make_shared<std::string>();
+  CLI::App* start = reg.Add("vm start", "start a committed failover VM again on the replica's disks (StartVm)",
+                            {"StartVm"}, [start_name](Session& s) {
+                              v1::VmRequest req;
+                              req.set_vm(*start_name);
+                              return s.Invoke(VMR_RPC(StartVm), req);
+                            });
+  start->add_option("VM", *start_name, "name or UUID")->required();
 }
 
 }  // namespace vmreplica::cli

@@ -442,12 +442,11 @@ class NbdBlockReader {
     const unsigned char* data = nullptr;  // valid until the next call of Next()
   };
 
-  // Connects and sizes `list` (block size from options, disk size from the
-  // server, range from options.first_block / block_count).
-  static Result<std::unique_ptr<NbdBlockReader>> Open(const std::string& socket_path,
-                                                      const std::string& export_name,
-                                                      const BlockHashOptions& options,
-                                                      BlockHashList& list) {
+  // Connects; disk_size() is the export's size. No range is read until
+  // SetRanges().
+  static Result<std::unique_ptr<NbdBlockReader>> Connect(const std::string& socket_path,
+                                                         const std::string& export_name,
+                                                         const BlockHashOptions& options) {
     VMR_RETURN_IF_ERROR(ValidateOptions(options));
     const std::string where = "nbd+unix:///" + export_name + "?socket=" + socket_path;
     nbd_handle* h = nbd_create();
@@ -471,12 +470,7 @@ class NbdBlockReader {
     }
     const int64_t size = nbd_get_size(h);
     if (size < 0) return NbdError("nbd_get_size").WithContext(where);
-    list.block_size = options.block_size;
-    list.disk_size = static_cast<uint64_t>(size);
-    auto range = PlanRange(options, list);
-    if (!range.ok()) return range.status().WithContext(where);
-    r->begin_ = range->begin;
-    r->end_ = range->end;
+    r->disk_size_ = static_cast<uint64_t>(size);
 
     r->span_ = RequestSpan(options);
     const int64_t server_max = nbd_get_block_size(h, LIBNBD_SIZE_MAXIMUM);
@@ -489,11 +483,36 @@ class NbdBlockReader {
     }
     const int64_t server_min = nbd_get_block_size(h, LIBNBD_SIZE_MINIMUM);
     if (server_min > 1 && (options.block_size % static_cast<uint64_t>(server_min) != 0 ||
-                           list.disk_size % static_cast<uint64_t>(server_min) != 0))
+                           r->disk_size_ % static_cast<uint64_t>(server_min) != 0))
       return Status::NotSupported(where + ": server minimum block size " +
                                   std::to_string(server_min) + " unsupported");
-    r->next_offset_ = r->begin_;
     return r;
+  }
+
+  // Connects and sizes `list` (block size from options, disk size from the
+  // server, range from options.first_block / block_count).
+  static Result<std::unique_ptr<NbdBlockReader>> Open(const std::string& socket_path,
+                                                      const std::string& export_name,
+                                                      const BlockHashOptions& options,
+                                                      BlockHashList& list) {
+    VMR_ASSIGN_OR_RETURN(auto r, Connect(socket_path, export_name, options));
+    list.block_size = options.block_size;
+    list.disk_size = r->disk_size_;
+    auto range = PlanRange(options, list);
+    if (!range.ok()) return range.status().WithContext(r->where_);
+    r->SetRanges({*range});
+    return r;
+  }
+
+  // The byte ranges to read, ascending and not overlapping, each inside the
+  // disk. Each is read in request-sized pieces counted from its own start
+  // (a piece never spans two ranges). Called once, before Next().
+  void SetRanges(std::vector<ByteRange> ranges) {
+    ranges_ = std::move(ranges);
+    range_ = 0;
+    next_offset_ = ranges_.empty() ? 0 : ranges_[0].begin;
+    total_bytes_ = 0;
+    for (const ByteRange& b : ranges_) total_bytes_ += b.end - b.begin;
   }
 
   ~NbdBlockReader() {
@@ -504,7 +523,8 @@ class NbdBlockReader {
   NbdBlockReader& operator=(const NbdBlockReader&) = delete;
 
   const std::string& where() const { return where_; }
-  uint64_t range_bytes() const { return end_ - begin_; }
+  uint64_t disk_size() const { return disk_size_; }
+  uint64_t range_bytes() const { return total_bytes_; }
   const BlockHashStats& stats() const { return stats_; }
   void CountZeroBlocks(uint64_t n) { stats_.zero_blocks += n; }
 
@@ -536,13 +556,13 @@ class NbdBlockReader {
     for (;;) {
       if (options_.cancel != nullptr && options_.cancel->load())
         return Status::Cancelled("block hashing of " + where_ + " cancelled");
-      while (next_offset_ < end_ && in_flight_.size() < options_.parallelism) {
+      while (range_ < ranges_.size() && in_flight_.size() < options_.parallelism) {
         if (free_.empty()) {
           buffers_.emplace_back(static_cast<size_t>(span_));
           free_.push_back(&buffers_.back());
         }
         std::vector<unsigned char>* buf = free_.back();
-        const uint64_t bytes = std::min(span_, end_ - next_offset_);
+        const uint64_t bytes = std::min(span_, ranges_[range_].end - next_offset_);
         const int64_t cookie = nbd_aio_pread(h_, buf->data(), bytes, next_offset_,
                                              nbd_completion_callback{nullptr, nullptr, nullptr}, 0);
         if (cookie == -1)
@@ -551,6 +571,8 @@ class NbdBlockReader {
         in_flight_.push_back(InFlight{cookie, next_offset_, bytes, buf});
         next_offset_ += bytes;
         ++stats_.read_requests;
+        if (next_offset_ == ranges_[range_].end && ++range_ < ranges_.size())
+          next_offset_ = ranges_[range_].begin;
       }
       if (in_flight_.empty()) return std::optional<Piece>();
       const InFlight f = in_flight_.front();
@@ -578,11 +600,13 @@ class NbdBlockReader {
   nbd_handle* const h_;
   const std::string where_;
   const BlockHashOptions options_;
-  uint64_t begin_ = 0;
-  uint64_t end_ = 0;
+  uint64_t disk_size_ = 0;
   uint64_t span_ = 0;
+  std::vector<ByteRange> ranges_;
+  uint64_t total_bytes_ = 0;  // of ranges_
 
-  uint64_t next_offset_ = 0;                        // next byte to request
+  size_t range_ = 0;                                // range being requested
+  uint64_t next_offset_ = 0;                        // next byte to request in ranges_[range_]
   std::deque<std::vector<unsigned char>> buffers_;  // at most parallelism + 1
   std::vector<std::vector<unsigned char>*> free_;
   std::deque<InFlight> in_flight_;  // oldest first
@@ -614,12 +638,14 @@ Result<BlockHashList> HashNbdBlocks(const std::string& socket_path, const std::s
 // ---------------------------------------------------------------- diff source
 
 NbdBlockDiffSource::NbdBlockDiffSource(std::unique_ptr<NbdBlockReader> reader, uint32_t disk_index,
-                                       BlockHashList remote, BlockHashList local)
+                                       std::vector<BlockHashList> remote,
+                                       std::vector<BlockHashList> local, uint32_t block_size)
     : reader_(std::move(reader)),
       disk_index_(disk_index),
+      block_size_(block_size),
       remote_(std::move(remote)),
       local_(std::move(local)),
-      zero_full_(HashOfZeros(remote_.block_size)) {}
+      zero_full_(HashOfZeros(block_size)) {}
 
 NbdBlockDiffSource::~NbdBlockDiffSource() = default;
 
@@ -642,14 +668,70 @@ Result<std::unique_ptr<NbdBlockDiffSource>> NbdBlockDiffSource::Open(
     return Status::InvalidArgument("disk sizes differ: " + std::to_string(local.disk_size) +
                                    " bytes here, " + std::to_string(remote.disk_size) +
                                    " on the other side");
+  std::vector<BlockHashList> remotes, locals;
+  remotes.push_back(std::move(remote));
+  locals.push_back(std::move(local));
+  return std::unique_ptr<NbdBlockDiffSource>(new NbdBlockDiffSource(
+      std::move(reader), disk_index, std::move(remotes), std::move(locals), options.block_size));
+}
+
+Result<std::unique_ptr<NbdBlockDiffSource>> NbdBlockDiffSource::OpenRuns(
+    const std::string& socket_path, const std::string& export_name, uint32_t disk_index,
+    std::vector<BlockHashList> remote_runs, const BlockHashOptions& options) {
+  VMR_RETURN_IF_ERROR(ValidateOptions(options));
+  for (size_t i = 0; i < remote_runs.size(); ++i) {
+    const BlockHashList& r = remote_runs[i];
+    const std::string which = "the other side's run " + std::to_string(i);
+    VMR_RETURN_IF_ERROR(ValidateBlockHashList(r).WithContext(which));
+    if (r.block_size != options.block_size)
+      return Status::InvalidArgument(which + ": block size " + std::to_string(r.block_size) +
+                                     " differs from " + std::to_string(options.block_size));
+    if (i == 0) continue;
+    const BlockHashList& prev = remote_runs[i - 1];
+    if (r.disk_size != prev.disk_size)
+      return Status::InvalidArgument(which + ": disk size " + std::to_string(r.disk_size) +
+                                     " differs from run 0's " +
+                                     std::to_string(remote_runs[0].disk_size));
+    if (r.first_block < prev.first_block + prev.hashes.size())
+      return Status::InvalidArgument(which + " starts at block " + std::to_string(r.first_block) +
+                                     ", before the end of run " + std::to_string(i - 1) +
+                                     " (block " +
+                                     std::to_string(prev.first_block + prev.hashes.size()) +
+                                     "): runs must be ascending and not overlap");
+  }
+  VMR_ASSIGN_OR_RETURN(auto reader, NbdBlockReader::Connect(socket_path, export_name, options));
+  if (!remote_runs.empty() && reader->disk_size() != remote_runs[0].disk_size)
+    return Status::InvalidArgument("disk sizes differ: " + std::to_string(reader->disk_size()) +
+                                   " bytes here, " + std::to_string(remote_runs[0].disk_size) +
+                                   " on the other side");
+  std::vector<BlockHashList> locals;
+  std::vector<ByteRange> ranges;
+  for (const BlockHashList& r : remote_runs) {
+    BlockHashOptions o = options;
+    o.first_block = r.first_block;
+    o.block_count = r.hashes.size();
+    BlockHashList local;
+    local.block_size = options.block_size;
+    local.disk_size = reader->disk_size();
+    VMR_ASSIGN_OR_RETURN(const ByteRange range, PlanRange(o, local));
+    ranges.push_back(range);
+    locals.push_back(std::move(local));
+  }
+  reader->SetRanges(std::move(ranges));
   return std::unique_ptr<NbdBlockDiffSource>(
-      new NbdBlockDiffSource(std::move(reader), disk_index, std::move(remote), std::move(local)));
+      new NbdBlockDiffSource(std::move(reader), disk_index, std::move(remote_runs),
+                             std::move(locals), options.block_size));
+}
+
+const BlockHashList& NbdBlockDiffSource::local() const {
+  static const BlockHashList kNone;
+  return local_.empty() ? kNone : local_.front();
 }
 
 const BlockHashStats& NbdBlockDiffSource::stats() const { return reader_->stats(); }
 
 Result<std::optional<DeltaRecord>> NbdBlockDiffSource::Next() {
-  const uint32_t bs = remote_.block_size;
+  const uint32_t bs = block_size_;
   for (;;) {
     // Runs found in the current piece go out first, in order.
     if (!pending_.empty()) {
@@ -664,14 +746,22 @@ Result<std::optional<DeltaRecord>> NbdBlockDiffSource::Next() {
       done_ = true;
       continue;
     }
-    const uint64_t first = piece->offset / bs - local_.first_block;
-    reader_->CountZeroBlocks(
-        HashRequest(piece->data, piece->bytes, first, bs, zero_full_, local_.hashes));
+    // Pieces come in disk order and never span two runs.
+    const uint64_t block = piece->offset / bs;
+    auto run_end = [this](size_t r) { return local_[r].first_block + local_[r].hashes.size(); };
+    while (run_ + 1 < local_.size() && block >= run_end(run_)) ++run_;
+    if (run_ >= local_.size() || block < local_[run_].first_block ||
+        block + (piece->bytes + bs - 1) / bs > run_end(run_))
+      return Status::Internal("piece at " + std::to_string(piece->offset) + " is outside the runs");
+    std::vector<Hash128>& local = local_[run_].hashes;
+    const std::vector<Hash128>& remote = remote_[run_].hashes;
+    const uint64_t first = block - local_[run_].first_block;
+    reader_->CountZeroBlocks(HashRequest(piece->data, piece->bytes, first, bs, zero_full_, local));
     // Maximal runs of differing blocks inside the piece; a run is all-zero
     // blocks (a zero record) or not (a data record).
     const uint64_t blocks = (piece->bytes + bs - 1) / bs;
     for (uint64_t k = 0; k < blocks;) {
-      if (local_.hashes[first + k] == remote_.hashes[first + k]) {
+      if (local[first + k] == remote[first + k]) {
         ++k;
         continue;
       }
@@ -680,7 +770,7 @@ Result<std::optional<DeltaRecord>> NbdBlockDiffSource::Next() {
       };
       const bool zero = is_zero(k);
       uint64_t j = k + 1;
-      while (j < blocks && !(local_.hashes[first + j] == remote_.hashes[first + j]) &&
+      while (j < blocks && !(local[first + j] == remote[first + j]) &&
              is_zero(j) == zero)
         ++j;
       const uint64_t off = k * bs;

@@ -379,6 +379,203 @@ TEST(BlockHash, RangeHashesOnlyItsBlocks) {
   EXPECT_EQ(HashFileBlocks(p, o).status().code(), Code::kInvalidArgument);
 }
 
+// Drains a source; the records in order.
+std::vector<DeltaRecord> Drain(DeltaSource& src) {
+  std::vector<DeltaRecord> out;
+  for (;;) {
+    auto r = src.Next();
+    EXPECT_TRUE(r.ok()) << r.status().ToString();
+    if (!r.ok() || !r->has_value()) return out;
+    out.push_back(std::move(**r));
+  }
+}
+
+bool SameRecords(const std::vector<DeltaRecord>& a, const std::vector<DeltaRecord>& b) {
+  if (a.size() != b.size()) return false;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (a[i].disk != b[i].disk || a[i].offset != b[i].offset || a[i].length != b[i].length ||
+        a[i].zero != b[i].zero || a[i].data != b[i].data)
+      return false;
+  }
+  return true;
+}
+
+// The reverse sync reads several runs of one disk over one connection: the
+// records are exactly those of one Open per run, whatever the runs and the
+// request size.
+TEST(BlockHash, OpenRunsGivesTheRecordsOfOneOpenPerRun) {
+  TempDir tmp("vmr-bhash");
+  ASSERT_TRUE(tmp.ok());
+  const uint64_t size = (12u << 20) + 4096;  // a short last block
+  const std::string primary = MakeDisk(size, 21);
+  std::string replica = primary;
+  std::mt19937_64 rng(22);
+  const uint64_t blocks = (size + kBlock - 1) / kBlock;
+  // Differences: single bytes, whole blocks zeroed on the primary's side
+  // (the replica has data there), and the last block.
+  for (int i = 0; i < 40; ++i) {
+    const uint64_t blk = rng() % blocks;
+    const uint64_t len = std::min<uint64_t>(kBlock, size - blk * kBlock);
+    replica[blk * kBlock + rng() % len] ^= 0x11;
+  }
+  replica[size - 1] ^= 0x01;
+  for (uint64_t blk : {2u, 3u}) replica[blk * kBlock + 17] = 'z';  // primary's blocks 2-4 are zeros
+  const std::string pp = tmp.path() + "/primary.raw", rp = tmp.path() + "/replica.raw";
+  WriteSparse(pp, primary);
+  WriteSparse(rp, replica);
+  auto qsd = Serve(tmp, pp, "p");
+  ASSERT_NE(qsd, nullptr);
+  const std::vector<Hash128> reference = ReferenceHashes(primary);
+
+  size_t records_seen = 0;
+  for (int round = 0; round < 12; ++round) {
+    SCOPED_TRACE("round " + std::to_string(round));
+    BlockHashOptions o;
+    const uint32_t requests[] = {64u << 10, 192u << 10, 1u << 20};
+    o.request_bytes = requests[rng() % 3];
+    o.parallelism = static_cast<uint32_t>(1 + rng() % 8);
+    // Random runs: ascending, some touching, the last one sometimes at the end.
+    std::vector<BlockHashList> runs;
+    uint64_t at = rng() % 3;
+    const int count = static_cast<int>(1 + rng() % 6);
+    for (int k = 0; k < count && at < blocks; ++k) {
+      BlockHashOptions ro = o;
+      ro.first_block = at;
+      ro.block_count = 1 + rng() % 40;
+      if (k == count - 1 && round % 3 == 0) ro.block_count = 0;  // up to the end
+      auto l = HashFileBlocks(rp, ro);
+      ASSERT_TRUE(l.ok()) << l.status().ToString();
+      at = l->first_block + l->hashes.size() + (rng() % 2 == 0 ? 0 : rng() % 30);
+      runs.push_back(std::move(*l));
+    }
+    ASSERT_FALSE(runs.empty());
+
+    std::vector<DeltaRecord> expected;
+    uint64_t expected_bytes = 0;
+    for (const BlockHashList& r : runs) {
+      auto one = NbdBlockDiffSource::Open(qsd->socket(), qsd->export_name(), 3, r, o);
+      ASSERT_TRUE(one.ok()) << one.status().ToString();
+      std::vector<DeltaRecord> recs = Drain(**one);
+      expected.insert(expected.end(), recs.begin(), recs.end());
+      expected_bytes += (*one)->stats().bytes_read;
+    }
+    auto many = NbdBlockDiffSource::OpenRuns(qsd->socket(), qsd->export_name(), 3, runs, o);
+    ASSERT_TRUE(many.ok()) << many.status().ToString();
+    const std::vector<DeltaRecord> got = Drain(**many);
+    records_seen += got.size();
+    EXPECT_TRUE(SameRecords(got, expected)) << got.size() << " records, " << expected.size()
+                                            << " expected";
+    // Once more after the end: still the end.
+    auto again = (*many)->Next();
+    ASSERT_TRUE(again.ok());
+    EXPECT_FALSE(again->has_value());
+
+    // Every run read once; this side's hashes are the bytes' own.
+    uint64_t run_bytes = 0, sent = 0;
+    ASSERT_EQ((*many)->local_runs().size(), runs.size());
+    for (size_t k = 0; k < runs.size(); ++k) {
+      const BlockHashList& l = (*many)->local_runs()[k];
+      EXPECT_EQ(l.first_block, runs[k].first_block);
+      const auto from = reference.begin() + static_cast<long>(l.first_block);
+      EXPECT_EQ(l.hashes, std::vector<Hash128>(from, from + static_cast<long>(l.hashes.size())));
+      run_bytes += std::min<uint64_t>((l.first_block + l.hashes.size()) * kBlock, size) -
+                   l.first_block * kBlock;
+    }
+    for (const DeltaRecord& r : got) sent += r.length;
+    EXPECT_EQ((*many)->stats().bytes_read, run_bytes);
+    EXPECT_EQ(run_bytes, expected_bytes);
+    EXPECT_EQ((*many)->sent_bytes(), sent);
+    EXPECT_EQ((*many)->local().first_block, runs[0].first_block);
+  }
+  EXPECT_GT(records_seen, 12u);  // the runs did cover differing blocks
+
+  // Independently of Open: over every block of the disk in random runs that
+  // tile it, the records turn the replica into the primary.
+  {
+    std::vector<BlockHashList> tiles;
+    for (uint64_t at = 0; at < blocks;) {
+      BlockHashOptions ro;
+      ro.first_block = at;
+      ro.block_count = 1 + rng() % 50;
+      auto l = HashFileBlocks(rp, ro);
+      ASSERT_TRUE(l.ok());
+      at = l->first_block + l->hashes.size();
+      tiles.push_back(std::move(*l));
+    }
+    auto src = NbdBlockDiffSource::OpenRuns(qsd->socket(), qsd->export_name(), 0, tiles,
+                                            BlockHashOptions{});
+    ASSERT_TRUE(src.ok()) << src.status().ToString();
+    std::string copy = replica;
+    bool saw_zero = false;
+    for (const DeltaRecord& r : Drain(**src)) {
+      if (r.zero) {
+        saw_zero = true;
+        copy.replace(r.offset, r.length, r.length, '\0');
+      } else {
+        copy.replace(r.offset, r.length, r.data);
+      }
+    }
+    EXPECT_TRUE(saw_zero);
+    EXPECT_TRUE(copy == primary);
+    EXPECT_EQ((*src)->stats().bytes_read, size);
+  }
+
+  // No runs: nothing to send.
+  auto none = NbdBlockDiffSource::OpenRuns(qsd->socket(), qsd->export_name(), 0, {},
+                                           BlockHashOptions{});
+  ASSERT_TRUE(none.ok()) << none.status().ToString();
+  auto end = (*none)->Next();
+  ASSERT_TRUE(end.ok());
+  EXPECT_FALSE(end->has_value());
+  EXPECT_EQ((*none)->stats().bytes_read, 0u);
+}
+
+TEST(BlockHash, OpenRunsRefusesBadRuns) {
+  TempDir tmp("vmr-bhash");
+  ASSERT_TRUE(tmp.ok());
+  const uint64_t size = 4u << 20;
+  const std::string bytes = MakeDisk(size, 31);
+  const std::string p = tmp.path() + "/d.raw";
+  WriteSparse(p, bytes);
+  auto qsd = Serve(tmp, p, "d");
+  ASSERT_NE(qsd, nullptr);
+  auto run = [&](uint64_t first, uint64_t count) {
+    BlockHashOptions o;
+    o.first_block = first;
+    o.block_count = count;
+    auto l = HashFileBlocks(p, o);
+    EXPECT_TRUE(l.ok()) << l.status().ToString();
+    return l.ok() ? *l : BlockHashList{};
+  };
+  auto refused = [&](std::vector<BlockHashList> runs, const std::string& needle) {
+    auto r = NbdBlockDiffSource::OpenRuns(qsd->socket(), qsd->export_name(), 0, std::move(runs),
+                                          BlockHashOptions{});
+    ASSERT_FALSE(r.ok()) << needle;
+    EXPECT_EQ(r.status().code(), Code::kInvalidArgument) << r.status().ToString();
+    EXPECT_NE(r.status().message().find(needle), std::string::npos) << r.status().ToString();
+  };
+  // Touching runs are fine.
+  EXPECT_TRUE(NbdBlockDiffSource::OpenRuns(qsd->socket(), qsd->export_name(), 0,
+                                           {run(0, 4), run(4, 4)}, BlockHashOptions{})
+                  .ok());
+  refused({run(10, 4), run(2, 4)}, "run 1 starts at block 2");   // not ascending
+  refused({run(0, 4), run(3, 4)}, "run 1 starts at block 3");    // overlapping
+  refused({run(0, 4), run(4, 2), run(5, 1)}, "run 2 starts at block 5");
+  BlockHashList other_size = run(8, 2);
+  other_size.disk_size += kBlock;
+  refused({run(0, 4), other_size}, "run 1: disk size");
+  BlockHashList bigger = run(0, 2);
+  bigger.disk_size += kBlock;  // same for every run, but not the export's
+  refused({bigger}, "disk sizes differ");
+  BlockHashList small_blocks = run(0, 2);
+  small_blocks.block_size = kBlock / 2;
+  small_blocks.hashes.resize(4);
+  refused({small_blocks}, "run 0: block size");
+  BlockHashList empty = run(0, 2);
+  empty.hashes.clear();
+  refused({run(0, 1), empty}, "run 1");
+}
+
 TEST(BlockHash, DiffRefusesDifferentShapes) {
   BlockHashList a;
   a.block_size = kBlock;

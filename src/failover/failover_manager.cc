@@ -22,6 +22,7 @@
 #include "vmreplica/fileutil.h"
 #include "vmreplica/model/transitions.h"
 #include "vmreplica/qmp.h"
+#include "vmreplica/reverse.h"
 #include "vmreplica/vm_binding.h"
 
 namespace vmreplica {
@@ -98,6 +99,15 @@ struct FailoverManager::Record {
   bool started = false;
   uint64_t commit_sequence = 0;  // CommitFailover: the point the rollback makes (0 = not committing)
   std::vector<std::string> merged_disks;  // CommitFailover: disks whose VM already runs on the replica's file
+  // CommitFailover (docs/failover.md section 10.3; absent in records of
+  // older builds): the store's latest point before the rollback (the last
+  // one received from the primary), and the since file written before the
+  // history is dropped ("" = not written).
+  uint64_t replicated_sequence = 0;
+  std::string since_file;
+  // CommitFailover: the disk wrappers (qcow2 over the store's files with the
+  // tracking bitmap, section 10.2), disk order; empty until made.
+  std::vector<std::string> wrappers;
 
   std::string Encode() const {
     json j;
@@ -114,6 +124,9 @@ struct FailoverManager::Record {
     j["started"] = started;
     j["commit_sequence"] = commit_sequence;
     j["merged_disks"] = merged_disks;
+    if (replicated_sequence != 0) j["replicated_sequence"] = replicated_sequence;
+    if (!since_file.empty()) j["since_file"] = since_file;
+    if (!wrappers.empty()) j["wrappers"] = wrappers;
     return j.dump(2) + "\n";
   }
 
@@ -185,6 +198,38 @@ struct FailoverManager::Record {
         return Status::Corruption("failover record: export '" + name + "' is not of VM " + r.vm_id);
       }
       r.exports.push_back(std::move(name));
+    }
+    if (j.contains("replicated_sequence")) {
+      if (!j["replicated_sequence"].is_number_unsigned() || r.commit_sequence == 0) {
+        return Status::Corruption("failover record: replicated_sequence");
+      }
+      r.replicated_sequence = j["replicated_sequence"].get<uint64_t>();
+    }
+    if (j.contains("since_file")) {
+      // Exactly <state>/failover/<vm id>.since.
+      const std::string want =
+          std::filesystem::path(run_root).parent_path().string() + "/failover/" + r.vm_id + ".since";
+      if (!j["since_file"].is_string() || j["since_file"].get<std::string>() != want || r.commit_sequence == 0) {
+        return Status::Corruption("failover record: since_file");
+      }
+      r.since_file = want;
+    }
+    if (j.contains("wrappers")) {
+      // Each exactly <state>/wrappers/<vm id>/<disk>.qcow2.
+      const std::string dir = std::filesystem::path(run_root).parent_path().string() + "/wrappers/" + r.vm_id + "/";
+      if (!j["wrappers"].is_array() || j["wrappers"].size() > 64 || r.commit_sequence == 0) {
+        return Status::Corruption("failover record: wrappers");
+      }
+      for (const auto& w : j["wrappers"]) {
+        if (!w.is_string()) return Status::Corruption("failover record: wrappers");
+        const std::string path = w.get<std::string>();
+        const std::string leaf = path.size() > dir.size() ? path.substr(dir.size()) : "";
+        if (path.rfind(dir, 0) != 0 || leaf.size() <= 6 || leaf.find('/') != std::string::npos ||
+            leaf.compare(leaf.size() - 6, 6, ".qcow2") != 0) {
+          return Status::Corruption("failover record: wrapper '" + path + "' is not inside " + dir);
+        }
+        r.wrappers.push_back(path);
+      }
     }
     // The run directory must be ours: <state>/run/<one name>.
     const std::filesystem::path rd(r.run_dir);
@@ -856,6 +901,7 @@ Status FailoverManager::DoCommit(JobContext& job, const std::string& vm_id) {
   if (a->rec.phase == "failed-over") {
     const uint64_t latest = store.latest_sequence();
     a->rec.commit_sequence = latest > point ? latest + 1 : point;
+    a->rec.replicated_sequence = latest;
     a->rec.phase = "committing";
     VMR_RETURN_IF_ERROR(WriteFileAtomic(record_path, a->rec.Encode(), 0600));
   } else if (a->rec.phase != "committing") {
@@ -937,6 +983,26 @@ Status FailoverManager::DoCommit(JobContext& job, const std::string& vm_id) {
     Status u = exports_.Unexport(name);
     if (!u.ok() && u.code() != Code::kNotFound) return u;
   }
+  // The history of changed blocks is kept before it is dropped: a reverse
+  // later needs "every block that may differ between point C and the
+  // committed image" (docs/failover.md section 10.3 step 3). Written again
+  // after a crash while the store still has more than one point.
+  if (store.ListPoints().size() > 1) {
+    VMR_RETURN_IF_ERROR(WriteSinceFile(*a, store));
+  }
+  // Every disk gets its wrapper (made now, bitmap empty, for a VM stopped
+  // or never started: the store's files change no more after the commit).
+  {
+    std::vector<std::string> wrappers;
+    for (uint32_t i = 0; i < store.disks().size(); ++i) {
+      VMR_ASSIGN_OR_RETURN(std::string w, EnsureWrapper(vm_id, store, i));
+      wrappers.push_back(w);
+    }
+    if (wrappers != a->rec.wrappers) {
+      a->rec.wrappers = wrappers;
+      VMR_RETURN_IF_ERROR(WriteFileAtomic(record_path, a->rec.Encode(), 0600));
+    }
+  }
   VMR_RETURN_IF_ERROR(store.DropAllButLatest());
   a->rec.phase = "committed";
   VMR_RETURN_IF_ERROR(WriteFileAtomic(record_path, a->rec.Encode(), 0600));
@@ -950,6 +1016,92 @@ Status FailoverManager::DoCommit(JobContext& job, const std::string& vm_id) {
                     .dump());
   spdlog::info("VM {}: failover committed at point {} ({} bytes rolled back); {}", vm_id, point, rolled_back,
                running ? "the VM runs on the replica's disks" : "the VM is not running");
+  return Status::Ok();
+}
+
+// ---------------------------------------------------------------- StartVm
+
+Status FailoverManager::StartVm(const std::string& vm_name) {
+  VMR_ASSIGN_OR_RETURN(VmRecord vm, ResolveReplicaVm(vm_name));
+  VMR_ASSIGN_OR_RETURN(auto rel, catalog_->GetRelationship(vm.id, 0));
+  if (!rel || vm.mode != ReplicationMode::kReplica || rel->state != ReplicationState::kCommitted) {
+    return Status::FailedPrecondition("VM " + vm.name + " has no committed failover on this host" +
+                                      (rel ? " (state " + std::string(Name(rel->state)) + ")" : std::string()) +
+                                      ": only a committed failover VM is started here");
+  }
+  std::shared_ptr<Active> a;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    auto it = active_.find(vm.id);
+    if (it != active_.end()) a = it->second;
+  }
+  if (!a || a->rec.phase != "committed" || a->store == nullptr) {
+    return Status::FailedPrecondition("VM " + vm.name + ": no committed failover is recorded on this host");
+  }
+  if (a->rec.wrappers.size() != a->store->disks().size()) {
+    return Status::FailedPrecondition("VM " + vm.name +
+                                      " was committed by an older vmreplica build: it has no disk wrappers to start on");
+  }
+  std::lock_guard<std::mutex> vl(a->vm_mu);
+  if (a->vm && a->vm->IsRunning()) return Status::FailedPrecondition("VM " + vm.name + " already runs");
+  if (a->vm) {
+    // The launcher of the VM that ran before: its overlays are stale (the
+    // commit merged them); its run directory is emptied for the new start.
+    VMR_RETURN_IF_ERROR(a->vm->DropOverlays().WithContext("clearing the VM's previous run directory"));
+    a->vm.reset();
+  }
+  VMR_RETURN_IF_ERROR(MakeDirs(a->rec.run_dir, 0700));
+  VMR_ASSIGN_OR_RETURN(VmDefinition def, DefinitionForStore(vm, *a->store));
+  VmLaunchSpec spec;
+  spec.definition = def;
+  spec.run_dir = a->rec.run_dir;
+  for (size_t i = 0; i < a->rec.wrappers.size(); ++i) {
+    VmLaunchDisk d;
+    d.direct_image = a->rec.wrappers[i];
+    d.size_bytes = a->store->disks()[i].size;
+    spec.disks.push_back(d);
+  }
+  spec.network = VmNetworkMode::kIsolated;
+  spec.accel = options_.accel;
+  spec.start_timeout = options_.vm_start_timeout;
+  if (!def.boot_kernel.empty()) spec.kernel_boot = VmKernelBoot{def.boot_kernel, def.boot_initrd, def.boot_append};
+  // The failover IP settings: the same instance-id as long as the committed
+  // point is the same, so cloud-init does not apply them again at each start.
+  VMR_RETURN_IF_ERROR(AttachSeed(&spec, vm,
+                                 "vmreplica-" + vm.id + "-" + std::to_string(a->store->latest_sequence()) + "-committed"));
+  VMR_ASSIGN_OR_RETURN(auto launched, VmLauncher::Start(spec));
+  a->vm = std::move(launched);
+  a->rec.started = true;
+  VMR_RETURN_IF_ERROR(WriteFileAtomic(RecordPath(vm.id, false), a->rec.Encode(), 0600));
+  spdlog::info("VM {}: started on its disk wrappers (committed failover)", vm.name);
+  return Status::Ok();
+}
+
+Result<std::string> FailoverManager::EnsureWrapper(const std::string& vm_id, const ReplicaStore& store,
+                                                   uint32_t disk) {
+  if (disk >= store.disks().size()) return Status::InvalidArgument("no disk " + std::to_string(disk));
+  const std::string dir = options_.state_dir + "/wrappers/" + vm_id;
+  VMR_RETURN_IF_ERROR(MakeDirs(dir, 0700));
+  const std::string path = dir + "/" + store.disks()[disk].name + ".qcow2";
+  VMR_RETURN_IF_ERROR(MakeDiskWrapper(store.DiskPath(disk), path, store.disks()[disk].size, "vmr-" + vm_id + "-g1")
+                          .WithContext("disk wrapper of " + store.disks()[disk].name));
+  return path;
+}
+
+Status FailoverManager::WriteSinceFile(Active& a, const ReplicaStore& store) {
+  VMR_ASSIGN_OR_RETURN(SinceList since, LabelChangedSince(store));
+  // The last point received from the primary, not the rollback's point.
+  if (a.rec.replicated_sequence != 0) since.replicated_sequence = a.rec.replicated_sequence;
+  const std::string path = options_.state_dir + "/failover/" + a.rec.vm_id + ".since";
+  VMR_RETURN_IF_ERROR(
+      WriteRangeListFile(path, kRangeListSince, static_cast<uint32_t>(store.disks().size()), since)
+          .WithContext("writing the since file"));
+  a.rec.since_file = path;
+  VMR_RETURN_IF_ERROR(WriteFileAtomic(RecordPath(a.rec.vm_id, false), a.rec.Encode(), 0600));
+  uint64_t bytes = 0;
+  for (const auto& e : since.entries) bytes += e.length;
+  spdlog::info("VM {}: since file written: {} point(s), {} range(s), {} bytes changed after the oldest point",
+               a.rec.vm_id, since.points.size(), since.entries.size(), bytes);
   return Status::Ok();
 }
 
@@ -1000,14 +1152,17 @@ Status FailoverManager::MergeLive(JobContext& job, Active& a) {
       bool have_target = false;
       for (const auto& n : nodes) have_target = have_target || (n.contains("node-name") && n["node-name"] == target);
       if (!have_target) {
-        VMR_RETURN_IF_ERROR(qmp->Execute("blockdev-add", json{{"driver", "raw"},
-                                                               {"node-name", target},
-                                                               {"file",
-                                                                {{"driver", "file"},
-                                                                 {"filename", a.store->DiskPath(
-                                                                                  static_cast<uint32_t>(i))}}}})
-                                .status()
-                                .WithContext("blockdev-add of " + target));
+        // The target is the disk's wrapper: the store's file as the data,
+        // the tracking bitmap recording every block the mirror copies and
+        // every later guest write (docs/failover.md section 10.3 step 2).
+        VMR_ASSIGN_OR_RETURN(std::string wrapper, EnsureWrapper(a.rec.vm_id, *a.store, static_cast<uint32_t>(i)));
+        VMR_RETURN_IF_ERROR(
+            qmp->Execute("blockdev-add",
+                         json{{"driver", "qcow2"},
+                              {"node-name", target},
+                              {"file", {{"driver", "file"}, {"filename", wrapper}}}})
+                .status()
+                .WithContext("blockdev-add of " + target));
       }
       // sync "top": only what the overlay holds travels; the rest of the
       // target already is the point's content (the rollback made it so).

@@ -31,6 +31,9 @@ using launcher_internal::RunCapture;
 constexpr int kStateVersion = 1;
 constexpr size_t kMaxRunDirBytes = 90;
 constexpr size_t kMaxStateBytes = 1u << 20;
+// QEMU keeps node names in 32 bytes: "vmr-commit-" leaves 20 for the disk.
+constexpr size_t kMaxDirectDiskName = 20;
+const char* const kDirectNodePrefix = "vmr-commit-";
 constexpr auto kQuitWait = std::chrono::seconds(10);
 constexpr auto kKillWait = std::chrono::seconds(10);
 
@@ -129,6 +132,30 @@ Status ValidateSpec(const VmLaunchSpec& spec, const VmDefinition& def) {
   for (size_t i = 0; i < spec.disks.size(); ++i) {
     const VmLaunchDisk& d = spec.disks[i];
     const std::string f = "disks[" + std::to_string(i) + "].";
+    if (d.direct_image.empty() != spec.disks[0].direct_image.empty()) {
+      return Status::InvalidArgument(f + "direct_image: every disk has one or none has");
+    }
+    if (!d.direct_image.empty()) {
+      if (d.direct_image[0] != '/' || d.direct_image.find(',') != std::string::npos ||
+          HasControlChars(d.direct_image)) {
+        return Status::InvalidArgument(f + "direct_image: an absolute path without ',' is required");
+      }
+      if (!IsRegularFile(d.direct_image)) {
+        return Status::InvalidArgument(f + "direct_image: no such file: " + d.direct_image);
+      }
+      if (!d.backing.empty() || d.nbd_reconnect_delay_s != 0) {
+        return Status::InvalidArgument(f + "backing: must be empty (and nbd_reconnect_delay_s 0) with direct_image");
+      }
+      if (def.disks[i].name.size() > kMaxDirectDiskName) {
+        return Status::InvalidArgument(f + "direct_image: the disk name \"" + def.disks[i].name +
+                                       "\" is longer than 20 bytes (QEMU node name " + kDirectNodePrefix +
+                                       "<disk>)");
+      }
+      if (d.size_bytes == 0 || d.size_bytes % 512 != 0) {
+        return Status::InvalidArgument(f + "size_bytes: a positive multiple of 512 is required");
+      }
+      continue;
+    }
     if (d.backing.empty() || d.backing.find(',') != std::string::npos || HasControlChars(d.backing)) {
       return Status::InvalidArgument(f + "backing: a non-empty NBD URI or path without ',' is required");
     }
@@ -227,12 +254,24 @@ std::vector<std::string> QemuArgs(const VmLaunchSpec& spec, const VmDefinition& 
   }
   a.insert(a.end(), {"-serial", "chardev:vmr-ser0"});
   for (size_t i = 0; i < def.disks.size(); ++i) {
-    const std::string& node = def.disks[i].name;
-    nlohmann::json blockdev = {{"driver", "qcow2"},
-                               {"node-name", node},
-                               {"discard", "unmap"},
-                               {"file", {{"driver", "file"}, {"filename", overlays[i]}, {"discard", "unmap"}}}};
-    std::string device = "virtio-blk-pci,drive=" + node + ",id=vmr-disk" + std::to_string(i) + ",serial=" + node;
+    std::string node = def.disks[i].name;
+    nlohmann::json blockdev;
+    if (spec.disks[i].direct_image.empty()) {
+      blockdev = {{"driver", "qcow2"},
+                  {"node-name", node},
+                  {"discard", "unmap"},
+                  {"file", {{"driver", "file"}, {"filename", overlays[i]}, {"discard", "unmap"}}}};
+    } else {
+      // The wrapper itself, read-write; QEMU opens its data file (the header
+      // names it) and loads its persistent bitmap. Discards are not passed
+      // down: the store's file keeps its blocks.
+      node = kDirectNodePrefix + node;
+      blockdev = {{"driver", "qcow2"},
+                  {"node-name", node},
+                  {"file", {{"driver", "file"}, {"filename", spec.disks[i].direct_image}}}};
+    }
+    std::string device =
+        "virtio-blk-pci,drive=" + node + ",id=vmr-disk" + std::to_string(i) + ",serial=" + def.disks[i].name;
     if (!spec.kernel_boot && i == 0) device += ",bootindex=1";
     a.insert(a.end(), {"-blockdev", blockdev.dump(), "-device", device});
   }
@@ -267,8 +306,12 @@ std::vector<std::string> QemuArgs(const VmLaunchSpec& spec, const VmDefinition& 
 nlohmann::json StateJson(const VmLauncher& l, pid_t pid, uint64_t ticks, const std::vector<std::string>& files) {
   nlohmann::json overlays = nlohmann::json::array();
   for (const auto& o : l.overlays()) overlays.push_back(o.substr(o.rfind('/') + 1));
-  return {{"version", kStateVersion}, {"pid", pid},       {"start_ticks", ticks}, {"accel", VmAccelName(l.accel())},
-          {"name", l.name()},         {"uuid", l.uuid()}, {"overlays", overlays}, {"files", files}};
+  nlohmann::json j = {{"version", kStateVersion}, {"pid", pid},           {"start_ticks", ticks},
+                      {"name", l.name()},         {"uuid", l.uuid()},     {"accel", VmAccelName(l.accel())},
+                      {"overlays", overlays},     {"files", files}};
+  // Only for direct disks: a state without it is what older builds wrote.
+  if (!l.direct_images().empty()) j["direct_images"] = l.direct_images();
+  return j;
 }
 
 }  // namespace
@@ -322,10 +365,35 @@ Result<std::unique_ptr<VmLauncher>> VmLauncher::Start(const VmLaunchSpec& spec) 
     }
   } cleanup{l.get()};
 
-  for (size_t i = 0; i < def.disks.size(); ++i) {
+  const bool direct = !spec.disks.empty() && !spec.disks[0].direct_image.empty();
+  for (size_t i = 0; i < def.disks.size() && !direct; ++i) {
     const std::string path = dir + "/" + def.disks[i].name + ".qcow2";
     if (Exists(path)) return Status::AlreadyExists("disks[" + std::to_string(i) + "]: " + path + " exists");
     l->overlays_.push_back(path);
+  }
+  for (size_t i = 0; i < def.disks.size() && direct; ++i) {
+    // A wrapper QEMU can open: qcow2 of the disk's size, not held by another
+    // process (qemu-img takes the same locks QEMU will).
+    const std::string f = "disks[" + std::to_string(i) + "].direct_image";
+    const std::string& path = spec.disks[i].direct_image;
+    VMR_ASSIGN_OR_RETURN(auto c, RunCapture({spec.qemu_img_binary, "info", "--output=json", path}));
+    if (c.exit_code == 127) return Status::FailedPrecondition("qemu-img is not installed (package qemu-utils)");
+    if (c.exit_code != 0) {
+      if (c.output.find("lock") != std::string::npos) {
+        return Status::FailedPrecondition(f + ": " + path + " is in use by another process: " + c.output);
+      }
+      return Status::InvalidArgument(f + ": qemu-img cannot open " + path + ": " + c.output);
+    }
+    const nlohmann::json info = nlohmann::json::parse(c.output, nullptr, /*allow_exceptions=*/false);
+    if (!info.is_object() || !info.contains("format") || info["format"] != "qcow2") {
+      return Status::InvalidArgument(f + ": " + path + " is not a qcow2 image");
+    }
+    if (!info.contains("virtual-size") || !info["virtual-size"].is_number_unsigned() ||
+        info["virtual-size"].get<uint64_t>() != spec.disks[i].size_bytes) {
+      return Status::InvalidArgument(f + ": " + path + " is not " + std::to_string(spec.disks[i].size_bytes) +
+                                     " bytes");
+    }
+    l->direct_images_.push_back(path);
   }
   // The state comes first (pid 0: not started), so a crash at any later
   // point leaves files that Adopt + DropOverlays can remove.
@@ -336,10 +404,10 @@ Result<std::unique_ptr<VmLauncher>> VmLauncher::Start(const VmLaunchSpec& spec) 
   }
   {
     std::vector<std::string> all = l->files_;
-    for (const auto& d : def.disks) all.push_back(d.name + ".qcow2");
+    for (size_t i = 0; i < def.disks.size() && !direct; ++i) all.push_back(def.disks[i].name + ".qcow2");
     VMR_RETURN_IF_ERROR(WriteFileAtomic(l->state_path(), StateJson(*l, 0, 0, all).dump(2) + "\n", 0600));
   }
-  for (size_t i = 0; i < def.disks.size(); ++i) {
+  for (size_t i = 0; i < def.disks.size() && !direct; ++i) {
     const std::string name = def.disks[i].name + ".qcow2";
     const std::string& path = l->overlays_[i];
     const VmLaunchDisk& d = spec.disks[i];
@@ -464,6 +532,15 @@ Result<std::unique_ptr<VmLauncher>> VmLauncher::Adopt(const std::string& run_dir
       if (!e.is_string() || !PlainName(e.get<std::string>())) return bad(std::string(k) + ": bad file name");
     }
   }
+  if (j.contains("direct_images")) {
+    if (!j["direct_images"].is_array()) return bad("direct_images: array expected");
+    for (const auto& e : j["direct_images"]) {
+      if (!e.is_string() || e.get<std::string>().empty() || e.get<std::string>()[0] != '/' ||
+          HasControlChars(e.get<std::string>())) {
+        return bad("direct_images: absolute paths expected");
+      }
+    }
+  }
   if (j["version"].get<uint64_t>() != kStateVersion) return bad("unknown version");
   const uint64_t pid = j["pid"].get<uint64_t>();
   if (pid > 0x3fffffff) return bad("pid out of range");  // 0: QEMU was never started
@@ -477,6 +554,9 @@ Result<std::unique_ptr<VmLauncher>> VmLauncher::Adopt(const std::string& run_dir
   l->accel_ = accel == "kvm" ? VmAccel::kKvm : VmAccel::kTcg;
   for (const auto& e : j["overlays"]) l->overlays_.push_back(dir + "/" + e.get<std::string>());
   for (const auto& e : j["files"]) l->files_.push_back(e.get<std::string>());
+  if (j.contains("direct_images")) {
+    for (const auto& e : j["direct_images"]) l->direct_images_.push_back(e.get<std::string>());
+  }
   l->pid_ = pid == 0 ? -1 : static_cast<pid_t>(pid);
   l->start_ticks_ = j["start_ticks"].get<uint64_t>();
   l->child_ = false;
@@ -585,6 +665,10 @@ Status VmLauncher::DropOverlays() {
 Result<std::unique_ptr<OverlayDeltaSource>> VmLauncher::OpenWrites() {
   if (IsRunning()) {
     return Status::FailedPrecondition("VM " + name_ + " still runs: its overlays are read only while it is stopped");
+  }
+  if (!direct_images_.empty()) {
+    return Status::FailedPrecondition("VM " + name_ +
+                                      " runs on direct disk wrappers: no overlay (their bitmaps record the writes)");
   }
   return OverlayDeltaSource::Open(overlays_);
 }

@@ -16,11 +16,13 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <sstream>
 
 #include "guest/guest_console.h"
 #include "guest/test_guest.h"
 #include "vmreplica/cloud_init.h"
+#include "vmreplica/nbd_reader.h"
 #include "vmreplica/qmp.h"
 
 namespace vmreplica {
@@ -169,7 +171,10 @@ class LauncherTest : public ::testing::Test {
     VmLaunchSpec s;
     s.definition = Definition(nics);
     s.run_dir = run_dir();
-    s.disks = {VmLaunchDisk{nbd_uri(), "raw", kDiskSize}};
+    VmLaunchDisk disk;
+    disk.backing = nbd_uri();
+    disk.size_bytes = kDiskSize;
+    s.disks = {disk};
     s.kernel_boot =
         VmKernelBoot{testing::GuestArtifactsDir() + "/vmlinuz", testing::GuestArtifactsDir() + "/initramfs.cpio.gz",
                      testing::GuestKernelAppend(1 + extra_disks)};
@@ -524,6 +529,176 @@ TEST_F(LauncherTest, CloudInitSeedShowsUpAsASecondDiskInTheGuest) {
   ASSERT_TRUE(vm_->DropOverlays().ok());
   EXPECT_EQ(DirEntries(run_dir()), std::vector<std::string>{});
   EXPECT_TRUE(std::filesystem::exists(iso));  // not the launcher's file
+}
+
+// A committed failover VM runs on disk wrappers of the store's files: no
+// overlay, QEMU opens the wrapper itself (node vmr-commit-<disk>), the
+// guest's writes land in the raw file and the wrapper's persistent bitmap
+// records exactly them across QEMU's exit.
+TEST_F(LauncherTest, DirectWrapperDiskWritesLandInTheRawFileAndItsBitmap) {
+  const std::string raw = dir_.path + "/store.img";
+  std::ofstream(raw, std::ios::binary).write(base_.data(), static_cast<std::streamsize>(base_.size()));
+  std::filesystem::create_directories(dir_.path + "/wrappers");
+  const std::string wrapper = dir_.path + "/wrappers/vda.qcow2";
+  const std::string bitmap = "vmr-vm-g1";
+  Status made = MakeDiskWrapper(raw, wrapper, kDiskSize, bitmap);
+  ASSERT_TRUE(made.ok()) << made.ToString();
+
+  VmLaunchSpec spec = Spec();
+  spec.disks[0] = VmLaunchDisk{};
+  spec.disks[0].size_bytes = kDiskSize;
+  spec.disks[0].direct_image = wrapper;
+  auto vm = VmLauncher::Start(spec);
+  ASSERT_TRUE(vm.ok()) << vm.status().ToString();
+  vm_ = std::move(*vm);
+  EXPECT_TRUE(vm_->overlays().empty());
+  EXPECT_EQ(vm_->direct_images(), std::vector<std::string>{wrapper});
+  for (const auto& name : DirEntries(run_dir())) EXPECT_EQ(name.find(".qcow2"), std::string::npos) << name;
+  // QEMU's command line opens the wrapper under the commit node name.
+  {
+    auto args = Cmdline(vm_->pid());
+    bool blockdev = false, device = false;
+    for (size_t i = 0; i + 1 < args.size(); ++i) {
+      if (args[i] == "-blockdev") {
+        auto j = nlohmann::json::parse(args[i + 1], nullptr, false);
+        if (j.is_object() && j["node-name"] == "vmr-commit-vda") {
+          blockdev = true;
+          EXPECT_EQ(j["driver"], "qcow2");
+          EXPECT_EQ(j["file"]["filename"], wrapper);
+        }
+      }
+      if (args[i] == "-device" && args[i + 1].rfind("virtio-blk-pci,drive=vmr-commit-vda,id=vmr-disk0,", 0) == 0) {
+        device = true;
+      }
+    }
+    EXPECT_TRUE(blockdev && device);
+  }
+  {
+    auto console = GuestConsole::Connect(vm_->serial_socket());
+    ASSERT_TRUE(console.ok()) << console.status().ToString() << "\n" << ReadAll(vm_->serial_log());
+    GuestConsole& c = **console;
+    EXPECT_EQ(MustRun(c, "dd if=/dev/vda bs=65536 skip=5 count=3 2>/dev/null | sha256sum"),
+              Sha256Hex(base_.substr(5 * k64K, 3 * k64K)) + "  -\n");
+    MustRun(c, "dd if=/dev/vda of=/dev/vda bs=65536 skip=0 seek=32 count=2 conv=notrunc,fsync 2>/dev/null");
+    MustRun(c, "dd if=/dev/zero of=/dev/vda bs=65536 seek=48 count=1 conv=notrunc,fsync 2>/dev/null && sync");
+  }
+  EXPECT_EQ(vm_->OpenWrites().status().code(), Code::kFailedPrecondition);
+  // The state names the wrapper: a restarted daemon finds it.
+  {
+    auto adopted = VmLauncher::Adopt(run_dir());
+    ASSERT_TRUE(adopted.ok()) << adopted.status().ToString();
+    EXPECT_EQ((*adopted)->direct_images(), std::vector<std::string>{wrapper});
+    EXPECT_TRUE((*adopted)->overlays().empty());
+  }
+  Status st = vm_->Stop(1s);  // the guest ignores the button: quit, a clean exit
+  ASSERT_TRUE(st.ok()) << st.ToString();
+
+  std::string model = base_;
+  model.replace(2u << 20, 2 * k64K, base_.substr(0, 2 * k64K));
+  model.replace(3u << 20, k64K, std::string(k64K, '\0'));
+  EXPECT_EQ(std::filesystem::file_size(raw), kDiskSize);
+  EXPECT_TRUE(ReadAll(raw) == model) << "the guest's writes are not in the raw file at their offsets";
+  EXPECT_TRUE(ReadAll(base_path_) == base_);
+  EXPECT_EQ(vm_->OpenWrites().status().code(), Code::kFailedPrecondition);
+
+  // The bitmap is stored consistent and holds exactly the two writes.
+  auto info = Shell("qemu-img info --output=json " + wrapper);
+  ASSERT_EQ(info.first, 0) << info.second;
+  auto j = nlohmann::json::parse(info.second, nullptr, false);
+  ASSERT_TRUE(j.is_object()) << info.second;
+  bool found = false;
+  for (const auto& b : j["format-specific"]["data"]["bitmaps"]) {
+    if (b["name"] != bitmap) continue;
+    found = true;
+    auto flags = b["flags"].get<std::vector<std::string>>();
+    EXPECT_EQ(std::count(flags.begin(), flags.end(), "in-use"), 0) << info.second;
+  }
+  EXPECT_TRUE(found) << info.second;
+  {
+    std::filesystem::create_directories(dir_.path + "/q2");
+    QsdOptions qo;
+    qo.run_dir = dir_.path + "/q2";
+    qo.disks = {QsdDisk{"vda", wrapper, "qcow2", false}};
+    QsdProcess qsd(qo);
+    Status s = qsd.Start();
+    ASSERT_TRUE(s.ok()) << s.ToString();
+    auto qmp = QmpClient::Connect(qsd.qmp_socket());
+    ASSERT_TRUE(qmp.ok()) << qmp.status().ToString();
+    auto r = (*qmp)->Execute("block-export-add", {{"type", "nbd"},
+                                                  {"id", "e"},
+                                                  {"node-name", "vda"},
+                                                  {"name", "vda"},
+                                                  {"writable", true},  // QEMU exports enabled bitmaps only so
+                                                  {"bitmaps", nlohmann::json::array({bitmap})}});
+    ASSERT_TRUE(r.ok()) << r.status().ToString();
+    auto dirty = NbdDirtyExtents(qsd.nbd_socket(), "vda", "qemu:dirty-bitmap:" + bitmap, 0);
+    ASSERT_TRUE(dirty.ok()) << dirty.status().ToString();
+    ASSERT_EQ(dirty->size(), 2u);
+    EXPECT_EQ((*dirty)[0].offset, 2u << 20);
+    EXPECT_EQ((*dirty)[0].length, 2 * k64K);
+    EXPECT_EQ((*dirty)[1].offset, 3u << 20);
+    EXPECT_EQ((*dirty)[1].length, k64K);
+    ASSERT_TRUE(qsd.Stop().ok());
+  }
+  ASSERT_TRUE(vm_->DropOverlays().ok());
+  EXPECT_EQ(DirEntries(run_dir()), std::vector<std::string>{});
+  EXPECT_TRUE(std::filesystem::exists(wrapper));  // never the launcher's to remove
+  EXPECT_TRUE(ReadAll(raw) == model);
+}
+
+TEST_F(LauncherTest, BadDirectImagesAreRefusedNamingTheFieldAndLeaveNothing) {
+  const std::string raw = dir_.path + "/store.img";
+  std::ofstream(raw, std::ios::binary).write(base_.data(), static_cast<std::streamsize>(base_.size()));
+  const std::string wrapper = dir_.path + "/vda.qcow2";
+  ASSERT_TRUE(MakeDiskWrapper(raw, wrapper, kDiskSize, "vmr-vm-g1").ok());
+  auto direct = [&](const std::string& image) {
+    VmLaunchSpec s = Spec();
+    s.disks[0] = VmLaunchDisk{};
+    s.disks[0].size_bytes = kDiskSize;
+    s.disks[0].direct_image = image;
+    return s;
+  };
+  auto refused = [&](const VmLaunchSpec& s, Code code, const std::string& needle) {
+    auto r = VmLauncher::Start(s);
+    if (r.ok()) {
+      (*r)->Stop(0ms).IgnoreError();
+      (*r)->DropOverlays().IgnoreError();
+    }
+    EXPECT_EQ(r.status().code(), code) << r.status().ToString();
+    EXPECT_NE(r.status().message().find(needle), std::string::npos) << r.status().ToString();
+    EXPECT_EQ(DirEntries(run_dir()), std::vector<std::string>{});
+  };
+  VmLaunchSpec s = direct("vda.qcow2");
+  refused(s, Code::kInvalidArgument, "disks[0].direct_image");
+  s = direct(dir_.path + "/none.qcow2");
+  refused(s, Code::kInvalidArgument, "disks[0].direct_image");
+  s = direct(wrapper);
+  s.disks[0].backing = nbd_uri();
+  refused(s, Code::kInvalidArgument, "disks[0].backing");
+  s = direct(wrapper);
+  s.disks[0].size_bytes = kDiskSize / 2;
+  refused(s, Code::kInvalidArgument, "disks[0].direct_image");
+  s = direct(raw);  // not a qcow2 wrapper
+  refused(s, Code::kInvalidArgument, "not a qcow2");
+  s = direct(wrapper);
+  s.definition.disks[0].name = "d123456789012345678901";  // 22 bytes: "vmr-commit-" + it is too long for QEMU
+  s.definition.disks[0].node_name = s.definition.disks[0].name;
+  refused(s, Code::kInvalidArgument, "longer than 20 bytes");
+  // Mixed: one overlay disk and one direct disk.
+  s = Spec();
+  s.definition.disks.push_back(VmDiskSpec{"vdb", "vdb", raw, "raw", kDiskSize});
+  s.disks.push_back(direct(wrapper).disks[0]);
+  refused(s, Code::kInvalidArgument, "disks[1].direct_image");
+  // A wrapper another process holds (a VM or a daemon) is not opened twice.
+  std::filesystem::create_directories(dir_.path + "/q3");
+  QsdOptions qo;
+  qo.run_dir = dir_.path + "/q3";
+  qo.disks = {QsdDisk{"vda", wrapper, "qcow2", false}};
+  QsdProcess holder(qo);
+  Status started = holder.Start();
+  ASSERT_TRUE(started.ok()) << started.ToString();
+  refused(direct(wrapper), Code::kFailedPrecondition, "in use");
+  ASSERT_TRUE(holder.Stop().ok());
 }
 
 TEST_F(LauncherTest, BadSpecsAreRefusedNamingTheFieldAndLeaveNothing) {

@@ -387,9 +387,9 @@ std::vector<ReplicaRange> UniteRanges(std::vector<ReplicaRange> a, const std::ve
   return out;
 }
 
-std::vector<BlockRange> RoundToBlocks(const std::vector<ReplicaRange>& r, uint32_t disk, uint32_t block_size,
+std::vector<BlockRun> RoundToBlocks(const std::vector<ReplicaRange>& r, uint32_t disk, uint32_t block_size,
                                       uint64_t disk_size, uint64_t merge_gap) {
-  std::vector<BlockRange> runs;
+  std::vector<BlockRun> runs;
   if (block_size == 0) return runs;
   const uint64_t bs = block_size;
   const uint64_t disk_blocks = disk_size / bs + (disk_size % bs != 0 ? 1 : 0);
@@ -403,11 +403,11 @@ std::vector<BlockRange> RoundToBlocks(const std::vector<ReplicaRange>& r, uint32
     runs.push_back({first, last - first + 1});
   }
   std::sort(runs.begin(), runs.end(),
-            [](const BlockRange& x, const BlockRange& y) { return x.first_block < y.first_block; });
-  std::vector<BlockRange> out;
-  for (const BlockRange& run : runs) {
+            [](const BlockRun& x, const BlockRun& y) { return x.first_block < y.first_block; });
+  std::vector<BlockRun> out;
+  for (const BlockRun& run : runs) {
     if (!out.empty()) {
-      BlockRange& p = out.back();
+      BlockRun& p = out.back();
       const uint64_t p_end = p.first_block + p.block_count;
       // gap_blocks * bs < merge_gap  <=>  gap_blocks < ceil(merge_gap / bs), without overflow.
       const uint64_t gap_blocks = run.first_block > p_end ? run.first_block - p_end : 0;

@@ -622,7 +622,7 @@ TEST(RangesTest, RoundToBlocksEqualsBruteForceBlockRuns) {
       }
     }
     // Maximal runs, then runs whose gap in bytes is below merge_gap joined.
-    std::vector<BlockRange> want;
+    std::vector<BlockRun> want;
     for (uint64_t b = 0; b < blocks; ++b) {
       if (!touched[b]) continue;
       if (!want.empty() && (b - (want.back().first_block + want.back().block_count)) * bs < merge_gap) {
@@ -638,7 +638,7 @@ TEST(RangesTest, RoundToBlocksEqualsBruteForceBlockRuns) {
   }
   EXPECT_TRUE(RoundToBlocks({{0, 0, 100}}, 0, 0, 4096, 0).empty());
   // Near 2^64: clamped to the disk, no overflow.
-  EXPECT_EQ(RoundToBlocks({{0, 8192, ~uint64_t{0}}}, 0, 4096, 5 * 4096 + 1, 0), (std::vector<BlockRange>{{2, 4}}));
+  EXPECT_EQ(RoundToBlocks({{0, 8192, ~uint64_t{0}}}, 0, 4096, 5 * 4096 + 1, 0), (std::vector<BlockRun>{{2, 4}}));
 }
 
 TEST(RangesTest, CoarsenedSinceEntriesAreASupersetForEveryCommonPoint) {

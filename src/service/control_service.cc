@@ -840,6 +840,13 @@ grpc::Status ControlService::RevertFailover(grpc::ServerContext* ctx, const v1::
   return grpc::Status::OK;
 }
 
+grpc::Status ControlService::StartVm(grpc::ServerContext* ctx, const v1::VmRequest* req, v1::MethodResponse* resp) {
+  auto* r = resp->mutable_result();
+  if (!Authorize(*ctx, "StartVm", r)) return grpc::Status::OK;
+  if (!env_->failover) return Answer(r, NoFailover());
+  return Answer(r, env_->failover->StartVm(req->vm()));
+}
+
 grpc::Status ControlService::CommitFailover(grpc::ServerContext* ctx, const v1::VmRequest* req,
                                             v1::MethodResponse* resp) {
   auto* r = resp->mutable_result();

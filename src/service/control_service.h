@@ -61,6 +61,7 @@ class ControlService final : public v1::ReplicationService::Service {
   grpc::Status InitiateFailover(grpc::ServerContext*, const v1::FailoverRequest*, v1::MethodResponse*) override;
   grpc::Status RevertFailover(grpc::ServerContext*, const v1::VmRequest*, v1::MethodResponse*) override;
   grpc::Status CommitFailover(grpc::ServerContext*, const v1::VmRequest*, v1::MethodResponse*) override;
+  grpc::Status StartVm(grpc::ServerContext*, const v1::VmRequest*, v1::MethodResponse*) override;
   grpc::Status TestReplicaSystem(grpc::ServerContext*, const v1::FailoverRequest*, v1::MethodResponse*) override;
   grpc::Status DestroySystem(grpc::ServerContext*, const v1::VmRequest*, v1::MethodResponse*) override;
   grpc::Status ReverseReplicationRelationship(grpc::ServerContext*, const v1::VmSettingsRequest*,

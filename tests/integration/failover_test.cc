@@ -387,6 +387,17 @@ TEST_F(FailoverTest, CommitOfAnOlderPointRollsBackMergesTheVmWritesAndKeepsTheVm
   EXPECT_NE(g->second.find(sum_fo), std::string::npos) << g->second;
   EXPECT_NE(g->second.find("p2-absent"), std::string::npos) << g->second;
 
+  // The history of changed blocks was kept before it was dropped (for a
+  // later reverse, docs/failover.md section 10.3): the since file and the
+  // record naming it and the last point received from the primary.
+  {
+    const std::string since = replica_->state_dir() + "/failover/" + vm_id_ + ".since";
+    EXPECT_EQ(ReadText(since).substr(0, 8), "VMRRANGE") << since;
+    json record = json::parse(ReadText(replica_->state_dir() + "/failover/" + vm_id_ + ".json"), nullptr, false);
+    ASSERT_TRUE(record.is_object());
+    EXPECT_EQ(record.value("since_file", std::string()), since) << record.dump();
+    EXPECT_GE(JsonInt(record["replicated_sequence"]), JsonInt(record["sequence"]) + 1) << record.dump();
+  }
   // Power the VM off and read the replica's disk file itself.
   const long pid = std::strtol(ReadText(FailoverRunDir() + "/qemu.pid").c_str(), nullptr, 10);
   ASSERT_GT(pid, 1);
@@ -410,6 +421,35 @@ TEST_F(FailoverTest, CommitOfAnOlderPointRollsBackMergesTheVmWritesAndKeepsTheVm
   EXPECT_EQ(dump.exit_code, 0) << dump.err;
   auto md5 = RunProgram({"/usr/bin/md5sum", dir_ / "fo.out"});
   EXPECT_EQ(md5.out.substr(0, 32), sum_fo);
+
+  // The committed VM starts again, directly on its disk wrappers: it finds
+  // its data, and what it writes lands in the replica's disk file.
+  r = replica_->Cli({"vm", "start", "guest"});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err << ReadText(replica_->log_path());
+  ExpectRefused(replica_->Cli({"vm", "start", "guest"}), "32775");  // already runs
+  {
+    auto again = GuestConsole::Connect(FailoverRunDir() + "/serial.sock", 180s);
+    ASSERT_TRUE(again.ok()) << again.status().ToString() << ReadText(FailoverRunDir() + "/serial.log");
+    auto g2 = (*again)->Run("mkdir -p /mnt/d && mount -t ext4 /dev/vda /mnt/d && md5sum /mnt/d/fo && "
+                            "echo restarted > /mnt/d/restarted && sync && umount /mnt/d && echo ok",
+                            120s);
+    ASSERT_TRUE(g2.ok()) << g2.status().ToString();
+    EXPECT_EQ(g2->first, 0) << g2->second;
+    EXPECT_NE(g2->second.find(sum_fo), std::string::npos) << g2->second;
+    const long pid2 = std::strtol(ReadText(FailoverRunDir() + "/qemu.pid").c_str(), nullptr, 10);
+    (void)(*again)->PowerOff();
+    const auto until = std::chrono::steady_clock::now() + 120s;
+    while (!ProcessGone(pid2) && std::chrono::steady_clock::now() < until) std::this_thread::sleep_for(200ms);
+    ASSERT_TRUE(ProcessGone(pid2)) << "the restarted VM did not power off";
+  }
+  ls = RunProgram({"/sbin/debugfs", "-R", "ls /", image});
+  EXPECT_NE(ls.out.find("restarted"), std::string::npos) << ls.out;
+  // The wrapper's bitmap recorded those writes, stored at QEMU's clean exit.
+  auto info = RunProgram({"/usr/bin/qemu-img", "info", "-U", "--output=json",
+                          replica_->state_dir() + "/wrappers/" + vm_id_ + "/vda.qcow2"});
+  ASSERT_EQ(info.exit_code, 0) << info.err;
+  EXPECT_NE(info.out.find("vmr-" + vm_id_ + "-g1"), std::string::npos) << info.out;
+  EXPECT_EQ(info.out.find("in-use"), std::string::npos) << info.out;
 }
 
 // Must show: a test failover runs while the primary keeps writing and the
@@ -524,8 +564,10 @@ TEST_F(FailoverTest, PlannedFailoverSendsTheFinalChangesAndLosesNothing) {
   json a_rel = Relationship(*primary_);
   EXPECT_EQ(JsonInt(a_rel["replication_state"]), 4) << a_rel.dump();
   EXPECT_EQ(JsonInt(a_rel["last_replication_type"]), 3) << a_rel.dump();
-  // Prepared once: a second request is illegal in 4.
+  // Prepared once: a second request is illegal in 4; the primary's VM is
+  // not a committed failover VM that StartVm would start.
   ExpectRefused(primary_->Cli({"failover", "guest", "--prepare"}), "32775");
+  ExpectRefused(primary_->Cli({"vm", "start", "guest"}), "32775");
 
   // The replica holds the final log as a planned-failover point.
   deadline = std::chrono::steady_clock::now() + 60s;
