@@ -72,8 +72,9 @@ TEST(VerbTable, EveryDeclaredRpcIsAMethodOfTheService) {
   ASSERT_NE(service, nullptr);
   ASSERT_NE(vms, nullptr);
   for (const auto& v : VerbTable()) {
-    // The "vm" verbs speak to the VmInventory service, every other verb to ReplicationService.
-    const auto* owner = v.verb.rfind("vm ", 0) == 0 ? vms : service;
+    // The "vm" verbs speak to the VmInventory service, every other verb (and
+    // `vm start`: StartVm acts on a committed failover) to ReplicationService.
+    const auto* owner = v.verb.rfind("vm ", 0) == 0 && v.verb != "vm start" ? vms : service;
     for (const auto& rpc : v.rpcs) {
       EXPECT_NE(owner->FindMethodByName(rpc), nullptr) << v.verb << " declares unknown RPC " << rpc;
     }
