@@ -108,6 +108,10 @@ struct FailoverManager::Record {
   // CommitFailover: the disk wrappers (qcow2 over the store's files with the
   // tracking bitmap, section 10.2), disk order; empty until made.
   std::vector<std::string> wrappers;
+  // The cloud-init instance-id the failover VM's seed carried ("" = none
+  // yet): a restart of the same VM (StartVm) keeps it, so cloud-init does
+  // not take it for a new instance.
+  std::string instance_id;
 
   std::string Encode() const {
     json j;
@@ -127,7 +131,14 @@ struct FailoverManager::Record {
     if (replicated_sequence != 0) j["replicated_sequence"] = replicated_sequence;
     if (!since_file.empty()) j["since_file"] = since_file;
     if (!wrappers.empty()) j["wrappers"] = wrappers;
+    if (!instance_id.empty()) j["instance_id"] = instance_id;
     return j.dump(2) + "\n";
+  }
+
+  // The state directory exactly as the writers spell it (run_root is
+  // state_dir + "/run"; no normalisation, so "/x/" stays "/x/").
+  static std::string StateRootOf(const std::string& run_root) {
+    return run_root.size() >= 4 ? run_root.substr(0, run_root.size() - 4) : run_root;
   }
 
   // docs/failover.md section 4: every member checked.
@@ -208,15 +219,24 @@ struct FailoverManager::Record {
     if (j.contains("since_file")) {
       // Exactly <state>/failover/<vm id>.since.
       const std::string want =
-          std::filesystem::path(run_root).parent_path().string() + "/failover/" + r.vm_id + ".since";
+          StateRootOf(run_root) + "/failover/" + r.vm_id + ".since";
       if (!j["since_file"].is_string() || j["since_file"].get<std::string>() != want || r.commit_sequence == 0) {
         return Status::Corruption("failover record: since_file");
       }
       r.since_file = want;
     }
+    if (j.contains("instance_id")) {
+      if (!j["instance_id"].is_string()) return Status::Corruption("failover record: instance_id");
+      const std::string id = j["instance_id"].get<std::string>();
+      if (id.empty() || id.size() > 128 ||
+          !std::all_of(id.begin(), id.end(), [](unsigned char c) { return std::isalnum(c) || c == '-'; })) {
+        return Status::Corruption("failover record: instance_id");
+      }
+      r.instance_id = id;
+    }
     if (j.contains("wrappers")) {
       // Each exactly <state>/wrappers/<vm id>/<disk>.qcow2.
-      const std::string dir = std::filesystem::path(run_root).parent_path().string() + "/wrappers/" + r.vm_id + "/";
+      const std::string dir = StateRootOf(run_root) + "/wrappers/" + r.vm_id + "/";
       if (!j["wrappers"].is_array() || j["wrappers"].size() > 64 || r.commit_sequence == 0) {
         return Status::Corruption("failover record: wrappers");
       }
@@ -710,8 +730,8 @@ Status FailoverManager::DoFailover(JobContext& job, const std::string& vm_id, co
     // The failover IP settings, as a cloud-init NoCloud seed (section 5),
     // with a new instance-id per failover.
     const int64_t now = options_.now_ms ? options_.now_ms() : SystemNowMs();
-    s = AttachSeed(&spec, *vm,
-                   "vmreplica-" + vm_id + "-" + std::to_string(chosen->sequence) + "-" + std::to_string(now));
+    a->rec.instance_id = "vmreplica-" + vm_id + "-" + std::to_string(chosen->sequence) + "-" + std::to_string(now);
+    s = AttachSeed(&spec, *vm, a->rec.instance_id);
     if (!s.ok()) return fail(s);
     auto launched = VmLauncher::Start(spec);
     if (!launched.ok()) return fail(launched.status().WithContext("starting the failover VM"));
@@ -1065,10 +1085,15 @@ Status FailoverManager::StartVm(const std::string& vm_name) {
   spec.accel = options_.accel;
   spec.start_timeout = options_.vm_start_timeout;
   if (!def.boot_kernel.empty()) spec.kernel_boot = VmKernelBoot{def.boot_kernel, def.boot_initrd, def.boot_append};
-  // The failover IP settings: the same instance-id as long as the committed
-  // point is the same, so cloud-init does not apply them again at each start.
-  VMR_RETURN_IF_ERROR(AttachSeed(&spec, vm,
-                                 "vmreplica-" + vm.id + "-" + std::to_string(a->store->latest_sequence()) + "-committed"));
+  // The failover IP settings with the instance-id the VM booted with at
+  // its failover: cloud-init sees the same instance and applies nothing
+  // again (a VM never started before gets its first one now).
+  if (a->rec.instance_id.empty()) {
+    const int64_t now = options_.now_ms ? options_.now_ms() : SystemNowMs();
+    a->rec.instance_id =
+        "vmreplica-" + vm.id + "-" + std::to_string(a->store->latest_sequence()) + "-" + std::to_string(now);
+  }
+  VMR_RETURN_IF_ERROR(AttachSeed(&spec, vm, a->rec.instance_id));
   VMR_ASSIGN_OR_RETURN(auto launched, VmLauncher::Start(spec));
   a->vm = std::move(launched);
   a->rec.started = true;

@@ -503,7 +503,15 @@ Result<CycleReport> ReplicationEngine::RunCycle(const std::string& vm_id, bool i
       if (def.kind != VmSourceKind::kOffline) {
         auto power = QueryVmPower(def);
         if (power.ok() && power->power == VmPower::kOff && !power->via_qemu) {
-          return Status::FailedPrecondition(std::string(kVmIsOff) + " (" + power->detail + ")");
+          // The proof that nothing writes the images: they can be opened
+          // with QEMU's locking (a QEMU started elsewhere holds them).
+          auto probe = AttachVmImages(def, run_dir);
+          if (probe.ok()) {
+            probe->reset();
+            return Status::FailedPrecondition(std::string(kVmIsOff) + " (" + power->detail + ")");
+          }
+          spdlog::warn("VM {}: its monitor is gone but its images cannot be opened: {}", vm_id,
+                       probe.status().ToString());
         }
       }
       return a.status();
@@ -1131,7 +1139,9 @@ Status ReplicationEngine::RecordFailure(const std::string& vm_id, const Status& 
     } else {
       s.replication_failure_count += 1;
     }
-    if (resync) {
+    // A prepared planned failover (4) keeps its state: its final log is
+    // on the replica whatever an earlier cycle's outcome was.
+    if (resync && rel->state != ReplicationState::kSyncedReplicationComplete) {
       rel->state = ReplicationState::kWaitingForStartResynchronize;
     } else if (failures >= options_.failures_before_critical && rel->state == ReplicationState::kReplicating) {
       spdlog::error("VM {}: {} replication cycles in a row failed; state Critical: {}", vm_id, failures,
@@ -1232,9 +1242,12 @@ void ReplicationEngine::WorkerLoop(Worker* w) {
     const Steady::time_point begin = Steady::now();
     Result<CycleReport> r = Status::Unavailable("not run");
     bool prepared = false;
+    // The VM's lock is held until the cycle's result is recorded: a planned
+    // failover (which takes it too) never has its state 4 and final
+    // sequence overwritten by a cycle that ran before it.
+    auto vm_lock = VmLock(vm_id);
+    std::unique_lock<std::mutex> vm_locked(*vm_lock);
     {
-      auto vm_lock = VmLock(vm_id);
-      std::lock_guard<std::mutex> l(*vm_lock);
       // A planned failover holds the lock while it sends the final log: once
       // it is done the state is 4 and no cycle may follow it.
       auto now_rel = catalog_->GetRelationship(vm_id, kPrimaryIndex);
@@ -1244,7 +1257,7 @@ void ReplicationEngine::WorkerLoop(Worker* w) {
         r = RunCycle(vm_id, /*initial=*/false, nullptr);
       }
     }
-    if (prepared) continue;  // the state is read again: 4 waits for a kick
+    if (prepared) continue;  // the state is read again: 4 waits for a kick (the lock is released)
     const Steady::time_point end = Steady::now();
     // Every interval boundary passed since the cycle was due without a
     // successful cycle is a missed cycle.
@@ -1539,6 +1552,19 @@ Result<JobRecord> ReplicationEngine::PrepareForPlannedFailover(const std::string
         } else {
           VMR_ASSIGN_OR_RETURN(attached, AttachVmImages(def, run_dir));
         }
+        // A QEMU that holds the disks must still have its guest stopped, at
+        // the cut and after the log (nobody may resume it in between).
+        auto guest_stopped = [&]() -> Status {
+          if (!via_qemu) return Status::Ok();
+          auto st = attached->qmp()->Execute("query-status", nullptr, std::chrono::seconds(5));
+          const std::string status = st.ok() && st->is_object() && st->contains("status") && (*st)["status"].is_string()
+                                         ? (*st)["status"].get<std::string>()
+                                         : std::string("unknown");
+          if (status == "shutdown" || status == "guest-panicked" || status == "internal-error") return Status::Ok();
+          return Status::FailedPrecondition("VM " + vm_id + " runs again (QEMU status " + status +
+                                            "): the planned failover is abandoned; shut it down first");
+        };
+        VMR_RETURN_IF_ERROR(guest_stopped());
         PlannedCycle planned{attached.get()};
         Slot slot(this);
         bool resync_form = false;
@@ -1554,6 +1580,15 @@ Result<JobRecord> ReplicationEngine::PrepareForPlannedFailover(const std::string
           r = RunCycle(vm_id, /*initial=*/true, &jc, /*resync=*/true, &planned);
         }
         if (!r.ok()) return r.status().WithContext("planned failover");
+        // Resumed while the log went out: the cut is committed and the log
+        // stays on the replica as an ordinary point, but the state stays 3
+        // (the next cycle sends what the guest wrote since).
+        if (Status again = guest_stopped(); !again.ok()) {
+          CycleReport ordinary = *r;
+          ordinary.planned = false;
+          (void)RecordSuccess(vm_id, ordinary);
+          return again;
+        }
         // Detach before the catalog write: a qemu-storage-daemon started
         // here stops cleanly and stores the (empty) bitmaps consistent.
         attached.reset();
@@ -1590,6 +1625,13 @@ Result<JobRecord> ReplicationEngine::RevertPlannedFailover(const std::string& vm
                                          static_cast<uint16_t>(rel->settings.recovery_server_port));
     Result<ReplicaStatusInfo> replica = channel.ok() ? ReplicaClient(*channel).GetReplicaStatus(rec.id, kPrimaryIndex)
                                                      : Result<ReplicaStatusInfo>(channel.status());
+    if (!replica.ok() && !IsNetworkError(replica.status())) {
+      // The replica answered but refused (the relationship removed there,
+      // our certificate refused...): it cannot confirm that it did not fail
+      // over, so nothing is reverted.
+      return Status::FailedPrecondition("the replica of VM " + rec.name + " cannot confirm its state (" +
+                                        replica.status().ToString() + "): RevertFailover is refused");
+    }
     if (replica.ok()) {
       const ReplicationState s = replica->state;
       if (s == ReplicationState::kRecovered || s == ReplicationState::kCommitted ||

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cctype>
 #include <cstdio>
+#include <cerrno>
 #include <cstring>
 #include <filesystem>
 
@@ -408,13 +409,20 @@ Result<VmPowerState> QueryVmPower(const VmDefinition& def) {
   qo.connect_timeout = std::chrono::seconds(5);
   auto qmp = QmpClient::Connect(def.qmp_socket, qo);
   if (!qmp.ok()) {
+    const std::string& m = qmp.status().message();
     if (qmp.status().code() == Code::kTimeout) {
       // Something listens but does not greet: QEMU serving another client.
       out.power = VmPower::kRunning;
-      out.detail = "QEMU's monitor at " + def.qmp_socket + " is busy (" + qmp.status().message() + ")";
-    } else {
+      out.detail = "QEMU's monitor at " + def.qmp_socket + " is busy (" + m + ")";
+    } else if (m.find(std::strerror(ENOENT)) != std::string::npos ||
+               m.find(std::strerror(ECONNREFUSED)) != std::string::npos) {
+      // No socket, or nobody listening on it: no QEMU serves this monitor.
+      // (The caller proves that no other process holds the images.)
       out.power = VmPower::kOff;
-      out.detail = "no QEMU answers at " + def.qmp_socket + " (" + qmp.status().message() + ")";
+      out.detail = "no QEMU answers at " + def.qmp_socket + " (" + m + ")";
+    } else {
+      out.power = VmPower::kUnknown;
+      out.detail = "QEMU's monitor at " + def.qmp_socket + " cannot be reached (" + m + ")";
     }
     return out;
   }
@@ -449,7 +457,9 @@ Result<std::unique_ptr<AttachedVm>> AttachVmImages(const VmDefinition& def, cons
   images.libvirt_xml.clear();
   for (auto& d : images.disks) d.node_name = QsdProcess::FormatNodeName(d.name);
   auto attached = vm_internal::AttachOffline(images, run_dir);
-  if (!attached.ok() && attached.status().message().find("lock") != std::string::npos) {
+  // QEMU's image locking: 'Failed to get "write" lock'.
+  if (!attached.ok() && attached.status().message().find("Failed to get") != std::string::npos &&
+      attached.status().message().find("lock") != std::string::npos) {
     return Status::FailedPrecondition("an image of VM " + def.name + " is in use by another process (" +
                                       attached.status().message() + ")");
   }

@@ -409,8 +409,18 @@ Result<VmPowerState> LibvirtPower(const VmDefinition& def) {
     return Status::Unavailable("virDomainGetState of " + def.libvirt_domain + ": " + LastError());
   }
   VmPowerState out;
-  out.power = state == VIR_DOMAIN_SHUTOFF ? VmPower::kOff : VmPower::kRunning;
-  out.detail = "libvirt domain " + def.libvirt_domain + " state " + std::to_string(state);
+  out.detail = "libvirt domain " + def.libvirt_domain + " state " + std::to_string(state) + " reason " +
+               std::to_string(reason);
+  if (state != VIR_DOMAIN_SHUTOFF) {
+    out.power = VmPower::kRunning;
+  } else if (reason == VIR_DOMAIN_SHUTOFF_MIGRATED) {
+    // Shut off here because it runs on another host now (shared storage):
+    // not off.
+    out.power = VmPower::kUnknown;
+    out.detail += " (migrated to another host)";
+  } else {
+    out.power = VmPower::kOff;
+  }
   return out;
 }
 

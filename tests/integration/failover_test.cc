@@ -619,16 +619,32 @@ TEST_F(FailoverTest, PlannedFailoverSendsTheFinalChangesAndLosesNothing) {
   EXPECT_EQ(ReplicaState(), 3);
 
   // The replica is back to 3: the primary cancels its planned failover.
+  auto failures = [&] {
+    auto m = primary_->Cli({"--json", "measure", "guest"});
+    json st = m.exit_code == 0 ? LastJsonDocument(m.out)["statistics"] : json();
+    return st.is_null() ? int64_t{-1}
+                        : JsonInt(st["replication_failure_count"]) + JsonInt(st["network_failure_count"]);
+  };
+  const int64_t failures_before = failures();
+  ASSERT_GE(failures_before, 0);
+  const size_t log_offset = ReadText(primary_->log_path()).size();
   r = primary_->Cli({"stop-failover", "guest"});
   ASSERT_EQ(r.exit_code, 0) << r.out << r.err << ReadText(primary_->log_path());
   EXPECT_EQ(JsonInt(Relationship(*primary_)["replication_state"]), 3);
   ExpectRefused(primary_->Cli({"stop-failover", "guest"}), "32775");  // nothing to revert in 3
-  // The VM stays off: its cycles wait, they do not fail (three failures in a
-  // row would make it Critical; the interval is one second).
-  std::this_thread::sleep_for(5s);
+  // The VM stays off: the worker, kicked by the revert, finds it off and its
+  // cycles wait instead of failing (failures would make it Critical).
+  deadline = std::chrono::steady_clock::now() + 60s;
+  while (ReadText(primary_->log_path()).find("the VM is off", log_offset) == std::string::npos &&
+         std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(200ms);
+  }
+  const std::string log = ReadText(primary_->log_path());
+  ASSERT_NE(log.find("the VM is off", log_offset), std::string::npos) << log.substr(log_offset);
+  EXPECT_EQ(log.find("cycle failed", log_offset), std::string::npos) << log.substr(log_offset);
+  EXPECT_EQ(failures(), failures_before);
   a_rel = Relationship(*primary_);
-  EXPECT_EQ(JsonInt(a_rel["replication_state"]), 3) << a_rel.dump() << ReadText(primary_->log_path());
-  EXPECT_NE(ReadText(primary_->log_path()).find("the VM is off"), std::string::npos);
+  EXPECT_EQ(JsonInt(a_rel["replication_state"]), 3) << a_rel.dump();
 }
 
 }  // namespace
