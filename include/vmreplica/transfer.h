@@ -34,6 +34,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "vmreplica/block_hash.h"
@@ -173,6 +174,19 @@ class ReplicaClient {
   // the reservation and the staged logs are given up instead.
   Result<ReplicaStatusInfo> ReserveImport(const std::string& vm_id, uint32_t relationship_index,
                                           const GenerationId& generation, bool release);
+  // Reverse sync (docs/protocol.md "GetRangeHashes", docs/failover.md 12
+  // step 4): the old primary's hash lists of the candidate runs, per disk
+  // (disk_count of them, 1..64; a disk without runs has none), each disk's
+  // runs ascending and not overlapping, every list of `block_size` and, per
+  // disk, one disk size. `candidates`: the caller's candidate ranges (any
+  // order; rounded out to 4 KiB and, when the request would exceed 16 MiB,
+  // coarsened), nullptr = every block. Every piece of the answer is checked
+  // (Corruption when the old primary breaks a rule, at most 1 GiB of lists);
+  // InvalidArgument for a candidate on a disk >= disk_count.
+  Result<std::vector<std::vector<BlockHashList>>> GetRangeHashes(const std::string& vm_id,
+                                                                 uint32_t relationship_index, uint32_t block_size,
+                                                                 const std::vector<ReplicaRange>* candidates,
+                                                                 uint32_t disk_count);
 
   // TEST ONLY: see TestOnlySendHooks.
   void SetTestOnlySendHooks(TestOnlySendHooks hooks) { test_hooks_ = std::move(hooks); }
@@ -279,6 +293,12 @@ class DeltaStream {
   virtual bool Write(const v1::DeltaReply& reply) = 0;
 };
 
+// Receives one run's serialised hash list (GetRangeHashes): its disk, its
+// index among that disk's runs, whether it is the disk's last run. Answers
+// false when the caller went away.
+using RangeHashSink =
+    std::function<bool(uint32_t disk, uint64_t run, bool last_run_of_disk, const std::string& serialized)>;
+
 // What PeerService calls. An interface so that the service library does not
 // link the transfer library: the daemon owns the ReplicaManager.
 class ReplicaReceiver {
@@ -302,6 +322,14 @@ class ReplicaReceiver {
   virtual Result<ReplicaStatusInfo> ReserveImport(const PrimaryCaller& caller, const std::string& vm_id,
                                                   uint32_t relationship_index, const std::string& generation_hex,
                                                   bool release) = 0;
+  // docs/protocol.md "GetRangeHashes": hashes the candidate runs of the
+  // replica at its adopted point 1 and hands each run's serialised list to
+  // `emit` with its disk, its index among the disk's runs and whether it is
+  // the disk's last run, disks and runs ascending; `emit` answers false when
+  // the caller went away. `ranges_blob`: range list v1, kind 1 (parsed here).
+  virtual Status HashRanges(const PrimaryCaller& caller, const std::string& vm_id, uint32_t relationship_index,
+                            uint32_t block_size, std::string_view ranges_blob, bool all_blocks,
+                            const RangeHashSink& emit) = 0;
 };
 
 struct ReplicaManagerOptions {
@@ -315,6 +343,10 @@ struct ReplicaManagerOptions {
   std::chrono::milliseconds resume_wait{10000};
   // Milliseconds since the Unix epoch; default: the system clock.
   std::function<int64_t()> now_ms;
+  // The daemon's state directory: GetRangeHashes unites the caller's
+  // candidates with <state_dir>/reverse/<vm id>.acand (docs/failover.md
+  // 14.1). "" = no such file is looked for.
+  std::string state_dir;
 };
 
 // '<storage>/<vm_id>' when it stays inside the resolved storage location
@@ -351,6 +383,15 @@ class ReplicaManager final : public ReplicaReceiver {
   Result<ReplicaStatusInfo> ReserveImport(const PrimaryCaller& caller, const std::string& vm_id,
                                           uint32_t relationship_index, const std::string& generation_hex,
                                           bool release) override;
+  // Allowed only in state 2 at latest point 1 with nothing staged, no
+  // partial log and no stream running (FailedPrecondition naming what was
+  // found); Unavailable during a seed copy; InvalidArgument for a bad block
+  // size or blob, or over 1 GiB of lists. Nothing is applied meanwhile
+  // only because the caller sends log 2 after this call: a log arriving
+  // during it may change the blocks being hashed.
+  Status HashRanges(const PrimaryCaller& caller, const std::string& vm_id, uint32_t relationship_index,
+                    uint32_t block_size, std::string_view ranges_blob, bool all_blocks,
+                    const RangeHashSink& emit) override;
 
   // Waits until the replica of `vm_id` applied every staged log (or failed).
   // For tests and orderly shutdown. NotFound when it is not open.

@@ -235,6 +235,32 @@ grpc::Status PeerService::GetBlockHashes(grpc::ServerContext* context, const v1:
   return grpc::Status::OK;
 }
 
+grpc::Status PeerService::GetRangeHashes(grpc::ServerContext* context, const v1::RangeHashRequest* request,
+                                         grpc::ServerWriter<v1::BlockHashPiece>* writer) {
+  if (replicas_ == nullptr) return grpc::Status(grpc::StatusCode::UNIMPLEMENTED, "no data plane on this host");
+  auto caller = Authorize(*context);
+  if (!caller.ok()) return Refuse("GetRangeHashes", PeerNames(*context), caller.status());
+  constexpr size_t kPiece = 4u << 20;
+  Status s = replicas_->HashRanges(
+      *caller, request->vm_id(), request->relationship_index(), request->block_size(), request->ranges(),
+      request->all_blocks(), [&](uint32_t disk, uint64_t, bool last_run_of_disk, const std::string& serialized) {
+        size_t at = 0;
+        do {
+          v1::BlockHashPiece piece;
+          piece.set_disk(disk);
+          const size_t n = std::min(kPiece, serialized.size() - at);
+          piece.set_data(serialized.substr(at, n));
+          at += n;
+          piece.set_end_of_run(at == serialized.size());
+          piece.set_end_of_disk(at == serialized.size() && last_run_of_disk);
+          if (!writer->Write(piece)) return false;
+        } while (at < serialized.size());
+        return true;
+      });
+  if (!s.ok()) return Refuse("GetRangeHashes", caller->names, s);
+  return grpc::Status::OK;
+}
+
 grpc::Status PeerService::PushDelta(grpc::ServerContext* context,
                                     grpc::ServerReaderWriter<v1::DeltaReply, v1::DeltaMessage>* stream) {
   if (replicas_ == nullptr) return grpc::Status(grpc::StatusCode::UNIMPLEMENTED, "no data plane on this host");

@@ -38,6 +38,11 @@ class PeerService final : public v1::ReplicaPeer::Service {
                              v1::ReplicaStatus* response) override;
   grpc::Status GetBlockHashes(grpc::ServerContext* context, const v1::BlockHashRequest* request,
                               grpc::ServerWriter<v1::BlockHashPiece>* writer) override;
+  // Reverse sync (docs/protocol.md "GetRangeHashes"): authorised as
+  // GetBlockHashes; each run's list in pieces of at most 4 MiB, end_of_run
+  // on its last piece, end_of_disk also on the last piece of a disk's last run.
+  grpc::Status GetRangeHashes(grpc::ServerContext* context, const v1::RangeHashRequest* request,
+                              grpc::ServerWriter<v1::BlockHashPiece>* writer) override;
   grpc::Status PushDelta(grpc::ServerContext* context,
                          grpc::ServerReaderWriter<v1::DeltaReply, v1::DeltaMessage>* stream) override;
 

@@ -5,9 +5,11 @@
 
 #include <algorithm>
 #include <deque>
+#include <limits>
 #include <thread>
 
 #include "protoconv/settings_convert.h"
+#include "vmreplica/reverse.h"
 #include "vmreplica/transfer.h"
 
 namespace vmreplica {
@@ -33,6 +35,64 @@ Result<ReplicaStatusInfo> FromProto(const v1::ReplicaStatus& p) {
   }
   s.state = *state;
   return s;
+}
+
+constexpr size_t kMaxRangeBlobBytes = size_t{16} << 20;  // GetRangeHashes' `ranges`
+
+// Merges neighbours on one disk (sorted by (disk, offset), not
+// overlapping) whose gap is below `gap` bytes.
+std::vector<ReplicaRange> MergeGaps(const std::vector<ReplicaRange>& in, uint64_t gap) {
+  std::vector<ReplicaRange> out;
+  for (const ReplicaRange& r : in) {
+    if (!out.empty() && out.back().disk == r.disk && r.offset - (out.back().offset + out.back().length) < gap) {
+      out.back().length = r.offset + r.length - out.back().offset;
+    } else {
+      out.push_back(r);
+    }
+  }
+  return out;
+}
+
+size_t BlobBytes(size_t entries) { return kRangeListHeaderBytes + 32 * entries + 8; }
+
+// The `ranges` blob of a RangeHashRequest for `candidates` on `disk_count`
+// disks (1..64): range list v1, kind 1, the ranges rounded out to 4 KiB,
+// united and sorted; when the blob would exceed kMaxRangeBlobBytes,
+// neighbours closer than 1 MiB, then 16 MiB, then twice that ... are
+// merged until it fits (a superset). InvalidArgument for a range on a disk
+// >= disk_count or a bad disk_count.
+Result<std::string> EncodeCandidateRanges(const std::vector<ReplicaRange>& candidates, uint32_t disk_count) {
+  if (disk_count == 0 || disk_count > kRangeListMaxDisks) {
+    return Status::InvalidArgument("disk_count " + std::to_string(disk_count) + " is not 1..64");
+  }
+  constexpr uint64_t kMax = std::numeric_limits<uint64_t>::max();
+  std::vector<ReplicaRange> rounded;
+  rounded.reserve(candidates.size());
+  for (const ReplicaRange& r : candidates) {
+    if (r.disk >= disk_count) {
+      return Status::InvalidArgument("candidate on disk " + std::to_string(r.disk) + " of " +
+                                     std::to_string(disk_count));
+    }
+    if (r.length == 0) continue;
+    // Rounded out to 4 KiB; an end past the last aligned offset is clamped there.
+    const uint64_t start = r.offset / kRangeListAlign * kRangeListAlign;
+    const uint64_t last = kMax / kRangeListAlign * kRangeListAlign;
+    const uint64_t end_raw = r.length > kMax - r.offset ? kMax : r.offset + r.length;
+    const uint64_t end = end_raw > last ? last : (end_raw + kRangeListAlign - 1) / kRangeListAlign * kRangeListAlign;
+    if (end <= start) continue;
+    rounded.push_back(ReplicaRange{r.disk, start, end - start});
+  }
+  std::vector<ReplicaRange> united = UniteRanges(std::move(rounded), {});
+  for (uint64_t gap = uint64_t{1} << 20; BlobBytes(united.size()) > kMaxRangeBlobBytes && gap != 0;
+       gap = gap == (uint64_t{1} << 20) ? (uint64_t{16} << 20) : gap << 1) {
+    united = MergeGaps(united, gap);
+  }
+  // Unreachable in practice: at the widest gap a disk keeps at most two ranges.
+  if (BlobBytes(united.size()) > kMaxRangeBlobBytes) return Status::InvalidArgument("candidates too scattered");
+  SinceList list;
+  list.entries.reserve(united.size());
+  for (const ReplicaRange& r : united) list.entries.push_back(RangeEntry{r.disk, r.offset, r.length, 0});
+  return SerializeRangeList(kRangeListCandidates, disk_count, list);
 }
 
 struct Chunk {
@@ -295,6 +355,77 @@ Result<std::vector<BlockHashList>> ReplicaClient::GetBlockHashes(const std::stri
   VMR_RETURN_IF_ERROR(StatusFromGrpc(reader->Finish()).WithContext("GetBlockHashes"));
   if (!current.empty()) return Status::Corruption("GetBlockHashes: the last list ended early");
   return lists;
+}
+
+Result<std::vector<std::vector<BlockHashList>>> ReplicaClient::GetRangeHashes(
+    const std::string& vm_id, uint32_t relationship_index, uint32_t block_size,
+    const std::vector<ReplicaRange>* candidates, uint32_t disk_count) {
+  if (disk_count == 0 || disk_count > kLogMaxDisks) {
+    return Status::InvalidArgument("disk_count " + std::to_string(disk_count) + " is not 1..64");
+  }
+  v1::RangeHashRequest req;
+  req.set_vm_id(vm_id);
+  req.set_relationship_index(relationship_index);
+  req.set_block_size(block_size);
+  if (candidates == nullptr) {
+    req.set_all_blocks(true);
+  } else {
+    VMR_ASSIGN_OR_RETURN(std::string blob, EncodeCandidateRanges(*candidates, disk_count));
+    req.set_ranges(std::move(blob));
+  }
+  grpc::ClientContext ctx;
+  // Hashing reads the candidate runs (maybe every disk) once: no short deadline.
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::hours(12));
+  auto reader = stub_->GetRangeHashes(&ctx, req);
+  auto refuse = [&](const std::string& why) -> Status {
+    ctx.TryCancel();
+    reader->Finish().ok();  // the refusal is ours; the stream's own end no longer matters
+    return Status::Corruption("GetRangeHashes: " + why);
+  };
+  std::vector<std::vector<BlockHashList>> disks(disk_count);
+  constexpr size_t kMaxListBytes = size_t{1} << 30;
+  size_t total = 0;
+  std::string current;     // the run being received
+  int64_t disk = -1;       // the disk of the pieces so far (-1: none yet)
+  bool disk_open = false;  // `disk` has runs and its end_of_disk has not come yet
+  v1::BlockHashPiece piece;
+  while (reader->Read(&piece)) {
+    const std::string d = "disk " + std::to_string(piece.disk());
+    if (piece.disk() >= disk_count) return refuse(d + " of " + std::to_string(disk_count));
+    if (disk_open ? static_cast<int64_t>(piece.disk()) != disk : static_cast<int64_t>(piece.disk()) <= disk) {
+      return refuse(d + " out of order");
+    }
+    if (piece.data().empty()) return refuse(d + ": an empty piece");
+    if (piece.end_of_disk() && !piece.end_of_run()) return refuse(d + ": end_of_disk inside a run");
+    if (total + piece.data().size() > kMaxListBytes) return refuse("over 1 GiB of hash lists");
+    total += piece.data().size();
+    disk = piece.disk();
+    disk_open = true;
+    current += piece.data();
+    if (!piece.end_of_run()) continue;
+    std::vector<BlockHashList>& runs = disks[piece.disk()];
+    const std::string r = d + " run " + std::to_string(runs.size());
+    auto list = ParseBlockHashes(current);
+    current.clear();
+    if (!list.ok()) return refuse(r + ": " + list.status().message());
+    if (list->block_size != block_size) return refuse(r + ": a list of another block size");
+    if (!runs.empty()) {
+      const BlockHashList& prev = runs.back();
+      if (list->disk_size != prev.disk_size) return refuse(r + ": another disk size than the disk's first run");
+      if (list->first_block < prev.first_block + prev.hashes.size()) {
+        return refuse(r + ": not after the previous run (ascending, not overlapping)");
+      }
+    }
+    // ParseBlockHashes checked first_block + count against the disk's blocks.
+    runs.push_back(std::move(*list));
+    if (piece.end_of_disk()) disk_open = false;
+  }
+  VMR_RETURN_IF_ERROR(StatusFromGrpc(reader->Finish()).WithContext("GetRangeHashes"));
+  if (!current.empty()) return Status::Corruption("GetRangeHashes: the last run ended early");
+  if (disk_open) {
+    return Status::Corruption("GetRangeHashes: disk " + std::to_string(disk) + " ended without end_of_disk");
+  }
+  return disks;
 }
 
 Result<SendStats> ReplicaClient::SendDelta(const DeltaInfo& info, DeltaSource& source, const SendOptions& options) {

@@ -10,11 +10,13 @@
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
+#include <limits>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <thread>
 
 #include "vmreplica/fileutil.h"
+#include "vmreplica/reverse.h"
 #include "vmreplica/transfer.h"
 
 namespace vmreplica {
@@ -161,6 +163,120 @@ bool SameStart(const v1::DeltaStart& a, const v1::DeltaStart& b) {
 bool OwnsLoad(const ReplicaStore& store, const v1::DeltaStart& start) {
   auto ls = store.load_state();
   return ls && ls->info.source == "network" && ls->info.tag == "network:" + GenerationText(start.new_generation());
+}
+
+// GetRangeHashes (docs/protocol.md "GetRangeHashes"): the largest `ranges`
+// blob; runs per disk before the merge gap is doubled; the first merge gap.
+constexpr size_t kMaxRangeBlobBytes = size_t{16} << 20;
+constexpr size_t kMaxRunsPerDisk = size_t{1} << 20;
+constexpr uint64_t kRunMergeGap = uint64_t{1} << 20;
+
+// A run of whole blocks of one disk.
+struct HashRun {
+  uint64_t first_block = 0;
+  uint64_t block_count = 0;
+};
+
+// The entries of a kind-1 list as ranges.
+std::vector<ReplicaRange> Ranges(const SinceList& list) {
+  std::vector<ReplicaRange> out;
+  out.reserve(list.entries.size());
+  for (const RangeEntry& e : list.entries) out.push_back(ReplicaRange{e.disk, e.offset, e.length});
+  return out;
+}
+
+// The first entry that ends past its disk, or -1.
+int64_t FirstOutside(const SinceList& list, const std::vector<ReplicaDisk>& disks) {
+  for (size_t i = 0; i < list.entries.size(); ++i) {
+    const RangeEntry& e = list.entries[i];
+    // disk < disks.size() and offset + length without overflow: rules of 15.1.
+    if (e.offset + e.length > disks[e.disk].size) return static_cast<int64_t>(i);
+  }
+  return -1;
+}
+
+std::vector<std::vector<HashRun>> EveryBlock(const std::vector<ReplicaDisk>& disks, uint32_t block_size) {
+  std::vector<std::vector<HashRun>> out(disks.size());
+  for (size_t d = 0; d < disks.size(); ++d) {
+    const uint64_t blocks = disks[d].size / block_size + (disks[d].size % block_size != 0 ? 1 : 0);
+    if (blocks > 0) out[d].push_back(HashRun{0, blocks});
+  }
+  return out;
+}
+
+// The runs GetRangeHashes hashes, one vector per disk of `disks` (in
+// order), each ascending and not overlapping: with `all_blocks` one run
+// covering the disk; otherwise the entries of `ranges_blob` (range list v1,
+// kind 1, parsed with every rule of 15.1 for disks.size() disks; every
+// entry must end inside its disk) united with those of the file
+// ReverseAcandPath(state_dir, vm_id) (`state_dir` "" or a missing file:
+// none), rounded out to `block_size` (> 0), runs closer than kRunMergeGap
+// merged, the gap doubled while a disk has more than kMaxRunsPerDisk runs.
+// An acand file that cannot be read or fails a check (or names a range
+// outside a disk) is logged and the answer is every block. InvalidArgument
+// for a bad blob (or one over kMaxRangeBlobBytes), naming the rule.
+Result<std::vector<std::vector<HashRun>>> CandidateRuns(std::string_view ranges_blob, bool all_blocks,
+                                                        const std::vector<ReplicaDisk>& disks, uint32_t block_size,
+                                                        const std::string& state_dir, const std::string& vm_id) {
+  if (block_size == 0) return Status::InvalidArgument("block_size 0");
+  if (disks.empty() || disks.size() > kRangeListMaxDisks) {
+    return Status::InvalidArgument("a store of " + std::to_string(disks.size()) + " disks");
+  }
+  const auto disk_count = static_cast<uint32_t>(disks.size());
+  if (all_blocks) {
+    if (!ranges_blob.empty()) return Status::InvalidArgument("ranges and all_blocks given together");
+    return EveryBlock(disks, block_size);
+  }
+  if (ranges_blob.size() > kMaxRangeBlobBytes) {
+    return Status::InvalidArgument("ranges: " + std::to_string(ranges_blob.size()) + " bytes, more than 16 MiB");
+  }
+  auto parsed = ParseRangeList(ranges_blob, kRangeListCandidates, disk_count);
+  if (!parsed.ok()) return parsed.status().WithContext("ranges");
+  SinceList theirs = std::move(*parsed);
+  if (int64_t i = FirstOutside(theirs, disks); i >= 0) {
+    const RangeEntry& e = theirs.entries[static_cast<size_t>(i)];
+    return Status::InvalidArgument("ranges: entry " + std::to_string(i) + " (disk " + std::to_string(e.disk) +
+                                   ", offset " + std::to_string(e.offset) + ", length " + std::to_string(e.length) +
+                                   ") ends past the disk (" + std::to_string(disks[e.disk].size) + " bytes)");
+  }
+  std::vector<ReplicaRange> united = Ranges(theirs);
+  theirs = SinceList{};
+  if (!state_dir.empty()) {
+    const std::string acand_path = ReverseAcandPath(state_dir, vm_id);
+    auto ours = ReadRangeListFile(acand_path, kRangeListCandidates, disk_count);
+    if (!ours.ok() && ours.status().code() != Code::kNotFound) {
+      spdlog::error("replica {}: candidates file {}: {}; every block is hashed", vm_id, acand_path,
+                    ours.status().ToString());
+      return EveryBlock(disks, block_size);
+    }
+    if (ours.ok()) {
+      if (int64_t i = FirstOutside(*ours, disks); i >= 0) {
+        spdlog::error("replica {}: candidates file {}: entry {} ends past its disk; every block is hashed", vm_id,
+                      acand_path, i);
+        return EveryBlock(disks, block_size);
+      }
+      united = UniteRanges(std::move(united), Ranges(*ours));
+    }
+  }
+  // Per disk (the ranges are sorted by disk after UniteRanges; the blob's
+  // are sorted by the format's rules when no file was added).
+  std::vector<std::vector<ReplicaRange>> per_disk(disks.size());
+  for (const ReplicaRange& r : united) per_disk[r.disk].push_back(r);
+  united.clear();
+  united.shrink_to_fit();
+  std::vector<std::vector<HashRun>> out(disks.size());
+  for (uint32_t d = 0; d < disk_count; ++d) {
+    if (per_disk[d].empty()) continue;
+    uint64_t gap = kRunMergeGap;
+    std::vector<BlockRun> runs = RoundToBlocks(per_disk[d], d, block_size, disks[d].size, gap);
+    while (runs.size() > kMaxRunsPerDisk && gap < (uint64_t{1} << 62)) {
+      gap *= 2;
+      runs = RoundToBlocks(per_disk[d], d, block_size, disks[d].size, gap);
+    }
+    out[d].reserve(runs.size());
+    for (const BlockRun& b : runs) out[d].push_back(HashRun{b.first_block, b.block_count});
+  }
+  return out;
 }
 
 }  // namespace
@@ -663,6 +779,90 @@ Status ReplicaManager::HashDisks(const PrimaryCaller& caller, const std::string&
                  r->store->disks()[d].name, stats.bytes_read);
     if (!emit(d, SerializeBlockHashes(list))) return Status::Cancelled("the primary went away");
   }
+  return Status::Ok();
+}
+
+Status ReplicaManager::HashRanges(const PrimaryCaller& caller, const std::string& vm_id, uint32_t index,
+                                  uint32_t block_size, std::string_view ranges_blob, bool all_blocks,
+                                  const RangeHashSink& emit) {
+  VMR_ASSIGN_OR_RETURN(auto r, Get(caller, vm_id, index));
+  if (block_size < kMinHashBlockSize || block_size > kMaxHashBlockSize || (block_size & (block_size - 1)) != 0) {
+    return Status::InvalidArgument("block_size " + std::to_string(block_size) +
+                                   " is not a power of two of 4 KiB .. 64 MiB");
+  }
+  if (ranges_blob.size() > kMaxRangeBlobBytes) {
+    return Status::InvalidArgument("ranges: more than 16 MiB");
+  }
+  if (all_blocks && !ranges_blob.empty()) return Status::InvalidArgument("ranges and all_blocks given together");
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    if (r->seeding) return Status::Unavailable("VM " + vm_id + ": a seed copy is being written on the replica");
+  }
+  VMR_ASSIGN_OR_RETURN(auto rel, catalog_->GetRelationship(vm_id, static_cast<int>(index)));
+  if (!rel || rel->state != ReplicationState::kWaitingToCompleteInitialReplication) {
+    return Status::FailedPrecondition("VM " + vm_id + ": range hashes are served only at the adopted point (state " +
+                                      std::string(Name(ReplicationState::kWaitingToCompleteInitialReplication)) +
+                                      "); the replica is in state " +
+                                      (rel ? std::string(Name(rel->state)) : std::string("none")));
+  }
+  const uint64_t latest = r->store->latest_sequence();
+  if (latest != 1) {
+    return Status::FailedPrecondition("VM " + vm_id + ": range hashes are served only at point 1; the replica's " +
+                                      "latest point is " + std::to_string(latest));
+  }
+  VMR_ASSIGN_OR_RETURN(uint64_t expected, r->staging->expected_sequence());
+  if (expected != latest + 1) {
+    return Status::FailedPrecondition("VM " + vm_id + ": logs up to " + std::to_string(expected - 1) +
+                                      " are staged and not applied");
+  }
+  {
+    std::lock_guard<std::mutex> l(r->recv_mu);
+    if (r->receiving) return Status::FailedPrecondition("VM " + vm_id + ": a log is being received");
+    if (r->partial) {
+      return Status::FailedPrecondition("VM " + vm_id + ": log " + std::to_string(r->partial->start.sequence()) +
+                                        " is held in part");
+    }
+  }
+  const std::vector<ReplicaDisk>& disks = r->store->disks();
+  VMR_ASSIGN_OR_RETURN(auto runs,
+                       CandidateRuns(ranges_blob, all_blocks, disks, block_size, options_.state_dir, vm_id));
+  uint64_t total_blocks = 0;
+  for (const auto& d : runs) {
+    for (const auto& run : d) total_blocks += run.block_count;
+  }
+  if (total_blocks > (uint64_t{1} << 30) / 16) {
+    return Status::InvalidArgument("block_size " + std::to_string(block_size) + ": the hash lists would exceed 1 GiB");
+  }
+  BlockHashOptions o;
+  o.block_size = block_size;
+  uint64_t bytes_read = 0, run_count = 0;
+  for (uint32_t d = 0; d < runs.size(); ++d) {
+    for (size_t i = 0; i < runs[d].size(); ++i) {
+      o.first_block = runs[d][i].first_block;
+      o.block_count = runs[d][i].block_count;
+      BlockHashStats stats;
+      VMR_ASSIGN_OR_RETURN(BlockHashList list, HashFileBlocks(r->store->DiskPath(d), o, &stats));
+      // The file must be the store's disk, whole (a run cut at the end would
+      // leave blocks uncompared).
+      if (list.disk_size != disks[d].size || list.hashes.size() != runs[d][i].block_count) {
+        return Status::Corruption("VM " + vm_id + ": disk file " + r->store->DiskPath(d) + " has " +
+                                  std::to_string(list.disk_size) + " bytes, the store says " +
+                                  std::to_string(disks[d].size));
+      }
+      bytes_read += stats.bytes_read;
+      ++run_count;
+      if (!emit(d, i, i + 1 == runs[d].size(), SerializeBlockHashes(list))) {
+        return Status::Cancelled("the caller went away");
+      }
+    }
+  }
+  // A log applied meanwhile would have changed blocks under the hasher.
+  if (r->store->latest_sequence() != latest) {
+    return Status::FailedPrecondition("VM " + vm_id + ": log " + std::to_string(r->store->latest_sequence()) +
+                                      " was applied while the ranges were hashed");
+  }
+  spdlog::info("replica {}: {} candidate runs hashed for a reverse sync ({} bytes read{})", vm_id, run_count,
+               bytes_read, all_blocks ? ", every block" : "");
   return Status::Ok();
 }
 

@@ -11,11 +11,14 @@
 #include <xxhash.h>
 
 #include <filesystem>
+#include <fstream>
+#include <mutex>
 #include <random>
 #include <set>
 
 #include "service/peer_service.h"
 #include "service/tls.h"
+#include "vmreplica/reverse.h"
 #include "vmreplica/security.h"
 
 namespace vmreplica {
@@ -72,7 +75,9 @@ class TransferTest : public ::testing::Test {
   }
 
   void StartServer() {
-    manager_ = std::make_unique<ReplicaManager>(catalog_.get(), ReplicaManagerOptions{});
+    ReplicaManagerOptions mo;
+    mo.state_dir = root_ + "/state";  // GetRangeHashes: <state>/reverse/<vm>.acand
+    manager_ = std::make_unique<ReplicaManager>(catalog_.get(), mo);
     peer_ = std::make_unique<service::PeerService>(&env_, manager_.get());
     grpc::ServerBuilder b;
     int port = 0;
@@ -617,6 +622,354 @@ TEST_F(TransferTest, StagedLogsAreAppliedAfterARestart) {
   expected[4] = images;
   ASSERT_TRUE(client->SendDelta(Info(4), src, SendOptions{}).ok());
   ExpectPoints(expected);
+}
+
+// ---------------------------------------------------------------------------
+// GetRangeHashes (docs/protocol.md "GetRangeHashes"). Disks large enough for
+// runs more than 1 MiB apart (the merge gap): 128 and 64 blocks of 64 KiB.
+
+const std::vector<ReplicaDisk> kRangeDisks = {{"vda", 8 << 20}, {"vdb", 4 << 20}};
+constexpr uint32_t kHashBlock = 64 << 10;
+
+class RangeHashTest : public TransferTest {
+ protected:
+  // A replica as the adoption leaves it (docs/failover.md 11): state 2
+  // (WaitingToCompleteInitialReplication) at point 1, nothing staged. No
+  // public path of this module adopts a store, so log 1 is sent and applied
+  // (the applier then moves the relationship to 3) and the test puts the
+  // relationship back to state 2 in the catalog, as the adoption writes it.
+  void MakeReplicaAtPointOne() {
+    auto client = Client("primary-a.lab");
+    auto p = Params();
+    p.disks = kRangeDisks;
+    ASSERT_TRUE(client->CreateReplica(p).ok());
+    images_.clear();
+    for (const auto& d : kRangeDisks) images_.emplace_back(d.size, '\0');
+    std::mt19937_64 rng(77);
+    std::vector<DeltaRecord> recs;
+    // Data in and around the candidate runs of the tests, and elsewhere.
+    const std::vector<std::tuple<uint32_t, uint64_t, uint64_t>> writes = {
+        {0, 0, 96 << 10},     {0, 300 << 10, 8 << 10},     {0, 5 << 20, 128 << 10}, {0, (6 << 20) + 4096, 4096},
+        {0, (8 << 20) - 8192, 8192}, {0, 3 << 20, 64 << 10}, {1, 2 << 20, 100 << 10}, {1, 64 << 10, 4096}};
+    for (const auto& [disk, off, len] : writes) {
+      std::string data(len, '\0');
+      for (auto& c : data) c = static_cast<char>(rng());
+      std::copy(data.begin(), data.end(), images_[disk].begin() + static_cast<ptrdiff_t>(off));
+      recs.push_back(DataRecord(disk, off, std::move(data)));
+    }
+    VectorDeltaSource src(std::move(recs));
+    ASSERT_TRUE(client->SendDelta(Info(1), src, SendOptions{}).ok());
+    ASSERT_TRUE(manager_->WaitApplied(kVm, std::chrono::seconds(60)).ok());
+    SetState(ReplicationState::kWaitingToCompleteInitialReplication);
+    auto st = client->GetReplicaStatus(kVm, 0);
+    ASSERT_TRUE(st.ok()) << st.status().ToString();
+    ASSERT_EQ(st->latest_applied, 1u);
+    ASSERT_EQ(st->expected_sequence, 2u);
+    ASSERT_EQ(st->state, ReplicationState::kWaitingToCompleteInitialReplication);
+  }
+
+  void SetState(ReplicationState state) {
+    auto rel = catalog_->GetRelationship(kVm, 0);
+    ASSERT_TRUE(rel.ok() && *rel);
+    (*rel)->state = state;
+    ASSERT_TRUE(catalog_->PutRelationship(**rel).ok());
+  }
+
+  std::string AcandPath() const { return root_ + "/state/reverse/" + kVm + ".acand"; }
+
+  // The hash list of blocks [first, first + count) of disk `disk`, computed
+  // here from the store's disk file (which must equal the image written).
+  BlockHashList Expected(uint32_t disk, uint64_t first, uint64_t count) {
+    const std::string path = storage_ + "/" + kVm + "/disks/" + kRangeDisks[disk].name + ".img";
+    std::ifstream f(path, std::ios::binary);
+    std::string content((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+    EXPECT_EQ(content.size(), kRangeDisks[disk].size) << path;
+    EXPECT_TRUE(content == images_[disk]) << path << " is not the image of log 1";
+    BlockHashList l;
+    l.block_size = kHashBlock;
+    l.disk_size = kRangeDisks[disk].size;
+    l.first_block = first;
+    for (uint64_t b = first; b < first + count; ++b) {
+      const uint64_t off = b * kHashBlock;
+      const uint64_t len = std::min<uint64_t>(kHashBlock, content.size() - std::min<uint64_t>(off, content.size()));
+      l.hashes.push_back(HashBytes(content.data() + off, len));
+    }
+    return l;
+  }
+
+  struct Run {
+    uint64_t first, count;
+  };
+  void ExpectRuns(const std::vector<std::vector<BlockHashList>>& got, const std::vector<std::vector<Run>>& want) {
+    ASSERT_EQ(got.size(), want.size());
+    for (uint32_t d = 0; d < want.size(); ++d) {
+      ASSERT_EQ(got[d].size(), want[d].size()) << "disk " << d;
+      for (size_t i = 0; i < want[d].size(); ++i) {
+        const BlockHashList e = Expected(d, want[d][i].first, want[d][i].count);
+        EXPECT_EQ(got[d][i].block_size, kHashBlock);
+        EXPECT_EQ(got[d][i].disk_size, e.disk_size) << "disk " << d << " run " << i;
+        EXPECT_EQ(got[d][i].first_block, e.first_block) << "disk " << d << " run " << i;
+        EXPECT_TRUE(got[d][i].hashes == e.hashes) << "disk " << d << " run " << i << ": hashes differ";
+      }
+    }
+  }
+
+  // B's candidates of the tests: disk 0 blocks 0 and 4 (merged: closer than
+  // 1 MiB), block 80, block 127 (the last); nothing on disk 1.
+  static std::vector<ReplicaRange> Candidates() {
+    return {{0, (5 << 20), 4096}, {0, 4096, 4096}, {0, 300 << 10, 8192}, {0, (8 << 20) - 4096, 4096}};
+  }
+
+  std::vector<std::string> images_;
+};
+
+TEST_F(RangeHashTest, CandidateRunsOnTwoDisksHashAsTheDiskFiles) {
+  MakeReplicaAtPointOne();
+  auto client = Client("primary-a.lab");
+  const auto cands = Candidates();
+  // Without an acand file: B's runs only; disk 1 has none.
+  auto got = client->GetRangeHashes(kVm, 0, kHashBlock, &cands, 2);
+  ASSERT_TRUE(got.ok()) << got.status().ToString();
+  ExpectRuns(*got, {{{0, 5}, {80, 1}, {127, 1}}, {}});
+
+  // A's own candidates united in: disk 0 block 96 (joins run 80: 15 blocks
+  // apart), disk 1 blocks 32..33.
+  fs::create_directories(root_ + "/state/reverse");
+  SinceList acand;
+  acand.entries = {{0, (6 << 20) + 4096, 4096, 0}, {1, 2 << 20, 128 << 10, 0}};
+  ASSERT_TRUE(WriteRangeListFile(AcandPath(), kRangeListCandidates, 2, acand).ok());
+  got = client->GetRangeHashes(kVm, 0, kHashBlock, &cands, 2);
+  ASSERT_TRUE(got.ok()) << got.status().ToString();
+  ExpectRuns(*got, {{{0, 5}, {80, 17}, {127, 1}}, {{32, 2}}});
+
+  // B's candidates empty: A's alone.
+  const std::vector<ReplicaRange> none;
+  got = client->GetRangeHashes(kVm, 0, kHashBlock, &none, 2);
+  ASSERT_TRUE(got.ok()) << got.status().ToString();
+  ExpectRuns(*got, {{{96, 1}}, {{32, 2}}});
+
+  // The wire form: pieces per run, end_of_run on each, end_of_disk on a
+  // disk's last run, disks ascending.
+  auto stub = RawStub("primary-a.lab");
+  grpc::ClientContext ctx;
+  v1::RangeHashRequest req;
+  req.set_vm_id(kVm);
+  req.set_block_size(kHashBlock);
+  SinceList b;
+  for (const auto& c : cands) b.entries.push_back({c.disk, c.offset, c.length, 0});
+  std::sort(b.entries.begin(), b.entries.end(),
+            [](const RangeEntry& x, const RangeEntry& y) { return x.offset < y.offset; });
+  req.set_ranges(SerializeRangeList(kRangeListCandidates, 2, b));
+  auto reader = stub->GetRangeHashes(&ctx, req);
+  std::vector<std::tuple<uint32_t, bool, bool>> pieces;
+  v1::BlockHashPiece piece;
+  while (reader->Read(&piece)) pieces.emplace_back(piece.disk(), piece.end_of_run(), piece.end_of_disk());
+  ASSERT_TRUE(reader->Finish().ok());
+  const std::vector<std::tuple<uint32_t, bool, bool>> want = {
+      {0, true, false}, {0, true, false}, {0, true, true}, {1, true, true}};
+  EXPECT_EQ(pieces, want);
+}
+
+TEST_F(RangeHashTest, AllBlocksIsOneRunPerDisk) {
+  MakeReplicaAtPointOne();
+  // An acand file adds nothing to every block.
+  fs::create_directories(root_ + "/state/reverse");
+  SinceList acand;
+  acand.entries = {{1, 2 << 20, 128 << 10, 0}};
+  ASSERT_TRUE(WriteRangeListFile(AcandPath(), kRangeListCandidates, 2, acand).ok());
+  auto got = Client("primary-a.lab")->GetRangeHashes(kVm, 0, kHashBlock, nullptr, 2);
+  ASSERT_TRUE(got.ok()) << got.status().ToString();
+  ExpectRuns(*got, {{{0, 128}}, {{0, 64}}});
+}
+
+TEST_F(RangeHashTest, CorruptAcandFileMeansEveryBlock) {
+  MakeReplicaAtPointOne();
+  fs::create_directories(root_ + "/state/reverse");
+  SinceList acand;
+  acand.entries = {{1, 2 << 20, 128 << 10, 0}};
+  const std::string bytes = SerializeRangeList(kRangeListCandidates, 2, acand);
+  std::string bad = bytes;
+  bad[kRangeListHeaderBytes + 10] ^= 0x01;  // inside the entry: the body checksum fails
+  {
+    std::ofstream f(AcandPath(), std::ios::binary);
+    f << bad;
+  }
+  const auto cands = Candidates();
+  auto got = Client("primary-a.lab")->GetRangeHashes(kVm, 0, kHashBlock, &cands, 2);
+  ASSERT_TRUE(got.ok()) << got.status().ToString();
+  ExpectRuns(*got, {{{0, 128}}, {{0, 64}}});
+}
+
+TEST_F(RangeHashTest, RefusedOutsideStateTwoAtPointOne) {
+  MakeReplicaAtPointOne();
+  auto client = Client("primary-a.lab");
+  const auto cands = Candidates();
+  SetState(ReplicationState::kReplicating);
+  auto got = client->GetRangeHashes(kVm, 0, kHashBlock, &cands, 2);
+  EXPECT_EQ(got.status().code(), Code::kFailedPrecondition) << got.status().ToString();
+  SetState(ReplicationState::kWaitingToCompleteInitialReplication);
+  EXPECT_TRUE(client->GetRangeHashes(kVm, 0, kHashBlock, &cands, 2).ok());
+}
+
+TEST_F(RangeHashTest, RefusedWhileALogIsStaged) {
+  MakeReplicaAtPointOne();
+  auto client = Client("primary-a.lab");
+  ASSERT_TRUE(manager_->HoldApply(kVm, std::chrono::seconds(30)).ok());
+  VectorDeltaSource src({DataRecord(0, 0, std::string(4096, 'x'))});
+  ASSERT_TRUE(client->SendDelta(Info(2), src, SendOptions{}).ok());
+  const auto cands = Candidates();
+  auto got = client->GetRangeHashes(kVm, 0, kHashBlock, &cands, 2);
+  EXPECT_EQ(got.status().code(), Code::kFailedPrecondition) << got.status().ToString();
+  EXPECT_NE(got.status().message().find("staged"), std::string::npos) << got.status().ToString();
+  manager_->ReleaseApply(kVm);
+}
+
+TEST_F(RangeHashTest, FlippedByteInTheRangesIsInvalidArgument) {
+  MakeReplicaAtPointOne();
+  auto stub = RawStub("primary-a.lab");
+  SinceList b;
+  b.entries = {{0, 4096, 4096, 0}};
+  const std::string good = SerializeRangeList(kRangeListCandidates, 2, b);
+  for (size_t at : {size_t{3}, size_t{20}, kRangeListHeaderBytes + 9, good.size() - 1}) {
+    std::string bad = good;
+    bad[at] ^= 0x40;
+    grpc::ClientContext ctx;
+    v1::RangeHashRequest req;
+    req.set_vm_id(kVm);
+    req.set_block_size(kHashBlock);
+    req.set_ranges(bad);
+    auto reader = stub->GetRangeHashes(&ctx, req);
+    v1::BlockHashPiece piece;
+    EXPECT_FALSE(reader->Read(&piece)) << "byte " << at;
+    EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::INVALID_ARGUMENT) << "byte " << at;
+  }
+  // A range past the disk's end and a wrong disk count are refused too.
+  SinceList past_end;
+  past_end.entries = {{1, 4 << 20, 4096, 0}};
+  for (const std::string& blob :
+       {SerializeRangeList(kRangeListCandidates, 2, past_end), SerializeRangeList(kRangeListCandidates, 3, b)}) {
+    grpc::ClientContext ctx;
+    v1::RangeHashRequest req;
+    req.set_vm_id(kVm);
+    req.set_block_size(kHashBlock);
+    req.set_ranges(blob);
+    auto reader = stub->GetRangeHashes(&ctx, req);
+    v1::BlockHashPiece piece;
+    EXPECT_FALSE(reader->Read(&piece));
+    EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  }
+}
+
+TEST_F(RangeHashTest, AnotherTrustGroupsCallerIsRefused) {
+  MakeReplicaAtPointOne();
+  const auto cands = Candidates();
+  auto got = Client("primary-b.lab")->GetRangeHashes(kVm, 0, kHashBlock, &cands, 2);
+  EXPECT_EQ(got.status().code(), Code::kPermissionDenied) << got.status().ToString();
+  got = Client("intruder.lab")->GetRangeHashes(kVm, 0, kHashBlock, &cands, 2);
+  EXPECT_EQ(got.status().code(), Code::kPermissionDenied) << got.status().ToString();
+}
+
+// A peer that answers GetRangeHashes with scripted pieces: the client's
+// checks of every piece (docs/protocol.md "GetRangeHashes").
+// A refused stream's handler may still run when the next call starts: each
+// call takes its own copy of the script.
+class ScriptedRangePeer final : public v1::ReplicaPeer::Service {
+ public:
+  void SetPieces(std::vector<v1::BlockHashPiece> pieces) {
+    std::lock_guard<std::mutex> l(mu_);
+    pieces_ = std::move(pieces);
+  }
+  grpc::Status GetRangeHashes(grpc::ServerContext*, const v1::RangeHashRequest*,
+                              grpc::ServerWriter<v1::BlockHashPiece>* writer) override {
+    std::vector<v1::BlockHashPiece> script;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      script = pieces_;
+    }
+    for (const auto& p : script) {
+      if (!writer->Write(p)) break;
+    }
+    return grpc::Status::OK;
+  }
+
+ private:
+  std::mutex mu_;
+  std::vector<v1::BlockHashPiece> pieces_;  // guarded by mu_
+};
+
+v1::BlockHashPiece Piece(uint32_t disk, uint64_t first, uint64_t count, bool end_of_disk,
+                         uint32_t block_size = kHashBlock, uint64_t disk_size = 8 << 20) {
+  BlockHashList l;
+  l.block_size = block_size;
+  l.disk_size = disk_size;
+  l.first_block = first;
+  for (uint64_t i = 0; i < count; ++i) l.hashes.push_back(Hash128{i, first});
+  v1::BlockHashPiece p;
+  p.set_disk(disk);
+  p.set_data(SerializeBlockHashes(l));
+  p.set_end_of_run(true);
+  p.set_end_of_disk(end_of_disk);
+  return p;
+}
+
+TEST_F(TransferTest, RangeHashAnswersThatBreakARuleAreCorruption) {
+  ScriptedRangePeer peer;
+  grpc::ServerBuilder b;
+  int port = 0;
+  b.AddListeningPort("127.0.0.1:0", service::MakeServerCredentials(env_.identity), &port);
+  b.RegisterService(&peer);
+  auto server = b.BuildAndStart();
+  ASSERT_NE(server, nullptr);
+  ReplicaClient client(service::MakeSecureChannel("127.0.0.1", static_cast<uint16_t>(port), Identity("primary-a.lab")));
+  auto run = [&](std::vector<v1::BlockHashPiece> pieces) {
+    peer.SetPieces(std::move(pieces));
+    return client.GetRangeHashes(kVm, 0, kHashBlock, nullptr, 2);
+  };
+
+  // A well-formed answer passes (the scripted peer itself is right) ...
+  auto ok = run({Piece(0, 0, 2, false), Piece(0, 5, 1, true), Piece(1, 3, 1, true)});
+  ASSERT_TRUE(ok.ok()) << ok.status().ToString();
+  ASSERT_EQ(ok->size(), 2u);
+  EXPECT_EQ((*ok)[0].size(), 2u);
+  EXPECT_EQ((*ok)[1].size(), 1u);
+  // ... a run split in two pieces too.
+  v1::BlockHashPiece whole = Piece(0, 0, 4, true);
+  v1::BlockHashPiece head = whole, tail = whole;
+  head.set_data(whole.data().substr(0, 10));
+  head.set_end_of_run(false);
+  head.set_end_of_disk(false);
+  tail.set_data(whole.data().substr(10));
+  auto split = run({head, tail});
+  ASSERT_TRUE(split.ok()) << split.status().ToString();
+  EXPECT_EQ((*split)[0].at(0).hashes.size(), 4u);
+
+  v1::BlockHashPiece empty = Piece(0, 0, 1, true);
+  empty.set_data("");
+  v1::BlockHashPiece eod_inside = head;
+  eod_inside.set_end_of_disk(true);
+  v1::BlockHashPiece flipped = Piece(0, 0, 2, true);
+  flipped.mutable_data()->back() ^= 1;
+  const std::vector<std::pair<std::string, std::vector<v1::BlockHashPiece>>> cases = {
+      {"disks out of order", {Piece(1, 0, 1, true), Piece(0, 0, 1, true)}},
+      {"a disk again after its end", {Piece(0, 0, 1, true), Piece(0, 4, 1, true)}},
+      {"another disk before the end of one", {Piece(0, 0, 1, false), Piece(1, 0, 1, true)}},
+      {"a disk past disk_count", {Piece(2, 0, 1, true)}},
+      {"overlapping runs", {Piece(0, 0, 3, false), Piece(0, 2, 1, true)}},
+      {"runs descending", {Piece(0, 5, 1, false), Piece(0, 1, 1, true)}},
+      {"another block size", {Piece(0, 0, 1, true, 4096)}},
+      {"another disk size within a disk", {Piece(0, 0, 1, false), Piece(0, 4, 1, true, kHashBlock, 4 << 20)}},
+      {"a run past the disk", {Piece(0, 127, 2, true)}},
+      {"an empty piece", {empty}},
+      {"end_of_disk inside a run", {eod_inside, tail}},
+      {"the stream ends inside a run", {head}},
+      {"the stream ends inside a disk", {Piece(0, 0, 1, false)}},
+      {"a list failing its checksum", {flipped}},
+  };
+  for (const auto& [name, pieces] : cases) {
+    auto got = run(pieces);
+    EXPECT_EQ(got.status().code(), Code::kCorruption) << name << ": " << got.status().ToString();
+  }
+  server->Shutdown();
 }
 
 }  // namespace
