@@ -105,6 +105,10 @@ class LogWriter {
   // index, zero length, outside the disk, data size != length, data longer
   // than kLogMaxDataRecordLength: split such extents); IOError from the OS.
   Status Add(const DeltaRecord& record);
+  // As Add, but a data record is zstd-compressed only when `try_compress`
+  // (and options.compress) is set: the receiver of a wire chunk that did not
+  // compress knows its records would not either.
+  Status Add(const DeltaRecord& record, bool try_compress);
 
   // Writes the trailer, fsyncs the file and its directory (options.sync)
   // and closes it. FailedPrecondition when already finished or abandoned.

@@ -177,6 +177,29 @@ TEST_F(LogTest, CompressionOffStoresPayloadAsIs) {
   EXPECT_EQ((*next)->record.data, Compressible(4096));
 }
 
+// The receiver stages the records of a wire chunk zstd did not shrink with
+// try_compress false: they are stored as they are even when compression is on.
+TEST_F(LogTest, RecordsAddedWithoutTryCompressAreStoredAsIs) {
+  LogWriterOptions options;
+  options.compress = true;
+  options.sync = false;
+  auto writer = LogWriter::Create(Path("b.vrl"), TwoDiskHeader(), options);
+  ASSERT_TRUE(writer.ok()) << writer.status().ToString();
+  ASSERT_TRUE((*writer)->Add(Data(0, 0, Compressible(4096)), /*try_compress=*/false).ok());
+  ASSERT_TRUE((*writer)->Add(Data(0, 8192, Compressible(4096)), /*try_compress=*/true).ok());
+  ASSERT_TRUE((*writer)->Finish().ok());
+  auto reader = LogReader::OpenBuffer(ReadAll(Path("b.vrl")), LogReadMode::kComplete);
+  ASSERT_TRUE(reader.ok());
+  auto first = (*reader)->NextRecord();
+  ASSERT_TRUE(first.ok() && first->has_value());
+  EXPECT_EQ((*first)->compression, LogCompression::kNone);
+  EXPECT_EQ((*first)->record.data, Compressible(4096));
+  auto second = (*reader)->NextRecord();
+  ASSERT_TRUE(second.ok() && second->has_value());
+  EXPECT_EQ((*second)->compression, LogCompression::kZstd);
+  EXPECT_EQ((*second)->record.data, Compressible(4096));
+}
+
 TEST_F(LogTest, EmptyLogHasHeaderAndTrailerOnly) {
   std::string bytes = WriteLog("a.vrl", TwoDiskHeader(), {});
   std::vector<DeltaRecord> got;

@@ -95,7 +95,9 @@ Status LogWriter::WriteAll(std::string_view bytes) {
   return Status::Ok();
 }
 
-Status LogWriter::Add(const DeltaRecord& record) {
+Status LogWriter::Add(const DeltaRecord& record) { return Add(record, true); }
+
+Status LogWriter::Add(const DeltaRecord& record, bool try_compress) {
   if (!error_.ok()) return error_;
   if (finished_ || fd_ < 0) return Status::FailedPrecondition("log " + path_ + " is finished or abandoned");
   if (record.disk >= header_.disks.size()) {
@@ -118,7 +120,7 @@ Status LogWriter::Add(const DeltaRecord& record) {
     }
     if (record.data.size() != record.length) return Status::InvalidArgument("data size differs from length");
     payload = record.data;
-    if (options_.compress) {
+    if (options_.compress && try_compress) {
       if (impl_->cctx == nullptr) impl_->cctx = ZSTD_createCCtx();
       if (impl_->cctx == nullptr) return Status::Internal("ZSTD_createCCtx failed");
       impl_->scratch.resize(ZSTD_compressBound(record.data.size()));

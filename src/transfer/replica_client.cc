@@ -175,12 +175,17 @@ class Chunker {
     m->set_raw_size(static_cast<uint32_t>(raw.size()));
     m->set_checksum(XXH3_64bits(raw.data(), raw.size()));
     if (options_.compress) {
-      std::string z(ZSTD_compressBound(raw.size()), '\0');
-      size_t n = ZSTD_compress(z.data(), z.size(), raw.data(), raw.size(), 1);
+      // One compression context and output buffer for the whole stream: a
+      // fresh context (ZSTD_compress) and a zero-filled buffer per chunk
+      // cost page faults and memsets on every chunk.
+      if (!cctx_) cctx_.reset(ZSTD_createCCtx());
+      if (!cctx_) return Status::Internal("ZSTD_createCCtx failed");
+      const size_t bound = ZSTD_compressBound(raw.size());
+      if (zbuf_.size() < bound) zbuf_.resize(bound);
+      size_t n = ZSTD_compressCCtx(cctx_.get(), zbuf_.data(), bound, raw.data(), raw.size(), 1);
       if (!ZSTD_isError(n) && n < raw.size()) {
-        z.resize(n);
         m->set_compression(1);
-        m->set_payload(std::move(z));
+        m->set_payload(zbuf_.data(), n);
         ++stats_->chunks;
         return std::optional<Chunk>(std::move(c));
       }
@@ -203,6 +208,8 @@ class Chunker {
   uint64_t next_index_ = 0;
   uint32_t last_disk_ = 0;  // where the last record taken ends
   uint64_t last_end_ = 0;
+  std::unique_ptr<ZSTD_CCtx, size_t (*)(ZSTD_CCtx*)> cctx_{nullptr, ZSTD_freeCCtx};
+  std::string zbuf_;  // compressed chunk, reused
 };
 
 // Replies of one stream, filled by its reader thread.

@@ -1315,7 +1315,9 @@ Status ReplicaManager::ReceiveDelta(const PrimaryCaller& caller, DeltaStream& st
           loaded.push_back(std::move(rec));
           continue;
         }
-        Status s = part.writer->Add(rec);
+        // Records of a chunk that zstd could not shrink on the wire are
+        // staged as they are: trying again would only burn CPU.
+        Status s = part.writer->Add(rec, /*try_compress=*/c.compression() != 0);
         if (!s.ok()) {
           l.lock();
           return drop(s);
