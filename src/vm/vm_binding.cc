@@ -409,7 +409,7 @@ Result<VmPowerState> QueryVmPower(const VmDefinition& def) {
   qo.connect_timeout = std::chrono::seconds(5);
   auto qmp = QmpClient::Connect(def.qmp_socket, qo);
   if (!qmp.ok()) {
-    const std::string& m = qmp.status().message();
+    const std::string m = qmp.status().message();
     if (qmp.status().code() == Code::kTimeout) {
       // Something listens but does not greet: QEMU serving another client.
       out.power = VmPower::kRunning;
