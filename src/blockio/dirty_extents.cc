@@ -9,10 +9,14 @@
 #include <memory>
 
 #include "blockio/extent_map.h"
+#include "blockio/nbd_util.h"
 #include "vmreplica/nbd_reader.h"
 
 namespace vmreplica {
 namespace {
+
+using blockio_internal::NbdError;
+using blockio_internal::RemainingMs;
 
 using Clock = std::chrono::steady_clock;
 
@@ -21,36 +25,7 @@ constexpr uint64_t kAlign = 4096;
 constexpr uint64_t kChunk = 1ull << 30;
 constexpr auto kIoTimeout = std::chrono::seconds(60);
 
-Status LibnbdError(const std::string& what) {
-  const int err = nbd_get_errno();
-  const char* msg = nbd_get_error();
-  std::string m = what + ": " + (msg != nullptr ? msg : "unknown libnbd error");
-  switch (err) {
-    case ENOTCONN:
-    case ECONNRESET:
-    case ECONNREFUSED:
-    case ECONNABORTED:
-    case EPIPE:
-    case ESHUTDOWN:
-    case ENOENT:
-      return Status::Unavailable(m);
-    case ETIMEDOUT:
-      return Status::Timeout(m);
-    case EPROTO:
-    case EBADMSG:
-    case EOVERFLOW:
-    case ERANGE:
-      return Status::Corruption(m);
-    default:
-      return Status::IOError(m);
-  }
-}
 
-int RemainingMs(Clock::time_point deadline) {
-  auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()).count();
-  if (left <= 0) return 0;
-  return static_cast<int>(std::min<long long>(left, std::numeric_limits<int>::max()));
-}
 
 struct HandleCloser {
   void operator()(nbd_handle* h) const { nbd_close(h); }
@@ -78,9 +53,9 @@ Status Wait(nbd_handle* h, int64_t cookie) {
   for (;;) {
     const int done = nbd_aio_command_completed(h, static_cast<uint64_t>(cookie));
     if (done == 1) return Status::Ok();
-    if (done == -1) return LibnbdError("block status");
+    if (done == -1) return NbdError("block status");
     const int r = nbd_poll(h, RemainingMs(deadline));
-    if (r == -1) return LibnbdError("NBD connection");
+    if (r == -1) return NbdError("NBD connection");
     if (r == 1) {
       deadline = Clock::now() + kIoTimeout;
     } else if (Clock::now() >= deadline) {
@@ -99,29 +74,29 @@ Result<std::vector<ReplicaRange>> NbdDirtyExtents(const std::string& socket_path
   const std::string where = "nbd+unix:///" + export_name + "?socket=" + socket_path;
   std::unique_ptr<nbd_handle, HandleCloser> owner(nbd_create());
   nbd_handle* h = owner.get();
-  if (h == nullptr) return LibnbdError("nbd_create");
+  if (h == nullptr) return NbdError("nbd_create");
   if (nbd_set_export_name(h, export_name.c_str()) == -1)
-    return Status::InvalidArgument(LibnbdError("nbd_set_export_name").WithContext(where).message());
+    return Status::InvalidArgument(NbdError("nbd_set_export_name").WithContext(where).message());
   if (nbd_add_meta_context(h, bitmap_context.c_str()) == -1)
-    return LibnbdError("nbd_add_meta_context").WithContext(where);
+    return NbdError("nbd_add_meta_context").WithContext(where);
   if (nbd_aio_connect_unix(h, socket_path.c_str()) == -1)
-    return Status::Unavailable(LibnbdError("connect").WithContext(where).message());
+    return Status::Unavailable(NbdError("connect").WithContext(where).message());
   auto deadline = Clock::now() + kIoTimeout;
   while (nbd_aio_is_ready(h) != 1) {
     if (nbd_aio_is_dead(h) == 1 || nbd_aio_is_closed(h) == 1)
       return Status::Unavailable(where + ": connection closed during negotiation");
     const int r = nbd_poll(h, RemainingMs(deadline));
-    if (r == -1) return Status::Unavailable(LibnbdError("negotiate").WithContext(where).message());
+    if (r == -1) return Status::Unavailable(NbdError("negotiate").WithContext(where).message());
     if (r == 0 && Clock::now() >= deadline) return Status::Timeout(where + ": no answer during negotiation");
     if (r == 1) deadline = Clock::now() + kIoTimeout;
   }
   const int can = nbd_can_meta_context(h, bitmap_context.c_str());
-  if (can == -1) return LibnbdError("nbd_can_meta_context").WithContext(where);
+  if (can == -1) return NbdError("nbd_can_meta_context").WithContext(where);
   if (can == 0)
     return Status::FailedPrecondition(where + ": server does not offer meta context '" + bitmap_context +
                                       "' (dirty bitmap missing or not exported: tracking lost)");
   const int64_t ssize = nbd_get_size(h);
-  if (ssize < 0) return LibnbdError("nbd_get_size").WithContext(where);
+  if (ssize < 0) return NbdError("nbd_get_size").WithContext(where);
   const uint64_t size = static_cast<uint64_t>(ssize);
 
   std::vector<ReplicaRange> out;
@@ -134,7 +109,7 @@ Result<std::vector<ReplicaRange>> NbdDirtyExtents(const std::string& socket_path
     const int64_t cookie = nbd_aio_block_status(
         h, count, pos, nbd_extent_callback{.callback = &Collector::Callback, .user_data = &c, .free = nullptr},
         nbd_completion_callback{nullptr, nullptr, nullptr}, 0);
-    if (cookie == -1) return LibnbdError("block status at " + std::to_string(pos)).WithContext(where);
+    if (cookie == -1) return NbdError("block status at " + std::to_string(pos)).WithContext(where);
     Status s = Wait(h, cookie);
     if (!c.error.empty()) return Status::Corruption(where + ": " + c.error);
     if (!s.ok()) return s.WithContext(where + ": block status at " + std::to_string(pos));

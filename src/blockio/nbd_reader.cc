@@ -9,11 +9,15 @@
 #include <limits>
 
 #include "blockio/extent_map.h"
+#include "blockio/nbd_util.h"
 
 static_assert(vmreplica::blockio_internal::kStateZero == LIBNBD_STATE_ZERO);
 
 namespace vmreplica {
 namespace {
+
+using blockio_internal::NbdError;
+using blockio_internal::RemainingMs;
 
 constexpr uint32_t kMinRequest = 4096;
 constexpr uint32_t kMaxRequest = 32u << 20;
@@ -28,40 +32,9 @@ constexpr size_t kMaxLookaheadRanges = 4096;
 constexpr const char* kBaseAllocation = LIBNBD_CONTEXT_BASE_ALLOCATION;
 constexpr nbd_completion_callback kNoCompletion{nullptr, nullptr, nullptr};
 
-// Maps the current libnbd error (thread-local) to a Status.
-Status NbdError(const std::string& what) {
-  const int err = nbd_get_errno();
-  const char* msg = nbd_get_error();
-  std::string m = what + ": " + (msg != nullptr ? msg : "unknown libnbd error");
-  switch (err) {
-    case ENOTCONN:
-    case ECONNRESET:
-    case ECONNREFUSED:
-    case ECONNABORTED:
-    case EPIPE:
-    case ESHUTDOWN:
-    case ENOENT:
-      return Status::Unavailable(m);
-    case ETIMEDOUT:
-      return Status::Timeout(m);
-    case EPROTO:
-    case EBADMSG:
-    case EOVERFLOW:
-    case ERANGE:
-      return Status::Corruption(m);
-    default:
-      return Status::IOError(m);
-  }
-}
 
 using Clock = std::chrono::steady_clock;
 
-int RemainingMs(Clock::time_point deadline) {
-  auto left =
-      std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()).count();
-  if (left <= 0) return 0;
-  return static_cast<int>(std::min<long long>(left, std::numeric_limits<int>::max()));
-}
 
 Status ValidateOptions(const NbdReaderOptions& o) {
   if (o.max_request_bytes < kMinRequest || o.max_request_bytes > kMaxRequest)
