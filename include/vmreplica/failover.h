@@ -38,6 +38,7 @@
 #include "vmreplica/jobs.h"
 #include "vmreplica/model/transitions.h"
 #include "vmreplica/point_exports.h"
+#include "vmreplica/reverse.h"
 #include "vmreplica/status.h"
 #include "vmreplica/transfer.h"
 #include "vmreplica/vm_launcher.h"
@@ -64,6 +65,17 @@ struct FailoverOptions {
   // PrimaryConnectionPoint) whether VM `vm_id` runs there. Unset: never asked.
   std::function<Result<ReplicaClient::PrimaryVmState>(const std::string& address, const std::string& vm_id)>
       ask_primary;
+  // Opens the mutual-TLS channel to a peer (the old primary, for
+  // ReverseReplicationRelationship; the daemon passes the engine's). Unset:
+  // reverse replication answers 32770.
+  std::function<Result<std::shared_ptr<grpc::Channel>>(const std::string& host, uint16_t port)> open_channel;
+  // "host:port" where this host's daemon listens for peers (sent to the old
+  // primary as its new PrimaryConnectionPoint). May be empty / return "".
+  std::function<std::string()> advertised_address;
+  // ReverseReplicationRelationship waits this long for the old primary's
+  // PrepareReverse to finish (it copies A's images locally when they are not
+  // ours already).
+  std::chrono::milliseconds reverse_prepare_timeout{6 * 3600 * 1000};
 };
 
 struct FailoverRequestParams {
@@ -110,6 +122,24 @@ class FailoverManager {
   // files and the wrappers' bitmaps record them. 32775 when the VM has no
   // committed failover with wrappers, or already runs. No job.
   Status StartVm(const std::string& vm);
+  // ReverseReplicationRelationship (docs/failover.md section 13.1) on the
+  // host that failed VM X over (state 5 or 6): job 104 commits a failover in
+  // 5 first, asks the old primary to adopt its disks as X's replica
+  // (PrepareReverse), then makes X a primary here (mode 1, its disks the
+  // commit's wrappers, relationship state 1, RecoveryConnectionPoint the old
+  // primary). StartReplication then runs the reverse sync (only differing
+  // candidate blocks travel). `settings`: an empty RecoveryConnectionPoint
+  // with port 0 means the old primary; another server answers 32770.
+  Result<JobRecord> ReverseReplicationRelationship(const std::string& vm, const RelationshipSettings& settings);
+  // InitiateFailback (docs/failover.md section 13.2) on the host that failed
+  // VM X over (5 or 6, the failover VM stopped): job 124, state 13 during.
+  // The chosen point (5: `point_id`, "" = the current data with the failover
+  // VM's writes; 6: must be "") is committed, the old primary adopts its own
+  // disks (PrepareReverse, purpose failback) and only the blocks that differ
+  // are sent to it as a PlannedFailover log; then 14. This host stays the
+  // replica side; the old primary runs X again by a planned failover.
+  Result<JobRecord> InitiateFailback(const std::string& vm, const RelationshipSettings& settings,
+                                     const std::string& point_id);
   Result<JobRecord> TestReplicaSystem(const TestFailoverParams& params);
   // `vm`: the test VM (id or name) or the replica VM that has one.
   Result<JobRecord> DestroySystem(const std::string& vm);
@@ -171,6 +201,31 @@ class FailoverManager {
   Status DoFailover(JobContext& job, const std::string& vm_id, const std::string& point_id, bool start_vm);
   Status DoRevert(JobContext& job, const std::string& vm_id);
   Status DoCommit(JobContext& job, const std::string& vm_id);
+  Status DoReverse(JobContext& job, const std::string& vm_id, const RelationshipSettings& settings);
+  // `committed`: in, the failover was committed before; out, it is now.
+  Status DoFailback(JobContext& job, const std::string& vm_id, const RelationshipSettings& settings,
+                    const std::string& point_id, bool* committed);
+  // Shared by the reverse and the failback (docs/failover.md section 13).
+  Result<std::pair<VmRecord, RelationshipRecord>> CheckWayBack(const std::string& vm, Operation op);
+  Result<RelationshipSettings> ReverseTarget(const VmRecord& vm, const RelationshipRecord& rel,
+                                             const RelationshipSettings& requested);
+  Result<ReverseSendRecord> BeginSendRecord(const std::string& vm_id, const std::string& purpose,
+                                            const RelationshipSettings& settings);
+  // PrepareReverse on the old primary, repeated until it is done; the
+  // record moves to phase "peer" with the claim.
+  Result<PrepareReverseAnswer> AskOldPrimary(ReverseSendRecord& record, const VmRecord& vm,
+                                             const std::vector<ReplicaDisk>& disks,
+                                             const RelationshipSettings& settings, uint32_t purpose);
+  Result<std::shared_ptr<Active>> CommittedEntry(const std::string& vm_id, const std::string& vm_name);
+  // The VM's definition on its disk wrappers (kind qmp, under our launcher).
+  Result<VmDefinition> WrapperDefinition(const VmRecord& vm, const Active& a);
+  // The reversed VM's switch to a primary (section 13.1 step 3).
+  Status SwitchToPrimary(const std::string& vm_id, const RelationshipSettings& settings);
+  // Forgets a reversed VM's entry when this host is no longer its primary
+  // (its wrappers were adopted back by a later reverse). Call with mu_ held.
+  void DropStaleReversedLocked(const std::string& vm_id);
+  // StartVm of a reversed VM: its definition's disks are the wrappers.
+  Status StartReversedVm(const VmRecord& vm);
   Result<JobRecord> StartCommitJob(const std::string& vm_id, bool resumed);
   // Merges the running failover VM's overlays into the store's disk files
   // with QEMU block mirrors (sync "top"), then pivots the VM onto them.

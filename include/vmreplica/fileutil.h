@@ -21,6 +21,14 @@ Status FsyncParentDir(const std::string& path);
 // Creates `dir` and its parents with `mode` when missing.
 Status MakeDirs(const std::string& dir, unsigned mode = 0755);
 
+// In a forked child before exec: unblocks every signal and restores the
+// default action of SIGTERM, SIGINT, SIGHUP and SIGPIPE. The daemon blocks
+// SIGTERM and SIGINT in all its threads (a signal thread waits for them),
+// and exec keeps a blocked mask: without this a qemu-storage-daemon or QEMU
+// we start would ignore the SIGTERM that asks it to store its persistent
+// bitmaps and exit. Async-signal-safe.
+void ResetSignalsForExec() noexcept;
+
 // Holds an exclusive flock() on a file for its lifetime. Used so that two
 // daemons never share one state directory.
 class FileLock {

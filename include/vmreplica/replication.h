@@ -29,6 +29,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <set>
 #include <string>
@@ -94,6 +95,11 @@ struct ReplicationEngineOptions {
   std::function<std::string()> advertised_address;
   // Clock (Unix ms); empty = the system clock.
   std::function<int64_t()> now_ms;
+  // The daemon's state directory: a reversed relationship's records
+  // (<state>/reverse/<vm id>.send.json, <state>/failover/<vm id>.since) tell
+  // StartReplication to run the reverse sync instead of a full copy
+  // (docs/failover.md section 13.1). "" = no reverse.
+  std::string state_dir;
 };
 
 // What one cycle moved (also the result of the initial copy's job).
@@ -226,6 +232,18 @@ class ReplicationEngine {
   // bitmaps dropped when QEMU is reachable); the replica side is told but
   // keeps its VM and disks. The local VM stays in the catalog.
   Status RemoveRelationship(const std::string& vm, int index);
+  // The old primary's side of a reverse (docs/failover.md 14.1 step 1):
+  // stops and removes the worker of `vm_id` as RemoveRelationship does
+  // (nothing is told to the replica, no bitmap is touched, the catalog is
+  // not changed), clears its per-VM state, then takes and releases the VM's
+  // lock, so that a cycle or job of the VM that was running has ended when
+  // it returns. The caller then owns the VM's images (a later KickWorker,
+  // e.g. by a state change request, would start a worker again).
+  Status ReleaseForReverse(const std::string& vm_id);
+  // Undoes ReleaseForReverse when the reverse failed before its catalog
+  // switch: starts the VM's worker again when it is still the primary of
+  // relationship 0 in a state that runs cycles. No-op otherwise.
+  void ResumeAfterReverse(const std::string& vm_id);
   // Statistics of the open window with health freshly evaluated.
   Result<StatisticsRecord> GetStatistics(const std::string& vm, int index);
   Status ResetStatistics(const std::string& vm, int index);
@@ -237,7 +255,9 @@ class ReplicationEngine {
   // whether primary VM `vm_id` runs here. `caller_names` are the calling
   // host's certificate names; one must be the relationship's replica server
   // (RecoveryConnectionPoint), else PermissionDenied. NotFound when this
-  // host is not the primary of `vm_id`.
+  // host is not the primary of `vm_id`. A replica VM in 14 (failback
+  // complete) answers its failback target (the RecoveryConnectionPoint
+  // InitiateFailback recorded): not running (docs/failover.md 13.2).
   struct PrimaryRunState {
     int run_state = 0;  // 1 running, 2 not running, 0 unknown
     ReplicationState state = ReplicationState::kDisabled;
@@ -257,6 +277,11 @@ class ReplicationEngine {
   // `epoch` numbers the StartReplication calls of a VM: a copy that failed
   // or was cancelled resets the state only while no newer one started.
   Status RunInitial(const std::string& vm_id, JobContext* job, uint64_t epoch, bool seeded = false);
+  // The reverse start (docs/failover.md section 13.1): when `vm_id` holds a
+  // switched reverse record, RunReverseSync as log 2 instead of a full copy.
+  // nullopt when there is no such record.
+  std::optional<Result<CycleReport>> RunReverseStart(const std::string& vm_id, JobContext* job,
+                                                     nlohmann::json* extra_result);
   // The export job's body (StartExportReplication).
   Status RunExport(const std::string& vm_id, const std::string& location, JobContext* job, uint64_t epoch);
   // Peer ReserveImport for the relationship's exported generation.

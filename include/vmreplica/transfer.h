@@ -45,6 +45,7 @@
 #include "vmreplica/model/settings.h"
 #include "vmreplica/peer.grpc.pb.h"
 #include "vmreplica/replica_store.h"
+#include "vmreplica/reverse.h"
 #include "vmreplica/staging.h"
 #include "vmreplica/status.h"
 
@@ -52,6 +53,8 @@ namespace vmreplica {
 
 // Feature name a replica with a data plane answers in Hello.
 inline constexpr const char* kDeltaFeature = "delta-v1";
+// Feature name of a host that serves PrepareReverse (docs/failover.md 14).
+inline constexpr const char* kReverseFeature = "reverse-v1";
 
 // Limits of protocol version 1 (docs/protocol.md, "Limits").
 inline constexpr uint32_t kMaxChunkBodyBytes = (16u << 20) + (64u << 10);
@@ -78,6 +81,25 @@ struct ReplicaStatusInfo {
   int64_t last_apply_ms = 0;  // LastApplyTime on the replica (0 = none yet)
   uint64_t partial_sequence = 0;  // a log held in part (0 = none) ...
   uint64_t partial_chunks = 0;    // ... and how many of its chunks
+};
+
+// PrepareReverse (docs/failover.md 14.1, docs/protocol.md "PrepareReverse"):
+// what the host that failed the VM over (B) asks its old primary (A).
+struct PrepareReverseParams {
+  std::string vm_id, request_id;   // UUIDs (lower case)
+  uint32_t purpose = 1;            // 1 reverse, 2 failback
+  std::string vm_name;
+  std::vector<ReplicaDisk> disks;  // B's disks in store order (names, rounded sizes)
+  RelationshipSettings settings;   // the reversed relationship's settings (RecoveryConnectionPoint = A)
+  std::string primary_address;     // "host:port" of B's listener
+};
+
+// A's answer: phase 1 (running, `done` false) or phase 2 with the claim.
+struct PrepareReverseAnswer {
+  bool done = false;               // phase 2
+  std::string job_id;
+  ReverseClaim claim;              // valid when done
+  ReplicaStatusInfo status;        // when done: expected 2, latest 1, state 2
 };
 
 struct DeltaInfo {
@@ -187,6 +209,18 @@ class ReplicaClient {
                                                                  uint32_t relationship_index, uint32_t block_size,
                                                                  const std::vector<ReplicaRange>* candidates,
                                                                  uint32_t disk_count);
+
+  // Reverse (docs/failover.md 14.1): asks the old primary to adopt its
+  // disks as the replica store of the reversed relationship. Answers at
+  // once: phase 1 (`done` false, the job's id) while A's job runs; call
+  // again with the same request_id until `done`. The answer is checked
+  // (Corruption: a phase, tracking or generation out of its range).
+  // Errors as the peer answers them: PermissionDenied (the caller is not the
+  // relationship's replica server, or A is not a replica server accepting
+  // us), FailedPrecondition (A's role or state, its VM runs, another
+  // request after the switch), InvalidArgument (disks differ), Unavailable
+  // (another request_id runs; the host is unreachable).
+  Result<PrepareReverseAnswer> PrepareReverse(const PrepareReverseParams& p);
 
   // TEST ONLY: see TestOnlySendHooks.
   void SetTestOnlySendHooks(TestOnlySendHooks hooks) { test_hooks_ = std::move(hooks); }
@@ -332,6 +366,19 @@ class ReplicaReceiver {
                             const RangeHashSink& emit) = 0;
 };
 
+// What PeerService calls for PrepareReverse (implemented by
+// OldPrimaryReverse, include/vmreplica/reverse_receiver.h). `caller_names`:
+// the caller's certificate names; `entry`: the authorization entry
+// PeerService matched them with (storage location and trust group of the
+// adopted store). The implementation checks the caller's role itself.
+class ReverseReceiver {
+ public:
+  virtual ~ReverseReceiver() = default;
+  virtual Result<PrepareReverseAnswer> PrepareReverse(const std::vector<std::string>& caller_names,
+                                                      const AuthorizationEntry& entry,
+                                                      const PrepareReverseParams& p) = 0;
+};
+
 struct ReplicaManagerOptions {
   // Options of each replica's staging; staging.catalog defaults to the
   // manager's catalog (staged logs are mirrored there).
@@ -354,6 +401,12 @@ struct ReplicaManagerOptions {
 // PermissionDenied when it escapes (nothing is created); InvalidArgument
 // when vm_id is not a UUID; NotFound when the storage location is missing.
 Result<std::string> ConfinedStoreDir(const std::string& storage_location, const std::string& vm_id);
+
+// Writes the ownership record '<store_dir>.primary' (docs/protocol.md
+// "Authorisation on every call", step 6) for `caller` as CreateReplica
+// does: its entry's trust group, the entry's pattern and the caller's
+// names. Atomic, mode 0600. The adoption of a reverse writes it too.
+Status WriteStoreOwner(const std::string& store_dir, const PrimaryCaller& caller);
 
 class ReplicaManager final : public ReplicaReceiver {
  public:
@@ -392,6 +445,17 @@ class ReplicaManager final : public ReplicaReceiver {
   Status HashRanges(const PrimaryCaller& caller, const std::string& vm_id, uint32_t relationship_index,
                     uint32_t block_size, std::string_view ranges_blob, bool all_blocks,
                     const RangeHashSink& emit) override;
+
+  // Stops the applier of `vm_id`, deletes its staged logs (files and
+  // catalog rows), closes its store (the directory and its disk files stay:
+  // they are the VM's disks now; the store is closed once a data-plane call
+  // still using it ends) and forgets the replica. The catalog's VM and
+  // relationship rows are the caller's. OK when the replica is not open.
+  // FailedPrecondition while a hold (AcquireLocal) other than the
+  // `holds_of_caller` the caller itself has exists, or a seed copy runs;
+  // Busy when a delta stream does not end within resume_wait. The caller's
+  // holds end with the replica (no ReleaseLocal; the pointer is invalid).
+  Status Retire(const std::string& vm_id, int holds_of_caller = 0);
 
   // Waits until the replica of `vm_id` applied every staged log (or failed).
   // For tests and orderly shutdown. NotFound when it is not open.

@@ -502,23 +502,48 @@ void AddFailoverVerbs(Registry& reg) {
               return s.Invoke(VMR_RPC(CommitFailover), request);
             });
 
-  auto reverse = std::make_shared<SettingsFlags>();
-  AddSettingsFlags(
-      AddVmVerb(reg, "reverse",
-                "replicate a failed-over VM back (ReverseReplicationRelationship); default target: the old primary",
-                {"ListReplications", "GetSystemCertificates", "ReverseReplicationRelationship"}, false,
-                [reverse](Session& s, const VmArgs& a) {
-                  std::optional<v1::Relationship> current;
-                  if (int rc = FindRelationship(s, a.vm, 0, &current); rc != kExitOk) return rc;
-                  v1::VmSettingsRequest request;
-                  request.set_vm(a.vm);
-                  if (int rc = BuildSettings(s, *reverse, ReverseBase(current), false, request.mutable_settings());
-                      rc != kExitOk) {
-                    return rc;
-                  }
-                  return s.Invoke(VMR_RPC(ReverseReplicationRelationship), request);
-                }),
-      reverse.get(), /*create=*/false);
+  struct ReverseOptions {
+    SettingsFlags settings;
+    bool no_start = false, start_vm = false;
+  };
+  auto reverse = std::make_shared<ReverseOptions>();
+  CLI::App* rv = AddVmVerb(
+      reg, "reverse",
+      "replicate a failed-over VM back (ReverseReplicationRelationship), then start the reverse sync "
+      "(StartReplication: only blocks that differ travel); default target: the old primary",
+      {"ListReplications", "GetSystemCertificates", "ReverseReplicationRelationship", "StartReplication", "StartVm"},
+      false, [reverse](Session& s, const VmArgs& a) {
+        std::optional<v1::Relationship> current;
+        if (int rc = FindRelationship(s, a.vm, 0, &current); rc != kExitOk) return rc;
+        v1::VmSettingsRequest request;
+        request.set_vm(a.vm);
+        if (int rc = BuildSettings(s, reverse->settings, ReverseBase(current), false, request.mutable_settings());
+            rc != kExitOk) {
+          return rc;
+        }
+        if (int rc = s.Invoke(VMR_RPC(ReverseReplicationRelationship), request); rc != kExitOk) return rc;
+        if (reverse->no_start || s.options().async) {
+          if (!s.json()) s.out() << "reversed; start the reverse sync with: vmreplica start " << a.vm << "\n";
+          return kExitOk;
+        }
+        // The reverse start: the job's result carries the bytes sent
+        // (data_bytes, zero_bytes) and the candidate bytes compared by hash.
+        v1::StartReplicationRequest start;
+        start.set_vm(a.vm);
+        start.set_initial_replication_type(Number(InitialReplicationType::kNetwork));
+        if (int rc = s.Invoke(VMR_RPC(StartReplication), start); rc != kExitOk) return rc;
+        if (reverse->start_vm) {
+          v1::VmRequest vm;
+          vm.set_vm(a.vm);
+          if (int rc = s.Invoke(VMR_RPC(StartVm), vm); rc != kExitOk) return rc;
+          if (!s.json()) s.out() << "VM " << a.vm << " started on this host\n";
+        }
+        return kExitOk;
+      });
+  AddSettingsFlags(rv, &reverse->settings, /*create=*/false);
+  rv->add_flag("--no-start", reverse->no_start, "only reverse the relationship; run `start` later");
+  auto* sv = rv->add_flag("--start-vm", reverse->start_vm, "start the VM here once the reverse sync is done (StartVm)");
+  sv->excludes(rv->get_option("--no-start"));
 
   struct FailbackOptions {
     SettingsFlags settings;

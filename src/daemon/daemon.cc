@@ -68,6 +68,7 @@ Result<std::unique_ptr<Daemon>> Daemon::Create(DaemonConfig config) {
 
   ReplicationEngineOptions eopts;
   eopts.run_dir = d->config_.state_dir + "/run";
+  eopts.state_dir = d->config_.state_dir;
   eopts.max_parallel_transfers = d->config_.max_parallel_transfers;
   eopts.bandwidth_bytes_per_s = d->config_.bandwidth_limit_bytes_per_s;
   eopts.test_interval_override_ms = d->config_.test_replication_interval_override_ms;
@@ -134,14 +135,22 @@ Result<std::unique_ptr<Daemon>> Daemon::Create(DaemonConfig config) {
     ReplicaClient client(channel);
     return client.GetPrimaryVmState(vm_id);
   };
+  fopts.open_channel = open_channel;
+  fopts.advertised_address = eopts.advertised_address;
   d->failover_ = std::make_unique<FailoverManager>(d->catalog_.get(), d->jobs_.get(), d->replicas_.get(), fopts);
   d->env_.failover = d->failover_.get();
+
+  OldPrimaryReverseOptions rvopts;
+  rvopts.state_dir = d->config_.state_dir;
+  rvopts.run_dir = d->config_.state_dir + "/run";
+  d->reverse_ = std::make_unique<OldPrimaryReverse>(d->catalog_.get(), d->jobs_.get(), d->replication_.get(),
+                                                    d->replicas_.get(), rvopts);
 
   d->local_control_ = std::make_unique<service::ControlService>(&d->env_, /*remote=*/false);
   d->remote_control_ = std::make_unique<service::ControlService>(&d->env_, /*remote=*/true);
   d->local_vm_ = std::make_unique<service::VmService>(&d->env_, /*remote=*/false);
   d->remote_vm_ = std::make_unique<service::VmService>(&d->env_, /*remote=*/true);
-  d->peer_ = std::make_unique<service::PeerService>(&d->env_, d->replicas_.get());
+  d->peer_ = std::make_unique<service::PeerService>(&d->env_, d->replicas_.get(), d->reverse_.get());
   return d;
 }
 
@@ -150,6 +159,9 @@ Daemon::~Daemon() { Stop(); }
 Status Daemon::Start() {
   // Before any request can arrive: the engine restarts an initial copy that
   // a stop interrupted, which must not race a new StartReplication.
+  // A reverse a stop interrupted before its catalog switch is undone first,
+  // so that the engine resumes the VM as the primary it still is.
+  VMR_RETURN_IF_ERROR(reverse_->Start());
   VMR_RETURN_IF_ERROR(replication_->Start());
   VMR_RETURN_IF_ERROR(failover_->Start());
   const std::string& sock = config_.admin_socket;

@@ -21,6 +21,7 @@
 #include "vmreplica/failover.h"
 #include "vmreplica/fileutil.h"
 #include "vmreplica/replication.h"
+#include "vmreplica/reverse_receiver.h"
 #include "vmreplica/transfer.h"
 
 namespace vmreplica::daemon {
@@ -51,6 +52,7 @@ class Daemon final : public service::ListenerControl {
   std::unique_ptr<ReplicaManager> replicas_;       // the replica side of replication
   std::unique_ptr<ReplicationEngine> replication_;  // the primary side
   std::unique_ptr<FailoverManager> failover_;       // failover / test VMs on the replica side
+  std::unique_ptr<OldPrimaryReverse> reverse_;      // PrepareReverse: the old primary's side of a reverse
   service::ServiceEnv env_;
   std::unique_ptr<service::ControlService> local_control_;
   std::unique_ptr<service::ControlService> remote_control_;

@@ -23,6 +23,7 @@
 #include "vmreplica/model/transitions.h"
 #include "vmreplica/qmp.h"
 #include "vmreplica/reverse.h"
+#include "vmreplica/reverse_sync.h"
 #include "vmreplica/vm_binding.h"
 
 namespace vmreplica {
@@ -163,7 +164,7 @@ struct FailoverManager::Record {
     if (r.kind != "failover" && r.kind != "test") return Status::Corruption("failover record: kind");
     if (!IsUuidText(r.vm_id)) return Status::Corruption("failover record: vm_id");
     if (r.phase != "preparing" && r.phase != "failed-over" && r.phase != "committing" && r.phase != "committed" &&
-        r.phase != "test") {
+        r.phase != "reversed" && r.phase != "failed-back" && r.phase != "test") {
       return Status::Corruption("failover record: phase");
     }
     if ((r.kind == "test") != (r.phase == "test")) return Status::Corruption("failover record: phase of kind");
@@ -192,7 +193,8 @@ struct FailoverManager::Record {
       }
       r.merged_disks.push_back(d.get<std::string>());
     }
-    if ((r.phase == "committing" || r.phase == "committed") != (r.commit_sequence != 0) ||
+    if ((r.phase == "committing" || r.phase == "committed" || r.phase == "reversed" || r.phase == "failed-back") !=
+            (r.commit_sequence != 0) ||
         (r.commit_sequence != 0 && r.commit_sequence < r.sequence)) {
       return Status::Corruption("failover record: commit_sequence does not fit the phase");
     }
@@ -345,6 +347,38 @@ void FailoverManager::Resume(const std::string& path) {
   }
   auto a = std::make_shared<Active>();
   a->rec = *rec;
+  auto catalog_vm = catalog_->GetVm(rec->vm_id);
+  auto catalog_rel = catalog_->GetRelationship(rec->vm_id, 0);
+  const bool now_primary = catalog_vm.ok() && *catalog_vm && (*catalog_vm)->mode == ReplicationMode::kPrimary;
+  const ReplicationState catalog_state =
+      catalog_rel.ok() && *catalog_rel ? (*catalog_rel)->state : ReplicationState::kDisabled;
+  if (!test && rec->phase == "committed" && now_primary) {
+    // A crash inside a reverse's switch (section 13.1 step 3) after the
+    // catalog transaction: rolled forward.
+    spdlog::warn("failover: VM {}: the reverse's switch reached the catalog; it is completed", rec->vm_id);
+    a->rec.phase = "reversed";
+    Status w = WriteFileAtomic(path, a->rec.Encode(), 0600);
+    if (!w.ok()) spdlog::error("failover: VM {}: {}", rec->vm_id, w.ToString());
+    const std::string send_path = ReverseSendRecordPath(options_.state_dir, rec->vm_id);
+    auto raw = ReadReverseRecord(send_path);
+    auto send = raw.ok() ? ReverseSendRecord::Decode(*raw, options_.state_dir) : Result<ReverseSendRecord>(raw.status());
+    if (send.ok() && send->purpose == "reverse" && send->phase == "peer" && send->claim) {
+      send->phase = "switched";
+      Status ws = WriteReverseRecord(send_path, send->Encode());
+      if (!ws.ok()) spdlog::error("failover: VM {}: {}", rec->vm_id, ws.ToString());
+    }
+  }
+  if (a->rec.phase == "reversed") {
+    // The VM is a primary here now (section 13.1): no store to hold, only
+    // its launcher (StartVm, stop) and its wrappers.
+    auto vm = VmLauncher::Adopt(rec->run_dir);
+    if (vm.ok()) a->vm = std::move(*vm);
+    spdlog::info("failover: VM {}: reversed (a primary on its disk wrappers); its VM {}", rec->vm_id,
+                 a->vm && a->vm->IsRunning() ? "runs" : "is not running");
+    std::lock_guard<std::mutex> l(mu_);
+    active_[rec->vm_id] = a;
+    return;
+  }
   auto store = replicas_->AcquireLocal(rec->vm_id);
   if (!store.ok()) {
     spdlog::error("failover: {}: the replica of VM {} cannot be opened: {}", path, rec->vm_id,
@@ -369,7 +403,19 @@ void FailoverManager::Resume(const std::string& path) {
     }
     return;
   }
-  if (rec->phase != "committed") {
+  if (rec->phase == "failed-over" && catalog_state == ReplicationState::kFailbackInProgress) {
+    // A failback stopped before its commit began: back to 5.
+    spdlog::warn("failover: VM {}: an interrupted failback is undone (state 5)", rec->vm_id);
+    Status st = SetState(rec->vm_id, ReplicationState::kRecovered);
+    if (!st.ok()) spdlog::error("failover: VM {}: {}", rec->vm_id, st.ToString());
+  }
+  if (rec->phase == "committed" && catalog_state == ReplicationState::kFailbackComplete) {
+    // A failback whose last catalog write landed: its record catches up.
+    a->rec.phase = "failed-back";
+    Status w = WriteFileAtomic(path, a->rec.Encode(), 0600);
+    if (!w.ok()) spdlog::error("failover: VM {}: {}", rec->vm_id, w.ToString());
+  }
+  if (a->rec.phase != "committed" && a->rec.phase != "failed-back") {
     for (const auto& name : rec->exports) {
       // "<vm id>/<disk>@<seq>"
       const size_t slash = name.find('/');
@@ -379,8 +425,9 @@ void FailoverManager::Resume(const std::string& path) {
         spdlog::error("failover: VM {}: export {} not restored: {}", rec->vm_id, name, e.status().ToString());
       }
     }
-  } else {
-    // The commit's last step may not have reached the catalog.
+  } else if (a->rec.phase == "committed") {
+    // The commit's last step may not have reached the catalog (or a
+    // failback failed after its commit: 6 as well).
     Status st = SetState(rec->vm_id, ReplicationState::kCommitted);
     if (!st.ok()) spdlog::error("failover: VM {}: {}", rec->vm_id, st.ToString());
   }
@@ -594,6 +641,7 @@ Result<JobRecord> FailoverManager::InitiateFailover(const FailoverRequestParams&
   {
     std::lock_guard<std::mutex> l(mu_);
     if (!started_) return Status::Unavailable("the failover service is not running");
+    DropStaleReversedLocked(vm.id);
     if (busy_.count(vm.id) != 0 || active_.count(vm.id) != 0) {
       return Status::FailedPrecondition("VM " + vm.name + ": a failover is already in progress or active");
     }
@@ -1007,7 +1055,10 @@ Status FailoverManager::DoCommit(JobContext& job, const std::string& vm_id) {
   // later needs "every block that may differ between point C and the
   // committed image" (docs/failover.md section 10.3 step 3). Written again
   // after a crash while the store still has more than one point.
-  if (store.ListPoints().size() > 1) {
+  // Also for a single point (a since list with no entries: nothing changed
+  // after it), so that a reverse need not compare every block; not again
+  // after a crash once written (the history may be gone by then).
+  if (store.ListPoints().size() > 1 || a->rec.since_file.empty()) {
     VMR_RETURN_IF_ERROR(WriteSinceFile(*a, store));
   }
   // Every disk gets its wrapper (made now, bitmap empty, for a VM stopped
@@ -1043,7 +1094,14 @@ Status FailoverManager::DoCommit(JobContext& job, const std::string& vm_id) {
 
 Status FailoverManager::StartVm(const std::string& vm_name) {
   VMR_ASSIGN_OR_RETURN(VmRecord vm, ResolveReplicaVm(vm_name));
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    if (busy_.count(vm.id) != 0) {
+      return Status::FailedPrecondition("VM " + vm.name + ": a failover, reverse or failback job of it is running");
+    }
+  }
   VMR_ASSIGN_OR_RETURN(auto rel, catalog_->GetRelationship(vm.id, 0));
+  if (vm.mode == ReplicationMode::kPrimary) return StartReversedVm(vm);
   if (!rel || vm.mode != ReplicationMode::kReplica || rel->state != ReplicationState::kCommitted) {
     return Status::FailedPrecondition("VM " + vm.name + " has no committed failover on this host" +
                                       (rel ? " (state " + std::string(Name(rel->state)) + ")" : std::string()) +
@@ -1529,6 +1587,609 @@ Result<FailoverManager::Running> FailoverManager::Describe(const std::string& vm
   std::lock_guard<std::mutex> vl(a->vm_mu);
   r.vm_running = a->vm && a->vm->IsRunning();
   return r;
+}
+
+// ---------------------------------------------------------------- reverse
+
+namespace {
+
+std::string GenerationHex(const GenerationId& g) {
+  static const char* const kDigits = "0123456789abcdef";
+  std::string out;
+  for (uint8_t b : g) {
+    out += kDigits[b >> 4];
+    out += kDigits[b & 15];
+  }
+  return out;
+}
+
+// "host:port" or "[v6]:port" -> (host, port); nullopt when it is not one.
+std::optional<std::pair<std::string, uint16_t>> SplitHostPort(const std::string& hp) {
+  const size_t colon = hp.rfind(':');
+  if (colon == std::string::npos || colon == 0 || colon + 1 >= hp.size() || hp.size() - colon - 1 > 5) {
+    return std::nullopt;
+  }
+  std::string host = hp.substr(0, colon);
+  if (host.front() == '[') {
+    if (host.size() < 3 || host.back() != ']') return std::nullopt;
+    host = host.substr(1, host.size() - 2);
+  }
+  uint32_t port = 0;
+  for (size_t i = colon + 1; i < hp.size(); ++i) {
+    if (!std::isdigit(static_cast<unsigned char>(hp[i]))) return std::nullopt;
+    port = port * 10 + static_cast<uint32_t>(hp[i] - '0');
+  }
+  if (port == 0 || port > 65535) return std::nullopt;
+  return std::make_pair(host, static_cast<uint16_t>(port));
+}
+
+bool SameHost(std::string a, std::string b) {
+  auto lower = [](std::string& t) {
+    std::transform(t.begin(), t.end(), t.begin(), [](unsigned char c) { return std::tolower(c); });
+  };
+  lower(a);
+  lower(b);
+  return a == b;
+}
+
+}  // namespace
+
+void FailoverManager::DropStaleReversedLocked(const std::string& vm_id) {
+  auto it = active_.find(vm_id);
+  if (it == active_.end() || it->second->rec.phase != "reversed") return;
+  auto vm = catalog_->GetVm(vm_id);
+  if (vm.ok() && *vm && (*vm)->mode == ReplicationMode::kPrimary) return;
+  // A later reverse made this host the replica again and adopted the
+  // wrappers' files: the entry is the past.
+  spdlog::info("failover: VM {}: its reversed entry is dropped (this host is no longer its primary)", vm_id);
+  {
+    std::lock_guard<std::mutex> vl(it->second->vm_mu);
+    auto& a = *it->second;
+    if (!a.vm) {
+      auto adopted = VmLauncher::Adopt(a.rec.run_dir);
+      if (adopted.ok()) a.vm = std::move(*adopted);
+    }
+    // Its run directory must not block the next failover VM of this host.
+    if (a.vm && !a.vm->IsRunning()) {
+      Status d = a.vm->DropOverlays();
+      if (!d.ok()) spdlog::warn("failover: VM {}: clearing {}: {}", vm_id, a.rec.run_dir, d.ToString());
+      a.vm.reset();
+    }
+  }
+  active_.erase(it);
+}
+
+Result<RelationshipSettings> FailoverManager::ReverseTarget(const VmRecord& vm, const RelationshipRecord& rel,
+                                                            const RelationshipSettings& requested) {
+  // The target: the old primary by default (api.md "Decisions").
+  auto old_primary = SplitHostPort(rel.settings.primary_connection_point);
+  RelationshipSettings settings = requested;
+  if (settings.recovery_connection_point.empty() && settings.recovery_server_port == 0) {
+    if (!old_primary) {
+      return Status::InvalidArgument(
+          "RecoveryConnectionPoint: the old primary's address is unknown (PrimaryConnectionPoint \"" +
+          rel.settings.primary_connection_point + "\"); name the server");
+    }
+    settings.recovery_connection_point = old_primary->first;
+    settings.recovery_server_port = old_primary->second;
+  }
+  settings.recovery_host_system.clear();
+  settings.primary_connection_point.clear();
+  settings.primary_host_system.clear();
+  VMR_RETURN_IF_ERROR(ValidateRelationshipSettings(settings, /*extended=*/false));
+  if (!old_primary || !SameHost(settings.recovery_connection_point, old_primary->first) ||
+      settings.recovery_server_port != old_primary->second) {
+    return Status::NotSupported("replicating back to a server other than the old primary (" +
+                                rel.settings.primary_connection_point +
+                                ") is not supported: that server holds no copy of the disks");
+  }
+  VMR_ASSIGN_OR_RETURN(auto disks, catalog_->ListDisks(vm.id));
+  for (const auto& name : settings.included_disks) {
+    if (std::none_of(disks.begin(), disks.end(), [&](const DiskRecord& d) { return d.name == name; })) {
+      return Status::InvalidArgument("IncludedDisks: " + name + " is not a disk of the replica");
+    }
+  }
+  if (!settings.included_disks.empty() && settings.included_disks.size() != disks.size()) {
+    return Status::InvalidArgument("IncludedDisks: the relationship back replicates every disk of the replica");
+  }
+  return settings;
+}
+
+Result<ReverseSendRecord> FailoverManager::BeginSendRecord(const std::string& vm_id, const std::string& purpose,
+                                                           const RelationshipSettings& settings) {
+  // The record first (section 15.2): a retry that did not finish keeps its
+  // request id, so the old primary answers it again.
+  const std::string record_path = ReverseSendRecordPath(options_.state_dir, vm_id);
+  ReverseSendRecord record;
+  auto existing = ReadReverseRecord(record_path);
+  if (existing.ok()) {
+    auto decoded = ReverseSendRecord::Decode(*existing, options_.state_dir);
+    if (decoded.ok() && decoded->purpose == purpose && decoded->phase != "switched") record = *decoded;
+  }
+  if (record.request_id.empty()) {
+    VMR_ASSIGN_OR_RETURN(record.request_id, jobs_internal::NewUuidV4());
+    record.purpose = purpose;
+    record.vm_id = vm_id;
+    record.phase = "started";
+  }
+  record.target = (settings.recovery_connection_point.find(':') != std::string::npos
+                       ? "[" + settings.recovery_connection_point + "]"
+                       : settings.recovery_connection_point) +
+                  ":" + std::to_string(settings.recovery_server_port);
+  VMR_RETURN_IF_ERROR(MakeDirs(options_.state_dir + "/reverse", 0700));
+  VMR_RETURN_IF_ERROR(WriteReverseRecord(record_path, record.Encode()));
+  return record;
+}
+
+// The checks ReverseReplicationRelationship and InitiateFailback share
+// (docs/failover.md section 13): the VM, its table, a failover recorded
+// here, no test VM, a peer channel.
+Result<std::pair<VmRecord, RelationshipRecord>> FailoverManager::CheckWayBack(const std::string& vm_name,
+                                                                             Operation op) {
+  VMR_ASSIGN_OR_RETURN(VmRecord vm, ResolveReplicaVm(vm_name));
+  VMR_ASSIGN_OR_RETURN(auto rel, catalog_->GetRelationship(vm.id, 0));
+  if (!rel) return Status::FailedPrecondition("VM " + vm.name + " has no replication relationship");
+  VMR_ASSIGN_OR_RETURN(TableMode mode, TableModeFor(vm.mode, 0));
+  VMR_RETURN_IF_ERROR(CheckTransition(mode, rel->state, op).status());
+  if (mode != TableMode::kReplica) {
+    return Status::FailedPrecondition("VM " + vm.name + " is not a failed-over replica on this host");
+  }
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    if (!started_) return Status::Unavailable("the failover service is not running");
+    auto it = active_.find(vm.id);
+    if (it == active_.end() || (it->second->rec.phase != "failed-over" && it->second->rec.phase != "committing" &&
+                                it->second->rec.phase != "committed")) {
+      return Status::FailedPrecondition("no failover of VM " + vm.name + " is recorded on this host");
+    }
+    if (busy_.count(vm.id + ".test") != 0 || active_.count(vm.id + ".test") != 0) {
+      return Status::Busy("VM " + vm.name + " has a test VM; remove it first (DestroySystem)");
+    }
+    if (busy_.count(vm.id) != 0) return Status::FailedPrecondition("VM " + vm.name + ": a failover job is running");
+  }
+  if (!options_.open_channel) {
+    return Status::NotSupported("replicating back needs the daemon's peer channel (not configured)");
+  }
+  return std::make_pair(vm, *rel);
+}
+
+Result<JobRecord> FailoverManager::ReverseReplicationRelationship(const std::string& vm_name,
+                                                                  const RelationshipSettings& requested) {
+  VMR_ASSIGN_OR_RETURN(auto found, CheckWayBack(vm_name, Operation::kReverseReplicationRelationship));
+  const VmRecord& vm = found.first;
+  VMR_ASSIGN_OR_RETURN(RelationshipSettings settings, ReverseTarget(vm, found.second, requested));
+  VMR_ASSIGN_OR_RETURN(ReverseSendRecord record, BeginSendRecord(vm.id, "reverse", settings));
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    if (busy_.count(vm.id) != 0) return Status::FailedPrecondition("VM " + vm.name + ": a failover job is running");
+    busy_.insert(vm.id);
+  }
+  auto job = jobs_->Start(JobType::kReverseReplication, vm.id,
+                          json{{"vm", vm.id}, {"target", record.target}, {"request_id", record.request_id}}.dump(),
+                          false, false, [this, id = vm.id, settings](JobContext& ctx) -> Status {
+                            Status s = DoReverse(ctx, id, settings);
+                            std::lock_guard<std::mutex> l(mu_);
+                            busy_.erase(id);
+                            return s;
+                          });
+  if (!job.ok()) {
+    std::lock_guard<std::mutex> l(mu_);
+    busy_.erase(vm.id);
+  }
+  return job;
+}
+
+Result<PrepareReverseAnswer> FailoverManager::AskOldPrimary(ReverseSendRecord& record, const VmRecord& vm,
+                                                            const std::vector<ReplicaDisk>& disks,
+                                                            const RelationshipSettings& settings, uint32_t purpose) {
+  auto target = SplitHostPort(record.target);
+  if (!target) return Status::Internal("reverse record: target " + record.target);
+  VMR_ASSIGN_OR_RETURN(auto channel, options_.open_channel(target->first, target->second));
+  ReplicaClient client(channel);
+  PrepareReverseParams p;
+  p.vm_id = vm.id;
+  p.request_id = record.request_id;
+  p.purpose = purpose;
+  p.vm_name = vm.name;
+  p.disks = disks;
+  p.settings = settings;
+  p.primary_address = options_.advertised_address ? options_.advertised_address() : "";
+  const auto deadline = std::chrono::steady_clock::now() + options_.reverse_prepare_timeout;
+  PrepareReverseAnswer answer;
+  for (int attempt = 1;; ++attempt) {
+    auto got = client.PrepareReverse(p);
+    if (got.ok() && got->done) {
+      answer = *got;
+      break;
+    }
+    if (!got.ok() && got.status().code() != Code::kUnavailable && got.status().code() != Code::kTimeout) {
+      return got.status().WithContext("the old primary " + record.target + " refused PrepareReverse");
+    }
+    if (std::chrono::steady_clock::now() > deadline) {
+      return Status::Timeout("the old primary " + record.target + " did not finish adopting its disks in time" +
+                             (got.ok() ? std::string() : " (" + got.status().message() + ")"));
+    }
+    if (attempt == 1 || attempt % 30 == 0) {
+      spdlog::info("VM {}: waiting for the old primary {} to adopt its disks ({})", vm.name, record.target,
+                   got.ok() ? "job " + got->job_id : got.status().ToString());
+    }
+    std::this_thread::sleep_for(std::chrono::seconds(2));
+  }
+  record.claim = answer.claim;
+  record.phase = "peer";
+  VMR_RETURN_IF_ERROR(WriteReverseRecord(ReverseSendRecordPath(options_.state_dir, vm.id), record.Encode()));
+  return answer;
+}
+
+Status FailoverManager::DoReverse(JobContext& job, const std::string& vm_id, const RelationshipSettings& settings) {
+  const std::string record_path = ReverseSendRecordPath(options_.state_dir, vm_id);
+  VMR_ASSIGN_OR_RETURN(auto raw, ReadReverseRecord(record_path));
+  VMR_ASSIGN_OR_RETURN(ReverseSendRecord record, ReverseSendRecord::Decode(raw, options_.state_dir));
+  VMR_ASSIGN_OR_RETURN(auto vm, catalog_->GetVm(vm_id));
+  if (!vm) return Status::NotFound("VM " + vm_id + " is no longer in the catalog");
+  // 1. A failover in 5 is committed first (its own record makes it resume).
+  VMR_ASSIGN_OR_RETURN(auto rel, catalog_->GetRelationship(vm_id, 0));
+  if (!rel) return Status::NotFound("VM " + vm_id + " has no replication relationship");
+  if (rel->state == ReplicationState::kRecovered) {
+    spdlog::info("VM {}: reverse replication: committing the failover first", vm->name);
+    VMR_RETURN_IF_ERROR(DoCommit(job, vm_id).WithContext("committing the failover before the reverse"));
+  }
+  job.SetProgress(30);
+  VMR_ASSIGN_OR_RETURN(std::shared_ptr<Active> a, CommittedEntry(vm_id, vm->name));
+  // 2. The old primary adopts its disks as our replica (section 14.1).
+  VMR_ASSIGN_OR_RETURN(PrepareReverseAnswer answer,
+                       AskOldPrimary(record, *vm, a->store->disks(), settings, /*purpose=*/1));
+  job.SetProgress(70);
+  // 3. This host becomes the primary.
+  VMR_RETURN_IF_ERROR(SwitchToPrimary(vm_id, settings));
+  record.phase = "switched";
+  VMR_RETURN_IF_ERROR(WriteReverseRecord(record_path, record.Encode()));
+  job.SetResult(json{{"vm_id", vm_id},
+                     {"target", record.target},
+                     {"a_common_sequence", answer.claim.common_sequence},
+                     {"a_tracking", answer.claim.tracking_intact ? 1 : 2},
+                     {"a_candidate_bytes", answer.claim.candidate_bytes},
+                     {"a_local_copy_bytes", answer.claim.local_copy_bytes},
+                     {"a_generation", GenerationHex(answer.claim.generation)}}
+                    .dump());
+  spdlog::info("VM {}: reversed: this host is its primary now, {} its replica (common point {}, {} candidate bytes "
+               "there, {} bytes copied locally there); StartReplication sends what differs",
+               vm->name, record.target, answer.claim.common_sequence, answer.claim.candidate_bytes,
+               answer.claim.local_copy_bytes);
+  return Status::Ok();
+}
+
+Result<std::shared_ptr<FailoverManager::Active>> FailoverManager::CommittedEntry(const std::string& vm_id,
+                                                                                const std::string& vm_name) {
+  std::shared_ptr<Active> a;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    auto it = active_.find(vm_id);
+    if (it != active_.end()) a = it->second;
+  }
+  if (!a || a->rec.phase != "committed" || a->store == nullptr) {
+    return Status::FailedPrecondition("VM " + vm_name + ": no committed failover is recorded on this host");
+  }
+  if (a->rec.wrappers.size() != a->store->disks().size()) {
+    return Status::FailedPrecondition("VM " + vm_name +
+                                      " was committed by an older vmreplica build: it has no disk wrappers");
+  }
+  return a;
+}
+
+Result<VmDefinition> FailoverManager::WrapperDefinition(const VmRecord& vm, const Active& a) {
+  if (a.store == nullptr) return Status::FailedPrecondition("VM " + vm.name + ": its replica store is not held");
+  VMR_ASSIGN_OR_RETURN(VmDefinition def, DefinitionForStore(vm, *a.store));
+  // A VM that runs under our launcher, directly on the wrappers.
+  def.kind = VmSourceKind::kQmp;
+  def.qmp_socket = a.rec.run_dir + "/qmp.sock";
+  def.nbd_socket.clear();
+  def.qga_socket.clear();
+  def.libvirt_uri.clear();
+  def.libvirt_domain.clear();
+  def.libvirt_xml.clear();
+  for (size_t i = 0; i < def.disks.size(); ++i) {
+    def.disks[i].node_name = "vmr-commit-" + def.disks[i].name;
+    def.disks[i].path = a.rec.wrappers.at(i);
+    def.disks[i].format = "qcow2";
+    def.disks[i].size_bytes = a.store->disks()[i].size;
+  }
+  VMR_RETURN_IF_ERROR(def.Validate().WithContext("the definition of VM " + vm.name + " on its wrappers"));
+  return def;
+}
+
+Status FailoverManager::SwitchToPrimary(const std::string& vm_id, const RelationshipSettings& settings) {
+  VMR_ASSIGN_OR_RETURN(auto vm, catalog_->GetVm(vm_id));
+  if (!vm) return Status::NotFound("VM " + vm_id + " is no longer in the catalog");
+  VMR_ASSIGN_OR_RETURN(std::shared_ptr<Active> a, CommittedEntry(vm_id, vm->name));
+  VMR_ASSIGN_OR_RETURN(VmDefinition def, WrapperDefinition(*vm, *a));
+  std::vector<DiskRecord> disk_rows;
+  for (const auto& disk : def.disks) {
+    DiskRecord d;
+    d.vm_id = vm_id;
+    d.name = disk.name;
+    d.size_bytes = disk.size_bytes;
+    d.path = disk.path;
+    d.node_name = disk.node_name;
+    d.included = true;
+    disk_rows.push_back(d);
+  }
+  // The store is closed here: its files are the VM's disks from now on.
+  // Retired with our hold counted, so that a refusal (a delta still being
+  // received) leaves the entry and its hold as they were for a retry.
+  VMR_RETURN_IF_ERROR(replicas_->Retire(vm_id, /*holds_of_caller=*/1).WithContext("closing the replica store"));
+  replicas_->ReleaseLocal(vm_id);  // no-op: the retired replica is gone
+  a->store = nullptr;
+  VMR_ASSIGN_OR_RETURN(auto points, catalog_->ListRecoveryPoints(vm_id));
+  const int64_t now = options_.now_ms ? options_.now_ms() : SystemNowMs();
+  VMR_RETURN_IF_ERROR(catalog_->RunInTransaction([&]() -> Status {
+    VmRecord v = *vm;
+    v.mode = ReplicationMode::kPrimary;
+    v.definition_json = def.ToJson().dump();
+    VMR_RETURN_IF_ERROR(catalog_->PutVm(v));
+    VMR_RETURN_IF_ERROR(catalog_->PutDisks(vm_id, disk_rows));
+    VMR_ASSIGN_OR_RETURN(auto rel, catalog_->GetRelationship(vm_id, 0));
+    if (!rel) return Status::NotFound("VM " + vm_id + " has no replication relationship");
+    RelationshipRecord r;
+    r.vm_id = vm_id;
+    r.index = 0;
+    r.local_mode = ReplicationMode::kPrimary;
+    r.state = ReplicationState::kReadyForReplication;
+    r.health = ReplicationHealth::kNormal;
+    r.settings = settings;
+    r.sequence = 1;
+    r.initial_replication_type = InitialReplicationType::kNetwork;
+    VMR_RETURN_IF_ERROR(catalog_->PutRelationship(r));
+    std::vector<std::string> ids;
+    for (const auto& pt : points) ids.push_back(pt.id);
+    if (!ids.empty()) VMR_RETURN_IF_ERROR(catalog_->DeleteRecoveryPoints(ids));
+    return catalog_->ResetStatistics(vm_id, 0, now);
+  }));
+  a->rec.phase = "reversed";
+  VMR_RETURN_IF_ERROR(WriteFileAtomic(RecordPath(vm_id, false), a->rec.Encode(), 0600));
+  spdlog::info("VM {}: state {} -> {} as the primary of a reversed relationship to {}", vm->name,
+               Name(ReplicationState::kCommitted), Name(ReplicationState::kReadyForReplication),
+               settings.recovery_connection_point);
+  return Status::Ok();
+}
+
+Status FailoverManager::StartReversedVm(const VmRecord& vm) {
+  std::shared_ptr<Active> a;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    auto it = active_.find(vm.id);
+    if (it != active_.end()) a = it->second;
+  }
+  if (!a || a->rec.phase != "reversed") {
+    return Status::FailedPrecondition("VM " + vm.name +
+                                      " is a primary that vmreplica does not run: start it as you always do");
+  }
+  auto j = json::parse(vm.definition_json, nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded()) return Status::Corruption("VM " + vm.name + ": its stored definition is not JSON");
+  VMR_ASSIGN_OR_RETURN(VmDefinition def, VmDefinition::FromJson(j));
+  std::lock_guard<std::mutex> vl(a->vm_mu);
+  if (a->vm && a->vm->IsRunning()) return Status::FailedPrecondition("VM " + vm.name + " already runs");
+  if (a->vm) {
+    VMR_RETURN_IF_ERROR(a->vm->DropOverlays().WithContext("clearing the VM's previous run directory"));
+    a->vm.reset();
+  }
+  VMR_RETURN_IF_ERROR(MakeDirs(a->rec.run_dir, 0700));
+  VmLaunchSpec spec;
+  spec.definition = def;
+  spec.run_dir = a->rec.run_dir;
+  for (const auto& d : def.disks) {
+    VmLaunchDisk ld;
+    ld.direct_image = d.path;
+    ld.size_bytes = d.size_bytes;
+    spec.disks.push_back(ld);
+  }
+  spec.network = VmNetworkMode::kIsolated;
+  spec.accel = options_.accel;
+  spec.start_timeout = options_.vm_start_timeout;
+  if (!def.boot_kernel.empty()) spec.kernel_boot = VmKernelBoot{def.boot_kernel, def.boot_initrd, def.boot_append};
+  if (!a->rec.instance_id.empty()) VMR_RETURN_IF_ERROR(AttachSeed(&spec, vm, a->rec.instance_id));
+  // The engine's cycles of a VM that is off open its wrappers for a moment
+  // (the proof that nothing writes them): a start that meets one waits.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  auto launched = VmLauncher::Start(spec);
+  while (!launched.ok() && launched.status().message().find("in use by another process") != std::string::npos &&
+         std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    launched = VmLauncher::Start(spec);
+  }
+  if (!launched.ok()) return launched.status();
+  a->vm = std::move(*launched);
+  a->rec.started = true;
+  VMR_RETURN_IF_ERROR(WriteFileAtomic(RecordPath(vm.id, false), a->rec.Encode(), 0600));
+  spdlog::info("VM {}: started on its disk wrappers (the primary of a reversed relationship)", vm.name);
+  return Status::Ok();
+}
+
+// ---------------------------------------------------------------- failback
+
+Result<JobRecord> FailoverManager::InitiateFailback(const std::string& vm_name, const RelationshipSettings& requested,
+                                                    const std::string& point_id) {
+  VMR_ASSIGN_OR_RETURN(auto found, CheckWayBack(vm_name, Operation::kInitiateFailback));
+  const VmRecord& vm = found.first;
+  const ReplicationState from = found.second.state;
+  std::shared_ptr<Active> a;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    auto it = active_.find(vm.id);
+    if (it == active_.end()) return Status::FailedPrecondition("no failover of VM " + vm.name + " is recorded on this host");
+    a = it->second;
+  }
+  {
+    std::lock_guard<std::mutex> vl(a->vm_mu);
+    if (a->vm && a->vm->IsRunning()) {
+      return Status::FailedPrecondition("VM " + vm.name +
+                                        ": stop the failover VM first: a failback sends a frozen image");
+    }
+  }
+  if (from == ReplicationState::kCommitted && !point_id.empty()) {
+    return Status::InvalidArgument("RecoveryPointIdentifier: VM " + vm.name +
+                                   " is committed: only the committed data exists; leave it empty");
+  }
+  if (!point_id.empty()) {
+    if (a->store == nullptr) return Status::FailedPrecondition("VM " + vm.name + ": its replica store is not held");
+    VMR_RETURN_IF_ERROR(ChoosePoint(catalog_, *a->store, vm.id, point_id).status());
+  }
+  VMR_ASSIGN_OR_RETURN(RelationshipSettings settings, ReverseTarget(vm, found.second, requested));
+  VMR_ASSIGN_OR_RETURN(ReverseSendRecord record, BeginSendRecord(vm.id, "failback", settings));
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    if (busy_.count(vm.id) != 0) return Status::FailedPrecondition("VM " + vm.name + ": a failover job is running");
+    busy_.insert(vm.id);
+  }
+  auto release = [&] {
+    std::lock_guard<std::mutex> l(mu_);
+    busy_.erase(vm.id);
+  };
+  if (Status st = SetState(vm.id, ReplicationState::kFailbackInProgress); !st.ok()) {
+    release();
+    return st;
+  }
+  auto job = jobs_->Start(
+      JobType::kFailback, vm.id,
+      json{{"vm", vm.id}, {"target", record.target}, {"point_id", point_id}, {"request_id", record.request_id}}.dump(),
+      false, false, [this, id = vm.id, settings, point_id, from](JobContext& ctx) -> Status {
+        bool committed = from == ReplicationState::kCommitted;
+        Status s = DoFailback(ctx, id, settings, point_id, &committed);
+        if (!s.ok()) {
+          // Before the commit: back where it was; after it: committed (6).
+          Status back = SetState(id, committed ? ReplicationState::kCommitted : from);
+          if (!back.ok()) spdlog::error("VM {}: restoring the state after a failed failback: {}", id, back.ToString());
+        }
+        std::lock_guard<std::mutex> l(mu_);
+        busy_.erase(id);
+        return s;
+      });
+  if (!job.ok()) {
+    Status back = SetState(vm.id, from);
+    (void)back;
+    release();
+  }
+  return job;
+}
+
+Status FailoverManager::DoFailback(JobContext& job, const std::string& vm_id, const RelationshipSettings& settings,
+                                   const std::string& point_id, bool* committed) {
+  const std::string record_path = ReverseSendRecordPath(options_.state_dir, vm_id);
+  VMR_ASSIGN_OR_RETURN(auto raw, ReadReverseRecord(record_path));
+  VMR_ASSIGN_OR_RETURN(ReverseSendRecord record, ReverseSendRecord::Decode(raw, options_.state_dir));
+  VMR_ASSIGN_OR_RETURN(auto vm, catalog_->GetVm(vm_id));
+  if (!vm) return Status::NotFound("VM " + vm_id + " is no longer in the catalog");
+  // 1. The image to send becomes final: the chosen point (the failover VM's
+  // writes are not part of it), or the current data (its writes merged).
+  if (!*committed) {
+    std::shared_ptr<Active> a;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      auto it = active_.find(vm_id);
+      if (it != active_.end()) a = it->second;
+    }
+    if (!a || a->store == nullptr) return Status::FailedPrecondition("VM " + vm_id + ": no failover recorded");
+    if (!point_id.empty() && a->rec.phase == "failed-over") {
+      VMR_ASSIGN_OR_RETURN(ChosenPoint chosen, ChoosePoint(catalog_, *a->store, vm_id, point_id));
+      {
+        std::lock_guard<std::mutex> vl(a->vm_mu);
+        if (a->vm) {
+          VMR_RETURN_IF_ERROR(a->vm->DropOverlays().WithContext("dropping the failover VM's overlays"));
+          a->vm.reset();
+        }
+      }
+      for (const auto& name : a->rec.exports) {
+        Status u = exports_.Unexport(name);
+        if (!u.ok() && u.code() != Code::kNotFound) return u;
+      }
+      a->rec.exports.clear();
+      a->rec.sequence = chosen.sequence;
+      a->rec.point_id = chosen.id;
+      VMR_RETURN_IF_ERROR(WriteFileAtomic(RecordPath(vm_id, false), a->rec.Encode(), 0600));
+    }
+    VMR_RETURN_IF_ERROR(DoCommit(job, vm_id).WithContext("committing the image to fail back"));
+    *committed = true;
+    VMR_RETURN_IF_ERROR(SetState(vm_id, ReplicationState::kFailbackInProgress));
+  }
+  job.SetProgress(30);
+  VMR_ASSIGN_OR_RETURN(std::shared_ptr<Active> a, CommittedEntry(vm_id, vm->name));
+  // 2. The old primary adopts its own disks as the receiving side.
+  VMR_ASSIGN_OR_RETURN(PrepareReverseAnswer answer,
+                       AskOldPrimary(record, *vm, a->store->disks(), settings, /*purpose=*/2));
+  job.SetProgress(50);
+  // 3. Only the blocks that differ travel, as a PlannedFailover log.
+  VMR_ASSIGN_OR_RETURN(VmDefinition def, WrapperDefinition(*vm, *a));
+  auto target = SplitHostPort(record.target);
+  if (!target) return Status::Internal("failback record: target " + record.target);
+  VMR_ASSIGN_OR_RETURN(auto channel, options_.open_channel(target->first, target->second));
+  ReverseSyncParams p;
+  p.vm_id = vm_id;
+  p.definition = def;
+  for (const auto& d : def.disks) p.disks.push_back(d.name);
+  p.run_dir = options_.state_dir + "/run/fb-" + ShortId(vm_id);
+  VMR_RETURN_IF_ERROR(MakeDirs(p.run_dir, 0700));
+  p.channel = channel;
+  p.claim = answer.claim;
+  const std::string since_path = options_.state_dir + "/failover/" + vm_id + ".since";
+  auto since = ReadRangeListFile(since_path, kRangeListSince, static_cast<uint32_t>(def.disks.size()));
+  if (since.ok()) {
+    p.since = std::move(*since);
+  } else if (since.status().code() != Code::kNotFound) {
+    spdlog::warn("VM {}: the since file cannot be used ({}): every block is a candidate", vm->name,
+                 since.status().ToString());
+  }
+  p.kind = ReplicationType::kPlanned;
+  p.compress = settings.compression_enabled;
+  p.job = &job;
+  VMR_ASSIGN_OR_RETURN(ReverseSyncReport rep, RunReverseSync(p));
+  std::error_code ec;
+  std::filesystem::remove_all(p.run_dir, ec);
+  job.SetProgress(90);
+  ReplicaClient client(channel);
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::minutes(30);
+  for (;;) {
+    auto st = client.GetReplicaStatus(vm_id, 0);
+    if (st.ok() && st->latest_applied >= rep.sequence) break;
+    if (std::chrono::steady_clock::now() > deadline) {
+      return Status::Timeout("the old primary " + record.target + " did not apply the failback log in time" +
+                             (st.ok() ? std::string() : ": " + st.status().ToString()));
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  }
+  // 4. Failback complete (14): this host stays the replica side.
+  VMR_RETURN_IF_ERROR(catalog_->RunInTransaction([&]() -> Status {
+    VMR_ASSIGN_OR_RETURN(auto rel, catalog_->GetRelationship(vm_id, 0));
+    if (!rel) return Status::NotFound("VM " + vm_id + " has no replication relationship");
+    rel->state = ReplicationState::kFailbackComplete;
+    rel->generation_id = GenerationHex(rep.generation);
+    rel->sequence = rep.sequence;
+    rel->settings.recovery_connection_point = settings.recovery_connection_point;
+    rel->settings.recovery_server_port = settings.recovery_server_port;
+    return catalog_->PutRelationship(*rel);
+  }));
+  a->rec.phase = "failed-back";
+  VMR_RETURN_IF_ERROR(WriteFileAtomic(RecordPath(vm_id, false), a->rec.Encode(), 0600));
+  for (const std::string& path : {record_path, since_path}) {
+    if (::unlink(path.c_str()) != 0 && errno != ENOENT) spdlog::warn("VM {}: removing {}", vm->name, path);
+  }
+  job.SetResult(json{{"vm_id", vm_id},
+                     {"target", record.target},
+                     {"a_sequence", rep.sequence},
+                     {"candidate_bytes", rep.candidate_bytes},
+                     {"data_bytes", rep.data_bytes},
+                     {"zero_bytes", rep.zero_bytes},
+                     {"wire_bytes", rep.wire_bytes},
+                     {"records", rep.records},
+                     {"whole_disks", rep.whole_disks},
+                     {"a_tracking", answer.claim.tracking_intact ? 1 : 2},
+                     {"a_candidate_bytes", answer.claim.candidate_bytes},
+                     {"a_local_copy_bytes", answer.claim.local_copy_bytes}}
+                    .dump());
+  spdlog::info("VM {}: failback complete to {}: {} bytes of data and {} bytes of zeros sent, {} candidate bytes "
+               "compared by hash{}",
+               vm->name, record.target, rep.data_bytes, rep.zero_bytes, rep.candidate_bytes,
+               rep.whole_disks ? " (every block was a candidate)" : "");
+  return Status::Ok();
 }
 
 }  // namespace vmreplica

@@ -25,7 +25,7 @@ namespace {
 using launcher_internal::HasControlChars;
 using launcher_internal::RunCapture;
 
-constexpr uint64_t kRoundedSizeUnit = 65536;  // the store's disks (section 11)
+constexpr uint64_t kRoundedSizeUnit = kReplicaBlockSize;  // the store's disks are rounded to it (section 11)
 constexpr size_t kMaxInfoBytes = 1u << 20;    // qemu-img info's JSON
 
 Status ErrnoStatus(const std::string& what) { return Status::IOError(what + ": " + std::strerror(errno)); }
@@ -158,7 +158,7 @@ Result<PlacedDisk> PlaceAdoptedDisk(const VmDiskSpec& disk, const std::string& s
   }
   if (rounded_size == 0 || rounded_size % kRoundedSizeUnit != 0) {
     return Status::InvalidArgument("disk " + disk.name + ": the rounded size " + std::to_string(rounded_size) +
-                                   " is not a positive multiple of 65536");
+                                   " is not a positive multiple of " + std::to_string(kRoundedSizeUnit));
   }
   if (disk.size_bytes == 0 || disk.size_bytes > rounded_size) {
     return Status::InvalidArgument("disk " + disk.name + ": size " + std::to_string(disk.size_bytes) +

@@ -46,7 +46,7 @@ struct PlacedDisk {
 // The original image is only read, with QEMU's locking: it is never changed.
 //
 // Errors: InvalidArgument (disk name, path or format invalid, size 0 or
-// above `rounded_size`, `rounded_size` not a positive multiple of 65536,
+// above `rounded_size`, `rounded_size` not a positive multiple of kReplicaBlockSize (4096),
 // `store_dir` not absolute, the image missing or not of `disk.size_bytes`
 // virtual bytes, an in-place file of another size, a wrapper of the target
 // without data-file-raw); FailedPrecondition "image ... is in use by another

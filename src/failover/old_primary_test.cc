@@ -255,9 +255,9 @@ TEST_F(PlaceAdoptedDiskTest, RefusesWrongSizesMissingImagesAndImagesInUse) {
   };
   // Defined size differs from the image's virtual size.
   EXPECT_EQ(code(VmDiskSpec{"vda", "vda", qcow, "qcow2", size - 512}, size), Code::kInvalidArgument);
-  // Larger than the store's rounded size; rounded size not a multiple of 64 KiB.
+  // Larger than the store's rounded size; rounded size not a multiple of 4 KiB.
   EXPECT_EQ(code(VmDiskSpec{"vda", "vda", qcow, "qcow2", size}, size - 65536), Code::kInvalidArgument);
-  EXPECT_EQ(code(VmDiskSpec{"vda", "vda", qcow, "qcow2", size}, size + 4096), Code::kInvalidArgument);
+  EXPECT_EQ(code(VmDiskSpec{"vda", "vda", qcow, "qcow2", size}, size + 512), Code::kInvalidArgument);
   // Missing image, bad names.
   EXPECT_EQ(code(VmDiskSpec{"vda", "vda", tmp_.path() + "/none.qcow2", "qcow2", size}, size), Code::kInvalidArgument);
   EXPECT_EQ(code(VmDiskSpec{"../x", "x", qcow, "qcow2", size}, size), Code::kInvalidArgument);

@@ -76,9 +76,21 @@ Status CheckExistingWrapper(const std::string& wrapper_path, const std::string& 
   if (!d.contains("data-file") || d["data-file"] != raw_path) return differs("its data file is not " + raw_path);
   if (!d.contains("data-file-raw") || d["data-file-raw"] != true) return differs("data-file-raw is off");
   if (d.contains("corrupt") && d["corrupt"] == true) return differs("marked corrupt");
+  // The tracker's later generations of the same bitmap (<prefix>g2, g3...,
+  // after a committed cut) count as the wrapper's bitmap too.
+  const bool generational = bitmap.size() > 2 && bitmap.compare(bitmap.size() - 2, 2, "g1") == 0;
+  const std::string prefix = generational ? bitmap.substr(0, bitmap.size() - 1) : bitmap;
+  auto matches = [&](const std::string& name) {
+    if (name == bitmap) return true;
+    if (!generational || name.size() <= prefix.size() || name.compare(0, prefix.size(), prefix) != 0) return false;
+    return std::all_of(name.begin() + static_cast<std::ptrdiff_t>(prefix.size()), name.end(),
+                       [](unsigned char c) { return std::isdigit(c); });
+  };
   if (d.contains("bitmaps") && d["bitmaps"].is_array()) {
     for (const auto& b : d["bitmaps"]) {
-      if (!b.is_object() || !b.contains("name") || b["name"] != bitmap) continue;
+      if (!b.is_object() || !b.contains("name") || !b["name"].is_string() || !matches(b["name"].get<std::string>())) {
+        continue;
+      }
       if (!b.contains("granularity") || b["granularity"] != kWrapperGranularity)
         return differs("bitmap granularity is not 4096");
       return Status::Ok();

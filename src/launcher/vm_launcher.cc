@@ -455,6 +455,7 @@ Result<std::unique_ptr<VmLauncher>> VmLauncher::Start(const VmLaunchSpec& spec) 
   if (pid == 0) {
     // Child: only async-signal-safe calls until exec. Its own session, so
     // it outlives the daemon and no terminal signal meant for it arrives.
+    ResetSignalsForExec();
     ::setsid();
     ::close(go[1]);
     char byte = 0;

@@ -12,6 +12,7 @@
 #include <set>
 #include <thread>
 
+#include "vmreplica/fileutil.h"
 #include "vmreplica/tracker.h"
 
 namespace vmreplica {
@@ -50,6 +51,7 @@ Status RunTool(const std::vector<std::string>& args) {
     return Status::IOError(std::string("fork: ") + std::strerror(errno));
   }
   if (pid == 0) {
+    ResetSignalsForExec();
     ::dup2(pipefd[1], 1);
     ::dup2(pipefd[1], 2);
     ::execvp(argv[0], argv.data());

@@ -12,6 +12,7 @@
 #include <sstream>
 #include <thread>
 
+#include "vmreplica/fileutil.h"
 #include "vmreplica/qmp.h"
 
 namespace vmreplica {
@@ -91,6 +92,7 @@ Status QsdProcess::Start() {
   }
   if (pid == 0) {
     // Child: only async-signal-safe calls until exec.
+    ResetSignalsForExec();
     ::prctl(PR_SET_PDEATHSIG, SIGKILL);
     if (::getppid() != parent) ::_exit(127);
     int devnull = ::open("/dev/null", O_RDONLY);

@@ -1,7 +1,11 @@
 #include <grpcpp/grpcpp.h>
 #include <spdlog/spdlog.h>
 
+#include <unistd.h>
+
 #include <algorithm>
+#include <cerrno>
+#include <cstring>
 #include <cctype>
 #include <nlohmann/json.hpp>
 #include <random>
@@ -16,6 +20,8 @@
 #include "vmreplica/qmp.h"
 #include "vmreplica/replica_store.h"
 #include "vmreplica/replication.h"
+#include "vmreplica/reverse.h"
+#include "vmreplica/reverse_sync.h"
 #include "vmreplica/tracker.h"
 #include "vmreplica/transfer.h"
 #include "vmreplica/vm_binding.h"
@@ -58,6 +64,20 @@ GenerationId RandomId() {
   GenerationId g{};
   for (auto& b : g) b = static_cast<uint8_t>(rd());
   return g;
+}
+
+// The switched reverse record of `vm_id` in `state_dir`, or nullopt.
+std::optional<ReverseSendRecord> SwitchedReverse(const std::string& state_dir, const std::string& vm_id) {
+  if (state_dir.empty()) return std::nullopt;
+  auto raw = ReadReverseRecord(ReverseSendRecordPath(state_dir, vm_id));
+  if (!raw.ok()) return std::nullopt;
+  auto rec = ReverseSendRecord::Decode(*raw, state_dir);
+  if (!rec.ok()) {
+    spdlog::error("VM {}: reverse record left alone: {}", vm_id, rec.status().ToString());
+    return std::nullopt;
+  }
+  if (rec->vm_id != vm_id || rec->purpose != "reverse" || rec->phase != "switched" || !rec->claim) return std::nullopt;
+  return *rec;
 }
 
 // The disks that replicate, in the definition's order (the replica's order).
@@ -1375,6 +1395,10 @@ Result<JobRecord> ReplicationEngine::StartReplication(const std::string& vm, int
   VMR_ASSIGN_OR_RETURN(auto rel, catalog_->GetRelationship(rec.id, kPrimaryIndex));
   if (!rel) return Status::FailedPrecondition("VM " + rec.name + " has no replication relationship");
   VMR_RETURN_IF_ERROR(RequirePrimary(rec, *rel, "StartReplication"));
+  if (seeded && SwitchedReverse(options_.state_dir, rec.id)) {
+    return Status::InvalidArgument("InitialReplicationType: a reversed relationship starts from the old primary's "
+                                   "disks (type 1)");
+  }
   DropResyncProgress(rec.id);
   const int64_t now_s = Now() / 1000;
   if (start_unix_s != 0 && (start_unix_s < now_s - 60 || start_unix_s > now_s + 7 * 86400)) {
@@ -1950,11 +1974,17 @@ bool ReplicationEngine::IsCurrentInitial(const std::string& vm_id, uint64_t epoc
 
 Status ReplicationEngine::RunInitial(const std::string& vm_id, JobContext* job, uint64_t epoch, bool seeded) {
   Result<CycleReport> r = Status::Unavailable("not run");
+  nlohmann::json reverse_result;  // the reverse start's own members (empty otherwise)
   {
     auto vm_lock = VmLock(vm_id);
     std::lock_guard<std::mutex> l(*vm_lock);
     Slot slot(this);
-    r = RunCycle(vm_id, /*initial=*/true, job, /*resync=*/seeded);
+    auto reverse = RunReverseStart(vm_id, job, &reverse_result);
+    if (reverse) {
+      r = std::move(*reverse);
+    } else {
+      r = RunCycle(vm_id, /*initial=*/true, job, /*resync=*/seeded);
+    }
   }
   if (!r.ok()) {
     if (stop_flag_.load()) {
@@ -1986,6 +2016,7 @@ Status ReplicationEngine::RunInitial(const std::string& vm_id, JobContext* job, 
     nlohmann::json out = {{"sequence", r->sequence},   {"data_bytes", r->data_bytes},
                           {"zero_bytes", r->zero_bytes}, {"wire_bytes", r->wire_bytes},
                           {"records", r->records},       {"duration_ms", r->duration_ms}};
+    if (reverse_result.is_object()) out.update(reverse_result);
     job->SetResult(out.dump());
   }
   spdlog::info("VM {}: initial replication done: {} bytes of data ({} on the wire) in {} ms", vm_id,
@@ -2142,6 +2173,52 @@ void ReplicationEngine::DropResyncProgress(const std::string& vm_id) {
   resync_progress_.erase(vm_id);
 }
 
+Status ReplicationEngine::ReleaseForReverse(const std::string& vm_id) {
+  DropResyncProgress(vm_id);
+  std::unique_ptr<Worker> worker;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = workers_.find(vm_id);
+    if (it != workers_.end()) {
+      worker = std::move(it->second);
+      workers_.erase(it);
+    }
+    failures_.erase(vm_id);
+    last_failure_.erase(vm_id);
+    replica_state_.erase(vm_id);
+    pending_.erase(vm_id);
+    replica_settings_synced_.erase(vm_id);
+    app_retry_at_.erase(vm_id);
+  }
+  if (worker) {
+    {
+      std::lock_guard<std::mutex> l(worker->mu);
+      worker->stop = true;
+    }
+    worker->cv.notify_all();
+    worker->thread.join();
+  }
+  // A job of the VM (initial copy, resync, planned failover) holds the lock
+  // for its whole work: once we had it, none runs.
+  auto vm_lock = VmLock(vm_id);
+  { std::lock_guard<std::mutex> l(*vm_lock); }
+  spdlog::info("VM {}: replication released for a reverse (worker stopped)", vm_id);
+  return Status::Ok();
+}
+
+void ReplicationEngine::ResumeAfterReverse(const std::string& vm_id) {
+  auto rel = catalog_->GetRelationship(vm_id, kPrimaryIndex);
+  if (!rel.ok() || !*rel || (*rel)->local_mode != ReplicationMode::kPrimary) return;
+  const ReplicationState s = (*rel)->state;
+  const bool runs_cycles = s == ReplicationState::kReplicating || s == ReplicationState::kCritical ||
+                           s == ReplicationState::kSuspended ||
+                           s == ReplicationState::kWaitingForStartResynchronize ||
+                           s == ReplicationState::kResynchronizeSuspended;
+  if (!runs_cycles) return;
+  spdlog::info("VM {}: the reverse did not happen; replication resumes (state {})", vm_id, Name(s));
+  KickWorker(vm_id);
+}
+
 Status ReplicationEngine::RemoveRelationship(const std::string& vm, int index) {
   if (auto rec = ResolveVm(vm); rec.ok()) DropResyncProgress(rec->id);
   if (index != kPrimaryIndex) return Status::NotSupported("extended replication is not supported yet");
@@ -2215,11 +2292,17 @@ Status ReplicationEngine::RemoveRelationship(const std::string& vm, int index) {
 Result<ReplicationEngine::PrimaryRunState> ReplicationEngine::QueryPrimaryRunState(
     const std::vector<std::string>& caller_names, const std::string& vm_id) {
   VMR_ASSIGN_OR_RETURN(auto rec, catalog_->GetVm(vm_id));
-  if (!rec || rec->mode != ReplicationMode::kPrimary) {
-    return Status::NotFound("VM " + vm_id + " is not replicated from this host");
-  }
+  if (!rec) return Status::NotFound("VM " + vm_id + " is not replicated from this host");
   VMR_ASSIGN_OR_RETURN(auto rel, catalog_->GetRelationship(vm_id, kPrimaryIndex));
   if (!rel) return Status::NotFound("VM " + vm_id + " is not replicated from this host");
+  // After a failback (docs/failover.md section 13.2) this host holds a
+  // replica in 14 whose failback target (RecoveryConnectionPoint) asks
+  // before it runs the VM again.
+  const bool failed_back =
+      rec->mode == ReplicationMode::kReplica && rel->state == ReplicationState::kFailbackComplete;
+  if (rec->mode != ReplicationMode::kPrimary && !failed_back) {
+    return Status::NotFound("VM " + vm_id + " is not replicated from this host");
+  }
   auto lower = [](std::string t) {
     std::transform(t.begin(), t.end(), t.begin(), [](unsigned char c) { return std::tolower(c); });
     return t;
@@ -2228,11 +2311,19 @@ Result<ReplicationEngine::PrimaryRunState> ReplicationEngine::QueryPrimaryRunSta
   const bool is_replica = std::any_of(caller_names.begin(), caller_names.end(),
                                       [&](const std::string& n) { return lower(n) == server; });
   if (!is_replica) {
-    return Status::PermissionDenied("the caller is not the replica server of VM " + vm_id + " (" +
-                                    rel->settings.recovery_connection_point + ")");
+    return Status::PermissionDenied("the caller is not the " +
+                                    std::string(failed_back ? "failback target" : "replica server") + " of VM " +
+                                    vm_id + " (" + rel->settings.recovery_connection_point + ")");
   }
   PrimaryRunState out;
   out.state = rel->state;
+  if (failed_back) {
+    // A failback sends a frozen image: the failover VM was stopped, and in
+    // 14 nothing starts it here (StartVm needs state 6).
+    out.run_state = 2;
+    out.detail = "failback complete: the failover VM on this host is stopped";
+    return out;
+  }
   VMR_ASSIGN_OR_RETURN(auto def, DefinitionOf(*rec));
   switch (def.kind) {
     case VmSourceKind::kOffline:
@@ -2319,6 +2410,80 @@ Status ReplicationEngine::ResetStatistics(const std::string& vm, int index) {
   VMR_ASSIGN_OR_RETURN(auto rel, catalog_->GetRelationship(rec.id, index));
   if (!rel) return Status::FailedPrecondition("VM " + rec.name + " has no replication relationship");
   return catalog_->ResetStatistics(rec.id, index, Now());
+}
+
+// ------------------------------------------------------------------ reverse start
+
+
+std::optional<Result<CycleReport>> ReplicationEngine::RunReverseStart(const std::string& vm_id, JobContext* job,
+                                                                      nlohmann::json* extra_result) {
+  auto record = SwitchedReverse(options_.state_dir, vm_id);
+  if (!record) return std::nullopt;
+  auto run = [&]() -> Result<CycleReport> {
+    VMR_ASSIGN_OR_RETURN(auto vm, catalog_->GetVm(vm_id));
+    if (!vm) return Status::NotFound("VM " + vm_id + " is no longer in the catalog");
+    VMR_ASSIGN_OR_RETURN(auto rel, catalog_->GetRelationship(vm_id, kPrimaryIndex));
+    if (!rel) return Status::NotFound("VM " + vm_id + " has no replication relationship");
+    VMR_ASSIGN_OR_RETURN(auto def, DefinitionOf(*vm));
+    VMR_ASSIGN_OR_RETURN(auto included, IncludedDisks(def, rel->settings));
+    if (!options_.open_channel) return Status::Internal("replication engine: no channel factory");
+    VMR_ASSIGN_OR_RETURN(auto channel,
+                         options_.open_channel(rel->settings.recovery_connection_point,
+                                               static_cast<uint16_t>(rel->settings.recovery_server_port)));
+    ReverseSyncParams p;
+    p.vm_id = vm_id;
+    p.definition = def;
+    for (const auto& d : included) p.disks.push_back(d.name);
+    p.run_dir = RunDirOf(vm_id);
+    VMR_RETURN_IF_ERROR(MakeDirs(p.run_dir));
+    p.channel = channel;
+    p.claim = *record->claim;
+    // B's history since the common point (written by CommitFailover).
+    const std::string since_path = options_.state_dir + "/failover/" + vm_id + ".since";
+    auto since = ReadRangeListFile(since_path, kRangeListSince, static_cast<uint32_t>(included.size()));
+    if (since.ok()) {
+      p.since = std::move(*since);
+    } else if (since.status().code() != Code::kNotFound) {
+      spdlog::warn("VM {}: the since file cannot be used ({}): every block is a candidate", vm_id,
+                   since.status().ToString());
+    }
+    p.kind = ReplicationType::kRegular;
+    p.compress = rel->settings.compression_enabled;
+    p.throttle = [this](uint64_t bytes) { Throttle(bytes); };
+    p.job = job;
+    VMR_ASSIGN_OR_RETURN(ReverseSyncReport rep, RunReverseSync(p));
+    CycleReport report;
+    report.sequence = rep.sequence;
+    report.initial = true;
+    report.kind = ReplicationType::kRegular;
+    report.records = rep.records;
+    report.data_bytes = rep.data_bytes;
+    report.zero_bytes = rep.zero_bytes;
+    report.wire_bytes = rep.wire_bytes;
+    report.cut_time_ms = rep.cut_time_ms;
+    const std::string gen = HexId(rep.generation);
+    VMR_RETURN_IF_ERROR(UpdateRelationship(vm_id, [&](RelationshipRecord& r) {
+      r.generation_id = gen;
+      return Status::Ok();
+    }));
+    *extra_result = {{"reverse", true},
+                     {"candidate_bytes", rep.candidate_bytes},
+                     {"whole_disks", rep.whole_disks},
+                     {"generation", gen}};
+    // Done: the records of the reverse go (the failover record stays: it
+    // holds the VM's launcher and wrappers).
+    for (const std::string& path : {ReverseSendRecordPath(options_.state_dir, vm_id), since_path}) {
+      if (::unlink(path.c_str()) != 0 && errno != ENOENT) {
+        spdlog::warn("VM {}: removing {}: {}", vm_id, path, std::strerror(errno));
+      }
+    }
+    spdlog::info("VM {}: reverse start done: {} bytes of data and {} bytes of zeros sent, {} candidate bytes compared "
+                 "by hash{}",
+                 vm_id, rep.data_bytes, rep.zero_bytes, rep.candidate_bytes,
+                 rep.whole_disks ? " (every block was a candidate)" : "");
+    return report;
+  };
+  return run();
 }
 
 }  // namespace vmreplica

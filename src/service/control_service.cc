@@ -935,15 +935,35 @@ grpc::Status ControlService::ReverseReplicationRelationship(grpc::ServerContext*
                                                             v1::MethodResponse* resp) {
   auto* r = resp->mutable_result();
   if (!Authorize(*ctx, "ReverseReplicationRelationship", r)) return grpc::Status::OK;
-  return Answer(r, CheckStateOfMissingMethod(env_->catalog, req->vm(), 0,
-                                             Operation::kReverseReplicationRelationship));
+  if (!env_->failover) return Answer(r, NoFailover());
+  // The VM and its table first (32779, 32775), as every method.
+  if (Status s = CheckStateOfMissingMethod(env_->catalog, req->vm(), 0, Operation::kReverseReplicationRelationship);
+      s.code() != Code::kNotSupported) {
+    return Answer(r, s);
+  }
+  auto settings = FromProto(req->settings());
+  if (!settings.ok()) return Answer(r, settings.status());
+  auto job = env_->failover->ReverseReplicationRelationship(req->vm(), *settings);
+  if (!job.ok()) return Answer(r, job.status());
+  SetJobStarted(r, *job);
+  return grpc::Status::OK;
 }
 
 grpc::Status ControlService::InitiateFailback(grpc::ServerContext* ctx, const v1::FailbackRequest* req,
                                               v1::MethodResponse* resp) {
   auto* r = resp->mutable_result();
   if (!Authorize(*ctx, "InitiateFailback", r)) return grpc::Status::OK;
-  return Answer(r, CheckStateOfMissingMethod(env_->catalog, req->vm(), 0, Operation::kInitiateFailback));
+  if (!env_->failover) return Answer(r, NoFailover());
+  if (Status s = CheckStateOfMissingMethod(env_->catalog, req->vm(), 0, Operation::kInitiateFailback);
+      s.code() != Code::kNotSupported) {
+    return Answer(r, s);
+  }
+  auto settings = FromProto(req->settings());
+  if (!settings.ok()) return Answer(r, settings.status());
+  auto job = env_->failover->InitiateFailback(req->vm(), *settings, req->recovery_point_id());
+  if (!job.ok()) return Answer(r, job.status());
+  SetJobStarted(r, *job);
+  return grpc::Status::OK;
 }
 
 grpc::Status ControlService::ChangeReplicationModeToPrimary(grpc::ServerContext* ctx,

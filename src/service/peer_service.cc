@@ -22,6 +22,7 @@ grpc::Status PeerService::Hello(grpc::ServerContext* context, const v1::HelloReq
   response->set_protocol_version(std::min(request->protocol_version(), kProtocolVersion));
   std::vector<std::string> ours = kFeatures;
   if (replicas_ != nullptr) ours.push_back(kDeltaFeature);
+  if (reverse_ != nullptr) ours.push_back(kReverseFeature);
   for (const auto& f : request->features()) {
     if (std::find(ours.begin(), ours.end(), f) != ours.end()) response->add_features(f);
   }
@@ -269,6 +270,39 @@ grpc::Status PeerService::PushDelta(grpc::ServerContext* context,
   GrpcDeltaStream ds(stream);
   Status s = replicas_->ReceiveDelta(*caller, ds);
   if (!s.ok()) return Refuse("PushDelta", caller->names, s);
+  return grpc::Status::OK;
+}
+
+grpc::Status PeerService::PrepareReverse(grpc::ServerContext* context, const v1::PrepareReverseRequest* request,
+                                         v1::PrepareReverseResponse* response) {
+  if (reverse_ == nullptr) return grpc::Status(grpc::StatusCode::UNIMPLEMENTED, "no reverse on this host");
+  auto caller = Authorize(*context);
+  if (!caller.ok()) return Refuse("PrepareReverse", PeerNames(*context), caller.status());
+  PrepareReverseParams p;
+  p.vm_id = request->vm_id();
+  p.request_id = request->request_id();
+  p.purpose = request->purpose();
+  p.vm_name = request->vm_name();
+  if (request->disks_size() > 64) {
+    return Refuse("PrepareReverse", caller->names, Status::InvalidArgument("disks: more than 64"));
+  }
+  for (const auto& d : request->disks()) p.disks.push_back(ReplicaDisk{d.name(), d.size_bytes()});
+  auto settings = FromProto(request->settings());
+  if (!settings.ok()) return Refuse("PrepareReverse", caller->names, settings.status());
+  p.settings = *settings;
+  p.primary_address = request->primary_address();
+  auto a = reverse_->PrepareReverse(caller->names, caller->entry, p);
+  if (!a.ok()) return Refuse("PrepareReverse", caller->names, a.status());
+  response->set_phase(a->done ? 2 : 1);
+  response->set_job_id(a->job_id);
+  if (a->done) {
+    response->set_generation(std::string(a->claim.generation.begin(), a->claim.generation.end()));
+    response->set_common_sequence(a->claim.common_sequence);
+    response->set_tracking(a->claim.tracking_intact ? 1 : 2);
+    response->set_candidate_bytes(a->claim.candidate_bytes);
+    response->set_local_copy_bytes(a->claim.local_copy_bytes);
+    ToProto(a->status, response->mutable_status());
+  }
   return grpc::Status::OK;
 }
 

@@ -13,8 +13,11 @@ namespace vmreplica::service {
 class PeerService final : public v1::ReplicaPeer::Service {
  public:
   // `replicas` may be null: the data-plane methods then answer UNIMPLEMENTED
-  // and Hello does not offer "delta-v1". Both pointers outlive the service.
-  explicit PeerService(ServiceEnv* env, ReplicaReceiver* replicas = nullptr) : env_(env), replicas_(replicas) {}
+  // and Hello does not offer "delta-v1". `reverse` may be null: PrepareReverse
+  // then answers UNIMPLEMENTED and Hello does not offer "reverse-v1". Every
+  // pointer outlives the service.
+  explicit PeerService(ServiceEnv* env, ReplicaReceiver* replicas = nullptr, ReverseReceiver* reverse = nullptr)
+      : env_(env), replicas_(replicas), reverse_(reverse) {}
 
   // Tells the caller whether this host is a replica server and whether the
   // names of its certificate match an authorization entry. Never fails the
@@ -45,6 +48,12 @@ class PeerService final : public v1::ReplicaPeer::Service {
                               grpc::ServerWriter<v1::BlockHashPiece>* writer) override;
   grpc::Status PushDelta(grpc::ServerContext* context,
                          grpc::ServerReaderWriter<v1::DeltaReply, v1::DeltaMessage>* stream) override;
+  // Reverse (docs/failover.md 14.1, 14.2): the caller must pass the
+  // data-plane authorisation (replica server enabled, certificates, a
+  // matching entry: its storage location and trust group are the adopted
+  // store's); the ReverseReceiver checks the caller's role.
+  grpc::Status PrepareReverse(grpc::ServerContext* context, const v1::PrepareReverseRequest* request,
+                              v1::PrepareReverseResponse* response) override;
 
  private:
   // The caller's entry, or PermissionDenied (docs/protocol.md "Authorisation
@@ -53,6 +62,7 @@ class PeerService final : public v1::ReplicaPeer::Service {
 
   ServiceEnv* const env_;
   ReplicaReceiver* const replicas_;
+  ReverseReceiver* const reverse_;
 };
 
 }  // namespace vmreplica::service

@@ -248,6 +248,47 @@ Result<ReplicaStatusInfo> ReplicaClient::CreateReplica(const CreateReplicaParams
   return FromProto(resp);
 }
 
+Result<PrepareReverseAnswer> ReplicaClient::PrepareReverse(const PrepareReverseParams& p) {
+  v1::PrepareReverseRequest req;
+  req.set_vm_id(p.vm_id);
+  req.set_request_id(p.request_id);
+  req.set_purpose(p.purpose);
+  req.set_vm_name(p.vm_name);
+  for (const auto& d : p.disks) {
+    auto* spec = req.add_disks();
+    spec->set_name(d.name);
+    spec->set_size_bytes(d.size);
+  }
+  RelationshipSettingsToProto(p.settings, req.mutable_settings());
+  req.set_primary_address(p.primary_address);
+  grpc::ClientContext ctx;
+  SetDeadline(&ctx, unary_timeout_);
+  v1::PrepareReverseResponse resp;
+  VMR_RETURN_IF_ERROR(StatusFromGrpc(stub_->PrepareReverse(&ctx, req, &resp)).WithContext("PrepareReverse"));
+  PrepareReverseAnswer a;
+  if (resp.phase() != 1 && resp.phase() != 2) {
+    return Status::Corruption("PrepareReverse: phase " + std::to_string(resp.phase()) + " is not 1 or 2");
+  }
+  if (resp.job_id().size() > 256) return Status::Corruption("PrepareReverse: job_id over 256 bytes");
+  a.done = resp.phase() == 2;
+  a.job_id = resp.job_id();
+  if (!a.done) return a;
+  if (resp.generation().size() != a.claim.generation.size()) {
+    return Status::Corruption("PrepareReverse: the generation is not 16 bytes");
+  }
+  std::copy(resp.generation().begin(), resp.generation().end(), a.claim.generation.begin());
+  if (resp.tracking() != 1 && resp.tracking() != 2) {
+    return Status::Corruption("PrepareReverse: tracking " + std::to_string(resp.tracking()) + " is not 1 or 2");
+  }
+  a.claim.tracking_intact = resp.tracking() == 1;
+  a.claim.common_sequence = resp.common_sequence();
+  a.claim.candidate_bytes = resp.candidate_bytes();
+  a.claim.local_copy_bytes = resp.local_copy_bytes();
+  if (!resp.has_status()) return Status::Corruption("PrepareReverse: phase 2 without the replica's status");
+  VMR_ASSIGN_OR_RETURN(a.status, FromProto(resp.status()));
+  return a;
+}
+
 Result<ReplicaStatusInfo> ReplicaClient::GetReplicaStatus(const std::string& vm_id, uint32_t relationship_index) {
   v1::ReplicaRef req;
   req.set_vm_id(vm_id);

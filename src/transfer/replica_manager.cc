@@ -209,11 +209,10 @@ std::vector<std::vector<HashRun>> EveryBlock(const std::vector<ReplicaDisk>& dis
 // covering the disk; otherwise the entries of `ranges_blob` (range list v1,
 // kind 1, parsed with every rule of 15.1 for disks.size() disks; every
 // entry must end inside its disk) united with those of the file
-// ReverseAcandPath(state_dir, vm_id) (`state_dir` "" or a missing file:
-// none), rounded out to `block_size` (> 0), runs closer than kRunMergeGap
+// ReverseAcandPath(state_dir, vm_id) (`state_dir` "": none), rounded out to `block_size` (> 0), runs closer than kRunMergeGap
 // merged, the gap doubled while a disk has more than kMaxRunsPerDisk runs.
-// An acand file that cannot be read or fails a check (or names a range
-// outside a disk) is logged and the answer is every block. InvalidArgument
+// An acand file that is missing, cannot be read or fails a check (or names
+// a range outside a disk) is logged and the answer is every block. InvalidArgument
 // for a bad blob (or one over kMaxRangeBlobBytes), naming the rule.
 Result<std::vector<std::vector<HashRun>>> CandidateRuns(std::string_view ranges_blob, bool all_blocks,
                                                         const std::vector<ReplicaDisk>& disks, uint32_t block_size,
@@ -244,7 +243,10 @@ Result<std::vector<std::vector<HashRun>>> CandidateRuns(std::string_view ranges_
   if (!state_dir.empty()) {
     const std::string acand_path = ReverseAcandPath(state_dir, vm_id);
     auto ours = ReadRangeListFile(acand_path, kRangeListCandidates, disk_count);
-    if (!ours.ok() && ours.status().code() != Code::kNotFound) {
+    if (!ours.ok()) {
+      // Missing too: a store at its adopted point 1 always has one (the
+      // adoption writes it first), so its absence means A's changes are
+      // unknown, not that there are none.
       spdlog::error("replica {}: candidates file {}: {}; every block is hashed", vm_id, acand_path,
                     ours.status().ToString());
       return EveryBlock(disks, block_size);
@@ -308,6 +310,10 @@ Result<std::string> ConfinedStoreDir(const std::string& storage_location, const 
     }
   }
   return candidate;
+}
+
+Status WriteStoreOwner(const std::string& store_dir, const PrimaryCaller& caller) {
+  return WriteOwner(store_dir, caller);
 }
 
 // States in which staged logs are not applied (docs/failover.md): the
@@ -1071,6 +1077,54 @@ void ReplicaManager::KickApply(const std::string& vm_id) {
   std::shared_ptr<Replica> r = FindOpen(vm_id);
   if (!r) return;
   r->RequestApply();
+}
+
+Status ReplicaManager::Retire(const std::string& vm_id, int holds_of_caller) {
+  auto busy_with_others = [&](const Replica& r) { return r.local_holds > holds_of_caller || r.seeding; };
+  std::shared_ptr<Replica> r;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    auto it = replicas_.find(vm_id);
+    if (it == replicas_.end()) return Status::Ok();
+    r = it->second;
+    if (busy_with_others(*r)) {
+      return Status::FailedPrecondition("VM " + vm_id + ": a failover or test VM on this host uses the replica");
+    }
+  }
+  {
+    std::unique_lock<std::mutex> l(r->recv_mu);
+    if (!r->recv_cv.wait_for(l, options_.resume_wait, [&] { return !r->receiving; })) {
+      return Status::Busy("a delta of VM " + vm_id + " is being received");
+    }
+    r->removed = true;  // no stream starts on it from now on
+    if (r->partial) {
+      if (r->partial->writer) r->partial->writer->Abandon();
+      r->partial.reset();
+    }
+  }
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    if (busy_with_others(*r)) {
+      std::lock_guard<std::mutex> rl(r->recv_mu);
+      r->removed = false;
+      return Status::FailedPrecondition("VM " + vm_id + ": a failover or test VM on this host uses the replica");
+    }
+    replicas_.erase(vm_id);
+  }
+  r->Stop();  // the applier has ended: nothing applies or stages any more
+  // The staged logs: rows first (a crash leaves files without rows, which
+  // nobody reads: the directory is no store's staging any more), then files.
+  VMR_ASSIGN_OR_RETURN(auto logs, catalog_->ListStagedLogs(vm_id));
+  for (const auto& log : logs) {
+    Status s = catalog_->DeleteStagedLog(vm_id, log.sequence, log.state);
+    if (!s.ok() && s.code() != Code::kNotFound) return s;
+  }
+  std::error_code ec;
+  std::filesystem::remove_all(r->dir + "/staging", ec);
+  if (ec) return Status::IOError("removing " + r->dir + "/staging: " + ec.message());
+  spdlog::info("replica {}: retired ({} staged log(s) deleted); the disk files in {} stay", vm_id, logs.size(),
+               r->dir);
+  return Status::Ok();  // the store closes with the last reference to `r`
 }
 
 Status ReplicaManager::WaitApplied(const std::string& vm_id, std::chrono::milliseconds timeout) {

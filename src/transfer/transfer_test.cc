@@ -727,14 +727,21 @@ TEST_F(RangeHashTest, CandidateRunsOnTwoDisksHashAsTheDiskFiles) {
   MakeReplicaAtPointOne();
   auto client = Client("primary-a.lab");
   const auto cands = Candidates();
-  // Without an acand file: B's runs only; disk 1 has none.
+  // Without an acand file A cannot tell what it wrote (the adoption writes
+  // one): every block.
   auto got = client->GetRangeHashes(kVm, 0, kHashBlock, &cands, 2);
+  ASSERT_TRUE(got.ok()) << got.status().ToString();
+  ExpectRuns(*got, {{{0, 128}}, {{0, 64}}});
+
+  // An empty acand file: B's runs only; disk 1 has none.
+  fs::create_directories(root_ + "/state/reverse");
+  ASSERT_TRUE(WriteRangeListFile(AcandPath(), kRangeListCandidates, 2, SinceList{}).ok());
+  got = client->GetRangeHashes(kVm, 0, kHashBlock, &cands, 2);
   ASSERT_TRUE(got.ok()) << got.status().ToString();
   ExpectRuns(*got, {{{0, 5}, {80, 1}, {127, 1}}, {}});
 
   // A's own candidates united in: disk 0 block 96 (joins run 80: 15 blocks
   // apart), disk 1 blocks 32..33.
-  fs::create_directories(root_ + "/state/reverse");
   SinceList acand;
   acand.entries = {{0, (6 << 20) + 4096, 4096, 0}, {1, 2 << 20, 128 << 10, 0}};
   ASSERT_TRUE(WriteRangeListFile(AcandPath(), kRangeListCandidates, 2, acand).ok());

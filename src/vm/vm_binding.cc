@@ -1,4 +1,5 @@
 // InspectVm / AttachVm for the QMP and offline kinds, and the dispatch.
+#include "vmreplica/fileutil.h"
 #include "vmreplica/vm_binding.h"
 
 #include <fcntl.h>
@@ -38,6 +39,7 @@ Result<Captured> RunCapture(const std::vector<std::string>& argv) {
     return Status::IOError(std::string("fork: ") + std::strerror(errno));
   }
   if (pid == 0) {
+    ResetSignalsForExec();
     ::dup2(fds[1], 1);
     int devnull = ::open("/dev/null", O_WRONLY);
     if (devnull >= 0) ::dup2(devnull, 2);

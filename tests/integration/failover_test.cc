@@ -8,6 +8,7 @@
 
 #include <chrono>
 #include <filesystem>
+#include <iostream>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <thread>
@@ -80,7 +81,8 @@ class FailoverTest : public ::testing::Test {
                         FreePort(), extra};
     };
     primary_.emplace(dir_, spec("primary.vmreplica.test", "[testing]\nreplication_interval_override_ms = 1000\n"));
-    replica_.emplace(dir_, spec("replica.vmreplica.test", ""));
+    // The replica side runs cycles too once a reverse makes it the primary.
+    replica_.emplace(dir_, spec("replica.vmreplica.test", "[testing]\nreplication_interval_override_ms = 1000\n"));
     std::string err;
     ASSERT_TRUE(primary_->Start(&err)) << err;
     ASSERT_TRUE(replica_->Start(&err)) << err;
@@ -108,7 +110,7 @@ class FailoverTest : public ::testing::Test {
       replica_->Cli({"stop-failover", "guest", "--test"});
       replica_->Cli({"stop-failover", "guest"});
       // A committed failover VM is nobody's to stop but its QEMU's.
-      for (const std::string& dir : {FailoverRunDir(), TestRunDir()}) {
+      for (const std::string& dir : {FailoverRunDir(), TestRunDir(), PrimaryFailoverRunDir()}) {
         const std::string text = ReadText(dir + "/qemu.pid");
         const long pid = text.empty() ? 0 : std::strtol(text.c_str(), nullptr, 10);
         if (pid > 1) ::kill(static_cast<pid_t>(pid), SIGKILL);
@@ -174,6 +176,8 @@ class FailoverTest : public ::testing::Test {
 
   std::string FailoverRunDir() const { return replica_->state_dir() + "/run/fo-" + ShortId(vm_id_); }
   std::string TestRunDir() const { return replica_->state_dir() + "/run/t-" + ShortId(vm_id_); }
+  // The old primary's failover VM after a round trip (it fails over too).
+  std::string PrimaryFailoverRunDir() const { return primary_->state_dir() + "/run/fo-" + ShortId(vm_id_); }
   std::string PointsSocket() const { return replica_->state_dir() + "/run/points.sock"; }
 
   // The names the replica's point server exports now (nbdinfo --list).
@@ -186,6 +190,8 @@ class FailoverTest : public ::testing::Test {
     for (const auto& e : j["exports"]) names.push_back(e["export-name"].get<std::string>());
     return names;
   }
+
+  void FailBackAfterUnplannedFailover(bool kill_primary);
 
   TempDir dir_;
   std::unique_ptr<TestGuest> guest_;
@@ -328,9 +334,14 @@ TEST_F(FailoverTest, UnplannedFailoverToTheMiddlePointThenRevertAndFailOverToThe
     }
   }
   // Illegal once committed: revert, another failover, a test VM, commit again.
-  // Allowed but not built yet (32770): reverse replication and failback.
-  ExpectRefused(replica_->Cli({"reverse", "guest"}), "32770");
-  ExpectRefused(replica_->Cli({"failback", "guest"}), "32770");
+  // The way back is allowed but has its own conditions: a failback sends a
+  // frozen image (the VM runs: 32775); a reverse needs the old primary's
+  // replica server, not enabled in this test (its job ends with 32777).
+  r = replica_->Cli({"failback", "guest"});
+  ExpectRefused(r, "32775");
+  EXPECT_NE(r.err.find("stop the failover VM first"), std::string::npos) << r.err;
+  ExpectRefused(replica_->Cli({"reverse", "guest"}), "32777");
+  EXPECT_EQ(ReplicaState(), 6);
   ExpectRefused(replica_->Cli({"stop-failover", "guest"}), "32775");
   ExpectRefused(replica_->Cli({"failover", "guest"}), "32775");
   ExpectRefused(replica_->Cli({"failover", "guest", "--as-test"}), "32775");
@@ -645,6 +656,315 @@ TEST_F(FailoverTest, PlannedFailoverSendsTheFinalChangesAndLosesNothing) {
   EXPECT_EQ(failures(), failures_before);
   a_rel = Relationship(*primary_);
   EXPECT_EQ(JsonInt(a_rel["replication_state"]), 3) << a_rel.dump();
+}
+
+// Must show: planned failover round trip, primary -> replica -> back, zero
+// bytes lost, no full copy (docs/failover.md section 18.1). A is the
+// original primary, B the replica.
+TEST_F(FailoverTest, PlannedFailoverRoundTripLosesNothingAndCopiesNothing) {
+  ASSERT_FALSE(HasFatalFailure());
+  // A takes B's logs after the reverse: its replica server admits B.
+  ASSERT_EQ(primary_->Cli({"server", "set", "--enable", "--auth", "certificate"}).exit_code, 0);
+  ASSERT_EQ(primary_->Cli({"auth", "add", "*.vmreplica.test", "--storage", dir_ / "replicas-a"}).exit_code, 0);
+  auto deadline = std::chrono::steady_clock::now() + 120s;
+  while (ReplicaState() != 3 && std::chrono::steady_clock::now() < deadline) std::this_thread::sleep_for(200ms);
+  ASSERT_EQ(ReplicaState(), 3) << ReadText(replica_->log_path());
+  const std::string sum1 = WritePhase(1);
+  ASSERT_TRUE(WaitPointAfter(NowMs()));
+  const std::string sum2 = WritePhase(2);
+
+  // The guest on A shuts down; the planned failover sends the rest.
+  const pid_t guest_pid = guest_->pid();
+  (void)guest_->Run("umount /mnt/d; poweroff -f", 10s);
+  deadline = std::chrono::steady_clock::now() + 120s;
+  while (!ProcessGone(guest_pid) && std::chrono::steady_clock::now() < deadline) std::this_thread::sleep_for(100ms);
+  ASSERT_TRUE(ProcessGone(guest_pid)) << "the guest did not power off";
+  auto r = primary_->Cli({"failover", "guest", "--prepare"});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err << ReadText(primary_->log_path());
+  ASSERT_EQ(JsonInt(Relationship(*primary_)["replication_state"]), 4);
+  deadline = std::chrono::steady_clock::now() + 60s;
+  while (std::chrono::steady_clock::now() < deadline &&
+         (Points().empty() || JsonInt(Relationship(*replica_)["last_replication_type"]) != 3)) {
+    std::this_thread::sleep_for(200ms);
+  }
+  ASSERT_EQ(JsonInt(Relationship(*replica_)["last_replication_type"]), 3) << ReadText(replica_->log_path());
+  // Reverse is refused before the failover (state 3 on B) and on A.
+  ExpectRefused(replica_->Cli({"reverse", "guest", "--no-start"}), "32775");
+  ExpectRefused(primary_->Cli({"reverse", "guest", "--no-start"}), "32775");
+  r = replica_->Cli({"failover", "guest"});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err << ReadText(replica_->log_path());
+  ASSERT_EQ(ReplicaState(), 5);
+  EXPECT_EQ(JsonInt(Relationship(*replica_)["failed_over_replication_type"]), 3);
+
+  // B reverses: A adopts its own disks, the reverse start sends nothing.
+  r = replica_->Cli({"--json", "reverse", "guest"});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err << ReadText(replica_->log_path()) << ReadText(primary_->log_path());
+  json start_job = LastJsonDocument(r.out)["job"];
+  EXPECT_EQ(JsonInt(start_job["job_type"]), 94) << r.out;
+  json result = json::parse(start_job.value("result_json", std::string("{}")), nullptr, false);
+  ASSERT_TRUE(result.is_object()) << r.out;
+  EXPECT_TRUE(result.value("reverse", false)) << r.out;
+  EXPECT_EQ(JsonInt(result["data_bytes"]), 0) << r.out;
+  EXPECT_EQ(JsonInt(result["zero_bytes"]), 0) << r.out;
+  EXPECT_EQ(JsonInt(result["candidate_bytes"]), 0) << r.out << ReadText(primary_->log_path());
+  EXPECT_EQ(JsonInt(result["sequence"]), 2) << r.out;
+  std::cout << "reverse start (A -> B): " << result.dump() << "\n";
+  // B is the primary in 3, A the replica in 3 with points 1 (planned) and 2.
+  json b_rel = Relationship(*replica_);
+  EXPECT_EQ(JsonInt(b_rel["replication_mode"]), 1) << b_rel.dump();
+  EXPECT_EQ(JsonInt(b_rel["replication_state"]), 3) << b_rel.dump();
+  deadline = std::chrono::steady_clock::now() + 60s;
+  while (JsonInt(Relationship(*primary_)["replication_state"]) != 3 && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(200ms);
+  }
+  json a_rel = Relationship(*primary_);
+  EXPECT_EQ(JsonInt(a_rel["replication_mode"]), 2) << a_rel.dump();
+  EXPECT_EQ(JsonInt(a_rel["replication_state"]), 3) << a_rel.dump() << ReadText(primary_->log_path());
+  {
+    // A's points: the adopted one (1, kind 3: the planned failover's) and log 2.
+    auto p = primary_->Cli({"--json", "points", "guest"});
+    ASSERT_EQ(p.exit_code, 0) << p.out << p.err;
+    json pts = LastJsonDocument(p.out)["points"];
+    ASSERT_EQ(pts.size(), 2u) << pts.dump();
+    EXPECT_EQ(JsonInt(pts[0]["sequence"]), 1) << pts.dump();
+    EXPECT_EQ(JsonInt(pts[0]["kind"]), 3) << pts.dump();
+    EXPECT_EQ(JsonInt(pts[1]["sequence"]), 2) << pts.dump();
+  }
+  // A's store file holds exactly A's original image (adopted, not sent).
+  const std::string a_store = (dir_ / "replicas-a") + "/" + vm_id_ + "/disks/vda.img";
+  auto cmp = RunProgram({"/usr/bin/qemu-img", "compare", "-f", "raw", "-F", "qcow2", a_store, dir_ / "vda.qcow2"});
+  EXPECT_EQ(cmp.exit_code, 0) << cmp.out << cmp.err;
+
+  // B's VM runs on its disks, finds phases 1 and 2, writes phase 3, which
+  // reaches A by an ordinary cycle.
+  r = replica_->Cli({"vm", "start", "guest"});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err << ReadText(replica_->log_path());
+  std::string sum3;
+  long b_pid = 0;
+  {
+    auto console = GuestConsole::Connect(FailoverRunDir() + "/serial.sock", 180s);
+    ASSERT_TRUE(console.ok()) << console.status().ToString() << ReadText(FailoverRunDir() + "/serial.log");
+    auto g = (*console)->Run("mkdir -p /mnt/d && mount -t ext4 /dev/vda /mnt/d && md5sum /mnt/d/p1 /mnt/d/p2", 120s);
+    ASSERT_TRUE(g.ok()) << g.status().ToString();
+    EXPECT_EQ(g->first, 0) << g->second;
+    EXPECT_NE(g->second.find(sum1.substr(0, 32)), std::string::npos) << g->second;
+    EXPECT_NE(g->second.find(sum2.substr(0, 32)), std::string::npos) << g->second;
+    g = (*console)->Run("dd if=/dev/urandom of=/mnt/d/p3 bs=4k count=64 2>/dev/null && sync && md5sum /mnt/d/p3",
+                        120s);
+    ASSERT_TRUE(g.ok()) << g.status().ToString();
+    ASSERT_EQ(g->first, 0) << g->second;
+    sum3 = g->second;
+    const int64_t after = NowMs();
+    deadline = std::chrono::steady_clock::now() + 120s;
+    bool seen = false;
+    while (!seen && std::chrono::steady_clock::now() < deadline) {
+      auto p = primary_->Cli({"--json", "points", "guest"});
+      json doc = p.exit_code == 0 ? LastJsonDocument(p.out) : json();
+      if (doc.contains("points")) {
+        for (const auto& pt : doc["points"]) seen = seen || JsonInt(pt["time_unix_ms"]) > after;
+      }
+      if (!seen) std::this_thread::sleep_for(200ms);
+    }
+    ASSERT_TRUE(seen) << ReadText(replica_->log_path());
+    const std::string b_pid_text = ReadText(FailoverRunDir() + "/qemu.pid");
+    b_pid = b_pid_text.empty() ? 0 : std::strtol(b_pid_text.c_str(), nullptr, 10);
+    (void)(*console)->Run("umount /mnt/d; poweroff -f", 10s);
+  }
+  // Back to A: B's guest is off, B prepares, A fails over and reverses.
+  deadline = std::chrono::steady_clock::now() + 120s;
+  while (b_pid > 1 && !ProcessGone(b_pid) && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(100ms);
+  }
+  ASSERT_TRUE(b_pid > 1 && ProcessGone(b_pid)) << "B's guest did not power off";
+  r = replica_->Cli({"failover", "guest", "--prepare"});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err << ReadText(replica_->log_path());
+  EXPECT_EQ(JsonInt(Relationship(*replica_)["replication_state"]), 4);
+  deadline = std::chrono::steady_clock::now() + 60s;
+  while (JsonInt(Relationship(*primary_)["last_replication_type"]) != 3 && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(200ms);
+  }
+  r = primary_->Cli({"failover", "guest"});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err << ReadText(primary_->log_path());
+  EXPECT_EQ(JsonInt(Relationship(*primary_)["failed_over_replication_type"]), 3);
+  r = primary_->Cli({"--json", "reverse", "guest", "--start-vm"});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err << ReadText(primary_->log_path()) << ReadText(replica_->log_path());
+  // The JSON lines: job 104, job 94, StartVm's answer; job 94 is the one
+  // with the reverse start's counters, job 104 says what B adopted.
+  json back, adopt;
+  for (size_t pos = 0; pos < r.out.size();) {
+    const size_t nl = r.out.find('\n', pos);
+    json line = json::parse(r.out.substr(pos, nl == std::string::npos ? std::string::npos : nl - pos), nullptr, false);
+    if (!line.is_discarded() && line.contains("job") && JsonInt(line["job"]["job_type"]) == 94) back = line["job"];
+    if (!line.is_discarded() && line.contains("job") && JsonInt(line["job"]["job_type"]) == 104) adopt = line["job"];
+    if (nl == std::string::npos) break;
+    pos = nl + 1;
+  }
+  ASSERT_TRUE(back.is_object()) << r.out;
+  ASSERT_TRUE(adopt.is_object()) << r.out;
+  json adopted = json::parse(adopt.value("result_json", std::string("{}")), nullptr, false);
+  // B's disks were wrappers of its old store's files: adopted in place.
+  EXPECT_EQ(JsonInt(adopted["a_local_copy_bytes"]), 0) << r.out;
+  EXPECT_EQ(JsonInt(adopted["a_tracking"]), 1) << r.out;
+  std::cout << "reverse (B -> A): " << adopted.dump() << "\n";
+  result = json::parse(back.value("result_json", std::string("{}")), nullptr, false);
+  EXPECT_EQ(JsonInt(result["data_bytes"]), 0) << r.out;
+  EXPECT_EQ(JsonInt(result["candidate_bytes"]), 0) << r.out;
+  EXPECT_EQ(JsonInt(Relationship(*primary_)["replication_mode"]), 1);
+  // B's store directory was adopted in place: its disk file is the one the
+  // reversed VM wrote.
+  EXPECT_EQ(JsonInt(Relationship(*replica_)["replication_mode"]), 2);
+  {
+    auto console = GuestConsole::Connect(PrimaryFailoverRunDir() + "/serial.sock", 180s);
+    ASSERT_TRUE(console.ok()) << console.status().ToString() << ReadText(PrimaryFailoverRunDir() + "/serial.log");
+    auto g = (*console)->Run(
+        "mkdir -p /mnt/d && mount -t ext4 /dev/vda /mnt/d && md5sum /mnt/d/p1 /mnt/d/p2 /mnt/d/p3", 120s);
+    ASSERT_TRUE(g.ok()) << g.status().ToString();
+    EXPECT_EQ(g->first, 0) << g->second;
+    EXPECT_NE(g->second.find(sum1.substr(0, 32)), std::string::npos) << g->second;
+    EXPECT_NE(g->second.find(sum2.substr(0, 32)), std::string::npos) << g->second;
+    EXPECT_NE(g->second.find(sum3.substr(0, 32)), std::string::npos) << g->second;
+  }
+}
+
+// Must show: InitiateFailback after an unplanned failover sends only the
+// changed blocks (counted and printed) and ends in state 14
+// (docs/failover.md section 18.2). A is the primary, B the replica.
+// The body of the two failback tests: A's QEMU ends cleanly (its
+// persistent bitmaps name A's own changes) or is killed (tracking lost:
+// every block of A is a candidate, and still only differing blocks travel).
+void FailoverTest::FailBackAfterUnplannedFailover(bool kill_primary) {
+  ASSERT_EQ(primary_->Cli({"server", "set", "--enable", "--auth", "certificate"}).exit_code, 0);
+  ASSERT_EQ(primary_->Cli({"auth", "add", "*.vmreplica.test", "--storage", dir_ / "replicas-a"}).exit_code, 0);
+  auto deadline = std::chrono::steady_clock::now() + 120s;
+  while (ReplicaState() != 3 && std::chrono::steady_clock::now() < deadline) std::this_thread::sleep_for(200ms);
+  ASSERT_EQ(ReplicaState(), 3) << ReadText(replica_->log_path());
+  const std::string sum1 = WritePhase(1);
+  const std::string sum2 = WritePhase(2);
+  ASSERT_TRUE(WaitPointAfter(NowMs()));
+  // Phase X stays on A only (replication suspended), then A's QEMU exits
+  // cleanly: its persistent bitmaps name what A wrote since the last cut.
+  auto r = primary_->Cli({"suspend", "guest"});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  if (kill_primary) {
+    Guest("dd if=/dev/urandom of=/mnt/d/px bs=64k count=64 2>/dev/null && sync && echo ok");
+    guest_->Kill();
+  } else {
+    Guest("dd if=/dev/urandom of=/mnt/d/px bs=64k count=64 2>/dev/null && sync && umount /mnt/d && echo ok");
+    Status down = guest_->Shutdown(120s);
+    ASSERT_TRUE(down.ok()) << down.ToString();
+  }
+  // "A before": A's disk as it is now, for the test's own byte count.
+  r = RunProgram({"/usr/bin/qemu-img", "convert", "-q", "-f", "qcow2", "-O", "raw", dir_ / "vda.qcow2",
+                  dir_ / "a-before.raw"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+
+  // Unplanned failover on B (A's VM is off: no --force); phase Y there.
+  r = replica_->Cli({"failover", "guest", "--start"});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err << ReadText(replica_->log_path());
+  long pid = 0;
+  {
+    auto console = GuestConsole::Connect(FailoverRunDir() + "/serial.sock", 180s);
+    ASSERT_TRUE(console.ok()) << console.status().ToString() << ReadText(FailoverRunDir() + "/serial.log");
+    auto g = (*console)->Run(
+        "mkdir -p /mnt/d && mount -t ext4 /dev/vda /mnt/d && md5sum /mnt/d/p1 /mnt/d/p2 && "
+        "dd if=/dev/urandom of=/mnt/d/py bs=64k count=16 2>/dev/null && sync",
+        120s);
+    ASSERT_TRUE(g.ok()) << g.status().ToString();
+    ASSERT_EQ(g->first, 0) << g->second;
+    EXPECT_NE(g->second.find(sum1.substr(0, 32)), std::string::npos) << g->second;
+    EXPECT_NE(g->second.find(sum2.substr(0, 32)), std::string::npos) << g->second;
+    const std::string pid_text = ReadText(FailoverRunDir() + "/qemu.pid");
+    pid = pid_text.empty() ? 0 : std::strtol(pid_text.c_str(), nullptr, 10);
+    (void)(*console)->Run("umount /mnt/d; poweroff -f", 10s);
+  }
+  deadline = std::chrono::steady_clock::now() + 120s;
+  while (pid > 1 && !ProcessGone(pid) && std::chrono::steady_clock::now() < deadline) std::this_thread::sleep_for(100ms);
+  ASSERT_TRUE(pid > 1 && ProcessGone(pid)) << "the failover VM did not power off";
+
+  // Refused on A, a primary; then the failback from B.
+  ExpectRefused(primary_->Cli({"failback", "guest"}), "32775");
+  r = replica_->Cli({"--json", "failback", "guest"});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err << ReadText(replica_->log_path()) << ReadText(primary_->log_path());
+  json job = LastJsonDocument(r.out)["job"];
+  EXPECT_EQ(JsonInt(job["job_type"]), 124) << r.out;
+  json result = json::parse(job.value("result_json", std::string("{}")), nullptr, false);
+  ASSERT_TRUE(result.is_object()) << r.out;
+  EXPECT_EQ(ReplicaState(), 14);
+  deadline = std::chrono::steady_clock::now() + 60s;
+  while (JsonInt(Relationship(*primary_)["replication_state"]) != 3 && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(200ms);
+  }
+  json a_rel = Relationship(*primary_);
+  EXPECT_EQ(JsonInt(a_rel["replication_mode"]), 2) << a_rel.dump();
+  EXPECT_EQ(JsonInt(a_rel["replication_state"]), 3) << a_rel.dump();
+  EXPECT_EQ(JsonInt(a_rel["last_replication_type"]), 3) << a_rel.dump();
+
+  // The test's own count: B's committed image against "A before", per
+  // 64 KiB block (the sync's block).
+  const std::string b_image = (dir_ / "replicas") + "/" + vm_id_ + "/disks/vda.img";
+  const std::string a_store = (dir_ / "replicas-a") + "/" + vm_id_ + "/disks/vda.img";
+  const std::string b = ReadText(b_image), before = ReadText(dir_ / "a-before.raw");
+  ASSERT_EQ(b.size(), before.size());
+  constexpr size_t kBlock = 64 * 1024;
+  uint64_t differing = 0, differing_zero = 0;
+  for (size_t off = 0; off < b.size(); off += kBlock) {
+    const size_t n = std::min(kBlock, b.size() - off);
+    if (b.compare(off, n, before, off, n) == 0) continue;
+    differing += n;
+    if (b.find_first_not_of('\0', off) >= off + n) differing_zero += n;
+  }
+  const uint64_t data = JsonInt(result["data_bytes"]), zeros = JsonInt(result["zero_bytes"]);
+  std::cout << "failback sent " << data << " data bytes and " << zeros << " zero bytes; " << differing
+            << " bytes differ in 64 KiB blocks (" << differing_zero << " of them all-zero); disk " << b.size()
+            << " bytes; job result " << result.dump() << "\n";
+  EXPECT_GT(differing, 0u);
+  EXPECT_EQ(data + zeros, differing) << r.out;
+  EXPECT_LE(zeros, differing_zero) << r.out;
+  EXPECT_LT(differing, b.size() / 4) << "only a small part of the disk changed";
+  if (kill_primary) {
+    // A's tracking is lost: every block of A is compared by hash.
+    EXPECT_EQ(JsonInt(result["a_tracking"]), 2) << r.out;
+    EXPECT_TRUE(result.value("whole_disks", false)) << r.out;
+    EXPECT_EQ(JsonInt(result["candidate_bytes"]), static_cast<int64_t>(b.size())) << r.out;
+  } else {
+    EXPECT_EQ(JsonInt(result["a_tracking"]), 1) << r.out;
+    EXPECT_GT(JsonInt(result["candidate_bytes"]), 0) << r.out;
+    EXPECT_LT(JsonInt(result["candidate_bytes"]), static_cast<int64_t>(b.size())) << r.out;
+  }
+  // A now holds exactly B's image.
+  EXPECT_TRUE(ReadText(a_store) == b) << "A's store differs from B's committed image";
+
+  // A runs the VM again from the failback point (kind 3; B answers that its
+  // failover VM is stopped, so no --force): phases 1, 2 and Y, not X.
+  ExpectRefused(replica_->Cli({"vm", "start", "guest"}), "32775");
+  r = primary_->Cli({"failover", "guest", "--start"});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err << ReadText(primary_->log_path());
+  a_rel = Relationship(*primary_);
+  EXPECT_EQ(JsonInt(a_rel["replication_state"]), 5) << a_rel.dump();
+  EXPECT_EQ(JsonInt(a_rel["failed_over_replication_type"]), 3) << a_rel.dump();
+  {
+    auto console = GuestConsole::Connect(PrimaryFailoverRunDir() + "/serial.sock", 180s);
+    ASSERT_TRUE(console.ok()) << console.status().ToString() << ReadText(PrimaryFailoverRunDir() + "/serial.log");
+    auto g = (*console)->Run(
+        "mkdir -p /mnt/d && mount -t ext4 /dev/vda /mnt/d && md5sum /mnt/d/p1 /mnt/d/p2 && ls /mnt/d", 120s);
+    ASSERT_TRUE(g.ok()) << g.status().ToString();
+    EXPECT_EQ(g->first, 0) << g->second;
+    EXPECT_NE(g->second.find(sum1.substr(0, 32)), std::string::npos) << g->second;
+    EXPECT_NE(g->second.find(sum2.substr(0, 32)), std::string::npos) << g->second;
+    EXPECT_NE(g->second.find("py"), std::string::npos) << g->second;
+    EXPECT_EQ(g->second.find("px"), std::string::npos) << "X was never replicated; the failback replaced it\n"
+                                                       << g->second;
+  }
+}
+
+TEST_F(FailoverTest, FailbackAfterUnplannedFailoverSendsOnlyChangedBlocks) {
+  ASSERT_FALSE(HasFatalFailure());
+  FailBackAfterUnplannedFailover(/*kill_primary=*/false);
+}
+
+TEST_F(FailoverTest, FailbackAfterTheOldPrimaryWasKilledComparesEveryBlockAndSendsOnlyChangedOnes) {
+  ASSERT_FALSE(HasFatalFailure());
+  FailBackAfterUnplannedFailover(/*kill_primary=*/true);
 }
 
 }  // namespace
