@@ -86,4 +86,13 @@ struct ReverseSyncReport {
 // of the NBD reads are returned as they are.
 Result<ReverseSyncReport> RunReverseSync(const ReverseSyncParams& p);
 
+// A reverse start or failback whose log 2 already reached the old primary
+// before this host recorded it (a crash, a failed catalog write, a timeout
+// waiting for the apply: docs/failover.md 13.5): the old primary reports a
+// latest point >= 2 in state 3 with a generation. Answers the report to
+// finish with (no counters; the old primary's sequence and generation), or
+// nullopt when the sync has to run. Errors of GetReplicaStatus pass through.
+Result<std::optional<ReverseSyncReport>> ReverseSyncDelivered(const std::shared_ptr<grpc::Channel>& channel,
+                                                              const std::string& vm_id);
+
 }  // namespace vmreplica

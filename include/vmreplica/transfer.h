@@ -33,6 +33,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -81,6 +82,7 @@ struct ReplicaStatusInfo {
   int64_t last_apply_ms = 0;  // LastApplyTime on the replica (0 = none yet)
   uint64_t partial_sequence = 0;  // a log held in part (0 = none) ...
   uint64_t partial_chunks = 0;    // ... and how many of its chunks
+  std::optional<GenerationId> latest_generation;  // of the latest applied point, when it has one
 };
 
 // PrepareReverse (docs/failover.md 14.1, docs/protocol.md "PrepareReverse"):

@@ -2141,7 +2141,15 @@ Status FailoverManager::DoFailback(JobContext& job, const std::string& vm_id, co
   p.kind = ReplicationType::kPlanned;
   p.compress = settings.compression_enabled;
   p.job = &job;
-  VMR_ASSIGN_OR_RETURN(ReverseSyncReport rep, RunReverseSync(p));
+  VMR_ASSIGN_OR_RETURN(auto delivered, ReverseSyncDelivered(channel, vm_id));
+  ReverseSyncReport rep;
+  if (delivered) {
+    spdlog::warn("VM {}: the old primary already holds log {} of this failback; it is finished", vm->name,
+                 delivered->sequence);
+    rep = *delivered;
+  } else {
+    VMR_ASSIGN_OR_RETURN(rep, RunReverseSync(p));
+  }
   std::error_code ec;
   std::filesystem::remove_all(p.run_dir, ec);
   job.SetProgress(90);

@@ -222,13 +222,19 @@ Result<PrepareReverseAnswer> OldPrimaryReverse::AnswerSwitched(const ReverseRecv
                                       record.request_id + " of " + record.caller_names.front() + ")");
   }
   VMR_ASSIGN_OR_RETURN(auto rel, catalog_->GetRelationship(p.vm_id, 0));
-  if (!rel || rel->local_mode != ReplicationMode::kReplica ||
-      rel->state != ReplicationState::kWaitingToCompleteInitialReplication) {
+  // Waiting at its adopted point 1; or, for a retry of this very request
+  // whose log 2 already arrived (the caller then finishes without sending
+  // again), replicating at point 2.
+  const bool waiting = rel && rel->local_mode == ReplicationMode::kReplica &&
+                       rel->state == ReplicationState::kWaitingToCompleteInitialReplication;
+  const bool synced = rel && rel->local_mode == ReplicationMode::kReplica &&
+                      rel->state == ReplicationState::kReplicating;
+  if (!waiting && !synced) {
     return Status::FailedPrecondition("VM " + p.vm_id + " is no longer a replica waiting at its adopted point 1");
   }
   PrimaryCaller caller{caller_names, entry};
   VMR_ASSIGN_OR_RETURN(auto status, replicas_->GetReplicaStatus(caller, p.vm_id, 0));
-  if (status.latest_applied != 1) {
+  if ((waiting && status.latest_applied != 1) || (synced && status.latest_applied != 2)) {
     return Status::FailedPrecondition("VM " + p.vm_id + ": the replica is at point " +
                                       std::to_string(status.latest_applied) + ", not its adopted point 1");
   }

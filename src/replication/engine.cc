@@ -2451,7 +2451,17 @@ std::optional<Result<CycleReport>> ReplicationEngine::RunReverseStart(const std:
     p.compress = rel->settings.compression_enabled;
     p.throttle = [this](uint64_t bytes) { Throttle(bytes); };
     p.job = job;
-    VMR_ASSIGN_OR_RETURN(ReverseSyncReport rep, RunReverseSync(p));
+    // A sync that reached A before this host recorded it is finished, not
+    // run again (A no longer waits at point 1).
+    VMR_ASSIGN_OR_RETURN(auto delivered, ReverseSyncDelivered(channel, vm_id));
+    ReverseSyncReport rep;
+    if (delivered) {
+      spdlog::warn("VM {}: the old primary already holds log {} of this reverse; the reverse start is finished", vm_id,
+                   delivered->sequence);
+      rep = *delivered;
+    } else {
+      VMR_ASSIGN_OR_RETURN(rep, RunReverseSync(p));
+    }
     CycleReport report;
     report.sequence = rep.sequence;
     report.initial = true;

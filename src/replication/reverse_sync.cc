@@ -332,4 +332,18 @@ Result<ReverseSyncReport> RunReverseSync(const ReverseSyncParams& p) {
   return report;
 }
 
+Result<std::optional<ReverseSyncReport>> ReverseSyncDelivered(const std::shared_ptr<grpc::Channel>& channel,
+                                                              const std::string& vm_id) {
+  ReplicaClient client(channel);
+  VMR_ASSIGN_OR_RETURN(ReplicaStatusInfo st, client.GetReplicaStatus(vm_id, 0));
+  if (st.latest_applied < 2 || st.state != ReplicationState::kReplicating || !st.latest_generation) {
+    return std::optional<ReverseSyncReport>();
+  }
+  ReverseSyncReport r;
+  r.sequence = st.latest_applied;
+  r.generation = *st.latest_generation;
+  r.cut_time_ms = st.last_apply_ms;
+  return std::optional<ReverseSyncReport>(r);
+}
+
 }  // namespace vmreplica

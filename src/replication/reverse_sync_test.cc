@@ -335,6 +335,10 @@ class ReverseSyncTest : public ::testing::Test {
 TEST_F(ReverseSyncTest, NothingChangedSendsAnEmptyLogThatKeepsTheGeneration) {
   MakeA(common_);
   MakeB(common_);
+  // Before the sync A waits at point 1: nothing was delivered.
+  auto before = ReverseSyncDelivered(Channel(), kVm);
+  ASSERT_TRUE(before.ok()) << before.status().ToString();
+  EXPECT_FALSE(before->has_value());
   auto r = RunReverseSync(Params(Claim(true, 0), Since()));
   ASSERT_TRUE(r.ok()) << r.status().ToString();
   EXPECT_EQ(r->sequence, 2u);
@@ -362,6 +366,14 @@ TEST_F(ReverseSyncTest, NothingChangedSendsAnEmptyLogThatKeepsTheGeneration) {
     EXPECT_EQ(rec->generation, 2u);
     EXPECT_TRUE(tracker.CheckTracking().ok()) << tracker.CheckTracking().ToString();
   }
+  // Once A applied log 2, a caller that lost the report finishes from A's
+  // answer: its sequence and the generation of its point 2.
+  ASSERT_TRUE(manager_->WaitApplied(kVm, std::chrono::seconds(60)).ok());
+  auto after = ReverseSyncDelivered(Channel(), kVm);
+  ASSERT_TRUE(after.ok()) << after.status().ToString();
+  ASSERT_TRUE(after->has_value());
+  EXPECT_EQ((*after)->sequence, 2u);
+  EXPECT_EQ(Hex((*after)->generation), Hex(generation_));
   // A second sync finds A past its adopted point and says what it found.
   auto again = RunReverseSync(Params(Claim(true, 0), Since()));
   ASSERT_FALSE(again.ok());

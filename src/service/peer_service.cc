@@ -92,6 +92,9 @@ void ToProto(const ReplicaStatusInfo& s, v1::ReplicaStatus* p) {
   p->set_last_apply_time_unix_ms(s.last_apply_ms);
   p->set_partial_sequence(s.partial_sequence);
   p->set_partial_chunks(s.partial_chunks);
+  if (s.latest_generation) {
+    p->set_latest_generation(std::string(s.latest_generation->begin(), s.latest_generation->end()));
+  }
 }
 
 grpc::Status Refuse(const char* method, const std::vector<std::string>& names, const Status& s) {

@@ -28,6 +28,15 @@ Result<ReplicaStatusInfo> FromProto(const v1::ReplicaStatus& p) {
   s.last_apply_ms = p.last_apply_time_unix_ms();
   s.partial_sequence = p.partial_sequence();
   s.partial_chunks = p.partial_chunks();
+  if (!p.latest_generation().empty()) {
+    if (p.latest_generation().size() != 16) {
+      return Status::Corruption("replica status: latest_generation of " +
+                                std::to_string(p.latest_generation().size()) + " bytes, not 16");
+    }
+    GenerationId g{};
+    std::copy(p.latest_generation().begin(), p.latest_generation().end(), g.begin());
+    s.latest_generation = g;
+  }
   auto state = Parse<ReplicationState>(std::to_string(p.state()));
   if (!state) {
     return Status::Corruption("replica status: state " + std::to_string(p.state()) +
