@@ -76,6 +76,11 @@ struct FailoverOptions {
   // PrepareReverse to finish (it copies A's images locally when they are not
   // ours already).
   std::chrono::milliseconds reverse_prepare_timeout{6 * 3600 * 1000};
+  // Creates the primary side of a relationship for a VM of this host and
+  // its replica side on the server the settings name (the engine's
+  // CreateRelationship). Used by a reverse to a server other than the old
+  // primary. Unset: that reverse answers 32770.
+  std::function<Status(const std::string& vm_id, const RelationshipSettings& settings)> create_relationship;
 };
 
 struct FailoverRequestParams {
@@ -202,13 +207,21 @@ class FailoverManager {
   Status DoRevert(JobContext& job, const std::string& vm_id);
   Status DoCommit(JobContext& job, const std::string& vm_id);
   Status DoReverse(JobContext& job, const std::string& vm_id, const RelationshipSettings& settings);
+  Status DoReverseToNewServer(JobContext& job, const std::string& vm_id, const RelationshipSettings& settings);
   // `committed`: in, the failover was committed before; out, it is now.
   Status DoFailback(JobContext& job, const std::string& vm_id, const RelationshipSettings& settings,
                     const std::string& point_id, bool* committed);
   // Shared by the reverse and the failback (docs/failover.md section 13).
   Result<std::pair<VmRecord, RelationshipRecord>> CheckWayBack(const std::string& vm, Operation op);
+  // `other_server`: set when the settings name a server other than the
+  // old primary (allowed only when it is not null: a reverse; a failback
+  // goes to the old primary only).
   Result<RelationshipSettings> ReverseTarget(const VmRecord& vm, const RelationshipRecord& rel,
-                                             const RelationshipSettings& requested);
+                                             const RelationshipSettings& requested, bool* other_server = nullptr);
+  // A reverse to another server: this host becomes the primary (the
+  // wrappers), a new relationship to that server is created (its replica
+  // side made there); StartReplication then makes a full initial copy.
+  Status SwitchToNewRelationship(const std::string& vm_id, const RelationshipSettings& settings);
   Result<ReverseSendRecord> BeginSendRecord(const std::string& vm_id, const std::string& purpose,
                                             const RelationshipSettings& settings);
   // PrepareReverse on the old primary, repeated until it is done; the
@@ -221,6 +234,9 @@ class FailoverManager {
   Result<VmDefinition> WrapperDefinition(const VmRecord& vm, const Active& a);
   // The reversed VM's switch to a primary (section 13.1 step 3).
   Status SwitchToPrimary(const std::string& vm_id, const RelationshipSettings& settings);
+  // The catalog part of both: the VM on its wrappers, its points gone, the
+  // relationship kept as the primary side in state 1 or deleted.
+  Status SwitchVm(const std::string& vm_id, const RelationshipSettings& settings, bool keep_relationship);
   // Forgets a reversed VM's entry when this host is no longer its primary
   // (its wrappers were adopted back by a later reverse). Call with mu_ held.
   void DropStaleReversedLocked(const std::string& vm_id);

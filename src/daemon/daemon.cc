@@ -136,6 +136,9 @@ Result<std::unique_ptr<Daemon>> Daemon::Create(DaemonConfig config) {
     return client.GetPrimaryVmState(vm_id);
   };
   fopts.open_channel = open_channel;
+  fopts.create_relationship = [self](const std::string& vm_id, const RelationshipSettings& settings) {
+    return self->replication_->CreateRelationship(vm_id, settings);
+  };
   fopts.advertised_address = eopts.advertised_address;
   d->failover_ = std::make_unique<FailoverManager>(d->catalog_.get(), d->jobs_.get(), d->replicas_.get(), fopts);
   d->env_.failover = d->failover_.get();

@@ -1101,7 +1101,7 @@ Status FailoverManager::StartVm(const std::string& vm_name) {
     }
   }
   VMR_ASSIGN_OR_RETURN(auto rel, catalog_->GetRelationship(vm.id, 0));
-  if (vm.mode == ReplicationMode::kPrimary) return StartReversedVm(vm);
+  if (vm.mode == ReplicationMode::kPrimary || vm.mode == ReplicationMode::kNone) return StartReversedVm(vm);
   if (!rel || vm.mode != ReplicationMode::kReplica || rel->state != ReplicationState::kCommitted) {
     return Status::FailedPrecondition("VM " + vm.name + " has no committed failover on this host" +
                                       (rel ? " (state " + std::string(Name(rel->state)) + ")" : std::string()) +
@@ -1660,7 +1660,8 @@ void FailoverManager::DropStaleReversedLocked(const std::string& vm_id) {
 }
 
 Result<RelationshipSettings> FailoverManager::ReverseTarget(const VmRecord& vm, const RelationshipRecord& rel,
-                                                            const RelationshipSettings& requested) {
+                                                            const RelationshipSettings& requested,
+                                                            bool* other_server) {
   // The target: the old primary by default (api.md "Decisions").
   auto old_primary = SplitHostPort(rel.settings.primary_connection_point);
   RelationshipSettings settings = requested;
@@ -1677,12 +1678,13 @@ Result<RelationshipSettings> FailoverManager::ReverseTarget(const VmRecord& vm, 
   settings.primary_connection_point.clear();
   settings.primary_host_system.clear();
   VMR_RETURN_IF_ERROR(ValidateRelationshipSettings(settings, /*extended=*/false));
-  if (!old_primary || !SameHost(settings.recovery_connection_point, old_primary->first) ||
-      settings.recovery_server_port != old_primary->second) {
-    return Status::NotSupported("replicating back to a server other than the old primary (" +
-                                rel.settings.primary_connection_point +
-                                ") is not supported: that server holds no copy of the disks");
+  const bool other = !old_primary || !SameHost(settings.recovery_connection_point, old_primary->first) ||
+                     settings.recovery_server_port != old_primary->second;
+  if (other && (other_server == nullptr || !options_.create_relationship)) {
+    return Status::NotSupported("failing back to a server other than the old primary (" +
+                                rel.settings.primary_connection_point + ") is not supported");
   }
+  if (other_server != nullptr) *other_server = other;
   VMR_ASSIGN_OR_RETURN(auto disks, catalog_->ListDisks(vm.id));
   for (const auto& name : settings.included_disks) {
     if (std::none_of(disks.begin(), disks.end(), [&](const DiskRecord& d) { return d.name == name; })) {
@@ -1757,17 +1759,28 @@ Result<JobRecord> FailoverManager::ReverseReplicationRelationship(const std::str
                                                                   const RelationshipSettings& requested) {
   VMR_ASSIGN_OR_RETURN(auto found, CheckWayBack(vm_name, Operation::kReverseReplicationRelationship));
   const VmRecord& vm = found.first;
-  VMR_ASSIGN_OR_RETURN(RelationshipSettings settings, ReverseTarget(vm, found.second, requested));
-  VMR_ASSIGN_OR_RETURN(ReverseSendRecord record, BeginSendRecord(vm.id, "reverse", settings));
+  bool other_server = false;
+  VMR_ASSIGN_OR_RETURN(RelationshipSettings settings, ReverseTarget(vm, found.second, requested, &other_server));
+  // To the old primary: the send record first (section 15.2). To another
+  // server there is no common copy: nothing to record, a full copy follows.
+  ReverseSendRecord record;
+  if (!other_server) {
+    VMR_ASSIGN_OR_RETURN(record, BeginSendRecord(vm.id, "reverse", settings));
+  } else {
+    record.target = settings.recovery_connection_point + ":" + std::to_string(settings.recovery_server_port);
+  }
   {
     std::lock_guard<std::mutex> l(mu_);
     if (busy_.count(vm.id) != 0) return Status::FailedPrecondition("VM " + vm.name + ": a failover job is running");
     busy_.insert(vm.id);
   }
   auto job = jobs_->Start(JobType::kReverseReplication, vm.id,
-                          json{{"vm", vm.id}, {"target", record.target}, {"request_id", record.request_id}}.dump(),
-                          false, false, [this, id = vm.id, settings](JobContext& ctx) -> Status {
-                            Status s = DoReverse(ctx, id, settings);
+                          json{{"vm", vm.id}, {"target", record.target}, {"request_id", record.request_id},
+                               {"old_primary", !other_server}}
+                              .dump(),
+                          false, false, [this, id = vm.id, settings, other_server](JobContext& ctx) -> Status {
+                            Status s = other_server ? DoReverseToNewServer(ctx, id, settings)
+                                                    : DoReverse(ctx, id, settings);
                             std::lock_guard<std::mutex> l(mu_);
                             busy_.erase(id);
                             return s;
@@ -1859,6 +1872,28 @@ Status FailoverManager::DoReverse(JobContext& job, const std::string& vm_id, con
   return Status::Ok();
 }
 
+Status FailoverManager::DoReverseToNewServer(JobContext& job, const std::string& vm_id,
+                                            const RelationshipSettings& settings) {
+  VMR_ASSIGN_OR_RETURN(auto vm, catalog_->GetVm(vm_id));
+  if (!vm) return Status::NotFound("VM " + vm_id + " is no longer in the catalog");
+  VMR_ASSIGN_OR_RETURN(auto rel, catalog_->GetRelationship(vm_id, 0));
+  if (!rel) return Status::NotFound("VM " + vm_id + " has no replication relationship");
+  if (rel->state == ReplicationState::kRecovered) {
+    spdlog::info("VM {}: reverse replication: committing the failover first", vm->name);
+    VMR_RETURN_IF_ERROR(DoCommit(job, vm_id).WithContext("committing the failover before the reverse"));
+  }
+  job.SetProgress(50);
+  VMR_RETURN_IF_ERROR(SwitchToNewRelationship(vm_id, settings));
+  job.SetResult(json{{"vm_id", vm_id},
+                     {"target", settings.recovery_connection_point + ":" +
+                                    std::to_string(settings.recovery_server_port)},
+                     {"old_primary", false}}
+                    .dump());
+  spdlog::info("VM {}: reversed to {} (not the old primary: StartReplication makes a full initial copy)", vm->name,
+               settings.recovery_connection_point);
+  return Status::Ok();
+}
+
 Result<std::shared_ptr<FailoverManager::Active>> FailoverManager::CommittedEntry(const std::string& vm_id,
                                                                                 const std::string& vm_name) {
   std::shared_ptr<Active> a;
@@ -1899,6 +1934,18 @@ Result<VmDefinition> FailoverManager::WrapperDefinition(const VmRecord& vm, cons
 }
 
 Status FailoverManager::SwitchToPrimary(const std::string& vm_id, const RelationshipSettings& settings) {
+  return SwitchVm(vm_id, settings, /*keep_relationship=*/true);
+}
+
+Status FailoverManager::SwitchToNewRelationship(const std::string& vm_id, const RelationshipSettings& settings) {
+  VMR_RETURN_IF_ERROR(SwitchVm(vm_id, settings, /*keep_relationship=*/false));
+  // The replica side on the named server and the primary side here (state 1).
+  return options_.create_relationship(vm_id, settings).WithContext("creating the relationship to " +
+                                                                  settings.recovery_connection_point);
+}
+
+Status FailoverManager::SwitchVm(const std::string& vm_id, const RelationshipSettings& settings,
+                                 bool keep_relationship) {
   VMR_ASSIGN_OR_RETURN(auto vm, catalog_->GetVm(vm_id));
   if (!vm) return Status::NotFound("VM " + vm_id + " is no longer in the catalog");
   VMR_ASSIGN_OR_RETURN(std::shared_ptr<Active> a, CommittedEntry(vm_id, vm->name));
@@ -1924,12 +1971,20 @@ Status FailoverManager::SwitchToPrimary(const std::string& vm_id, const Relation
   const int64_t now = options_.now_ms ? options_.now_ms() : SystemNowMs();
   VMR_RETURN_IF_ERROR(catalog_->RunInTransaction([&]() -> Status {
     VmRecord v = *vm;
-    v.mode = ReplicationMode::kPrimary;
+    v.mode = keep_relationship ? ReplicationMode::kPrimary : ReplicationMode::kNone;
     v.definition_json = def.ToJson().dump();
     VMR_RETURN_IF_ERROR(catalog_->PutVm(v));
     VMR_RETURN_IF_ERROR(catalog_->PutDisks(vm_id, disk_rows));
     VMR_ASSIGN_OR_RETURN(auto rel, catalog_->GetRelationship(vm_id, 0));
     if (!rel) return Status::NotFound("VM " + vm_id + " has no replication relationship");
+    std::vector<std::string> ids;
+    for (const auto& pt : points) ids.push_back(pt.id);
+    if (!ids.empty()) VMR_RETURN_IF_ERROR(catalog_->DeleteRecoveryPoints(ids));
+    if (!keep_relationship) {
+      // The new relationship is created afterwards, with its own replica.
+      VMR_RETURN_IF_ERROR(catalog_->DeleteRelationship(vm_id, 0));
+      return Status::Ok();
+    }
     RelationshipRecord r;
     r.vm_id = vm_id;
     r.index = 0;
@@ -1940,9 +1995,6 @@ Status FailoverManager::SwitchToPrimary(const std::string& vm_id, const Relation
     r.sequence = 1;
     r.initial_replication_type = InitialReplicationType::kNetwork;
     VMR_RETURN_IF_ERROR(catalog_->PutRelationship(r));
-    std::vector<std::string> ids;
-    for (const auto& pt : points) ids.push_back(pt.id);
-    if (!ids.empty()) VMR_RETURN_IF_ERROR(catalog_->DeleteRecoveryPoints(ids));
     return catalog_->ResetStatistics(vm_id, 0, now);
   }));
   a->rec.phase = "reversed";

@@ -516,6 +516,7 @@ Result<CycleReport> ReplicationEngine::RunCycle(const std::string& vm_id, bool i
   AttachedVm* attached = planned != nullptr ? planned->attached : nullptr;
   if (attached == nullptr) {
     auto a = AttachVm(def, run_dir);
+    bool from_images = false;  // the VM is off: its images opened by a qemu-storage-daemon
     if (!a.ok()) {
       // A VM that is shut down (no QEMU serves it, or its libvirt domain is
       // off) writes nothing: the cycle is skipped, not failed, so a VM shut
@@ -526,15 +527,24 @@ Result<CycleReport> ReplicationEngine::RunCycle(const std::string& vm_id, bool i
           // The proof that nothing writes the images: they can be opened
           // with QEMU's locking (a QEMU started elsewhere holds them).
           auto probe = AttachVmImages(def, run_dir);
-          if (probe.ok()) {
+          if (probe.ok() && initial) {
+            // An initial copy (or resync) of a VM that is off reads its
+            // images directly; the tracking bitmaps it starts are stored
+            // in qcow2 images when the daemon ends, for the VM's next run.
+            spdlog::info("VM {}: the VM is off ({}); its images are read directly", vm_id, power->detail);
+            a = std::move(probe);
+            from_images = true;
+          } else if (probe.ok()) {
             probe->reset();
             return Status::FailedPrecondition(std::string(kVmIsOff) + " (" + power->detail + ")");
           }
-          spdlog::warn("VM {}: its monitor is gone but its images cannot be opened: {}", vm_id,
-                       probe.status().ToString());
+          if (!from_images) {
+            spdlog::warn("VM {}: its monitor is gone but its images cannot be opened: {}", vm_id,
+                         probe.status().ToString());
+          }
         }
       }
-      return a.status();
+      if (!from_images) return a.status();
     }
     attached_owned = std::move(a).value();
     attached = attached_owned.get();

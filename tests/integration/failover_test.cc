@@ -644,14 +644,24 @@ TEST_F(FailoverTest, PlannedFailoverSendsTheFinalChangesAndLosesNothing) {
   EXPECT_EQ(JsonInt(Relationship(*primary_)["replication_state"]), 3);
   ExpectRefused(primary_->Cli({"stop-failover", "guest"}), "32775");  // nothing to revert in 3
   // The VM stays off: the worker, kicked by the revert, finds it off and its
-  // cycles wait instead of failing (failures would make it Critical).
+  // cycles wait instead of failing (failures would make it Critical). Each
+  // such cycle proves the VM off by opening its images (a qemu-storage-
+  // daemon); "the VM is off" is logged once per worker, maybe before the
+  // planned failover already.
+  auto probes = [&] {
+    const std::string text = ReadText(primary_->log_path());
+    size_t n = 0;
+    for (size_t at = text.find("qemu-storage-daemon started", log_offset); at != std::string::npos;
+         at = text.find("qemu-storage-daemon started", at + 1)) {
+      ++n;
+    }
+    return n;
+  };
   deadline = std::chrono::steady_clock::now() + 60s;
-  while (ReadText(primary_->log_path()).find("the VM is off", log_offset) == std::string::npos &&
-         std::chrono::steady_clock::now() < deadline) {
-    std::this_thread::sleep_for(200ms);
-  }
+  while (probes() < 3 && std::chrono::steady_clock::now() < deadline) std::this_thread::sleep_for(200ms);
   const std::string log = ReadText(primary_->log_path());
-  ASSERT_NE(log.find("the VM is off", log_offset), std::string::npos) << log.substr(log_offset);
+  ASSERT_GE(probes(), 3u) << log.substr(log_offset);
+  EXPECT_NE(log.find("the VM is off"), std::string::npos) << log;
   EXPECT_EQ(log.find("cycle failed", log_offset), std::string::npos) << log.substr(log_offset);
   EXPECT_EQ(failures(), failures_before);
   a_rel = Relationship(*primary_);
@@ -965,6 +975,62 @@ TEST_F(FailoverTest, FailbackAfterUnplannedFailoverSendsOnlyChangedBlocks) {
 TEST_F(FailoverTest, FailbackAfterTheOldPrimaryWasKilledComparesEveryBlockAndSendsOnlyChangedOnes) {
   ASSERT_FALSE(HasFatalFailure());
   FailBackAfterUnplannedFailover(/*kill_primary=*/true);
+}
+
+// ReverseReplicationRelationship to a server the settings name (not the old
+// primary): the failed-over VM becomes a primary whose new replica gets a
+// full initial copy, read from the disks while the VM is off.
+TEST_F(FailoverTest, ReverseToAnotherServerMakesAFullCopyThere) {
+  ASSERT_FALSE(HasFatalFailure());
+  MakeHost(dir_ / "ca", dir_ / "pki", "third.vmreplica.test", {"localhost", "127.0.0.1"});
+  Daemon third(dir_, DaemonSpec{"third.vmreplica.test", dir_ / "ca/ca.crt", dir_ / "pki/third.vmreplica.test.crt",
+                                dir_ / "pki/third.vmreplica.test.key", FreePort(), ""});
+  std::string err;
+  ASSERT_TRUE(third.Start(&err)) << err;
+  ASSERT_EQ(third.Cli({"server", "set", "--enable", "--auth", "certificate"}).exit_code, 0);
+  ASSERT_EQ(third.Cli({"auth", "add", "*.vmreplica.test", "--storage", dir_ / "replicas-c"}).exit_code, 0);
+  auto deadline = std::chrono::steady_clock::now() + 120s;
+  while (ReplicaState() != 3 && std::chrono::steady_clock::now() < deadline) std::this_thread::sleep_for(200ms);
+  ASSERT_EQ(ReplicaState(), 3) << ReadText(replica_->log_path());
+  const std::string sum1 = WritePhase(1);
+  ASSERT_TRUE(WaitPointAfter(NowMs()));
+  Guest("umount /mnt/d && echo ok");
+  Status down = guest_->Shutdown(120s);
+  ASSERT_TRUE(down.ok()) << down.ToString();
+
+  auto r = replica_->Cli({"failover", "guest"});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err << ReadText(replica_->log_path());
+  r = replica_->Cli({"--json", "reverse", "guest", "--replica-server", "127.0.0.1", "--replica-port",
+                     std::to_string(third.port())});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err << ReadText(replica_->log_path()) << ReadText(third.log_path());
+  json start_job = LastJsonDocument(r.out)["job"];
+  EXPECT_EQ(JsonInt(start_job["job_type"]), 94) << r.out;
+  json result = json::parse(start_job.value("result_json", std::string("{}")), nullptr, false);
+  ASSERT_TRUE(result.is_object()) << r.out;
+  EXPECT_FALSE(result.value("reverse", false)) << "a full copy, not a reverse sync: " << r.out;
+  EXPECT_GT(JsonInt(result["data_bytes"]), 0) << r.out;
+  json b_rel = Relationship(*replica_);
+  EXPECT_EQ(JsonInt(b_rel["replication_mode"]), 1) << b_rel.dump();
+  EXPECT_EQ(JsonInt(b_rel["replication_state"]), 3) << b_rel.dump();
+  EXPECT_EQ(b_rel["settings"].value("recovery_server_port_number", 0), third.port()) << b_rel.dump();
+  // The third host holds exactly B's disk; the old primary was not touched.
+  deadline = std::chrono::steady_clock::now() + 60s;
+  json c_rel;
+  while (std::chrono::steady_clock::now() < deadline) {
+    auto out = third.Cli({"--json", "get", "guest"});
+    c_rel = out.exit_code == 0 ? LastJsonDocument(out.out)["relationships"][0] : json();
+    if (!c_rel.is_null() && JsonInt(c_rel["replication_state"]) == 3) break;
+    std::this_thread::sleep_for(200ms);
+  }
+  ASSERT_FALSE(c_rel.is_null());
+  EXPECT_EQ(JsonInt(c_rel["replication_mode"]), 2) << c_rel.dump();
+  EXPECT_EQ(JsonInt(c_rel["replication_state"]), 3) << c_rel.dump();
+  const std::string b_image = (dir_ / "replicas") + "/" + vm_id_ + "/disks/vda.img";
+  const std::string c_image = (dir_ / "replicas-c") + "/" + vm_id_ + "/disks/vda.img";
+  EXPECT_TRUE(ReadText(b_image) == ReadText(c_image)) << "the third host's copy differs from B's disk";
+  EXPECT_EQ(JsonInt(Relationship(*primary_)["replication_mode"]), 1);
+  EXPECT_FALSE(std::filesystem::exists(dir_ / "replicas-a"));
+  (void)sum1;
 }
 
 }  // namespace
