@@ -208,6 +208,8 @@ class FailoverManager {
   Status DoCommit(JobContext& job, const std::string& vm_id);
   Status DoReverse(JobContext& job, const std::string& vm_id, const RelationshipSettings& settings);
   Status DoReverseToNewServer(JobContext& job, const std::string& vm_id, const RelationshipSettings& settings);
+  // A failover still in 5 is committed (job 99's steps) before a reverse.
+  Status CommitBeforeReverse(JobContext& job, const VmRecord& vm);
   // `committed`: in, the failover was committed before; out, it is now.
   Status DoFailback(JobContext& job, const std::string& vm_id, const RelationshipSettings& settings,
                     const std::string& point_id, bool* committed);

@@ -144,6 +144,16 @@ std::vector<BlockRun> RoundToBlocks(const std::vector<ReplicaRange>& r, uint32_t
 // superset). Other store errors are returned.
 Result<SinceList> LabelChangedSince(const ReplicaStore& store);
 
+// ---------------------------------------------------------------- text forms
+
+// 16 bytes -> 32 lower-case hex digits (the catalog's and the records' form).
+std::string GenerationHex(const GenerationId& g);
+// 32 hex digits (either case) -> 16 bytes; "" -> zeros; else Corruption.
+Result<GenerationId> ParseGenerationHex(const std::string& text);
+// "host:port" or "[v6 literal]:port" (host of letters, digits, '.', '-', at
+// most 253; port 1..65535 without a leading zero): section 15.2's rule.
+bool IsHostPort(const std::string& s);
+
 // ---------------------------------------------------------------- records
 
 // Reverse records are at most this many bytes.

@@ -1593,16 +1593,6 @@ Result<FailoverManager::Running> FailoverManager::Describe(const std::string& vm
 
 namespace {
 
-std::string GenerationHex(const GenerationId& g) {
-  static const char* const kDigits = "0123456789abcdef";
-  std::string out;
-  for (uint8_t b : g) {
-    out += kDigits[b >> 4];
-    out += kDigits[b & 15];
-  }
-  return out;
-}
-
 // "host:port" or "[v6]:port" -> (host, port); nullopt when it is not one.
 std::optional<std::pair<std::string, uint16_t>> SplitHostPort(const std::string& hp) {
   const size_t colon = hp.rfind(':');
@@ -1834,6 +1824,14 @@ Result<PrepareReverseAnswer> FailoverManager::AskOldPrimary(ReverseSendRecord& r
   return answer;
 }
 
+Status FailoverManager::CommitBeforeReverse(JobContext& job, const VmRecord& vm) {
+  VMR_ASSIGN_OR_RETURN(auto rel, catalog_->GetRelationship(vm.id, 0));
+  if (!rel) return Status::NotFound("VM " + vm.id + " has no replication relationship");
+  if (rel->state != ReplicationState::kRecovered) return Status::Ok();
+  spdlog::info("VM {}: reverse replication: committing the failover first", vm.name);
+  return DoCommit(job, vm.id).WithContext("committing the failover before the reverse");
+}
+
 Status FailoverManager::DoReverse(JobContext& job, const std::string& vm_id, const RelationshipSettings& settings) {
   const std::string record_path = ReverseSendRecordPath(options_.state_dir, vm_id);
   VMR_ASSIGN_OR_RETURN(auto raw, ReadReverseRecord(record_path));
@@ -1841,12 +1839,7 @@ Status FailoverManager::DoReverse(JobContext& job, const std::string& vm_id, con
   VMR_ASSIGN_OR_RETURN(auto vm, catalog_->GetVm(vm_id));
   if (!vm) return Status::NotFound("VM " + vm_id + " is no longer in the catalog");
   // 1. A failover in 5 is committed first (its own record makes it resume).
-  VMR_ASSIGN_OR_RETURN(auto rel, catalog_->GetRelationship(vm_id, 0));
-  if (!rel) return Status::NotFound("VM " + vm_id + " has no replication relationship");
-  if (rel->state == ReplicationState::kRecovered) {
-    spdlog::info("VM {}: reverse replication: committing the failover first", vm->name);
-    VMR_RETURN_IF_ERROR(DoCommit(job, vm_id).WithContext("committing the failover before the reverse"));
-  }
+  VMR_RETURN_IF_ERROR(CommitBeforeReverse(job, *vm));
   job.SetProgress(30);
   VMR_ASSIGN_OR_RETURN(std::shared_ptr<Active> a, CommittedEntry(vm_id, vm->name));
   // 2. The old primary adopts its disks as our replica (section 14.1).
@@ -1876,12 +1869,7 @@ Status FailoverManager::DoReverseToNewServer(JobContext& job, const std::string&
                                             const RelationshipSettings& settings) {
   VMR_ASSIGN_OR_RETURN(auto vm, catalog_->GetVm(vm_id));
   if (!vm) return Status::NotFound("VM " + vm_id + " is no longer in the catalog");
-  VMR_ASSIGN_OR_RETURN(auto rel, catalog_->GetRelationship(vm_id, 0));
-  if (!rel) return Status::NotFound("VM " + vm_id + " has no replication relationship");
-  if (rel->state == ReplicationState::kRecovered) {
-    spdlog::info("VM {}: reverse replication: committing the failover first", vm->name);
-    VMR_RETURN_IF_ERROR(DoCommit(job, vm_id).WithContext("committing the failover before the reverse"));
-  }
+  VMR_RETURN_IF_ERROR(CommitBeforeReverse(job, *vm));
   job.SetProgress(50);
   VMR_RETURN_IF_ERROR(SwitchToNewRelationship(vm_id, settings));
   job.SetResult(json{{"vm_id", vm_id},

@@ -41,37 +41,13 @@ std::string Lower(std::string s) {
   return s;
 }
 
-// 32 lower-case hex digits -> 16 bytes.
-std::optional<GenerationId> ParseGenerationHex(const std::string& hex) {
-  if (hex.size() != 32) return std::nullopt;
-  GenerationId g{};
-  for (size_t i = 0; i < 16; ++i) {
-    int v = 0;
-    for (size_t k = 0; k < 2; ++k) {
-      const char c = hex[2 * i + k];
-      int d;
-      if (c >= '0' && c <= '9') {
-        d = c - '0';
-      } else if (c >= 'a' && c <= 'f') {
-        d = c - 'a' + 10;
-      } else {
-        return std::nullopt;
-      }
-      v = v * 16 + d;
-    }
-    g[i] = static_cast<uint8_t>(v);
-  }
-  return g;
-}
-
-std::string GenerationHex(const GenerationId& g) {
-  static constexpr char kDigits[] = "0123456789abcdef";
-  std::string out;
-  for (uint8_t b : g) {
-    out.push_back(kDigits[b >> 4]);
-    out.push_back(kDigits[b & 15]);
-  }
-  return out;
+// The relationship's generation as the catalog holds it (32 lower-case hex
+// digits); nullopt for anything else, an empty one included.
+std::optional<GenerationId> StoredGeneration(const std::string& hex) {
+  if (hex.size() != 32 || hex != Lower(hex)) return std::nullopt;
+  auto g = ParseGenerationHex(hex);
+  if (!g.ok()) return std::nullopt;
+  return *g;
 }
 
 Result<VmDefinition> DefinitionOf(const VmRecord& vm) {
@@ -262,25 +238,9 @@ Result<PrepareReverseAnswer> OldPrimaryReverse::PrepareReverse(const std::vector
   if (p.primary_address.empty() || p.primary_address.size() > 262) {
     return Status::InvalidArgument("primary_address: must be 1..262 bytes");
   }
-  {
-    // "host:port" or "[v6]:port": it becomes this host's PrimaryConnectionPoint.
-    const std::string& a = p.primary_address;
-    const size_t colon = a.rfind(':');
-    const std::string host = colon == std::string::npos ? "" : a.substr(0, colon);
-    const std::string port = colon == std::string::npos ? "" : a.substr(colon + 1);
-    const bool v6 = host.size() > 2 && host.front() == '[' && host.back() == ']';
-    const bool host_ok =
-        !host.empty() && (v6 ? std::all_of(host.begin() + 1, host.end() - 1,
-                                           [](unsigned char c) { return std::isxdigit(c) || c == ':' || c == '.'; })
-                             : std::all_of(host.begin(), host.end(), [](unsigned char c) {
-                                 return std::isalnum(c) || c == '.' || c == '-';
-                               }));
-    const bool port_ok = !port.empty() && port.size() <= 5 && port[0] != '0' &&
-                         std::all_of(port.begin(), port.end(), [](unsigned char c) { return std::isdigit(c); }) &&
-                         std::stoul(port) <= 65535;
-    if (!host_ok || !port_ok) {
-      return Status::InvalidArgument("primary_address: \"" + a + "\" is not host:port");
-    }
+  // It becomes this host's PrimaryConnectionPoint.
+  if (!IsHostPort(p.primary_address)) {
+    return Status::InvalidArgument("primary_address: \"" + p.primary_address + "\" is not host:port");
   }
   VMR_RETURN_IF_ERROR(ValidateRelationshipSettings(p.settings, /*extended=*/false, 0).WithContext("settings"));
   if (caller_names.empty()) return Status::PermissionDenied("the call came without certificate names");
@@ -369,7 +329,7 @@ Result<PrepareReverseAnswer> OldPrimaryReverse::PrepareReverse(const std::vector
                                      p.disks[i].name + " of " + std::to_string(p.disks[i].size));
     }
   }
-  if (!ParseGenerationHex(rel->generation_id)) {
+  if (!StoredGeneration(rel->generation_id)) {
     return Status::FailedPrecondition("VM " + vm->name + " has no generation here (no initial copy was made)");
   }
   VMR_ASSIGN_OR_RETURN(VmPowerState power, QueryVmPower(def));
@@ -466,7 +426,7 @@ Status OldPrimaryReverse::Adopt(const Request& req, ReverseRecvRecord& record, J
   }
   VMR_ASSIGN_OR_RETURN(auto def, DefinitionOf(*vm));
   VMR_ASSIGN_OR_RETURN(auto included, IncludedDisks(def, rel->settings));
-  auto generation = ParseGenerationHex(rel->generation_id);
+  auto generation = StoredGeneration(rel->generation_id);
   if (!generation) return Status::FailedPrecondition("VM " + p.vm_id + " has no generation");
   std::string hex16;
   for (char c : p.vm_id) {

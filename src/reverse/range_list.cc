@@ -196,6 +196,8 @@ std::vector<ReplicaRange> SubtractRanges(const std::vector<ReplicaRange>& a, con
   return out;
 }
 
+}  // namespace reverse_internal
+
 Result<GenerationId> ParseGenerationHex(const std::string& text) {
   GenerationId g{};
   if (text.empty()) return g;
@@ -221,8 +223,6 @@ std::string GenerationHex(const GenerationId& g) {
   }
   return out;
 }
-
-}  // namespace reverse_internal
 
 std::string SerializeRangeList(uint16_t kind, uint32_t disk_count, const SinceList& list) {
   std::string out;
@@ -346,8 +346,8 @@ Result<std::vector<ReplicaRange>> ChangedAfter(const SinceList& since, const Gen
   }
   if (since.generation != generation) {
     return Status::FailedPrecondition("the since list is of generation " +
-                                      reverse_internal::GenerationHex(since.generation) + ", the common point of " +
-                                      reverse_internal::GenerationHex(generation));
+                                      GenerationHex(since.generation) + ", the common point of " +
+                                      GenerationHex(generation));
   }
   if (common_sequence > since.replicated_sequence) {
     return Status::FailedPrecondition("common point " + c + " is above the last point received, " +

@@ -25,9 +25,4 @@ std::vector<ReplicaRange> SubtractRanges(const std::vector<ReplicaRange>& a, con
 // cover those of `in` for every k (a superset).
 std::vector<RangeEntry> CoarsenEntries(const std::vector<RangeEntry>& in, uint64_t gap);
 
-// 32 hex digits (either case) -> 16 bytes; "" -> zeros; else Corruption.
-Result<GenerationId> ParseGenerationHex(const std::string& text);
-// 16 bytes -> 32 lower-case hex digits.
-std::string GenerationHex(const GenerationId& g);
-
 }  // namespace vmreplica::reverse_internal

@@ -25,32 +25,6 @@ bool IsUuidText(const std::string& s) {
   return true;
 }
 
-// "host:port" or "[v6]:port": host of [A-Za-z0-9.-] (1..253) or a bracketed
-// literal of hex digits, ':' and '.'; port 1..65535 in decimal.
-bool IsHostPort(const std::string& s) {
-  const size_t colon = s.rfind(':');
-  if (colon == std::string::npos || colon == 0) return false;
-  const std::string host = s.substr(0, colon);
-  const std::string port = s.substr(colon + 1);
-  if (port.empty() || port.size() > 5 || port[0] == '0') return false;
-  for (char c : port) {
-    if (c < '0' || c > '9') return false;
-  }
-  if (std::stoul(port) > 65535) return false;
-  if (host.front() == '[') {
-    if (host.size() < 4 || host.back() != ']') return false;
-    for (size_t i = 1; i + 1 < host.size(); ++i) {
-      const char c = host[i];
-      if (!std::isxdigit(static_cast<unsigned char>(c)) && c != ':' && c != '.') return false;
-    }
-    return true;
-  }
-  if (host.size() > 253) return false;
-  for (char c : host) {
-    if (!std::isalnum(static_cast<unsigned char>(c)) && c != '.' && c != '-') return false;
-  }
-  return true;
-}
 
 // Absolute, without ".", ".." or empty components, no trailing '/', not "/".
 bool IsCleanAbsolutePath(const std::string& s) {
@@ -110,7 +84,7 @@ class Members {
 
 json EncodeClaim(const ReverseClaim& c) {
   json j;
-  j["generation"] = reverse_internal::GenerationHex(c.generation);
+  j["generation"] = GenerationHex(c.generation);
   j["common_sequence"] = c.common_sequence;
   j["tracking"] = c.tracking_intact ? uint64_t{1} : uint64_t{2};
   j["candidate_bytes"] = c.candidate_bytes;
@@ -136,7 +110,7 @@ Result<std::optional<ReverseClaim>> DecodeClaim(const Members& m) {
                      return (x >= '0' && x <= '9') || (x >= 'a' && x <= 'f');
                    });
   if (!hex) return m.Bad("claim.generation", "is not 32 lower-case hex digits");
-  VMR_ASSIGN_OR_RETURN(out.generation, reverse_internal::ParseGenerationHex(g));
+  VMR_ASSIGN_OR_RETURN(out.generation, ParseGenerationHex(g));
   VMR_ASSIGN_OR_RETURN(out.common_sequence, m.Unsigned(c, "common_sequence", "claim."));
   VMR_ASSIGN_OR_RETURN(uint64_t tracking, m.Unsigned(c, "tracking", "claim."));
   if (tracking != 1 && tracking != 2) return m.Bad("claim.tracking", "is neither 1 (intact) nor 2 (lost)");
@@ -171,6 +145,33 @@ Result<Common> DecodeCommon(const Members& m, const std::string& side, const std
 }
 
 }  // namespace
+
+// "host:port" or "[v6]:port": host of [A-Za-z0-9.-] (1..253) or a bracketed
+// literal of hex digits, ':' and '.'; port 1..65535 in decimal.
+bool IsHostPort(const std::string& s) {
+  const size_t colon = s.rfind(':');
+  if (colon == std::string::npos || colon == 0) return false;
+  const std::string host = s.substr(0, colon);
+  const std::string port = s.substr(colon + 1);
+  if (port.empty() || port.size() > 5 || port[0] == '0') return false;
+  for (char c : port) {
+    if (c < '0' || c > '9') return false;
+  }
+  if (std::stoul(port) > 65535) return false;
+  if (host.front() == '[') {
+    if (host.size() < 4 || host.back() != ']') return false;
+    for (size_t i = 1; i + 1 < host.size(); ++i) {
+      const char c = host[i];
+      if (!std::isxdigit(static_cast<unsigned char>(c)) && c != ':' && c != '.') return false;
+    }
+    return true;
+  }
+  if (host.size() > 253) return false;
+  for (char c : host) {
+    if (!std::isalnum(static_cast<unsigned char>(c)) && c != '.' && c != '-') return false;
+  }
+  return true;
+}
 
 std::string ReverseSendRecordPath(const std::string& state_dir, const std::string& vm_id) {
   return state_dir + "/reverse/" + vm_id + ".send.json";

@@ -33,7 +33,7 @@ Result<SinceList> LabelChangedSince(const ReplicaStore& store) {
   const ReplicaPoint& latest = points.back();
   SinceList out;
   out.replicated_sequence = latest.sequence;
-  auto g = reverse_internal::ParseGenerationHex(latest.generation_id);
+  auto g = ParseGenerationHex(latest.generation_id);
   if (!g.ok())
     return Status::Corruption("latest point " + std::to_string(latest.sequence) + ": " + g.status().message());
   out.generation = *g;

@@ -517,19 +517,7 @@ Result<ReplicaStatusInfo> ReplicaManager::StatusOf(Replica& r) {
   s.last_apply_ms = rel->last_apply_ms;
   for (const auto& p : r.store->ListPoints()) {
     if (p.sequence != s.latest_applied || p.generation_id.size() != 32) continue;
-    GenerationId g{};
-    bool ok = true;
-    for (size_t i = 0; i < 16 && ok; ++i) {
-      auto nib = [&](char c) -> int {
-        if (c >= '0' && c <= '9') return c - '0';
-        if (c >= 'a' && c <= 'f') return c - 'a' + 10;
-        return -1;
-      };
-      const int hi = nib(p.generation_id[2 * i]), lo = nib(p.generation_id[2 * i + 1]);
-      if (hi < 0 || lo < 0) ok = false;
-      else g[i] = static_cast<uint8_t>(hi * 16 + lo);
-    }
-    if (ok) s.latest_generation = g;
+    if (auto g = ParseGenerationHex(p.generation_id); g.ok()) s.latest_generation = *g;
   }
   {
     // Only a part no stream is adding to (a stream still running, its
