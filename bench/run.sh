@@ -139,7 +139,6 @@ await() {
     sleep 0.02
   done
 }
-count_in() { grep -c -- "$2" "$1" || true; }
 more_than() { (( $("${@:2}") > $1 )); }
 
 # ------------------------------------------------------------ building blocks
@@ -212,19 +211,52 @@ bind_vm() {
     --vcpus 1 --memory 512 >/dev/null
   $P enable "$name" --replica-server 127.0.0.1 --replica-port "$r_port" "$@" >/dev/null
 }
+# rel_field SIDE NAME FIELD...: members of VM NAME's relationship as
+# `vmreplica --json get` shows it on SIDE (P primary, R replica), one line,
+# space-separated; "last_cycle.data_bytes" reaches into a message. A member
+# or VM that is absent reads 0 (the primary keeps its last cycle in memory:
+# absent before its first cycle). NAME "*" sums over every relationship;
+# NAME "#" counts those whose (first) FIELD is at least 1.
+rel_field() {
+  local cli
+  if [[ $1 == P ]]; then cli=$P; else cli=$R; fi
+  $cli --json get | python3 -c '
+import json, sys
+name, fields = sys.argv[1], sys.argv[2:]
+def get(r, path):
+    for p in path.split("."):
+        r = r.get(p, 0) if isinstance(r, dict) else 0
+    return int(r)
+rels = json.load(sys.stdin).get("relationships", [])
+if name == "*":
+    print(" ".join(str(sum(get(r, f) for r in rels)) for f in fields))
+elif name == "#":
+    print(sum(1 for r in rels if get(r, fields[0]) >= 1))
+else:
+    mine = [r for r in rels if r.get("vm_name") == name]
+    print(" ".join(str(get(mine[0], f) if mine else 0) for f in fields))' "${@:2}"
+}
+at_least() { (( $("${@:2}") >= $1 )); }
+# applied_by_replica NAME SEQ: waits until the replica applied log SEQ of
+# NAME (its applied_sequence); prints the replica's own apply timestamp
+# (seconds).
+applied_by_replica() {
+  await "the replica to apply log $2 of $1" at_least "$2" rel_field R "$1" applied_sequence
+  ms_to_s "$(rel_field R "$1" last_apply_time_unix_ms)"
+}
 # initial NAME [START_OPTIONS...]: runs the initial replication (`start
 # NAME START_OPTIONS...`), waits until the replica has applied it; prints
-# "wall_s data_bytes wire_bytes duration_ms zero_bytes". wall_s runs from
-# just before the CLI call to the replica's own apply timestamp (so the
-# polling here adds nothing to it).
+# "wall_s data_bytes wire_bytes duration_ms zero_bytes" (the numbers from
+# the job's result). wall_s runs from just before the CLI call to the
+# replica's own apply timestamp (so the polling here adds nothing to it).
 initial() {
-  local name=$1 t0 t1 res applied
-  applied=$(count_in "$work/replica/vmreplicad.log" "initial replication applied")
+  local name=$1 t0 t1 res seq
   t0=$(now)
   res=$($P --json start "$name" "${@:2}")
-  await "the replica to apply the initial copy" \
-    more_than "$applied" count_in "$work/replica/vmreplicad.log" "initial replication applied"
-  t1=$(ms_to_s "$(replica_applied_ms "$name")")
+  # The job is done: the primary's last cycle is its log (1, or 2 seeded).
+  seq=$(rel_field P "$name" last_cycle.sequence)
+  ((seq >= 1)) || { echo "no last cycle on the primary after the initial copy of $name" >&2; exit 1; }
+  t1=$(applied_by_replica "$name" "$seq")
   python3 - "$res" "$(elapsed "$t0" "$t1")" <<'PY'
 import json, sys
 # the CLI prints one JSON document per answer; the last one with a job is the finished job
@@ -241,42 +273,22 @@ r = json.loads(doc["job"]["result_json"])
 print(sys.argv[2], r["data_bytes"], r["wire_bytes"], r["duration_ms"], r.get("zero_bytes", 0))
 PY
 }
-vm_id() { $P --json vm get "$1" | python3 -c 'import json,sys; print(json.load(sys.stdin)["vm"]["id"])'; }
-# When the replica last applied a log of VM NAME (Unix ms; 0 before any).
-replica_applied_ms() {
-  $R --json get | python3 -c '
-import json, sys
-for r in json.load(sys.stdin).get("relationships", []):
-    if r.get("vm_name") == sys.argv[1]:
-        print(int(r.get("last_apply_time_unix_ms", 0))); break
-else:
-    print(0)' "$1"
-}
-# delta_lines: how many "delta N sent" lines the primary logged so far.
-delta_lines() { count_in "$work/primary/vmreplicad.log" "delta .* sent"; }
-vm_delta_lines() { count_in "$work/primary/vmreplicad.log" "VM $1: delta .* sent"; }
 # cycle NAME: resumes NAME (suspended), which runs one delta cycle at once;
-# waits until the primary logged it and the replica applied it. wall_s runs
-# from just before the resume call to the replica's own apply timestamp. Prints
-# "wall_s data_bytes wire_bytes duration_ms".
+# waits until the primary reports it (its relationship's last_cycle) and the
+# replica applied it (applied_sequence). wall_s runs from just before the
+# resume call to the replica's own apply timestamp. Prints "wall_s
+# data_bytes wire_bytes duration_ms" (the numbers the primary reports).
 cycle() {
-  local name=$1 before applied0 t0 t1 line id
-  id=$(vm_id "$name")
-  before=$(vm_delta_lines "$id")
-  applied0=$(replica_applied_ms "$name")
+  local name=$1 before seq data wire ms t0 t1
+  before=$(rel_field P "$name" last_cycle.sequence)
   t0=$(now)
   $P resume "$name" >/dev/null
-  await "a delta cycle of $name" more_than "$before" vm_delta_lines "$id"
-  await "the replica to apply the delta of $name" more_than "$applied0" replica_applied_ms "$name"
-  t1=$(ms_to_s "$(replica_applied_ms "$name")")
-  line=$(grep "VM $id: delta .* sent" "$work/primary/vmreplicad.log" | tail -1)
-  python3 - "$line" "$(elapsed "$t0" "$t1")" <<'PY'
-import re, sys
-m = re.search(r"sent (\d+) bytes changed \((\d+) on the wire, (\d+) zero\) in (\d+) ms", sys.argv[1])
-if not m:
-    sys.exit("no delta line: " + sys.argv[1])
-print(sys.argv[2], m.group(1), m.group(2), m.group(4))
-PY
+  await "a delta cycle of $name" more_than "$before" rel_field P "$name" last_cycle.sequence
+  # With the hour-long interval no other cycle follows: this one is the last.
+  read -r seq data wire ms < <(rel_field P "$name" last_cycle.sequence last_cycle.data_bytes \
+    last_cycle.wire_bytes last_cycle.duration_ms)
+  t1=$(applied_by_replica "$name" "$seq")
+  echo "$(elapsed "$t0" "$t1") $data $wire $ms"
 }
 
 rsyncd_up() {
@@ -482,6 +494,8 @@ scenario_p3() {
 
 # Bytes the replica daemon handed to write() (wchar in /proc/PID/io).
 wchar_of() { awk '/^wchar:/ {print $2}' "/proc/$1/io"; }
+# rchar: what a process got from read() and friends, sockets included.
+rchar_of() { awk '/^rchar:/ {print $2}' "/proc/$1/io"; }
 
 scenario_p4() {
   # Two VMs on one pair, same data: history off (0 points) and on (24).
@@ -500,7 +514,7 @@ scenario_p4() {
   log "P4: initial copies (not timed)"
   initial p4off >/dev/null
   initial p4on >/dev/null
-  local rpid i first mode w0 w1 wall data wire dur
+  local rpid i first mode w0 w1 r0 r1 wall data wire dur
   rpid=$(pair_pid 1)
   for ((i = 1; i <= runs; i++)); do
     $P suspend p4off >/dev/null
@@ -512,12 +526,13 @@ scenario_p4() {
     for first in $((i % 2)) $(((i + 1) % 2)); do
       mode=$([[ $first == 1 ]] && echo on || echo off)
       log "P4 run $i: history $mode"
-      w0=$(wchar_of "$rpid")
+      w0=$(wchar_of "$rpid"); r0=$(rchar_of "$rpid")
       res=$(cycle "p4$mode"); read -r wall data wire dur <<< "$res"
-      w1=$(wchar_of "$rpid")
+      w1=$(wchar_of "$rpid"); r1=$(rchar_of "$rpid")
       record scenario=P4 tool="vmreplica, history $mode" run="$i" seconds="$wall" data_bytes="$data" \
         written_bytes="$((w1 - w0))" \
-        written_per_changed="$(python3 -c "print(($w1 - $w0) / max($data, 1))")"
+        written_per_changed="$(python3 -c "print(($w1 - $w0) / max($data, 1))")" \
+        read_per_changed="$(python3 -c "print(($r1 - $r0) / max($data, 1))")"
     done
   done
   pair_stop_daemons
@@ -540,10 +555,10 @@ scenario_p5() {
     for first in $((i % 2)) $(((i + 1) % 2)); do
       if ((first)); then
         log "P5 run $i: guest writes while cycles run back to back"
-        d0=$(delta_lines); cpu0=$(cpu_ticks "$ppid"); t0=$(now)
+        d0=$(rel_field P p5 last_cycle.sequence); cpu0=$(cpu_ticks "$ppid"); t0=$(now)
         res=$("$wl" write --target "$(qsd_uri p5rep)" --size "$p5_disk" --block 64K --bytes "$p5_bytes" \
           --seed "$((500 + i))")
-        t1=$(now); cpu1=$(cpu_ticks "$ppid"); d1=$(delta_lines)
+        t1=$(now); cpu1=$(cpu_ticks "$ppid"); d1=$(rel_field P p5 last_cycle.sequence)
         record scenario=P5 tool="writes, replicating (cycles back to back)" run="$i" \
           seconds="$(json_field "$res" seconds)" mib_per_s="$(json_field "$res" mib_per_s)" \
           cycles_during="$((d1 - d0))" \
@@ -576,11 +591,10 @@ scenario_p6() {
     bind_vm "p6-$j" "p6-$j" --interval 30
   done
   for ((j = 1; j <= p6_vms; j++)); do $P --async start "p6-$j" >/dev/null; done
-  await "$p6_vms initial copies" \
-    more_than "$((p6_vms - 1))" count_in "$work/replica/vmreplicad.log" "initial replication applied"
+  await "$p6_vms initial copies" at_least "$p6_vms" rel_field R "#" applied_sequence
   local ppid rpid pc0 rc0 pc1 rc1 t0 t1 peak_p=0 peak_r=0 v writes=0 d0 d1
   ppid=$(pair_pid 0); rpid=$(pair_pid 1)
-  d0=$(delta_lines)
+  d0=$(rel_field P "*" last_cycle.sequence)
   pc0=$(cpu_ticks "$ppid"); rc0=$(cpu_ticks "$rpid"); t0=$(now)
   local end=$(( $(date +%s) + p6_seconds ))
   # Light writes: one 64 KiB write to a random VM about every 0.5 s; RSS sampled meanwhile.
@@ -592,7 +606,7 @@ scenario_p6() {
     v=$(rss_kib "$rpid"); ((v > peak_r)) && peak_r=$v
     sleep 0.5
   done
-  pc1=$(cpu_ticks "$ppid"); rc1=$(cpu_ticks "$rpid"); t1=$(now); d1=$(delta_lines)
+  pc1=$(cpu_ticks "$ppid"); rc1=$(cpu_ticks "$rpid"); t1=$(now); d1=$(rel_field P "*" last_cycle.sequence)
   local tck; tck=$(getconf CLK_TCK)
   record scenario=P6 tool="vmreplica primary daemon ($p6_vms VMs)" run=1 \
     cpu_share_of_one_core="$(python3 -c "print(($pc1 - $pc0) / $tck / ($t1 - $t0))")" \

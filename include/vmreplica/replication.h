@@ -251,6 +251,17 @@ class ReplicationEngine {
   // Resolves `vm` (id or unique name) to its record.
   Result<VmRecord> ResolveVm(const std::string& vm);
 
+  // The last cycle this engine completed for `vm_id` (initial copy, delta,
+  // resync or planned failover log: what it recorded as a success) and when
+  // (Unix ms, the engine's clock). In memory only: nullopt after the daemon
+  // started until a cycle completes, and after the relationship was removed
+  // or released for a reverse. For measuring (ListReplications' last_cycle).
+  struct LastCycleInfo {
+    CycleReport report;
+    int64_t finished_ms = 0;
+  };
+  std::optional<LastCycleInfo> LastCycle(const std::string& vm_id);
+
   // For the replica host's InitiateFailover (peer call GetPrimaryVmState):
   // whether primary VM `vm_id` runs here. `caller_names` are the calling
   // host's certificate names; one must be the relationship's replica server
@@ -345,6 +356,7 @@ class ReplicationEngine {
   std::map<std::string, std::string> last_failure_;         // why the last cycle failed; guarded by mu_
   std::map<std::string, ReplicationState> replica_state_;   // as the replica last reported it; guarded by mu_
   std::map<std::string, uint64_t> pending_;                 // dirty bytes not yet sent; guarded by mu_
+  std::map<std::string, LastCycleInfo> last_cycle_;         // the last completed cycle; guarded by mu_
   std::set<std::string> replica_settings_synced_;           // the replica has our settings; guarded by mu_
   std::map<std::string, uint64_t> initial_epoch_;           // StartReplication calls per VM; guarded by mu_
   // A resync whose log the replica holds in part (paused or broken): what

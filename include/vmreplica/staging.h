@@ -15,6 +15,15 @@
 //              Corruption, nothing of it applied; the relationship must
 //              be resynced
 //
+// Read once: a log that CommitReceived verified in this process and whose
+// file still has the identity it had then (device, inode, size, mtime) is
+// applied without the VerifyLog pass: the apply's LogReader (complete mode)
+// checks every record's checksums and bounds and the trailer (counts,
+// chain, nothing after it) before the store commits, and the store rolls
+// back on any error. If that apply fails, the log is verified in full: a
+// failed check rejects it exactly as above. After a restart nothing is
+// remembered and every staged log is verified first.
+//
 // Import reservation (docs section 17): ReserveImport writes "<dir>/IMPORT"
 // while the store is at point 0 and nothing is staged. Log 1 then comes by
 // ImportInitialReplica (ReplicaStore::BeginLoad .. FinishLoad), never over
@@ -44,7 +53,9 @@
 
 #include <atomic>
 #include <cstdint>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 
@@ -102,8 +113,10 @@ class Staging {
   // Applies the staged logs to `store` (the one given to Open) in sequence,
   // from store.latest_sequence() + 1 until the next one is not staged (with
   // an import reservation and the store at 0: none, answering 0).
-  // Each log is verified completely first, so a log that fails a check is
-  // not applied at all: it is moved to "rejected/" and Corruption returned.
+  // Each log is verified completely first (or, when CommitReceived verified
+  // it in this process and the file is unchanged, by the apply's own reads:
+  // see "Read once" above), so a log that fails a check is not applied at
+  // all: it is moved to "rejected/" and Corruption returned.
   // A staged log whose sequence is already applied (a crash after the
   // apply, before the unlink) is deleted, not applied again. Answers how
   // many logs were applied; on an error the logs applied before it stay
@@ -152,6 +165,18 @@ class Staging {
   void MirrorDeleted(uint64_t sequence, StagedLogState state);
   // Makes the staged_logs rows of the store's VM match the files.
   Status ReconcileCatalog();
+  // The identity of a staged file as CommitReceived left it.
+  struct FileIdentity {
+    uint64_t dev = 0;
+    uint64_t ino = 0;
+    uint64_t size = 0;
+    int64_t mtime_ns = 0;
+    bool operator==(const FileIdentity&) const = default;
+  };
+  static std::optional<FileIdentity> IdentityOf(const std::string& path);
+  // Whether `path` is log `sequence` as CommitReceived verified it here.
+  bool VerifiedHere(uint64_t sequence, const std::string& path);
+  void ForgetVerified(uint64_t sequence);
 
   // Constant after construction.
   const std::string dir_;
@@ -161,6 +186,12 @@ class Staging {
   // Set by either thread when a mirror update failed; read and cleared by
   // ApplyReady.
   std::atomic<bool> catalog_dirty_{false};
+
+  // Logs verified by CommitReceived (receiver thread), consulted and
+  // forgotten by ApplyReady (applier thread) and DiscardStaged. Memory
+  // only: empty after a restart.
+  std::mutex verified_mu_;
+  std::map<uint64_t, FileIdentity> verified_;  // by sequence; GUARDED_BY(verified_mu_)
 };
 
 }  // namespace vmreplica

@@ -205,6 +205,8 @@ v1::RelationshipSettings ReverseBase(const std::optional<v1::Relationship>& curr
 
 // ---------------------------------------------------------------- output
 
+std::string SizeText(uint64_t bytes) { return std::to_string(bytes) + " (" + FormatBytes(bytes) + ")"; }
+
 void AddRelationshipRows(PropertyTable& t, const v1::Relationship& r) {
   const v1::RelationshipSettings& s = r.settings();
   t.Add("VMName", r.vm_name())
@@ -239,9 +241,27 @@ void AddRelationshipRows(PropertyTable& t, const v1::Relationship& r) {
       .Add("RecoveryHostSystem", s.recovery_host_system())
       .Add("PrimaryConnectionPoint", s.primary_connection_point())
       .Add("PrimaryHostSystem", s.primary_host_system());
+  // Not WMI properties (docs/api.md "ListReplications"): the primary's last
+  // completed cycle (in the daemon's memory: "-" after its restart until the
+  // next cycle) and the replica's applied sequence.
+  if (r.replication_mode() == Number(ReplicationMode::kPrimary)) {
+    if (!r.has_last_cycle()) {
+      t.Add("LastCycle", "-");
+    } else {
+      const v1::LastCycle& c = r.last_cycle();
+      t.Add("LastCycleSequence", std::to_string(c.sequence()) + (c.initial() ? " (initial)" : ""))
+          .Add("LastCycleType", NumberAndName<ReplicationType>(c.replication_type()))
+          .Add("LastCycleRecords", std::to_string(c.records()))
+          .Add("LastCycleDataBytes", SizeText(c.data_bytes()))
+          .Add("LastCycleZeroBytes", SizeText(c.zero_bytes()))
+          .Add("LastCycleWireBytes", SizeText(c.wire_bytes()))
+          .Add("LastCycleDuration", std::to_string(c.duration_ms()) + " ms")
+          .Add("LastCycleFinishTime", FormatUnixMs(c.finished_unix_ms()));
+    }
+  } else if (r.replication_mode() == Number(ReplicationMode::kReplica)) {
+    t.Add("AppliedSequence", std::to_string(r.applied_sequence()));
+  }
 }
-
-std::string SizeText(uint64_t bytes) { return std::to_string(bytes) + " (" + FormatBytes(bytes) + ")"; }
 
 void PrintStatistics(Session& s, const v1::StatisticsResponse& r) {
   const v1::ReplicationStatistics& st = r.statistics();

@@ -284,6 +284,7 @@ Status Staging::DiscardStaged() {
   for (const auto& [key, f] : files) {
     const std::string path = dir_ + "/" + f.file_name;
     if (::unlink(path.c_str()) != 0 && errno != ENOENT) return Errno("unlink", path);
+    ForgetVerified(key.first);
     MirrorDeleted(key.first, StagedLogState::kStaged);
   }
   if (!files.empty()) {
@@ -384,9 +385,38 @@ Status Staging::CommitReceived(uint64_t sequence) {
   VMR_RETURN_IF_ERROR(FsyncFile(part));
   if (::rename(part.c_str(), log.c_str()) != 0) return Errno("rename to " + log, part);
   VMR_RETURN_IF_ERROR(FsyncParentDir(log));
+  // ApplyReady may apply it without another verification pass while the
+  // file keeps this identity (see "Read once" in staging.h).
+  if (std::optional<FileIdentity> id = IdentityOf(log)) {
+    std::lock_guard<std::mutex> l(verified_mu_);
+    verified_[sequence] = *id;
+  }
   MirrorStaged(sequence, StagedLogState::kStaged, SeqName(sequence) + kLogSuffix);
   spdlog::info("staging {}: log {} staged ({} records)", dir_, sequence, summary->trailer.record_count);
   return Status::Ok();
+}
+
+std::optional<Staging::FileIdentity> Staging::IdentityOf(const std::string& path) {
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0 || !S_ISREG(st.st_mode)) return std::nullopt;
+  FileIdentity id;
+  id.dev = static_cast<uint64_t>(st.st_dev);
+  id.ino = static_cast<uint64_t>(st.st_ino);
+  id.size = static_cast<uint64_t>(st.st_size);
+  id.mtime_ns = static_cast<int64_t>(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec;
+  return id;
+}
+
+bool Staging::VerifiedHere(uint64_t sequence, const std::string& path) {
+  std::optional<FileIdentity> now = IdentityOf(path);
+  std::lock_guard<std::mutex> l(verified_mu_);
+  auto it = verified_.find(sequence);
+  return now && it != verified_.end() && it->second == *now;
+}
+
+void Staging::ForgetVerified(uint64_t sequence) {
+  std::lock_guard<std::mutex> l(verified_mu_);
+  verified_.erase(sequence);
 }
 
 Status Staging::CheckNotReserved(uint64_t sequence) const {
@@ -406,6 +436,7 @@ Status Staging::Reject(const std::string& path, const Status& why) {
   VMR_RETURN_IF_ERROR(FsyncParentDir(path));
   uint64_t seq = 0;
   if (ParseName(fs::path(path).filename().string(), kLogSuffix, &seq)) {
+    ForgetVerified(seq);
     MirrorStaged(seq, StagedLogState::kRejected, std::string(kRejectedDir) + "/" + SeqName(seq) + kLogSuffix);
     MirrorDeleted(seq, StagedLogState::kStaged);
   }
@@ -432,6 +463,7 @@ Result<uint64_t> Staging::ApplyReady(ReplicaStore& store) {
       if (!ParseName(it->path().filename().string(), kLogSuffix, &seq) || seq > latest) continue;
       spdlog::info("staging {}: log {} is already applied (latest {}), deleting it", dir_, seq, latest);
       VMR_RETURN_IF_ERROR(Unlink(it->path().string()));
+      ForgetVerified(seq);
       MirrorDeleted(seq, StagedLogState::kStaged);
       removed = true;
     }
@@ -443,29 +475,56 @@ Result<uint64_t> Staging::ApplyReady(ReplicaStore& store) {
     const uint64_t seq = store.latest_sequence() + 1;
     const std::string path = LogPath(seq);
     if (!Exists(path)) break;
-    // The whole file is checked before any of it is applied.
-    Result<LogSummary> summary = VerifyLog(path, LogReadMode::kComplete);
-    Status bad = summary.ok() ? Status::Ok() : summary.status();
-    if (bad.ok() && summary->header.sequence != seq) {
-      bad = Status::Corruption("header names sequence " + std::to_string(summary->header.sequence));
-    }
-    if (bad.ok()) bad = CheckHeader(summary->header);
-    if (!bad.ok()) {
+    // A failed check rejects the log: nothing of it applied.
+    auto reject = [&](const Status& bad) -> Status {
       if (bad.code() == Code::kIOError) return bad;
       VMR_RETURN_IF_ERROR(Reject(path, bad));
       return Status::Corruption("staged log " + path + " failed verification (" + bad.ToString() +
                                 "); nothing of it was applied, it was moved to " + dir_ + "/" + kRejectedDir +
                                 "/ and the relationship must be resynchronised");
+    };
+    // The header's sequence and its match with the store.
+    auto check_header = [&](const LogHeader& h) -> Status {
+      if (h.sequence != seq) return Status::Corruption("header names sequence " + std::to_string(h.sequence));
+      return CheckHeader(h);
+    };
+    // The whole file is checked before any of it is applied, unless
+    // CommitReceived verified this very file in this process: then the
+    // apply's reader is the check (staging.h, "Read once").
+    const bool verified_here = VerifiedHere(seq, path);
+    if (!verified_here) {
+      Result<LogSummary> summary = VerifyLog(path, LogReadMode::kComplete);
+      Status bad = summary.ok() ? check_header(summary->header) : summary.status();
+      if (!bad.ok()) return reject(bad);
     }
-    VMR_ASSIGN_OR_RETURN(std::unique_ptr<LogReader> reader, LogReader::Open(path, LogReadMode::kComplete));
+    Result<std::unique_ptr<LogReader>> opened = LogReader::Open(path, LogReadMode::kComplete);
+    if (!opened.ok()) {
+      if (verified_here) return reject(opened.status().WithContext(path));  // the header rotted since
+      return opened.status();
+    }
+    std::unique_ptr<LogReader> reader = std::move(opened).value();
+    if (verified_here) {
+      if (Status bad = check_header(reader->header()); !bad.ok()) return reject(bad);
+    }
     PointInfo info;
     info.time_ms = static_cast<int64_t>(reader->header().cut_time_unix_ms);
     info.kind = reader->header().kind;
     info.generation_id = Hex(reader->header().new_generation);
-    // A byte that rots between the check and this read fails the reader,
-    // and the store rolls the apply back: still nothing of the log applied.
+    // The reader checks every record (checksums, bounds) before the store
+    // sees it and the trailer before the store commits: a byte that rots
+    // after a verification fails the reader, and the store rolls the apply
+    // back: nothing of the log applied.
     Status st = store.Apply(seq, info, *reader);
-    if (!st.ok()) return st.WithContext("applying staged log " + path);
+    if (!st.ok()) {
+      if (verified_here && store.latest_sequence() < seq) {
+        // Did the log fail a check (reject it, as a verification first
+        // would have) or did the store fail (leave it staged)?
+        Result<LogSummary> summary = VerifyLog(path, LogReadMode::kComplete);
+        if (!summary.ok() && summary.status().code() != Code::kIOError) return reject(summary.status());
+      }
+      return st.WithContext("applying staged log " + path);
+    }
+    ForgetVerified(seq);
     VMR_RETURN_IF_ERROR(Unlink(path));
     VMR_RETURN_IF_ERROR(FsyncParentDir(path));
     MirrorDeleted(seq, StagedLogState::kStaged);

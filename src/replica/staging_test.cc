@@ -1,13 +1,16 @@
 #include "vmreplica/staging.h"
 
 #include <gtest/gtest.h>
+#include <fcntl.h>
 #include <stdlib.h>
+#include <sys/stat.h>
 
 #include <algorithm>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <sstream>
 
 #include "vmreplica/fileutil.h"
 
@@ -341,6 +344,124 @@ TEST_P(CorruptCommitTest, RottedStagedLogIsRejectedAndNothingOfItApplied) {
 
 INSTANTIATE_TEST_SUITE_P(Where, CorruptCommitTest, ::testing::Values(false, true),
                          [](const auto& info) { return info.param ? "Header" : "Payload"; });
+
+// A byte rots in a log that CommitReceived verified in this process, and
+// the file keeps its identity (same inode, size and mtime: the file system
+// did not see a write). ApplyReady applies it without a separate
+// verification pass (staging.h, "Read once"): the apply's reader must catch
+// the rot, the store roll back, and the log be rejected as a verification
+// first would have done.
+TEST_P(CorruptCommitTest, RotUnseenByTheFileSystemIsStillRejectedWhenTheApplyIsTheOnlyCheck) {
+  const bool in_header = GetParam();
+  ASSERT_TRUE(Receive(1, Delta(1)).ok());
+  ASSERT_TRUE(staging_->ApplyReady(*store_).ok());
+  const Image before = ReadImage();
+  ASSERT_TRUE(before == Expected(1));
+
+  std::vector<DeltaRecord> recs = Delta(2);
+  ASSERT_TRUE(Receive(2, recs).ok());
+  const std::string path = staging_->LogPath(2);
+  struct stat st {};
+  ASSERT_EQ(::stat(path.c_str(), &st), 0);
+  FlipByte(path, in_header ? 0x50 /* relationship id */ : PayloadOffset(path, recs, 2) + 1);
+  const struct timespec times[2] = {st.st_atim, st.st_mtim};
+  ASSERT_EQ(::utimensat(AT_FDCWD, path.c_str(), times, 0), 0);
+  struct stat now {};
+  ASSERT_EQ(::stat(path.c_str(), &now), 0);
+  ASSERT_EQ(now.st_ino, st.st_ino);
+  ASSERT_EQ(now.st_size, st.st_size);
+
+  auto n = staging_->ApplyReady(*store_);
+  ASSERT_FALSE(n.ok());
+  EXPECT_EQ(n.status().code(), Code::kCorruption) << n.status().ToString();
+  const std::string msg = n.status().message();
+  EXPECT_NE(msg.find(path), std::string::npos) << msg;
+  EXPECT_NE(msg.find("at offset"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("resynchronised"), std::string::npos) << msg;
+  EXPECT_EQ(store_->latest_sequence(), 1u);
+  EXPECT_EQ(store_->ListPoints().size(), 2u);
+  EXPECT_TRUE(ReadImage() == before);
+  EXPECT_FALSE(fs::exists(path));
+  EXPECT_TRUE(fs::exists(staging_->dir() + "/rejected/00000000000000000002.vrl"));
+  EXPECT_EQ(Rows(), RowList{"2:rejected:rejected/00000000000000000002.vrl"});
+
+  // The resent log applies.
+  ASSERT_TRUE(Receive(2, recs).ok());
+  auto again = staging_->ApplyReady(*store_);
+  ASSERT_TRUE(again.ok()) << again.status().ToString();
+  EXPECT_EQ(*again, 1u);
+  EXPECT_TRUE(ReadImage() == Expected(2));
+}
+
+// Bytes this process has read so far (read, pread...: /proc/self/io rchar).
+uint64_t BytesReadByThisProcess() {
+  std::ifstream in("/proc/self/io");
+  std::string key;
+  uint64_t value = 0;
+  while (in >> key >> value) {
+    if (key == "rchar:") return value;
+  }
+  ADD_FAILURE() << "no rchar in /proc/self/io";
+  return 0;
+}
+
+// One log of 4 MiB applied by the Staging that committed it reads the
+// staged file once less than the same log applied after a reopen (as after
+// a restart, when the full verification comes first).
+TEST(StagingReadOnceTest, ALogCommittedInThisProcessIsReadOnceLessByItsApply) {
+  constexpr uint64_t kDisk = 8ull << 20;
+  constexpr int kRecords = 64;
+  constexpr size_t kRecordBytes = 64 * 1024;
+  char tmpl[] = "/tmp/vmr-staging-once-XXXXXX";
+  const std::string root = ::mkdtemp(tmpl);
+  uint64_t read_by_apply[2] = {0, 0};
+  uint64_t log_bytes = 0;
+  for (int reopen = 0; reopen < 2; ++reopen) {
+    const std::string store_dir = root + "/vm" + std::to_string(reopen);
+    auto store = ReplicaStore::Create(store_dir, kVm, {{"vda", kDisk}}, nullptr, ReplicaStoreOptions{});
+    ASSERT_TRUE(store.ok()) << store.status().ToString();
+    StagingOptions o;
+    o.writer = WriterOptions();
+    auto staging = Staging::Open(store_dir + "/staging", **store, o);
+    ASSERT_TRUE(staging.ok()) << staging.status().ToString();
+    LogHeader h = Header(1);
+    h.disks = {{"vda", kDisk}};
+    auto w = (*staging)->BeginReceive(h);
+    ASSERT_TRUE(w.ok()) << w.status().ToString();
+    for (int i = 0; i < kRecords; ++i) {
+      ASSERT_TRUE((*w)->Add(DataRecord(0, static_cast<uint64_t>(i) * 2 * kRecordBytes,
+                                       Bytes(static_cast<char>('a' + i % 20), kRecordBytes)))
+                      .ok());
+    }
+    ASSERT_TRUE((*w)->Finish().ok());
+    w->reset();
+    ASSERT_TRUE((*staging)->CommitReceived(1).ok());
+    log_bytes = fs::file_size((*staging)->LogPath(1));
+    if (reopen) {
+      staging->reset();
+      staging = Staging::Open(store_dir + "/staging", **store, o);
+      ASSERT_TRUE(staging.ok()) << staging.status().ToString();
+    }
+    const uint64_t r0 = BytesReadByThisProcess();
+    auto n = (*staging)->ApplyReady(**store);
+    const uint64_t r1 = BytesReadByThisProcess();
+    ASSERT_TRUE(n.ok()) << n.status().ToString();
+    ASSERT_EQ(*n, 1u);
+    ASSERT_EQ((*store)->latest_sequence(), 1u);
+    std::string got(kRecordBytes, '\0');
+    ASSERT_TRUE((*store)->ReadPoint(1, 0, 6 * kRecordBytes, kRecordBytes, got.data()).ok());
+    EXPECT_TRUE(got == Bytes('d', kRecordBytes));
+    read_by_apply[reopen] = r1 - r0;
+  }
+  fs::remove_all(root);
+  ASSERT_GT(log_bytes, static_cast<uint64_t>(kRecords) * kRecordBytes);
+  std::ostringstream what;
+  what << "log " << log_bytes << " bytes; ApplyReady read " << read_by_apply[0] << " bytes after a commit here, "
+       << read_by_apply[1] << " after a reopen";
+  EXPECT_GE(read_by_apply[1], read_by_apply[0] + log_bytes * 9 / 10) << what.str();
+  EXPECT_LE(read_by_apply[1], read_by_apply[0] + log_bytes * 11 / 10) << what.str();
+  EXPECT_GE(read_by_apply[0], log_bytes) << what.str();  // the apply's own read
+}
 
 TEST_F(StagingTest, GoodLogsBeforeARottedOneAreApplied) {
   ASSERT_TRUE(Receive(1, Delta(1)).ok());

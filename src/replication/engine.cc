@@ -1055,8 +1055,12 @@ Result<CycleReport> ReplicationEngine::RunCycle(const std::string& vm_id, bool i
 
 Status ReplicationEngine::RecordSuccess(const std::string& vm_id, const CycleReport& report) {
   {
+    // The cycle is done whatever the catalog write below answers: the
+    // replica acknowledged the log. Memory only (ReplicationEngine::LastCycle).
+    const int64_t finished_ms = Now();
     std::lock_guard<std::mutex> lock(mu_);
     failures_[vm_id] = 0;
+    last_cycle_[vm_id] = LastCycleInfo{report, finished_ms};
   }
   return catalog_->RunInTransaction([&]() -> Status {
     VMR_ASSIGN_OR_RETURN(auto rel, catalog_->GetRelationship(vm_id, kPrimaryIndex));
@@ -1094,6 +1098,13 @@ Status ReplicationEngine::RecordSuccess(const std::string& vm_id, const CycleRep
     VMR_RETURN_IF_ERROR(catalog_->PutRelationship(*rel));
     return catalog_->PutStatistics(s);
   });
+}
+
+std::optional<ReplicationEngine::LastCycleInfo> ReplicationEngine::LastCycle(const std::string& vm_id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = last_cycle_.find(vm_id);
+  if (it == last_cycle_.end()) return std::nullopt;
+  return it->second;
 }
 
 Result<StatisticsRecord> ReplicationEngine::LoadStatistics(const std::string& vm_id) {
@@ -2197,6 +2208,7 @@ Status ReplicationEngine::ReleaseForReverse(const std::string& vm_id) {
     last_failure_.erase(vm_id);
     replica_state_.erase(vm_id);
     pending_.erase(vm_id);
+    last_cycle_.erase(vm_id);
     replica_settings_synced_.erase(vm_id);
     app_retry_at_.erase(vm_id);
   }
@@ -2251,6 +2263,7 @@ Status ReplicationEngine::RemoveRelationship(const std::string& vm, int index) {
     last_failure_.erase(rec.id);
     replica_state_.erase(rec.id);
     pending_.erase(rec.id);
+    last_cycle_.erase(rec.id);
     replica_settings_synced_.erase(rec.id);
     app_retry_at_.erase(rec.id);
   }

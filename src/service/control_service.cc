@@ -337,6 +337,25 @@ grpc::Status ControlService::ListReplications(grpc::ServerContext* ctx, const v1
     p->set_last_application_consistent_replication_time_unix_ms(rel.last_app_consistent_ms);
     p->set_last_replication_type(Number(rel.last_replication_type));
     p->set_failed_over_replication_type(Number(rel.failed_over_replication_type));
+    // Not WMI: for measuring (docs/api.md "ListReplications"). The primary's
+    // last cycle is kept in the engine's memory only; the replica's applied
+    // sequence is the relationship's sequence there (set by each apply).
+    if (rel.local_mode == ReplicationMode::kPrimary && env_->replication) {
+      if (auto last = env_->replication->LastCycle(rel.vm_id)) {
+        auto* c = p->mutable_last_cycle();
+        c->set_sequence(last->report.sequence);
+        c->set_replication_type(Number(last->report.kind));
+        c->set_initial(last->report.initial);
+        c->set_records(last->report.records);
+        c->set_data_bytes(last->report.data_bytes);
+        c->set_zero_bytes(last->report.zero_bytes);
+        c->set_wire_bytes(last->report.wire_bytes);
+        c->set_duration_ms(last->report.duration_ms);
+        c->set_finished_unix_ms(last->finished_ms);
+      }
+    } else if (rel.local_mode == ReplicationMode::kReplica) {
+      p->set_applied_sequence(rel.sequence);
+    }
   }
   SetResult(r, ReturnCode::kCompleted);
   return grpc::Status::OK;

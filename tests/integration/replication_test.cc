@@ -15,6 +15,7 @@
 #include <ctime>
 #include <iostream>
 #include <random>
+#include <regex>
 #include <sstream>
 #include <thread>
 
@@ -740,6 +741,136 @@ TEST_F(ReplicationTest, ExportGivenUpThenACopyOverTheLinkReleasesTheReplicasRese
 // The replica daemon killed in the middle of an import: at its next start
 // the import continues by itself from the last durable chunk (not from the
 // first) and the result is exact.
+// No cycle starts by itself (one an hour): each `resume` runs exactly one,
+// so what `get --json` reports can be matched with that one cycle.
+class OneCycleAtATimeTest : public ReplicationTest {
+ protected:
+  std::string PrimaryConfig() const override { return "[testing]\nreplication_interval_override_ms = 3600000\n"; }
+
+  // The relationship's last_cycle on the primary (null when absent).
+  json LastCycle() {
+    json rel = Relationship(*primary_);
+    return rel.is_object() && rel.contains("last_cycle") ? rel["last_cycle"] : json();
+  }
+
+  // Polls `get --json` on the primary until its last cycle is `sequence`.
+  json WaitForLastCycle(int64_t sequence, std::chrono::seconds timeout = 90s) {
+    auto deadline = std::chrono::steady_clock::now() + timeout;
+    json c;
+    while (std::chrono::steady_clock::now() < deadline) {
+      c = LastCycle();
+      if (c.is_object() && JsonInt(c["sequence"]) == sequence) return c;
+      std::this_thread::sleep_for(200ms);
+    }
+    ADD_FAILURE() << "last cycle never reached " << sequence << ": " << c.dump() << "\n"
+                  << ReadText(primary_->log_path());
+    return json();
+  }
+
+  // Polls `get --json` on the replica until its applied sequence is `sequence`.
+  bool WaitForApplied(int64_t sequence, std::chrono::seconds timeout = 60s) {
+    auto deadline = std::chrono::steady_clock::now() + timeout;
+    while (std::chrono::steady_clock::now() < deadline) {
+      json rel = Relationship(*replica_);
+      if (rel.is_object() && rel.contains("applied_sequence") && JsonInt(rel["applied_sequence"]) == sequence) {
+        return true;
+      }
+      std::this_thread::sleep_for(200ms);
+    }
+    return false;
+  }
+
+  int64_t LatestPointOnReplica() {
+    auto r = replica_->Cli({"--json", "points", "demo"});
+    EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
+    json points = LastJsonDocument(r.out).value("points", json::array());
+    return points.empty() ? -1 : JsonInt(points.back()["sequence"]);
+  }
+};
+
+TEST_F(OneCycleAtATimeTest, GetReportsTheLastCycleAsTheJobAndTheLogDidAndTheReplicasAppliedSequence) {
+  Write({"write -P 17 0 4M", "write -P 34 10M 1M"});
+  Enable();
+  ASSERT_FALSE(HasFatalFailure());
+  // Before any cycle: no last cycle on the primary, applied 0 on the replica.
+  EXPECT_TRUE(LastCycle().is_null()) << Relationship(*primary_).dump();
+  json rep = Relationship(*replica_);
+  ASSERT_TRUE(rep.is_object());
+  EXPECT_EQ(JsonInt(rep["applied_sequence"]), 0) << rep.dump();
+  EXPECT_FALSE(rep.contains("last_cycle")) << rep.dump();
+
+  // The initial copy: what get reports is the job's own result.
+  const int64_t started = NowMs();
+  auto r = primary_->Cli({"--json", "start", "demo"});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  json result =
+      json::parse(LastJsonDocument(r.out)["job"].value("result_json", std::string("{}")), nullptr, false);
+  ASSERT_TRUE(result.is_object()) << r.out;
+  json c = WaitForLastCycle(1);
+  ASSERT_TRUE(c.is_object());
+  EXPECT_TRUE(c["initial"].get<bool>()) << c.dump();
+  EXPECT_EQ(JsonInt(c["data_bytes"]), JsonInt(result["data_bytes"])) << c.dump() << r.out;
+  EXPECT_EQ(JsonInt(c["data_bytes"]), 5 << 20) << c.dump();  // what was written, nothing else
+  EXPECT_EQ(JsonInt(c["zero_bytes"]), JsonInt(result["zero_bytes"])) << c.dump() << r.out;
+  EXPECT_EQ(JsonInt(c["wire_bytes"]), JsonInt(result["wire_bytes"])) << c.dump() << r.out;
+  EXPECT_GT(JsonInt(c["wire_bytes"]), 0) << c.dump();
+  EXPECT_EQ(JsonInt(c["records"]), JsonInt(result["records"])) << c.dump() << r.out;
+  EXPECT_EQ(JsonInt(c["duration_ms"]), JsonInt(result["duration_ms"])) << c.dump() << r.out;
+  EXPECT_GE(JsonInt(c["finished_unix_ms"]), started) << c.dump();
+  EXPECT_LE(JsonInt(c["finished_unix_ms"]), NowMs()) << c.dump();
+  ASSERT_TRUE(WaitForApplied(1)) << Relationship(*replica_).dump();
+  EXPECT_EQ(LatestPointOnReplica(), 1);
+  ExpectReplicaEqualsPrimary();
+
+  // One delta cycle: suspended, written, resumed (which runs one cycle now).
+  r = primary_->Cli({"suspend", "demo"});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  Write(RandomWrites(25));
+  ASSERT_FALSE(HasFatalFailure());
+  const int64_t resumed = NowMs();
+  r = primary_->Cli({"resume", "demo"});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  c = WaitForLastCycle(2);
+  ASSERT_TRUE(c.is_object());
+  EXPECT_FALSE(c["initial"].get<bool>()) << c.dump();
+  EXPECT_EQ(c["replication_type"], 1) << c.dump();  // Regular
+  EXPECT_GT(JsonInt(c["data_bytes"]), 0) << c.dump();
+  EXPECT_GT(JsonInt(c["records"]), 0) << c.dump();
+  EXPECT_GE(JsonInt(c["finished_unix_ms"]), resumed) << c.dump();
+  // The primary's own report of that cycle, in its log.
+  const std::string log = ReadText(primary_->log_path());
+  const std::regex line("VM " + vm_id_ +
+                        R"(: delta 2 sent (\d+) bytes changed \((\d+) on the wire, (\d+) zero\) in (\d+) ms)");
+  std::smatch m;
+  ASSERT_TRUE(std::regex_search(log, m, line)) << log;
+  EXPECT_EQ(JsonInt(c["data_bytes"]), std::stoll(m[1].str())) << c.dump() << m[0];
+  EXPECT_EQ(JsonInt(c["wire_bytes"]), std::stoll(m[2].str())) << c.dump() << m[0];
+  EXPECT_EQ(JsonInt(c["zero_bytes"]), std::stoll(m[3].str())) << c.dump() << m[0];
+  EXPECT_EQ(JsonInt(c["duration_ms"]), std::stoll(m[4].str())) << c.dump() << m[0];
+  // The replica applies after it acknowledged: its applied sequence reaches
+  // the cycle's and is its latest recovery point.
+  ASSERT_TRUE(WaitForApplied(2)) << Relationship(*replica_).dump() << ReadText(replica_->log_path());
+  EXPECT_EQ(LatestPointOnReplica(), 2);
+  ExpectReplicaEqualsPrimary();
+  r = replica_->Cli({"get", "demo"});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  EXPECT_TRUE(std::regex_search(r.out, std::regex(R"(AppliedSequence\s+2\b)"))) << r.out;
+  r = primary_->Cli({"get", "demo"});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  EXPECT_TRUE(std::regex_search(r.out, std::regex(R"(LastCycleSequence\s+2\b)"))) << r.out;
+  EXPECT_TRUE(std::regex_search(r.out, std::regex("LastCycleDataBytes\\s+" + m[1].str() + "\\b"))) << r.out;
+
+  // In memory only: a restarted primary has no last cycle until the next one;
+  // the replica's applied sequence is kept in its catalog.
+  ASSERT_TRUE(primary_->Stop());
+  ASSERT_TRUE(replica_->Stop());
+  std::string err;
+  ASSERT_TRUE(primary_->Start(&err)) << err;
+  ASSERT_TRUE(replica_->Start(&err)) << err;
+  EXPECT_TRUE(LastCycle().is_null()) << Relationship(*primary_).dump();
+  EXPECT_EQ(JsonInt(Relationship(*replica_)["applied_sequence"]), 2);
+}
+
 class SlowImportTest : public ReplicationTest {
  protected:
   std::string ReplicaConfig() const override { return "[testing]\nimport_chunk_delay_ms = 400\n"; }
