@@ -51,6 +51,11 @@ struct FailoverOptions {
   // socket names are limited, see VmLaunchSpec::run_dir).
   std::string state_dir;
   VmAccel accel = VmAccel::kAuto;
+  // VMs bound through libvirt on the primary run here as transient libvirt
+  // domains (VmHypervisor::kLibvirt, the definition's libvirt_uri) when
+  // true ([failover] hypervisor = "same"); false ("qemu"): every VM runs
+  // under QEMU directly. VMs of the other kinds always run under QEMU.
+  bool libvirt_vms_through_libvirt = true;
   // QEMU's NBD client of a failover VM reconnects for this long when the
   // daemon restarts (VmLaunchDisk::nbd_reconnect_delay_s).
   uint32_t nbd_reconnect_delay_s = 60;
@@ -203,6 +208,10 @@ class FailoverManager {
   // The failover IP seed (docs/failover.md section 5) as the next drive of
   // `spec`, when settings are stored for `vm`; nothing otherwise.
   Status AttachSeed(VmLaunchSpec* spec, const VmRecord& vm, const std::string& instance_id);
+  // Sets spec->hypervisor (and libvirt_uri) from the definition's kind and
+  // the options.
+  void ChooseHypervisor(VmLaunchSpec* spec) const;
+  bool RunsUnderLibvirt(const VmDefinition& def) const;
   Status DoFailover(JobContext& job, const std::string& vm_id, const std::string& point_id, bool start_vm);
   Status DoRevert(JobContext& job, const std::string& vm_id);
   Status DoCommit(JobContext& job, const std::string& vm_id);
@@ -232,7 +241,9 @@ class FailoverManager {
                                              const std::vector<ReplicaDisk>& disks,
                                              const RelationshipSettings& settings, uint32_t purpose);
   Result<std::shared_ptr<Active>> CommittedEntry(const std::string& vm_id, const std::string& vm_name);
-  // The VM's definition on its disk wrappers (kind qmp, under our launcher).
+  // The VM's definition on its disk wrappers: kind qmp under our launcher,
+  // or kind libvirt (the domain named after the VM) when it runs under
+  // libvirt here.
   Result<VmDefinition> WrapperDefinition(const VmRecord& vm, const Active& a);
   // The reversed VM's switch to a primary (section 13.1 step 3).
   Status SwitchToPrimary(const std::string& vm_id, const RelationshipSettings& settings);

@@ -144,7 +144,8 @@ struct VmPowerState {
 // guest-panicked or internal-error: off and via_qemu. Any other status, a
 // failed query-status or a monitor that does not greet in time (busy with
 // another client): running. kLibvirt: virDomainGetState; SHUTOFF is off,
-// anything else running; libvirt unreachable is Unavailable. kOffline: off.
+// anything else running; no such domain (a transient one that stopped) is
+// off; libvirt unreachable is Unavailable. kOffline: off.
 Result<VmPowerState> QueryVmPower(const VmDefinition& def);
 
 // Opens the definition's images (whatever its kind) with a

@@ -1,5 +1,6 @@
 // Starting a VM on the replica host from its stored definition (QEMU
-// directly), and reading back what that VM wrote. See docs/failover_vm.md.
+// directly, or a transient libvirt domain: VmHypervisor), and reading back
+// what that VM wrote. See docs/failover_vm.md (section 9 for libvirt).
 //
 // A failover or test VM never writes to the replica store: each of its disks
 // is a qcow2 overlay created in the run directory whose backing is a
@@ -37,6 +38,7 @@
 #include <vector>
 
 #include "vmreplica/delta.h"
+#include "vmreplica/qmp.h"
 #include "vmreplica/status.h"
 #include "vmreplica/vm_binding.h"
 
@@ -144,6 +146,19 @@ enum class VmSerialMode {
   kFile = 2,    // run_dir/serial.log only
 };
 
+// What runs the VM's QEMU.
+enum class VmHypervisor {
+  // vmreplica forks QEMU itself (command line of docs/failover_vm.md
+  // section 2) and supervises it through its pid and QMP socket.
+  kQemu = 1,
+  // A transient libvirt domain (libvirt_domain.h): the definition's stored
+  // domain XML (or a minimal one) with its disks on the overlays or direct
+  // images, its NICs isolated, its serial port on serial.sock/serial.log.
+  // libvirt owns QEMU; the launcher reaches it by the domain's uuid.
+  kLibvirt = 2,
+};
+const char* VmHypervisorName(VmHypervisor h);  // "qemu", "libvirt"
+
 struct VmLaunchSpec {
   // The stored definition (name, uuid, memory, vCPUs, disks, NICs). Only
   // those fields are used; kind and sockets of the primary are ignored.
@@ -164,6 +179,12 @@ struct VmLaunchSpec {
   std::string qemu_img_binary = "qemu-img";
   // Deadline for QEMU's QMP monitor to greet after the start. [1 s, 10 min].
   std::chrono::milliseconds start_timeout{60'000};
+  VmHypervisor hypervisor = VmHypervisor::kQemu;
+  // kLibvirt: the connection URI (qemu:///system). The domain is named
+  // after the VM (name_override) with its uuid; the template is
+  // definition.libvirt_xml ("" = a minimal domain). qemu_binary is not used
+  // (libvirt picks the emulator); disk names become the guest's targets.
+  std::string libvirt_uri;
 };
 
 class OverlayDeltaSource;
@@ -205,8 +226,13 @@ class VmLauncher {
   VmLauncher& operator=(const VmLauncher&) = delete;
 
   // True while the QEMU process started for this VM exists (reaps it when it
-  // is our child and has exited).
+  // is our child and has exited). kLibvirt: while libvirt reports the
+  // domain active; true when libvirt cannot be reached (it may still run).
   bool IsRunning();
+
+  // The VM's QMP monitor: its socket (kQemu; one client at a time) or
+  // through libvirt (kLibvirt). Unavailable / NotFound when it does not run.
+  Result<std::unique_ptr<QmpChannel>> OpenQmp();
 
   // system_powerdown (ACPI), wait up to `graceful`; then `quit` over QMP
   // (SIGTERM when QMP cannot be reached), wait up to 10 s; then SIGKILL.
@@ -223,6 +249,8 @@ class VmLauncher {
   // overlay: the wrappers' bitmaps record what the VM wrote).
   Result<std::unique_ptr<OverlayDeltaSource>> OpenWrites();
 
+  VmHypervisor hypervisor() const { return hypervisor_; }
+  const std::string& libvirt_uri() const { return libvirt_uri_; }  // kLibvirt
   pid_t pid() const { return pid_; }  // -1 once IsRunning() has seen the VM gone (or it never started)
   VmAccel accel() const { return accel_; }  // kKvm or kTcg: what QEMU runs with
   const std::string& name() const { return name_; }
@@ -254,6 +282,8 @@ class VmLauncher {
   pid_t pid_ = -1;
   uint64_t start_ticks_ = 0;  // /proc/<pid>/stat field 22: tells our QEMU from a reused pid
   bool child_ = false;        // started by this object (we may waitpid it)
+  VmHypervisor hypervisor_ = VmHypervisor::kQemu;
+  std::string libvirt_uri_;
 };
 
 struct OverlayDeltaOptions {

@@ -22,6 +22,7 @@ const std::map<std::string, std::set<std::string>>& KnownKeys() {
       {"tls", {"ca", "certificate", "key"}},
       {"admin", {"remote_principals"}},
       {"knobs", {"connect_timeout_ms", "rpc_timeout_ms", "job_workers"}},
+      {"failover", {"hypervisor"}},
       {"replication", {"max_parallel_transfers", "bandwidth_limit_bytes_per_s", "bandwidth_schedule"}},
       {"testing", {"replication_interval_override_ms", "app_consistent_interval_override_ms", "import_chunk_delay_ms"}},
   };
@@ -147,6 +148,14 @@ Result<DaemonConfig> ParseConfig(const std::string& text, const std::string& bas
   VMR_RETURN_IF_ERROR(GetString(root, "tls", "ca", base_dir, true, &c.ca_file));
   VMR_RETURN_IF_ERROR(GetString(root, "tls", "certificate", base_dir, true, &c.certificate_file));
   VMR_RETURN_IF_ERROR(GetString(root, "tls", "key", base_dir, true, &c.key_file));
+  {
+    std::string hv = "same";
+    VMR_RETURN_IF_ERROR(GetString(root, "failover", "hypervisor", base_dir, false, &hv));
+    if (hv != "same" && hv != "qemu") {
+      return Status::InvalidArgument("failover.hypervisor: \"same\" or \"qemu\", not \"" + hv + "\"");
+    }
+    c.libvirt_vms_through_libvirt = hv == "same";
+  }
 
   static const std::set<std::string> levels = {"trace", "debug", "info", "warn", "error"};
   if (!levels.count(c.log_level)) {

@@ -27,6 +27,10 @@ struct DaemonConfig {
   std::string ca_file = "/etc/vmreplica/ca.crt";
   std::string certificate_file = "/etc/vmreplica/host.crt";
   std::string key_file = "/etc/vmreplica/host.key";
+  // [failover] hypervisor = "same" (default: VMs bound through libvirt on
+  // the primary run as libvirt domains here) or "qemu" (every failover,
+  // test and reversed VM runs under QEMU directly).
+  bool libvirt_vms_through_libvirt = true;
   // [admin] + [knobs]
   service::ServiceOptions service;
   int job_workers = 4;                                // 1..64

@@ -68,6 +68,16 @@ TEST(ConfigTest, EmptyFileGivesDefaults) {
   ASSERT_TRUE(c.ok());
   EXPECT_EQ(c->state_dir, "/var/lib/vmreplica");
   EXPECT_TRUE(c->start_listener);
+  EXPECT_TRUE(c->libvirt_vms_through_libvirt);
+}
+
+TEST(ConfigTest, FailoverHypervisorChoosesQemuOrTheSameAsThePrimary) {
+  auto q = ParseConfig("[failover]\nhypervisor = \"qemu\"\n", "/etc");
+  ASSERT_TRUE(q.ok()) << q.status().ToString();
+  EXPECT_FALSE(q->libvirt_vms_through_libvirt);
+  auto same = ParseConfig("[failover]\nhypervisor = \"same\"\n", "/etc");
+  ASSERT_TRUE(same.ok()) << same.status().ToString();
+  EXPECT_TRUE(same->libvirt_vms_through_libvirt);
 }
 
 struct BadCase {
@@ -87,6 +97,8 @@ TEST(ConfigTest, BadFilesAreRefusedNamingTheKey) {
       {"[listener]\naddress = \"bad host!\"", "listener.address"},
       {"[daemon]\nlog_level = \"loud\"", "daemon.log_level"},
       {"[daemon]\nstate_dir = \"relative\"", ""},
+      {"[failover]\nhypervisor = \"xen\"", "failover.hypervisor"},
+      {"[failover]\nhypervisor = 1", "failover.hypervisor"},
       {"[knobs]\njob_workers = 0", "knobs.job_workers: 0 is not in 1..64"},
       {"[knobs]\nconnect_timeout_ms = 5", "knobs.connect_timeout_ms"},
       {"[replication]\nmax_parallel_transfers = 0", "replication.max_parallel_transfers: 0 is not in 1..64"},

@@ -113,6 +113,7 @@ Result<std::unique_ptr<Daemon>> Daemon::Create(DaemonConfig config) {
 
   FailoverOptions fopts;
   fopts.state_dir = d->config_.state_dir;
+  fopts.libvirt_vms_through_libvirt = d->config_.libvirt_vms_through_libvirt;
   fopts.test_import_chunk_delay = std::chrono::milliseconds(d->config_.test_import_chunk_delay_ms);
   if (d->config_.test_import_chunk_delay_ms > 0) {
     spdlog::warn("[testing] import_chunk_delay_ms = {}: imports are slowed down; never use this in production",

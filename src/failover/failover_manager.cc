@@ -593,7 +593,21 @@ VmLaunchSpec FailoverManager::LaunchSpec(const VmDefinition& def, const Active& 
   spec.accel = options_.accel;
   spec.start_timeout = options_.vm_start_timeout;
   if (!def.boot_kernel.empty()) spec.kernel_boot = VmKernelBoot{def.boot_kernel, def.boot_initrd, def.boot_append};
+  ChooseHypervisor(&spec);
   return spec;
+}
+
+bool FailoverManager::RunsUnderLibvirt(const VmDefinition& def) const {
+  return options_.libvirt_vms_through_libvirt && def.kind == VmSourceKind::kLibvirt && !def.libvirt_uri.empty();
+}
+
+void FailoverManager::ChooseHypervisor(VmLaunchSpec* spec) const {
+  if (RunsUnderLibvirt(spec->definition)) {
+    spec->hypervisor = VmHypervisor::kLibvirt;
+    spec->libvirt_uri = spec->definition.libvirt_uri;
+  } else {
+    spec->hypervisor = VmHypervisor::kQemu;
+  }
 }
 
 Status FailoverManager::AttachSeed(VmLaunchSpec* spec, const VmRecord& vm, const std::string& instance_id) {
@@ -1143,6 +1157,7 @@ Status FailoverManager::StartVm(const std::string& vm_name) {
   spec.accel = options_.accel;
   spec.start_timeout = options_.vm_start_timeout;
   if (!def.boot_kernel.empty()) spec.kernel_boot = VmKernelBoot{def.boot_kernel, def.boot_initrd, def.boot_append};
+  ChooseHypervisor(&spec);
   // The failover IP settings with the instance-id the VM booted with at
   // its failover: cloud-init sees the same instance and applies nothing
   // again (a VM never started before gets its first one now).
@@ -1189,16 +1204,17 @@ Status FailoverManager::WriteSinceFile(Active& a, const ReplicaStore& store) {
 }
 
 Status FailoverManager::MergeLive(JobContext& job, Active& a) {
+  constexpr std::chrono::seconds kMergeQmpTimeout{30};
   std::lock_guard<std::mutex> vl(a.vm_mu);
   if (!a.vm) return Status::FailedPrecondition("the failover VM is gone");
-  QmpClientOptions qo;
-  qo.connect_timeout = std::chrono::seconds(30);
-  VMR_ASSIGN_OR_RETURN(auto qmp, QmpClient::Connect(a.vm->qmp_socket(), qo));
+  VMR_ASSIGN_OR_RETURN(std::unique_ptr<QmpChannel> qmp, a.vm->OpenQmp());
   const auto& disks = a.store->disks();
   // Which node each guest disk reads now (query-block by device id).
   auto inserted_node = [&](size_t i) -> Result<std::string> {
-    VMR_ASSIGN_OR_RETURN(json blocks, qmp->Execute("query-block"));
-    const std::string id = "vmr-disk" + std::to_string(i);
+    VMR_ASSIGN_OR_RETURN(json blocks, qmp->Execute("query-block", nullptr, kMergeQmpTimeout));
+    // The launcher's device id; under libvirt a user alias ("ua-").
+    const std::string id = std::string(a.vm->hypervisor() == VmHypervisor::kLibvirt ? "ua-" : "") + "vmr-disk" +
+                           std::to_string(i);
     if (!blocks.is_array()) return Status::Corruption("query-block: not an array");
     for (const auto& b : blocks) {
       if (!b.is_object() || !b.contains("qdev") || !b["qdev"].is_string()) continue;
@@ -1211,7 +1227,7 @@ Status FailoverManager::MergeLive(JobContext& job, Active& a) {
     return Status::NotFound("query-block: no disk " + id);
   };
   auto job_of = [&](const std::string& id) -> Result<std::optional<json>> {
-    VMR_ASSIGN_OR_RETURN(json jobs, qmp->Execute("query-block-jobs"));
+    VMR_ASSIGN_OR_RETURN(json jobs, qmp->Execute("query-block-jobs", nullptr, kMergeQmpTimeout));
     if (!jobs.is_array()) return Status::Corruption("query-block-jobs: not an array");
     for (const auto& j : jobs) {
       if (j.is_object() && j.contains("device") && j["device"] == id) return std::optional<json>(j);
@@ -1231,7 +1247,7 @@ Status FailoverManager::MergeLive(JobContext& job, Active& a) {
     }
     VMR_ASSIGN_OR_RETURN(auto existing, job_of(target));
     if (!existing) {
-      VMR_ASSIGN_OR_RETURN(json nodes, qmp->Execute("query-named-block-nodes", json{{"flat", true}}));
+      VMR_ASSIGN_OR_RETURN(json nodes, qmp->Execute("query-named-block-nodes", json{{"flat", true}}, kMergeQmpTimeout));
       bool have_target = false;
       for (const auto& n : nodes) have_target = have_target || (n.contains("node-name") && n["node-name"] == target);
       if (!have_target) {
@@ -1243,7 +1259,8 @@ Status FailoverManager::MergeLive(JobContext& job, Active& a) {
             qmp->Execute("blockdev-add",
                          json{{"driver", "qcow2"},
                               {"node-name", target},
-                              {"file", {{"driver", "file"}, {"filename", wrapper}}}})
+                              {"file", {{"driver", "file"}, {"filename", wrapper}}}},
+                         kMergeQmpTimeout)
                 .status()
                 .WithContext("blockdev-add of " + target));
       }
@@ -1251,9 +1268,10 @@ Status FailoverManager::MergeLive(JobContext& job, Active& a) {
       // target already is the point's content (the rollback made it so).
       VMR_RETURN_IF_ERROR(
           qmp->Execute("blockdev-mirror",
-                       json{{"job-id", target}, {"device", node}, {"target", target}, {"sync", "top"}})
+                       json{{"job-id", target}, {"device", now}, {"target", target}, {"sync", "top"}},
+                       kMergeQmpTimeout)
               .status()
-              .WithContext("blockdev-mirror of " + node));
+              .WithContext("blockdev-mirror of " + node + " (node " + now + ")"));
     }
     // Ready, then pivot.
     const auto deadline = std::chrono::steady_clock::now() + std::chrono::hours(6);
@@ -1264,7 +1282,7 @@ Status FailoverManager::MergeLive(JobContext& job, Active& a) {
       if (std::chrono::steady_clock::now() > deadline) return Status::Timeout("mirror " + target + " not ready");
       std::this_thread::sleep_for(std::chrono::milliseconds(100));
     }
-    VMR_RETURN_IF_ERROR(qmp->Execute("block-job-complete", json{{"device", target}}).status());
+    VMR_RETURN_IF_ERROR(qmp->Execute("block-job-complete", json{{"device", target}}, kMergeQmpTimeout).status());
     for (;;) {
       VMR_ASSIGN_OR_RETURN(auto j, job_of(target));
       if (!j) break;
@@ -1903,16 +1921,25 @@ Result<std::shared_ptr<FailoverManager::Active>> FailoverManager::CommittedEntry
 Result<VmDefinition> FailoverManager::WrapperDefinition(const VmRecord& vm, const Active& a) {
   if (a.store == nullptr) return Status::FailedPrecondition("VM " + vm.name + ": its replica store is not held");
   VMR_ASSIGN_OR_RETURN(VmDefinition def, DefinitionForStore(vm, *a.store));
-  // A VM that runs under our launcher, directly on the wrappers.
-  def.kind = VmSourceKind::kQmp;
-  def.qmp_socket = a.rec.run_dir + "/qmp.sock";
+  // A VM that runs under our launcher, directly on the wrappers: its QMP
+  // socket, or the libvirt domain the launcher names after the VM (its
+  // stored XML stays the template of the next start).
+  const bool libvirt = RunsUnderLibvirt(def);
+  def.qmp_socket.clear();
   def.nbd_socket.clear();
   def.qga_socket.clear();
-  def.libvirt_uri.clear();
-  def.libvirt_domain.clear();
-  def.libvirt_xml.clear();
+  if (libvirt) {
+    def.libvirt_domain = def.name;
+  } else {
+    def.kind = VmSourceKind::kQmp;
+    def.qmp_socket = a.rec.run_dir + "/qmp.sock";
+    def.libvirt_uri.clear();
+    def.libvirt_domain.clear();
+    def.libvirt_xml.clear();
+  }
   for (size_t i = 0; i < def.disks.size(); ++i) {
-    def.disks[i].node_name = "vmr-commit-" + def.disks[i].name;
+    // libvirt names its nodes itself: AttachVm resolves them by device.
+    def.disks[i].node_name = libvirt ? "" : "vmr-commit-" + def.disks[i].name;
     def.disks[i].path = a.rec.wrappers.at(i);
     def.disks[i].format = "qcow2";
     def.disks[i].size_bytes = a.store->disks()[i].size;
@@ -2027,6 +2054,7 @@ Status FailoverManager::StartReversedVm(const VmRecord& vm) {
   spec.accel = options_.accel;
   spec.start_timeout = options_.vm_start_timeout;
   if (!def.boot_kernel.empty()) spec.kernel_boot = VmKernelBoot{def.boot_kernel, def.boot_initrd, def.boot_append};
+  ChooseHypervisor(&spec);
   if (!a->rec.instance_id.empty()) VMR_RETURN_IF_ERROR(AttachSeed(&spec, vm, a->rec.instance_id));
   // The engine's cycles of a VM that is off open its wrappers for a moment
   // (the proof that nothing writes them): a start that meets one waits.

@@ -12,11 +12,13 @@
 #include <cstring>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <set>
 #include <sstream>
 #include <thread>
 
 #include "launcher/subprocess.h"
 #include "vmreplica/fileutil.h"
+#include "vmreplica/libvirt_domain.h"
 #include "vmreplica/qmp.h"
 
 namespace vmreplica {
@@ -62,22 +64,56 @@ bool IsNbdUri(const std::string& s) {
          s.rfind("nbds+unix://", 0) == 0;
 }
 
+// The NBD URI forms the launcher accepts, split for a libvirt disk source.
+Status SplitNbdBacking(const std::string& uri, ReplicaDomainDisk* d) {
+  const std::string unix_prefix = "nbd+unix:///";
+  if (uri.rfind(unix_prefix, 0) == 0) {
+    const size_t q = uri.find("?socket=", unix_prefix.size());
+    if (q == std::string::npos) return Status::InvalidArgument("no ?socket= in " + uri);
+    d->backing = ReplicaDomainDisk::Backing::kNbdUnix;
+    d->nbd_export = uri.substr(unix_prefix.size(), q - unix_prefix.size());
+    d->backing_path = uri.substr(q + 8);
+    if (d->backing_path.empty() || d->backing_path[0] != '/' || uri.find_first_of("%&#") != std::string::npos) {
+      return Status::InvalidArgument("unsupported NBD URI (absolute socket, no %, & or #): " + uri);
+    }
+    return Status::Ok();
+  }
+  const std::string tcp_prefix = "nbd://";
+  if (uri.rfind(tcp_prefix, 0) == 0) {
+    const size_t slash = uri.find('/', tcp_prefix.size());
+    const std::string hostport = uri.substr(tcp_prefix.size(), slash == std::string::npos ? std::string::npos
+                                                                                            : slash - tcp_prefix.size());
+    const size_t colon = hostport.rfind(':');
+    d->backing = ReplicaDomainDisk::Backing::kNbdTcp;
+    d->nbd_host = colon == std::string::npos ? hostport : hostport.substr(0, colon);
+    unsigned long port = 10809;
+    if (colon != std::string::npos) {
+      char* end = nullptr;
+      port = std::strtoul(hostport.c_str() + colon + 1, &end, 10);
+      if (end == nullptr || *end != '\0' || port == 0 || port > 65535) {
+        return Status::InvalidArgument("bad port in " + uri);
+      }
+    }
+    d->nbd_port = static_cast<uint16_t>(port);
+    d->nbd_export = slash == std::string::npos ? "" : uri.substr(slash + 1);
+    if (d->nbd_host.empty() || uri.find_first_of("%?#") != std::string::npos) {
+      return Status::InvalidArgument("unsupported NBD URI: " + uri);
+    }
+    return Status::Ok();
+  }
+  return Status::InvalidArgument("libvirt takes nbd+unix:/// or nbd:// backings, not " + uri);
+}
+
 // "nbd+unix:///<export>?socket=<path>" -> the json: backing string of an
 // NBD client that reconnects for `delay_s` seconds. InvalidArgument for
 // other URIs (or percent-encoded ones).
 Result<std::string> ReconnectingBacking(const std::string& uri, uint32_t delay_s) {
-  const std::string prefix = "nbd+unix:///";
-  if (uri.rfind(prefix, 0) != 0) return Status::InvalidArgument("reconnect needs an nbd+unix:/// URI");
-  const size_t q = uri.find("?socket=", prefix.size());
-  if (q == std::string::npos) return Status::InvalidArgument("no ?socket= in " + uri);
-  const std::string export_name = uri.substr(prefix.size(), q - prefix.size());
-  const std::string socket = uri.substr(q + 8);
-  if (socket.empty() || socket[0] != '/' || uri.find_first_of("%&#") != std::string::npos) {
-    return Status::InvalidArgument("unsupported NBD URI (absolute socket, no %, & or #): " + uri);
-  }
+  if (uri.rfind("nbd+unix:///", 0) != 0) return Status::InvalidArgument("reconnect needs an nbd+unix:/// URI");
+  ReplicaDomainDisk d;
+  VMR_RETURN_IF_ERROR(SplitNbdBacking(uri, &d));
   nlohmann::json j = {{"driver", "nbd"},
-                      {"server", {{"type", "unix"}, {"path", socket}}},
-                      {"export", export_name},
+                      {"server", {{"type", "unix"}, {"path", d.backing_path}}},
+                      {"export", d.nbd_export},
                       {"reconnect-delay", delay_s}};
   return "json:" + j.dump();
 }
@@ -217,7 +253,84 @@ Status ValidateSpec(const VmLaunchSpec& spec, const VmDefinition& def) {
   if (spec.qemu_binary.empty() || spec.qemu_img_binary.empty()) {
     return Status::InvalidArgument("qemu_binary / qemu_img_binary: empty");
   }
+  if (spec.hypervisor == VmHypervisor::kLibvirt) {
+    if (spec.libvirt_uri.empty() || HasControlChars(spec.libvirt_uri)) {
+      return Status::InvalidArgument("libvirt_uri: required with the libvirt hypervisor");
+    }
+  } else if (spec.hypervisor != VmHypervisor::kQemu) {
+    return Status::InvalidArgument("hypervisor: qemu or libvirt");
+  }
   return Status::Ok();
+}
+
+Result<std::string> LibvirtXml(const VmLaunchSpec& spec, const VmDefinition& def, VmAccel accel,
+                               const std::vector<std::string>& overlays) {
+  ReplicaDomainPlan plan;
+  plan.template_xml = def.libvirt_xml;
+  plan.name = def.name;
+  plan.uuid = def.uuid;
+  plan.memory_mib = def.memory_mib;
+  plan.vcpus = def.vcpus;
+  plan.kvm = accel == VmAccel::kKvm;
+  std::set<std::string> targets;
+  for (size_t i = 0; i < def.disks.size(); ++i) {
+    ReplicaDomainDisk d;
+    d.target = def.disks[i].name;
+    d.alias = "ua-vmr-disk" + std::to_string(i);
+    d.format = "qcow2";
+    const VmLaunchDisk& ld = spec.disks[i];
+    if (!ld.direct_image.empty()) {
+      d.file = ld.direct_image;
+    } else {
+      d.file = overlays.at(i);
+      if (IsNbdUri(ld.backing)) {
+        VMR_RETURN_IF_ERROR(SplitNbdBacking(ld.backing, &d).WithContext("disks[" + std::to_string(i) + "].backing"));
+        d.backing_format = "raw";
+      } else {
+        d.backing = ReplicaDomainDisk::Backing::kFile;
+        d.backing_path = ld.backing;
+        d.backing_format = ld.backing_format;
+      }
+    }
+    targets.insert(d.target);
+    plan.disks.push_back(std::move(d));
+  }
+  // Extra drives take the next free vdX names.
+  char letter = 'a';
+  for (size_t i = 0; i < spec.extra_drives.size(); ++i) {
+    std::string t;
+    do {
+      if (letter > 'z') return Status::InvalidArgument("extra_drives: no free vd[a-z] target");
+      t = std::string("vd") + letter++;
+    } while (targets.count(t) != 0);
+    targets.insert(t);
+    ReplicaDomainDisk d;
+    d.target = t;
+    d.file = spec.extra_drives[i].path;
+    d.format = spec.extra_drives[i].format;
+    d.read_only = true;
+    d.alias = "ua-vmr-extra" + std::to_string(i);
+    plan.disks.push_back(std::move(d));
+  }
+  if (spec.network == VmNetworkMode::kIsolated) plan.nics = def.nics;
+  plan.serial_socket = spec.serial == VmSerialMode::kSocket ? spec.run_dir + "/serial.sock" : "";
+  plan.serial_log = spec.run_dir + "/serial.log";
+  if (spec.kernel_boot) {
+    plan.kernel = spec.kernel_boot->kernel;
+    plan.initrd = spec.kernel_boot->initrd;
+    plan.cmdline = spec.kernel_boot->append;
+  }
+  return RenderReplicaDomainXml(plan);
+}
+
+// libvirt's pid file of a domain of qemu:///system (best effort: 0 when it
+// cannot be read).
+pid_t LibvirtPid(const std::string& name) {
+  auto text = ReadFile("/run/libvirt/qemu/" + name + ".pid", 64);
+  if (!text.ok()) return 0;
+  char* end = nullptr;
+  long v = std::strtol(text->c_str(), &end, 10);
+  return v > 0 && v < 0x3fffffff ? static_cast<pid_t>(v) : 0;
 }
 
 std::vector<std::string> QemuArgs(const VmLaunchSpec& spec, const VmDefinition& def, VmAccel accel,
@@ -311,10 +424,25 @@ nlohmann::json StateJson(const VmLauncher& l, pid_t pid, uint64_t ticks, const s
                       {"overlays", overlays},     {"files", files}};
   // Only for direct disks: a state without it is what older builds wrote.
   if (!l.direct_images().empty()) j["direct_images"] = l.direct_images();
+  // Only for libvirt domains (absent: qemu).
+  if (l.hypervisor() == VmHypervisor::kLibvirt) {
+    j["hypervisor"] = VmHypervisorName(l.hypervisor());
+    j["libvirt_uri"] = l.libvirt_uri();
+  }
   return j;
 }
 
 }  // namespace
+
+const char* VmHypervisorName(VmHypervisor h) {
+  switch (h) {
+    case VmHypervisor::kQemu:
+      return "qemu";
+    case VmHypervisor::kLibvirt:
+      return "libvirt";
+  }
+  return "unknown";
+}
 
 Result<std::unique_ptr<VmLauncher>> VmLauncher::Start(const VmLaunchSpec& spec) {
   VmDefinition def = spec.definition;
@@ -345,16 +473,24 @@ Result<std::unique_ptr<VmLauncher>> VmLauncher::Start(const VmLaunchSpec& spec) 
   l->name_ = def.name;
   l->uuid_ = def.uuid;
   l->accel_ = accel;
+  l->hypervisor_ = spec.hypervisor;
+  l->libvirt_uri_ = spec.libvirt_uri;
   VmLaunchSpec effective = spec;
   effective.run_dir = dir;
+  bool domain_created = false;
 
   // From here on every failure removes what was made (and kills QEMU).
   struct Cleanup {
     VmLauncher* l;
+    const bool* domain_created;
     bool armed = true;
     ~Cleanup() {
       if (!armed) return;
-      if (l->pid_ > 0) {
+      if (*domain_created) {
+        Status s = DestroyReplicaDomain(l->libvirt_uri_, l->uuid_);
+        if (!s.ok()) spdlog::warn("VM {}: destroying the domain after a failed start: {}", l->name_, s.ToString());
+        l->pid_ = -1;
+      } else if (l->pid_ > 0) {
         ::kill(l->pid_, SIGKILL);
         int ws = 0;
         while (::waitpid(l->pid_, &ws, 0) < 0 && errno == EINTR) {
@@ -363,7 +499,7 @@ Result<std::unique_ptr<VmLauncher>> VmLauncher::Start(const VmLaunchSpec& spec) 
       }
       for (const auto& f : l->files_) ::unlink((l->run_dir_ + "/" + f).c_str());
     }
-  } cleanup{l.get()};
+  } cleanup{l.get(), &domain_created};
 
   const bool direct = !spec.disks.empty() && !spec.disks[0].direct_image.empty();
   for (size_t i = 0; i < def.disks.size() && !direct; ++i) {
@@ -425,6 +561,42 @@ Result<std::unique_ptr<VmLauncher>> VmLauncher::Start(const VmLaunchSpec& spec) 
       return Status::Unavailable("disks[" + std::to_string(i) + "]: qemu-img create on backing " + d.backing +
                                  " failed: " + c.output);
     }
+  }
+
+  if (spec.hypervisor == VmHypervisor::kLibvirt) {
+    VMR_ASSIGN_OR_RETURN(std::string xml, LibvirtXml(effective, def, accel, l->overlays_));
+    const std::string xml_path = dir + "/domain.xml";
+    l->files_.push_back("domain.xml");
+    VMR_RETURN_IF_ERROR(WriteFileAtomic(xml_path, xml, 0600));
+    VMR_RETURN_IF_ERROR(WriteFileAtomic(l->state_path(), StateJson(*l, 0, 0, l->files_).dump(2) + "\n", 0600));
+    // Recorded before the create: a crash after it leaves a state whose
+    // Adopt finds the domain by its uuid.
+    domain_created = true;
+    Status created = CreateReplicaDomain(spec.libvirt_uri, xml, def.name, def.uuid);
+    if (!created.ok()) {
+      if (created.code() == Code::kFailedPrecondition) domain_created = false;  // someone else's domain: not ours
+      WriteFileAtomic(l->qemu_log(), created.ToString() + "\n", 0600).IgnoreError();
+      if (created.code() == Code::kIOError && created.message().find("lock") != std::string::npos) {
+        // QEMU's image locking: another process (a qemu-storage-daemon of
+        // the engine's) holds an image for the moment.
+        return Status::FailedPrecondition("an image of VM " + def.name + " is in use by another process: " +
+                                          created.message());
+      }
+      return created;
+    }
+    l->pid_ = LibvirtPid(def.name);
+    for (const auto& d : spec.disks) {
+      if (d.nbd_reconnect_delay_s > 0 && IsNbdUri(d.backing)) {
+        spdlog::warn("VM {}: libvirt has no NBD reconnect setting: a restart of the NBD server fails the guest's "
+                     "reads of blocks its overlay does not hold",
+                     def.name);
+        break;
+      }
+    }
+    spdlog::info("VM {} ({}): libvirt domain started on {} with {} (qemu pid {}), run dir {}", l->name_, l->uuid_,
+                 spec.libvirt_uri, VmAccelName(accel), l->pid_, dir);
+    cleanup.armed = false;
+    return l;
   }
 
   std::vector<std::string> args = QemuArgs(effective, def, accel, l->overlays_);
@@ -542,6 +714,21 @@ Result<std::unique_ptr<VmLauncher>> VmLauncher::Adopt(const std::string& run_dir
       }
     }
   }
+  VmHypervisor hypervisor = VmHypervisor::kQemu;
+  std::string libvirt_uri;
+  if (j.contains("hypervisor")) {
+    if (!j["hypervisor"].is_string()) return bad("hypervisor: string expected");
+    if (j["hypervisor"] == "libvirt") {
+      hypervisor = VmHypervisor::kLibvirt;
+      if (!j.contains("libvirt_uri") || !j["libvirt_uri"].is_string() ||
+          j["libvirt_uri"].get<std::string>().empty() || HasControlChars(j["libvirt_uri"].get<std::string>())) {
+        return bad("libvirt_uri: string expected");
+      }
+      libvirt_uri = j["libvirt_uri"].get<std::string>();
+    } else if (j["hypervisor"] != "qemu") {
+      return bad("hypervisor: qemu or libvirt expected");
+    }
+  }
   if (j["version"].get<uint64_t>() != kStateVersion) return bad("unknown version");
   const uint64_t pid = j["pid"].get<uint64_t>();
   if (pid > 0x3fffffff) return bad("pid out of range");  // 0: QEMU was never started
@@ -561,6 +748,17 @@ Result<std::unique_ptr<VmLauncher>> VmLauncher::Adopt(const std::string& run_dir
   l->pid_ = pid == 0 ? -1 : static_cast<pid_t>(pid);
   l->start_ticks_ = j["start_ticks"].get<uint64_t>();
   l->child_ = false;
+  l->hypervisor_ = hypervisor;
+  l->libvirt_uri_ = libvirt_uri;
+  if (hypervisor == VmHypervisor::kLibvirt) {
+    if (l->IsRunning()) {
+      l->pid_ = LibvirtPid(l->name_);
+      spdlog::info("VM {}: adopted libvirt domain {} in {}", l->name_, l->uuid_, dir);
+    } else {
+      spdlog::info("VM {}: libvirt domain {} of {} does not run", l->name_, l->uuid_, dir);
+    }
+    return l;
+  }
   // QEMU's own pid file, while it exists, must name the same process.
   auto pid_text = ReadFile(dir + "/" + kPidFile, 64);
   if (pid_text.ok()) {
@@ -581,6 +779,16 @@ Result<std::unique_ptr<VmLauncher>> VmLauncher::Adopt(const std::string& run_dir
 VmLauncher::~VmLauncher() = default;
 
 bool VmLauncher::IsRunning() {
+  if (hypervisor_ == VmHypervisor::kLibvirt) {
+    auto active = ReplicaDomainActive(libvirt_uri_, uuid_);
+    if (!active.ok()) {
+      spdlog::warn("VM {}: cannot ask libvirt whether it runs ({}); taken as running", name_,
+                   active.status().ToString());
+      return true;
+    }
+    if (!*active) pid_ = -1;
+    return *active;
+  }
   if (pid_ <= 0) return false;
   if (child_) {
     int ws = 0;
@@ -614,13 +822,34 @@ Status VmLauncher::WaitGone(std::chrono::milliseconds timeout) {
   const auto deadline = Clock::now() + timeout;
   for (;;) {
     if (!IsRunning()) return Status::Ok();
-    if (Clock::now() >= deadline) return Status::Timeout("qemu pid " + std::to_string(pid_) + " still runs");
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    if (Clock::now() >= deadline) return Status::Timeout("VM " + name_ + " still runs");
+    // libvirt is asked over a connection per poll: less often.
+    std::this_thread::sleep_for(std::chrono::milliseconds(hypervisor_ == VmHypervisor::kLibvirt ? 200 : 20));
   }
+}
+
+Result<std::unique_ptr<QmpChannel>> VmLauncher::OpenQmp() {
+  if (hypervisor_ == VmHypervisor::kLibvirt) return OpenReplicaDomainQmp(libvirt_uri_, uuid_);
+  QmpClientOptions qo;
+  qo.connect_timeout = std::chrono::seconds(30);
+  VMR_ASSIGN_OR_RETURN(auto client, QmpClient::Connect(qmp_socket(), qo));
+  return std::unique_ptr<QmpChannel>(std::move(client));
 }
 
 Status VmLauncher::Stop(std::chrono::milliseconds graceful) {
   if (!IsRunning()) return Status::Ok();
+  if (hypervisor_ == VmHypervisor::kLibvirt) {
+    Status s = ShutdownReplicaDomain(libvirt_uri_, uuid_);
+    if (!s.ok()) spdlog::warn("VM {}: ACPI shutdown through libvirt: {}", name_, s.ToString());
+    if (WaitGone(graceful).ok()) {
+      spdlog::info("VM {}: libvirt domain powered down", name_);
+      return Status::Ok();
+    }
+    spdlog::info("VM {}: guest ignored the power button; destroying the domain", name_);
+    VMR_RETURN_IF_ERROR(DestroyReplicaDomain(libvirt_uri_, uuid_));
+    if (WaitGone(kKillWait).ok()) return Status::Ok();
+    return Status::Internal("libvirt domain " + uuid_ + " still runs after virDomainDestroy");
+  }
   const pid_t pid = pid_;
   QmpClientOptions qo;
   qo.connect_timeout = std::chrono::milliseconds(3000);

@@ -37,8 +37,8 @@ Status QmpErrorStatus(const std::string& command, const nlohmann::json& error);
 Result<VmDefinition> InspectLibvirt(const VmAddRequest& request);
 Result<std::unique_ptr<AttachedVm>> AttachLibvirt(const VmDefinition& def, const std::string& run_dir);
 // virDomainGetState of the definition's domain (kOff for SHUTOFF, else
-// kRunning); Unavailable when libvirt cannot be reached, NotFound when the
-// domain is gone.
+// kRunning; kOff when libvirt has no such domain); Unavailable when libvirt
+// cannot be reached.
 Result<VmPowerState> LibvirtPower(const VmDefinition& def);
 
 }  // namespace vmreplica::vm_internal

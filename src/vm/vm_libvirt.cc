@@ -16,112 +16,12 @@
 #include <mutex>
 #include <optional>
 
+#include "vm/libvirt_util.h"
 #include "vm/vm_internal.h"
 #include "vmreplica/vm_binding.h"
 
 namespace vmreplica::vm_internal {
 namespace {
-
-// libvirt prints every error to stderr by default; we report them as Status.
-void SilentErrorHandler(void*, virErrorPtr) {}
-
-void InitLibvirt() {
-  static std::once_flag once;
-  std::call_once(once, [] {
-    virInitialize();
-    virSetErrorFunc(nullptr, SilentErrorHandler);
-    xmlInitParser();
-  });
-}
-
-std::string LastError() {
-  virErrorPtr e = virGetLastError();
-  return e != nullptr && e->message != nullptr ? std::string(e->message) : std::string("unknown libvirt error");
-}
-
-int LastErrorCode() {
-  virErrorPtr e = virGetLastError();
-  return e != nullptr ? e->code : 0;
-}
-
-struct ConnCloser {
-  void operator()(virConnectPtr c) const { virConnectClose(c); }
-};
-struct DomainFreer {
-  void operator()(virDomainPtr d) const { virDomainFree(d); }
-};
-using ConnPtr = std::unique_ptr<virConnect, ConnCloser>;
-using DomainPtr = std::unique_ptr<virDomain, DomainFreer>;
-
-Result<ConnPtr> Open(const std::string& uri) {
-  InitLibvirt();
-  virConnectPtr c = virConnectOpen(uri.c_str());
-  if (c == nullptr) return Status::Unavailable("libvirt " + uri + ": " + LastError());
-  return ConnPtr(c);
-}
-
-Result<DomainPtr> Lookup(virConnectPtr conn, const std::string& name) {
-  virDomainPtr d = virDomainLookupByName(conn, name.c_str());
-  if (d == nullptr) {
-    if (LastErrorCode() == VIR_ERR_NO_DOMAIN) return Status::NotFound("libvirt has no domain \"" + name + "\"");
-    return Status::Unavailable("libvirt lookup of " + name + ": " + LastError());
-  }
-  return DomainPtr(d);
-}
-
-Result<std::string> XmlDesc(virDomainPtr dom, unsigned int flags) {
-  char* xml = virDomainGetXMLDesc(dom, flags);
-  if (xml == nullptr) return Status::Unavailable("virDomainGetXMLDesc: " + LastError());
-  std::string s(xml);
-  free(xml);
-  return s;
-}
-
-// A parsed domain XML with XPath helpers.
-class DomainXml {
- public:
-  static Result<std::unique_ptr<DomainXml>> Parse(const std::string& xml) {
-    xmlDocPtr doc = xmlReadMemory(xml.data(), static_cast<int>(xml.size()), "domain.xml", nullptr,
-                                  XML_PARSE_NONET | XML_PARSE_NOERROR | XML_PARSE_NOWARNING);
-    if (doc == nullptr) return Status::Corruption("libvirt domain XML does not parse");
-    xmlXPathContextPtr ctx = xmlXPathNewContext(doc);
-    if (ctx == nullptr) {
-      xmlFreeDoc(doc);
-      return Status::Internal("xmlXPathNewContext failed");
-    }
-    return std::unique_ptr<DomainXml>(new DomainXml(doc, ctx));
-  }
-  ~DomainXml() {
-    xmlXPathFreeContext(ctx_);
-    xmlFreeDoc(doc_);
-  }
-  // Nodes matching `xpath`, relative to `at` (nullptr: the document).
-  std::vector<xmlNodePtr> Nodes(const char* xpath, xmlNodePtr at = nullptr) {
-    ctx_->node = at != nullptr ? at : xmlDocGetRootElement(doc_);
-    std::vector<xmlNodePtr> out;
-    xmlXPathObjectPtr r = xmlXPathEvalExpression(reinterpret_cast<const xmlChar*>(xpath), ctx_);
-    if (r == nullptr) return out;
-    if (r->nodesetval != nullptr) {
-      for (int i = 0; i < r->nodesetval->nodeNr; ++i) out.push_back(r->nodesetval->nodeTab[i]);
-    }
-    xmlXPathFreeObject(r);
-    return out;
-  }
-  // The string value of the first match ("" when none).
-  std::string Text(const char* xpath, xmlNodePtr at = nullptr) {
-    auto nodes = Nodes(xpath, at);
-    if (nodes.empty()) return "";
-    xmlChar* c = xmlNodeGetContent(nodes[0]);
-    std::string s = c != nullptr ? reinterpret_cast<const char*>(c) : "";
-    xmlFree(c);
-    return s;
-  }
-
- private:
-  DomainXml(xmlDocPtr doc, xmlXPathContextPtr ctx) : doc_(doc), ctx_(ctx) {}
-  xmlDocPtr doc_;
-  xmlXPathContextPtr ctx_;
-};
 
 struct LibvirtDisk {
   std::string target;  // "vda"
@@ -143,63 +43,6 @@ std::vector<LibvirtDisk> Disks(DomainXml& x) {
   }
   return out;
 }
-
-// The QMP channel through libvirt. Thread safety: libvirt connections and
-// domain handles may be used from several threads.
-class LibvirtChannel : public QmpChannel {
- public:
-  LibvirtChannel(virDomainPtr dom, std::string export_dir, uid_t uid, gid_t gid)
-      : dom_(dom), export_dir_(std::move(export_dir)), uid_(uid), gid_(gid) {}
-
-  // `timeout` is not enforced: libvirt applies its own monitor timeout.
-  Result<nlohmann::json> Execute(const std::string& command, const nlohmann::json& arguments,
-                                 std::chrono::milliseconds) override {
-    nlohmann::json msg = {{"execute", command}};
-    if (!arguments.is_null()) msg["arguments"] = arguments;
-    if (command == "blockdev-add") VMR_RETURN_IF_ERROR(HandOverFiles(arguments));
-    char* reply = nullptr;
-    if (virDomainQemuMonitorCommand(dom_, msg.dump().c_str(), &reply, VIR_DOMAIN_QEMU_MONITOR_COMMAND_DEFAULT) != 0) {
-      return Status::Unavailable("QMP " + command + " through libvirt: " + LastError());
-    }
-    std::string text = reply != nullptr ? reply : "";
-    free(reply);
-    nlohmann::json j = nlohmann::json::parse(text, nullptr, false);
-    if (!j.is_object()) return Status::Corruption("QMP " + command + ": libvirt relayed a malformed reply");
-    if (j.contains("return")) return j["return"];
-    if (j.contains("error")) return QmpErrorStatus(command, j["error"]);
-    return Status::Corruption("QMP " + command + ": reply without return or error");
-  }
-
- private:
-  // QEMU runs as another user under libvirt: image files the tracker made
-  // in export_dir (overlays, created by qemu-img as us) are handed to that
-  // user before QEMU opens them read-write.
-  Status HandOverFiles(const nlohmann::json& args) {
-    std::vector<const nlohmann::json*> todo = {&args};
-    while (!todo.empty()) {
-      const nlohmann::json* j = todo.back();
-      todo.pop_back();
-      if (!j->is_object()) continue;
-      auto f = j->find("filename");
-      if (f != j->end() && f->is_string()) {
-        std::string path = f->get<std::string>();
-        if (path.rfind(export_dir_ + "/", 0) == 0 && path.find("/../") == std::string::npos) {
-          if (::chown(path.c_str(), uid_, gid_) != 0 && errno != ENOENT) {
-            return Status::IOError("chown " + path + ": " + std::strerror(errno));
-          }
-        }
-      }
-      auto file = j->find("file");
-      if (file != j->end()) todo.push_back(&*file);
-    }
-    return Status::Ok();
-  }
-
-  virDomainPtr const dom_;
-  const std::string export_dir_;
-  const uid_t uid_;
-  const gid_t gid_;
-};
 
 class LibvirtAttachedVm : public AttachedVm {
  public:
@@ -354,10 +197,8 @@ Result<std::unique_ptr<AttachedVm>> AttachLibvirt(const VmDefinition& def, const
                                       def.uuid);
   }
   VMR_ASSIGN_OR_RETURN(Inspected in, InspectDomain(conn.get(), dom.get(), def.libvirt_uri, def.libvirt_domain));
-  {
-    LibvirtChannel probe(dom.get(), "", ::getuid(), ::getgid());
-    VMR_RETURN_IF_ERROR(ResolveNodes(&probe, in.disks, &in.def.disks));
-  }
+  LibvirtChannel probe_channel(dom.get(), "", ::getuid(), ::getgid());
+  VMR_RETURN_IF_ERROR(ResolveNodes(&probe_channel, in.disks, &in.def.disks));
   // Compare with the definition: same disks by name, size, path, format.
   if (in.def.disks.size() != def.disks.size()) {
     return Status::FailedPrecondition("domain has " + std::to_string(in.def.disks.size()) + " disks, defined with " +
@@ -371,11 +212,16 @@ Result<std::unique_ptr<AttachedVm>> AttachLibvirt(const VmDefinition& def, const
       return Status::FailedPrecondition("disk " + want.name + ": size is " + std::to_string(got.size_bytes) +
                                         " bytes, defined as " + std::to_string(want.size_bytes));
     }
-    if (got.path != want.path) {
-      return Status::FailedPrecondition("disk " + want.name + ": image is " + got.path + ", defined as " + want.path);
+    // What QEMU has open (a domain whose disk was pivoted by a block job
+    // outside libvirt, as CommitFailover's live merge does, still shows the
+    // old source in its XML).
+    auto node = DescribeNode(&probe_channel, want.name, got.node_name);
+    if (!node.ok()) return node.status().WithContext("disk " + want.name);
+    if (node->path != want.path) {
+      return Status::FailedPrecondition("disk " + want.name + ": image is " + node->path + ", defined as " + want.path);
     }
-    if (got.format != want.format) {
-      return Status::FailedPrecondition("disk " + want.name + ": format is " + got.format + ", defined as " +
+    if (node->format != want.format) {
+      return Status::FailedPrecondition("disk " + want.name + ": format is " + node->format + ", defined as " +
                                         want.format);
     }
   }
@@ -403,7 +249,16 @@ Result<std::unique_ptr<AttachedVm>> AttachLibvirt(const VmDefinition& def, const
 
 Result<VmPowerState> LibvirtPower(const VmDefinition& def) {
   VMR_ASSIGN_OR_RETURN(ConnPtr conn, Open(def.libvirt_uri));
-  VMR_ASSIGN_OR_RETURN(DomainPtr dom, Lookup(conn.get(), def.libvirt_domain));
+  auto found = Lookup(conn.get(), def.libvirt_domain);
+  if (!found.ok() && found.status().code() == Code::kNotFound) {
+    // Not defined here at all (a transient domain that stopped, as the
+    // replica host runs failed-over and reversed VMs): nothing runs it.
+    VmPowerState out;
+    out.power = VmPower::kOff;
+    out.detail = "libvirt has no domain " + def.libvirt_domain;
+    return out;
+  }
+  VMR_ASSIGN_OR_RETURN(DomainPtr dom, std::move(found));
   int state = 0, reason = 0;
   if (virDomainGetState(dom.get(), &state, &reason, 0) != 0) {
     return Status::Unavailable("virDomainGetState of " + def.libvirt_domain + ": " + LastError());

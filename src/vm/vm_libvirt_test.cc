@@ -19,6 +19,7 @@
 #include <thread>
 
 #include "qemu/qemu_test_util.h"
+#include "vm/libvirtd_testing.h"
 #include "vmreplica/nbd_reader.h"
 #include "vmreplica/tracker.h"
 #include "vmreplica/vm_binding.h"
@@ -30,69 +31,6 @@ using namespace std::chrono_literals;
 
 constexpr const char* kUri = "qemu:///system";
 constexpr const char* kGuestDir = "/var/cache/vmreplica/test-guest";
-
-void Quiet(void*, virErrorPtr) {}
-
-bool LibvirtAnswers() {
-  virSetErrorFunc(nullptr, Quiet);
-  virConnectPtr c = virConnectOpen(kUri);
-  if (c == nullptr) return false;
-  virConnectClose(c);
-  return true;
-}
-
-pid_t ReadPid(const std::string& path) {
-  std::ifstream f(path);
-  long pid = 0;
-  f >> pid;
-  return static_cast<pid_t>(pid);
-}
-
-// A libvirtd for the test: reuses a running one, else starts virtlogd and
-// libvirtd as environment notes describe and stops them at the end.
-class Libvirtd {
- public:
-  // Empty string on success, else why not.
-  std::string Ensure() {
-    if (LibvirtAnswers()) return "";
-    for (const char* tool : {"libvirtd", "virtlogd"}) {
-      if (testutil::Run(std::string("command -v ") + tool).exit_code != 0) {
-        return std::string(tool) + " is missing (packages libvirt-daemon libvirt-daemon-driver-qemu)";
-      }
-    }
-    testutil::Run(
-        "getent group kvm || groupadd -r kvm; getent group libvirt-qemu || groupadd -r libvirt-qemu; "
-        "id libvirt-qemu || useradd -r -g libvirt-qemu -G kvm libvirt-qemu; "
-        "mkdir -p /var/log/libvirt /var/run/libvirt");
-    if (testutil::Run("pgrep -x virtlogd").exit_code != 0) {
-      auto r = testutil::Run("virtlogd -d");
-      if (r.exit_code != 0) return "virtlogd -d failed: " + r.output;
-      started_virtlogd_ = true;
-    }
-    auto r = testutil::Run("libvirtd -d");
-    if (r.exit_code != 0) return "libvirtd -d failed: " + r.output;
-    started_libvirtd_ = true;
-    auto deadline = std::chrono::steady_clock::now() + 60s;
-    while (!LibvirtAnswers()) {
-      if (std::chrono::steady_clock::now() > deadline) return "libvirtd did not answer on " + std::string(kUri);
-      std::this_thread::sleep_for(100ms);  // polling a condition (the socket answering)
-    }
-    return "";
-  }
-  ~Libvirtd() {
-    if (started_libvirtd_) StopPid(ReadPid("/run/libvirtd.pid"));
-    if (started_virtlogd_) StopPid(ReadPid("/run/virtlogd.pid"));
-  }
-
- private:
-  static void StopPid(pid_t pid) {
-    if (pid <= 1) return;
-    ::kill(pid, SIGTERM);
-    for (int i = 0; i < 100 && ::kill(pid, 0) == 0; ++i) std::this_thread::sleep_for(50ms);
-  }
-  bool started_libvirtd_ = false;
-  bool started_virtlogd_ = false;
-};
 
 // The guest's serial console on a unix socket (protocol in tests/guest/init.sh).
 class Serial {
@@ -140,8 +78,7 @@ class Serial {
 };
 
 TEST(VmLibvirtTest, InspectAttachTrackAndCutATransientDomain) {
-  Libvirtd libvirtd;
-  std::string why = libvirtd.Ensure();
+  std::string why = testutil::EnsureLibvirtd();
   ASSERT_TRUE(why.empty()) << "libvirt is required for this test: " << why;
 
   testutil::TempDir dir("vmlv");
