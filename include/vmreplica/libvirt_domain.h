@@ -62,6 +62,10 @@ struct ReplicaDomainPlan {
   // Direct kernel boot replacing the template's <kernel>/<initrd>/<cmdline>
   // ("" kernel = the template's boot as it is).
   std::string kernel, initrd, cmdline;
+  // The launcher's run directory, written into the domain's <metadata>
+  // (element "run", namespace https://vmreplica.dev/xmlns/replica-domain/1,
+  // attribute "dir"). The calls below act only on a domain that carries it.
+  std::string owner;
 };
 
 // The domain XML for `plan`: the template with its name, uuid, type, disks,
@@ -76,25 +80,34 @@ struct ReplicaDomainPlan {
 Result<std::string> RenderReplicaDomainXml(const ReplicaDomainPlan& plan);
 
 // Starts a transient domain from `xml`. FailedPrecondition when libvirt
-// already has a domain with this name or uuid (it is left alone),
+// already has a domain with this name or uuid (it is left alone) or when
+// QEMU cannot lock an image ("... is in use by another process"),
 // Unavailable when libvirt cannot be reached, IOError with libvirt's
-// message when the start fails.
+// message when the start fails otherwise.
 Status CreateReplicaDomain(const std::string& uri, const std::string& xml, const std::string& name,
                            const std::string& uuid);
 
-// Whether the domain with `uuid` runs (false: no such domain, or shut off).
+// The calls below find the domain by `uuid` and act only when it carries
+// the metadata element naming `owner` (ReplicaDomainPlan::owner): a domain
+// with that uuid that is someone else's (the operator's own definition of
+// the VM, started meanwhile) counts as "not there" and is never shut down,
+// destroyed or driven.
+
+// Whether our domain runs (false: no such domain, not ours, or shut off).
 // Unavailable when libvirt cannot be reached.
-Result<bool> ReplicaDomainActive(const std::string& uri, const std::string& uuid);
+Result<bool> ReplicaDomainActive(const std::string& uri, const std::string& uuid, const std::string& owner);
 
 // The ACPI power button (virDomainShutdown with the ACPI method). OK when
-// the domain is gone.
-Status ShutdownReplicaDomain(const std::string& uri, const std::string& uuid);
+// the domain is gone or not ours.
+Status ShutdownReplicaDomain(const std::string& uri, const std::string& uuid, const std::string& owner);
 
-// Stops QEMU at once (virDomainDestroy). OK when the domain is gone.
-Status DestroyReplicaDomain(const std::string& uri, const std::string& uuid);
+// Stops QEMU at once (virDomainDestroy). OK when the domain is gone or not
+// ours.
+Status DestroyReplicaDomain(const std::string& uri, const std::string& uuid, const std::string& owner);
 
 // The domain's QMP monitor through libvirt (virDomainQemuMonitorCommand).
-// NotFound when the domain does not run.
-Result<std::unique_ptr<QmpChannel>> OpenReplicaDomainQmp(const std::string& uri, const std::string& uuid);
+// NotFound when our domain does not run.
+Result<std::unique_ptr<QmpChannel>> OpenReplicaDomainQmp(const std::string& uri, const std::string& uuid,
+                                                         const std::string& owner);
 
 }  // namespace vmreplica

@@ -1924,7 +1924,8 @@ Result<VmDefinition> FailoverManager::WrapperDefinition(const VmRecord& vm, cons
   // A VM that runs under our launcher, directly on the wrappers: its QMP
   // socket, or the libvirt domain the launcher names after the VM (its
   // stored XML stays the template of the next start).
-  const bool libvirt = RunsUnderLibvirt(def);
+  // What the VM runs under now when it runs, else what a start would use.
+  const bool libvirt = a.vm ? a.vm->hypervisor() == VmHypervisor::kLibvirt : RunsUnderLibvirt(def);
   def.qmp_socket.clear();
   def.nbd_socket.clear();
   def.qga_socket.clear();
@@ -2054,7 +2055,12 @@ Status FailoverManager::StartReversedVm(const VmRecord& vm) {
   spec.accel = options_.accel;
   spec.start_timeout = options_.vm_start_timeout;
   if (!def.boot_kernel.empty()) spec.kernel_boot = VmKernelBoot{def.boot_kernel, def.boot_initrd, def.boot_append};
-  ChooseHypervisor(&spec);
+  // The stored definition of a reversed VM says how it runs (the engine
+  // attaches by its kind), whatever [failover] hypervisor says now.
+  if (def.kind == VmSourceKind::kLibvirt && !def.libvirt_uri.empty()) {
+    spec.hypervisor = VmHypervisor::kLibvirt;
+    spec.libvirt_uri = def.libvirt_uri;
+  }
   if (!a->rec.instance_id.empty()) VMR_RETURN_IF_ERROR(AttachSeed(&spec, vm, a->rec.instance_id));
   // The engine's cycles of a VM that is off open its wrappers for a moment
   // (the proof that nothing writes them): a start that meets one waits.

@@ -272,6 +272,7 @@ Result<std::string> LibvirtXml(const VmLaunchSpec& spec, const VmDefinition& def
   plan.memory_mib = def.memory_mib;
   plan.vcpus = def.vcpus;
   plan.kvm = accel == VmAccel::kKvm;
+  plan.owner = spec.run_dir;
   std::set<std::string> targets;
   for (size_t i = 0; i < def.disks.size(); ++i) {
     ReplicaDomainDisk d;
@@ -487,7 +488,7 @@ Result<std::unique_ptr<VmLauncher>> VmLauncher::Start(const VmLaunchSpec& spec) 
     ~Cleanup() {
       if (!armed) return;
       if (*domain_created) {
-        Status s = DestroyReplicaDomain(l->libvirt_uri_, l->uuid_);
+        Status s = DestroyReplicaDomain(l->libvirt_uri_, l->uuid_, l->run_dir_);
         if (!s.ok()) spdlog::warn("VM {}: destroying the domain after a failed start: {}", l->name_, s.ToString());
         l->pid_ = -1;
       } else if (l->pid_ > 0) {
@@ -574,14 +575,11 @@ Result<std::unique_ptr<VmLauncher>> VmLauncher::Start(const VmLaunchSpec& spec) 
     domain_created = true;
     Status created = CreateReplicaDomain(spec.libvirt_uri, xml, def.name, def.uuid);
     if (!created.ok()) {
-      if (created.code() == Code::kFailedPrecondition) domain_created = false;  // someone else's domain: not ours
+      // FailedPrecondition: another domain has the name or uuid, or an
+      // image is locked; either way libvirt started nothing of ours (and
+      // the destroy would find nothing of ours anyway: the owner check).
+      if (created.code() == Code::kFailedPrecondition) domain_created = false;
       WriteFileAtomic(l->qemu_log(), created.ToString() + "\n", 0600).IgnoreError();
-      if (created.code() == Code::kIOError && created.message().find("lock") != std::string::npos) {
-        // QEMU's image locking: another process (a qemu-storage-daemon of
-        // the engine's) holds an image for the moment.
-        return Status::FailedPrecondition("an image of VM " + def.name + " is in use by another process: " +
-                                          created.message());
-      }
       return created;
     }
     l->pid_ = LibvirtPid(def.name);
@@ -780,7 +778,7 @@ VmLauncher::~VmLauncher() = default;
 
 bool VmLauncher::IsRunning() {
   if (hypervisor_ == VmHypervisor::kLibvirt) {
-    auto active = ReplicaDomainActive(libvirt_uri_, uuid_);
+    auto active = ReplicaDomainActive(libvirt_uri_, uuid_, run_dir_);
     if (!active.ok()) {
       spdlog::warn("VM {}: cannot ask libvirt whether it runs ({}); taken as running", name_,
                    active.status().ToString());
@@ -829,7 +827,7 @@ Status VmLauncher::WaitGone(std::chrono::milliseconds timeout) {
 }
 
 Result<std::unique_ptr<QmpChannel>> VmLauncher::OpenQmp() {
-  if (hypervisor_ == VmHypervisor::kLibvirt) return OpenReplicaDomainQmp(libvirt_uri_, uuid_);
+  if (hypervisor_ == VmHypervisor::kLibvirt) return OpenReplicaDomainQmp(libvirt_uri_, uuid_, run_dir_);
   QmpClientOptions qo;
   qo.connect_timeout = std::chrono::seconds(30);
   VMR_ASSIGN_OR_RETURN(auto client, QmpClient::Connect(qmp_socket(), qo));
@@ -839,14 +837,14 @@ Result<std::unique_ptr<QmpChannel>> VmLauncher::OpenQmp() {
 Status VmLauncher::Stop(std::chrono::milliseconds graceful) {
   if (!IsRunning()) return Status::Ok();
   if (hypervisor_ == VmHypervisor::kLibvirt) {
-    Status s = ShutdownReplicaDomain(libvirt_uri_, uuid_);
+    Status s = ShutdownReplicaDomain(libvirt_uri_, uuid_, run_dir_);
     if (!s.ok()) spdlog::warn("VM {}: ACPI shutdown through libvirt: {}", name_, s.ToString());
     if (WaitGone(graceful).ok()) {
       spdlog::info("VM {}: libvirt domain powered down", name_);
       return Status::Ok();
     }
     spdlog::info("VM {}: guest ignored the power button; destroying the domain", name_);
-    VMR_RETURN_IF_ERROR(DestroyReplicaDomain(libvirt_uri_, uuid_));
+    VMR_RETURN_IF_ERROR(DestroyReplicaDomain(libvirt_uri_, uuid_, run_dir_));
     if (WaitGone(kKillWait).ok()) return Status::Ok();
     return Status::Internal("libvirt domain " + uuid_ + " still runs after virDomainDestroy");
   }

@@ -20,6 +20,9 @@ using vm_internal::LastErrorCode;
 
 const xmlChar* X(const char* s) { return reinterpret_cast<const xmlChar*>(s); }
 
+// The namespace of vmreplica's element in a domain's <metadata>.
+const char* const kOwnerNamespace = "https://vmreplica.dev/xmlns/replica-domain/1";
+
 void Unlink(xmlNodePtr n) {
   xmlUnlinkNode(n);
   xmlFreeNode(n);
@@ -135,6 +138,9 @@ Result<std::string> RenderReplicaDomainXml(const ReplicaDomainPlan& plan) {
   if (plan.uuid.size() != 36) return Status::InvalidArgument("uuid: canonical form expected");
   if (plan.disks.empty()) return Status::InvalidArgument("disks: at least one");
   if (plan.serial_log.empty() || plan.serial_log[0] != '/') return Status::InvalidArgument("serial_log: absolute path");
+  if (plan.owner.empty() || plan.owner[0] != '/' || BadText(plan.owner)) {
+    return Status::InvalidArgument("owner: the run directory (absolute path)");
+  }
   for (size_t i = 0; i < plan.disks.size(); ++i) {
     const auto& d = plan.disks[i];
     const std::string f = "disks[" + std::to_string(i) + "].";
@@ -174,10 +180,16 @@ Result<std::string> RenderReplicaDomainXml(const ReplicaDomainPlan& plan) {
       xmlAddChild(root, sl);
     }
   }
-  if (!plan.kvm) {
-    // host-passthrough / host-model need KVM.
-    for (xmlNodePtr n : x.Nodes("/domain/cpu[@mode='host-passthrough' or @mode='host-model' or @mode='maximum']")) {
-      Unlink(n);
+  for (xmlNodePtr cpu : x.Nodes("/domain/cpu")) {
+    if (!plan.kvm) {
+      // TCG: no host CPU model or features; topology and NUMA cells stay.
+      for (const char* a : {"mode", "check", "migratable", "match"}) xmlUnsetProp(cpu, X(a));
+      for (const char* c : {"model", "vendor", "feature", "cache"}) {
+        for (xmlNodePtr n : x.Nodes(c, cpu)) Unlink(n);
+      }
+    } else if (xmlHasProp(cpu, X("check")) != nullptr) {
+      // Another host's CPU: no strict check against the primary's model.
+      Attr(cpu, "check", "none");
     }
   }
   xmlNodePtr os = Ensure(root, "os");
@@ -203,13 +215,37 @@ Result<std::string> RenderReplicaDomainXml(const ReplicaDomainPlan& plan) {
   for (xmlNodePtr n : x.Nodes("/domain/devices/channel")) {
     Attr(n, "type", "unix");
     for (xmlNodePtr s : x.Nodes("source", n)) Unlink(s);
+    Attr(Child(n, "source"), "mode", "bind");
   }
+  // Graphics listen on libvirt's default address of this host.
   for (xmlNodePtr g : x.Nodes("/domain/devices/graphics")) {
-    for (const char* a : {"port", "tlsPort", "websocket", "socket"}) xmlUnsetProp(g, X(a));
+    for (const char* a : {"port", "tlsPort", "websocket", "socket", "listen"}) xmlUnsetProp(g, X(a));
     if (Prop(g, "type") == "vnc" || Prop(g, "type") == "spice") {
       Attr(g, "autoport", "yes");
     }
-    for (xmlNodePtr l : x.Nodes("listen[@type='socket']", g)) Unlink(l);
+    for (xmlNodePtr l : x.Nodes("listen", g)) Unlink(l);
+  }
+  // Tuning tied to the primary's CPUs, NUMA nodes, hugepages or cgroups.
+  for (const char* xp : {"/domain/cputune", "/domain/numatune", "/domain/memoryBacking", "/domain/resource"}) {
+    for (xmlNodePtr n : x.Nodes(xp)) Unlink(n);
+  }
+  for (xmlNodePtr v : x.Nodes("/domain/vcpu")) xmlUnsetProp(v, X("cpuset"));
+  // A guest that powers off, reboots or crashes must not keep a domain
+  // whose QEMU no longer runs it ("preserve").
+  for (const char* e : {"on_poweroff", "on_crash"}) {
+    std::string xp = std::string("/domain/") + e;
+    for (xmlNodePtr n : x.Nodes(xp.c_str())) {
+      if (x.Text(".", n).find("preserve") != std::string::npos) {
+        xmlNodeSetContent(n, nullptr);
+        xmlNodeAddContent(n, X("destroy"));
+      }
+    }
+  }
+  for (xmlNodePtr n : x.Nodes("/domain/on_reboot")) {
+    if (x.Text(".", n).find("preserve") != std::string::npos) {
+      xmlNodeSetContent(n, nullptr);
+      xmlNodeAddContent(n, X("restart"));
+    }
   }
   // Disks: the template's disk with the same target is reused in place.
   std::vector<xmlNodePtr> old_disks = x.Nodes("/domain/devices/disk");
@@ -242,27 +278,29 @@ Result<std::string> RenderReplicaDomainXml(const ReplicaDomainPlan& plan) {
   }
   // NICs: the template's interface with the same MAC keeps its model and
   // PCI address; everything else about it is replaced by an unattached tap.
+  // Every template MAC is read before any node is touched; matched
+  // template interfaces are unlinked only after the loop.
   std::vector<xmlNodePtr> old_nics = x.Nodes("/domain/devices/interface");
+  std::vector<std::string> old_macs, old_models;
+  std::vector<xmlNodePtr> old_addresses;
+  for (xmlNodePtr n : old_nics) {
+    std::string mac = x.Text("mac/@address", n);
+    std::transform(mac.begin(), mac.end(), mac.begin(), [](unsigned char c) { return std::tolower(c); });
+    old_macs.push_back(mac);
+    old_models.push_back(x.Text("model/@type", n));
+    auto addrs = x.Nodes("address", n);
+    old_addresses.push_back(addrs.empty() ? nullptr : addrs[0]);
+  }
   std::vector<bool> nic_used(old_nics.size(), false);
   for (const VmNicSpec& nic : plan.nics) {
-    xmlNodePtr at = nullptr;
-    for (size_t k = 0; k < old_nics.size(); ++k) {
-      std::string mac = x.Text("mac/@address", old_nics[k]);
-      std::transform(mac.begin(), mac.end(), mac.begin(), [](unsigned char c) { return std::tolower(c); });
-      if (!nic_used[k] && mac == nic.mac) {
-        at = old_nics[k];
-        nic_used[k] = true;
-        break;
-      }
-    }
     std::string model = nic.model.empty() ? "virtio" : nic.model;
     xmlNodePtr address = nullptr;
-    if (at != nullptr) {
-      std::string m = x.Text("model/@type", at);
-      if (!m.empty()) model = m;
-      auto addrs = x.Nodes("address", at);
-      if (!addrs.empty()) address = xmlCopyNode(addrs[0], 1);
-      Unlink(at);
+    for (size_t k = 0; k < old_nics.size(); ++k) {
+      if (nic_used[k] || old_macs[k] != nic.mac) continue;
+      nic_used[k] = true;
+      if (!old_models[k].empty()) model = old_models[k];
+      if (old_addresses[k] != nullptr) address = xmlCopyNode(old_addresses[k], 1);
+      break;
     }
     xmlNodePtr n = xmlNewChild(devices, nullptr, X("interface"), nullptr);
     Attr(n, "type", "ethernet");
@@ -270,8 +308,18 @@ Result<std::string> RenderReplicaDomainXml(const ReplicaDomainPlan& plan) {
     Attr(Child(n, "model"), "type", model);
     if (address != nullptr) xmlAddChild(n, address);
   }
-  for (size_t k = 0; k < old_nics.size(); ++k) {
-    if (!nic_used[k]) Unlink(old_nics[k]);
+  for (xmlNodePtr n : old_nics) Unlink(n);
+  // Ours: the run directory in vmreplica's metadata element. Every call
+  // that changes or reports a domain checks it (OwnedBy).
+  {
+    for (xmlNodePtr n : x.Nodes("/domain/metadata/*")) {
+      if (n->ns != nullptr && xmlStrcmp(n->ns->href, X(kOwnerNamespace)) == 0) Unlink(n);
+    }
+    xmlNodePtr metadata = Ensure(root, "metadata");
+    xmlNodePtr run = xmlNewChild(metadata, nullptr, X("run"), nullptr);
+    xmlNsPtr ns = xmlNewNs(run, X(kOwnerNamespace), X("vmr"));
+    xmlSetNs(run, ns);
+    Attr(run, "dir", plan.owner);
   }
   // The serial console: a socket (and its log), or a log file only.
   {
@@ -300,6 +348,30 @@ Result<DomainPtr> ByUuid(virConnectPtr conn, const std::string& uuid) {
     return Status::Unavailable("libvirt lookup of " + uuid + ": " + LastError());
   }
   return DomainPtr(d);
+}
+
+// Whether the domain carries our metadata element naming `owner` (the
+// launcher's run directory). A domain without it is someone else's.
+bool OwnedBy(virDomainPtr dom, const std::string& owner) {
+  char* md = virDomainGetMetadata(dom, VIR_DOMAIN_METADATA_ELEMENT, kOwnerNamespace, VIR_DOMAIN_AFFECT_CURRENT);
+  if (md == nullptr) return false;
+  std::string text(md);
+  free(md);
+  auto parsed = DomainXml::Parse(text);
+  return parsed.ok() && (*parsed)->Text("/*/@dir") == owner;
+}
+
+// The domain with `uuid` when it is ours; NotFound when there is none or it
+// is someone else's (`*foreign` tells which).
+Result<DomainPtr> OurDomain(virConnectPtr conn, const std::string& uuid, const std::string& owner,
+                            bool* foreign = nullptr) {
+  VMR_ASSIGN_OR_RETURN(DomainPtr dom, ByUuid(conn, uuid));
+  if (!OwnedBy(dom.get(), owner)) {
+    if (foreign != nullptr) *foreign = true;
+    return Status::NotFound("the libvirt domain with uuid " + uuid + " is not vmreplica's (run directory " + owner +
+                            ")");
+  }
+  return dom;
 }
 
 // A QMP channel that owns its connection and domain handle.
@@ -336,14 +408,21 @@ Status CreateReplicaDomain(const std::string& uri, const std::string& xml, const
   }
   if (by_name.status().code() != Code::kNotFound) return by_name.status();
   virDomainPtr d = virDomainCreateXML(conn.get(), xml.c_str(), VIR_DOMAIN_START_VALIDATE);
-  if (d == nullptr) return Status::IOError("libvirt could not start domain \"" + name + "\": " + LastError());
+  if (d == nullptr) {
+    const std::string why = LastError();
+    if (why.find("Failed to get") != std::string::npos && why.find("lock") != std::string::npos) {
+      // QEMU's image locking: another process holds an image for now.
+      return Status::FailedPrecondition("an image of domain \"" + name + "\" is in use by another process: " + why);
+    }
+    return Status::IOError("libvirt could not start domain \"" + name + "\": " + why);
+  }
   virDomainFree(d);
   return Status::Ok();
 }
 
-Result<bool> ReplicaDomainActive(const std::string& uri, const std::string& uuid) {
+Result<bool> ReplicaDomainActive(const std::string& uri, const std::string& uuid, const std::string& owner) {
   VMR_ASSIGN_OR_RETURN(ConnPtr conn, vm_internal::Open(uri));
-  auto dom = ByUuid(conn.get(), uuid);
+  auto dom = OurDomain(conn.get(), uuid, owner);
   if (!dom.ok()) {
     if (dom.status().code() == Code::kNotFound) return false;
     return dom.status();
@@ -356,9 +435,9 @@ Result<bool> ReplicaDomainActive(const std::string& uri, const std::string& uuid
   return active == 1;
 }
 
-Status ShutdownReplicaDomain(const std::string& uri, const std::string& uuid) {
+Status ShutdownReplicaDomain(const std::string& uri, const std::string& uuid, const std::string& owner) {
   VMR_ASSIGN_OR_RETURN(ConnPtr conn, vm_internal::Open(uri));
-  auto dom = ByUuid(conn.get(), uuid);
+  auto dom = OurDomain(conn.get(), uuid, owner);
   if (!dom.ok()) return dom.status().code() == Code::kNotFound ? Status::Ok() : dom.status();
   if (virDomainShutdownFlags(dom->get(), VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN) != 0) {
     if (LastErrorCode() == VIR_ERR_NO_DOMAIN || LastErrorCode() == VIR_ERR_OPERATION_INVALID) return Status::Ok();
@@ -367,9 +446,9 @@ Status ShutdownReplicaDomain(const std::string& uri, const std::string& uuid) {
   return Status::Ok();
 }
 
-Status DestroyReplicaDomain(const std::string& uri, const std::string& uuid) {
+Status DestroyReplicaDomain(const std::string& uri, const std::string& uuid, const std::string& owner) {
   VMR_ASSIGN_OR_RETURN(ConnPtr conn, vm_internal::Open(uri));
-  auto dom = ByUuid(conn.get(), uuid);
+  auto dom = OurDomain(conn.get(), uuid, owner);
   if (!dom.ok()) return dom.status().code() == Code::kNotFound ? Status::Ok() : dom.status();
   if (virDomainDestroy(dom->get()) != 0) {
     if (LastErrorCode() == VIR_ERR_NO_DOMAIN || LastErrorCode() == VIR_ERR_OPERATION_INVALID) return Status::Ok();
@@ -378,9 +457,10 @@ Status DestroyReplicaDomain(const std::string& uri, const std::string& uuid) {
   return Status::Ok();
 }
 
-Result<std::unique_ptr<QmpChannel>> OpenReplicaDomainQmp(const std::string& uri, const std::string& uuid) {
+Result<std::unique_ptr<QmpChannel>> OpenReplicaDomainQmp(const std::string& uri, const std::string& uuid,
+                                                         const std::string& owner) {
   VMR_ASSIGN_OR_RETURN(ConnPtr conn, vm_internal::Open(uri));
-  VMR_ASSIGN_OR_RETURN(DomainPtr dom, ByUuid(conn.get(), uuid));
+  VMR_ASSIGN_OR_RETURN(DomainPtr dom, OurDomain(conn.get(), uuid, owner));
   if (virDomainIsActive(dom.get()) != 1) return Status::NotFound("domain " + uuid + " does not run");
   return std::unique_ptr<QmpChannel>(new OwnedChannel(std::move(conn), std::move(dom)));
 }

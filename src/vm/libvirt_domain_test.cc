@@ -20,7 +20,9 @@ const char* kTemplate = R"(<domain type='kvm' id='7'>
   <name>web</name>
   <uuid>0a1b2c3d-0000-4000-8000-000000000001</uuid>
   <memory unit='KiB'>1048576</memory>
-  <vcpu placement='static'>2</vcpu>
+  <vcpu placement='static' cpuset='0-3'>2</vcpu>
+  <cputune><vcpupin vcpu='0' cpuset='2'/></cputune>
+  <memoryBacking><hugepages/></memoryBacking>
   <os>
     <type arch='x86_64' machine='pc-q35-7.2'>hvm</type>
     <loader readonly='yes' type='pflash'>/usr/share/OVMF/OVMF_CODE_4M.fd</loader>
@@ -28,7 +30,8 @@ const char* kTemplate = R"(<domain type='kvm' id='7'>
     <boot dev='hd'/>
   </os>
   <features><acpi/><apic/></features>
-  <cpu mode='host-passthrough' check='none'/>
+  <cpu mode='host-passthrough' check='partial'><topology sockets='1' dies='1' cores='2' threads='1'/></cpu>
+  <on_poweroff>preserve</on_poweroff>
   <devices>
     <emulator>/opt/qemu/bin/qemu-system-x86_64</emulator>
     <disk type='block' device='disk'>
@@ -95,8 +98,10 @@ ReplicaDomainPlan TestPlan() {
   seed.alias = "ua-vmr-extra0";
   p.disks.push_back(seed);
   p.nics.push_back(VmNicSpec{"52:54:00:aa:bb:01", "virtio", "prod"});
+  p.nics.push_back(VmNicSpec{"52:54:00:aa:bb:02", "e1000e", "br-backup"});
   p.serial_socket = "/var/lib/vmreplica/run/t-1/serial.sock";
   p.serial_log = "/var/lib/vmreplica/run/t-1/serial.log";
+  p.owner = "/var/lib/vmreplica/run/t-1";
   return p;
 }
 
@@ -129,10 +134,9 @@ TEST(LibvirtDomainXmlTest, TheTemplateKeepsItsHardwareAndLosesWhatBelongsToThePr
   EXPECT_EQ(x.Text("/domain/os/loader"), "/usr/share/OVMF/OVMF_CODE_4M.fd");
   EXPECT_EQ(x.Text("/domain/os/boot/@dev"), "hd");
   EXPECT_EQ(Count(x, "/domain/features/acpi"), 1u);
-  // Gone: NVRAM path, host CPU model under TCG, emulator, cdrom, host
+  // Gone: NVRAM path, emulator, cdrom, host
   // devices, TPM, the spice channel.
   EXPECT_EQ(Count(x, "/domain/os/nvram"), 0u);
-  EXPECT_EQ(Count(x, "/domain/cpu"), 0u);
   EXPECT_EQ(Count(x, "/domain/devices/emulator"), 0u);
   EXPECT_EQ(Count(x, "/domain/devices/disk[@device='cdrom']"), 0u);
   EXPECT_EQ(Count(x, "/domain/devices/hostdev"), 0u);
@@ -164,13 +168,25 @@ TEST(LibvirtDomainXmlTest, TheTemplateKeepsItsHardwareAndLosesWhatBelongsToThePr
   const char* vdb = "/domain/devices/disk[target/@dev='vdb']";
   EXPECT_EQ(Count(x, (std::string(vdb) + "/readonly").c_str()), 1u);
   EXPECT_EQ(x.Text((std::string(vdb) + "/driver/@type").c_str()), "raw");
-  // One NIC: the kept MAC, its model and PCI address, a tap on no bridge.
-  ASSERT_EQ(Count(x, "/domain/devices/interface"), 1u);
-  EXPECT_EQ(x.Text("/domain/devices/interface/@type"), "ethernet");
-  EXPECT_EQ(x.Text("/domain/devices/interface/mac/@address"), "52:54:00:aa:bb:01");
-  EXPECT_EQ(x.Text("/domain/devices/interface/model/@type"), "virtio");
-  EXPECT_EQ(x.Text("/domain/devices/interface/address/@bus"), "0x01");
+  // Two NICs: the kept MACs, their models and PCI addresses, taps on no bridge.
+  ASSERT_EQ(Count(x, "/domain/devices/interface"), 2u);
+  EXPECT_EQ(Count(x, "/domain/devices/interface[@type='ethernet']"), 2u);
+  const char* nic1 = "/domain/devices/interface[mac/@address='52:54:00:aa:bb:01']";
+  EXPECT_EQ(x.Text((std::string(nic1) + "/model/@type").c_str()), "virtio");
+  EXPECT_EQ(x.Text((std::string(nic1) + "/address/@bus").c_str()), "0x01");
+  const char* nic2 = "/domain/devices/interface[mac/@address='52:54:00:aa:bb:02']";
+  EXPECT_EQ(x.Text((std::string(nic2) + "/model/@type").c_str()), "e1000e");
+  EXPECT_EQ(Count(x, (std::string(nic2) + "/address").c_str()), 0u);
   EXPECT_EQ(Count(x, "/domain/devices/interface/source"), 0u);
+  // Host tuning gone; the CPU topology stays (TCG: no model, no mode).
+  EXPECT_EQ(Count(x, "/domain/cputune"), 0u);
+  EXPECT_EQ(Count(x, "/domain/memoryBacking"), 0u);
+  EXPECT_EQ(x.Text("/domain/vcpu/@cpuset"), "");
+  EXPECT_EQ(x.Text("/domain/cpu/topology/@cores"), "2");
+  EXPECT_EQ(x.Text("/domain/cpu/@mode"), "");
+  EXPECT_EQ(x.Text("/domain/on_poweroff"), "destroy");
+  // Ours: the run directory in vmreplica's metadata element.
+  EXPECT_EQ(x.Text("/domain/metadata/*[local-name()='run']/@dir"), "/var/lib/vmreplica/run/t-1");
   // Serial: the run directory's socket and log.
   ASSERT_EQ(Count(x, "/domain/devices/serial"), 1u);
   EXPECT_EQ(x.Text("/domain/devices/serial/@type"), "unix");
@@ -179,8 +195,11 @@ TEST(LibvirtDomainXmlTest, TheTemplateKeepsItsHardwareAndLosesWhatBelongsToThePr
   // The guest agent's channel stays, libvirt picks its socket.
   ASSERT_EQ(Count(x, "/domain/devices/channel"), 1u);
   EXPECT_EQ(x.Text("/domain/devices/channel/target/@name"), "org.qemu.guest_agent.0");
-  EXPECT_EQ(Count(x, "/domain/devices/channel/source"), 0u);
+  EXPECT_EQ(x.Text("/domain/devices/channel/source/@mode"), "bind");
+  EXPECT_EQ(x.Text("/domain/devices/channel/source/@path"), "");
   EXPECT_EQ(x.Text("/domain/devices/graphics/@port"), "");
+  EXPECT_EQ(x.Text("/domain/devices/graphics/@listen"), "");
+  EXPECT_EQ(Count(x, "/domain/devices/graphics/listen"), 0u);
   EXPECT_EQ(x.Text("/domain/devices/graphics/@autoport"), "yes");
   ExpectSchemaValid(*xml);
 }
@@ -197,6 +216,7 @@ TEST(LibvirtDomainXmlTest, KvmKeepsTheCpuAndNoNicsMeansNoInterface) {
   DomainXml& x = **parsed;
   EXPECT_EQ(x.Text("/domain/@type"), "kvm");
   EXPECT_EQ(x.Text("/domain/cpu/@mode"), "host-passthrough");
+  EXPECT_EQ(x.Text("/domain/cpu/@check"), "none");
   EXPECT_EQ(Count(x, "/domain/devices/interface"), 0u);
   EXPECT_EQ(x.Text("/domain/devices/serial/@type"), "file");
   EXPECT_EQ(x.Text("/domain/devices/serial/source/@path"), "/var/lib/vmreplica/run/t-1/serial.log");
@@ -252,6 +272,7 @@ TEST(LibvirtDomainXmlTest, BadPlansAreRefusedNamingTheField) {
       {[](ReplicaDomainPlan& p) { p.disks[1].format = "vmdk"; }, "disks[1].format"},
       {[](ReplicaDomainPlan& p) { p.disks[0].alias = "vmr-disk0"; }, "disks[0].alias"},
       {[](ReplicaDomainPlan& p) { p.serial_log.clear(); }, "serial_log"},
+      {[](ReplicaDomainPlan& p) { p.owner = "run"; }, "owner"},
       {[](ReplicaDomainPlan& p) {
          p.template_xml.clear();
          p.memory_mib = 0;

@@ -27,6 +27,12 @@ inline bool LibvirtAnswers(const char* uri = "qemu:///system") {
 // Empty string when libvirt answers on qemu:///system, else why not.
 inline std::string EnsureLibvirtd() {
   using namespace std::chrono_literals;
+  // Debian's udev rule makes /dev/kvm root:kvm 0660 and libvirt's QEMU user
+  // is in group kvm. Without udev (containers) the node may be 0600: libvirt
+  // then finds its cached QEMU capabilities (probed as root, with KVM)
+  // invalid for its QEMU user and probes QEMU again at every domain start,
+  // about 50 s each time here.
+  Run("getent group kvm || groupadd -r kvm; if [ -c /dev/kvm ]; then chgrp kvm /dev/kvm && chmod 0660 /dev/kvm; fi");
   if (LibvirtAnswers()) return "";
   for (const char* tool : {"libvirtd", "virtlogd"}) {
     if (Run(std::string("command -v ") + tool).exit_code != 0) {

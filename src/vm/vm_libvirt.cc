@@ -39,6 +39,9 @@ std::vector<LibvirtDisk> Disks(DomainXml& x) {
     if (d.path.empty()) d.path = x.Text("source/@dev", n);
     d.format = x.Text("driver/@type", n);
     d.alias = x.Text("alias/@name", n);
+    // Drives the replica host's launcher adds (the cloud-init seed) are not
+    // the VM's disks (docs/failover_vm.md section 9.1).
+    if (d.alias.rfind("ua-vmr-extra", 0) == 0) continue;
     out.push_back(std::move(d));
   }
   return out;

@@ -31,7 +31,7 @@ constexpr const char* kMac = "52:54:00:5a:17:21";
 RunResult Virsh(const std::vector<std::string>& args) {
   std::vector<std::string> argv = {"/usr/bin/virsh", "-q", "-c", kUri};
   argv.insert(argv.end(), args.begin(), args.end());
-  return RunProgram(argv);
+  return RunProgram(argv, std::chrono::seconds(300));  // a start may probe QEMU first
 }
 
 std::string Trim(std::string s) {
