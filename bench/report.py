@@ -116,7 +116,8 @@ def main():
     print()
     print(f"# {meta.get('when', '')}  size {fmt_bytes(meta.get('size'))}  runs {meta.get('runs')}  "
           f"build {meta.get('build_type', '?')}  load before {meta.get('loadavg_before', '?')}  "
-          f"after {' '.join(meta.get('loadavg_after', ['?']))}")
+          f"after {' '.join(meta.get('loadavg_after', ['?']))}  "
+          f"replica {'applies while receiving' if meta.get('apply_while_receiving', True) else 'stages deltas first'}")
     print("| scenario | tool | min s | median s | max s | wire (median) | other (median) |")
     print("|---|---|---|---|---|---|---|")
     for s in summary:

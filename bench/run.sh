@@ -5,14 +5,16 @@
 # vmreplica, vmreplicad and bench_workload (docs/benchmarks.md says how).
 #
 #   bench/run.sh [--build DIR] [--quick] [--scenarios P1,P2,P3,P4,P5,P6] [--runs N]
-#                [--size N] [--out FILE] [--keep] [--dir DIR]
+#                [--size N] [--out FILE] [--keep] [--dir DIR] [--stage-deltas]
 #
 # Prints a table (scenario, tool, min / median / max seconds, wire bytes,
 # ratios against the goals) and writes a JSON result file (default
 # ./bench-results.json). Temporary data lives in DIR/vmreplica-bench-*
 # (default DIR /var/tmp; /dev/shm takes the disk out of the measurement)
 # and is deleted at exit (kept with --keep, to read the daemons' logs); every
-# daemon it starts is stopped at exit.
+# daemon it starts is stopped at exit. --stage-deltas runs the daemons with
+# [replica] apply_while_receiving = false (every delta staged on disk first,
+# as before session 16), to compare both ways of applying.
 set -euo pipefail
 shopt -s inherit_errexit
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -25,7 +27,8 @@ runs=""
 size=""
 out=$PWD/bench-results.json
 dir=/var/tmp
-usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
+replica_toml=""
+usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
 while (($#)); do
   case $1 in
     --build) build=$(cd "$2" && pwd); shift 2 ;;
@@ -36,6 +39,7 @@ while (($#)); do
     --size) size=$2; shift 2 ;;
     --out) out=$(realpath -m "$2"); shift 2 ;;
     --dir) dir=$(cd "$2" && pwd); shift 2 ;;
+    --stage-deltas) replica_toml=$'[replica]\napply_while_receiving = false'; shift ;;
     -h|--help) usage 0 ;;
     *) echo "unknown option $1"; usage ;;
   esac
@@ -192,8 +196,8 @@ pair_up() {
   p_port=$(pair_free_port)
   r_port=$(pair_free_port)
   while ((r_port == p_port)); do r_port=$(pair_free_port); done
-  pair_start_daemon primary "$p_port" "${1:-}"
-  pair_start_daemon replica "$r_port" "${1:-}"
+  pair_start_daemon primary "$p_port" "${1:-}"$'\n'"$replica_toml"
+  pair_start_daemon replica "$r_port" "${1:-}"$'\n'"$replica_toml"
   P="$vmr --socket $work/primary/admin.sock"
   R="$vmr --socket $work/replica/admin.sock"
   $R server set --enable --auth certificate >/dev/null
@@ -646,6 +650,7 @@ import json, sys, platform, os
 json.dump({"when": "$(date -u +%FT%TZ)", "size": $(bytes_of "$size"), "runs": $runs, "quick": bool($quick),
            "build": "$build", "build_type": "$build_type", "dir": "$dir", "loadavg_before": "$loadavg_before",
            "loadavg_after": open("/proc/loadavg").read().split()[:3], "cpus": os.cpu_count(),
-           "kernel": platform.release(), "scenarios": "$scenarios"}, open(sys.argv[1], "w"))
+           "kernel": platform.release(), "scenarios": "$scenarios",
+           "apply_while_receiving": $( [[ -n $replica_toml ]] && echo False || echo True )}, open(sys.argv[1], "w"))
 PY
 python3 "$root/bench/report.py" "$runs_file" "$out" "$work/meta.json"

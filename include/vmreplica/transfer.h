@@ -390,6 +390,13 @@ struct ReplicaManagerOptions {
   // A new stream waits this long for the previous stream of the same VM to
   // end (its break not yet noticed) before answering Unavailable.
   std::chrono::milliseconds resume_wait{10000};
+  // Apply an ordinary delta while it is received when the store can take
+  // it at once, instead of staging it first (docs/protocol.md "Replica
+  // side: applying"). Config: [replica] apply_while_receiving.
+  bool apply_while_receiving = true;
+  // An apply-while-receiving whose stream broke waits this long for the
+  // stream to resume before it rolls back.
+  std::chrono::milliseconds apply_idle_timeout{120000};
   // Milliseconds since the Unix epoch; default: the system clock.
   std::function<int64_t()> now_ms;
   // The daemon's state directory: GetRangeHashes unites the caller's

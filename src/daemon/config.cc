@@ -23,6 +23,7 @@ const std::map<std::string, std::set<std::string>>& KnownKeys() {
       {"admin", {"remote_principals"}},
       {"knobs", {"connect_timeout_ms", "rpc_timeout_ms", "job_workers"}},
       {"failover", {"hypervisor"}},
+      {"replica", {"apply_while_receiving"}},
       {"replication", {"max_parallel_transfers", "bandwidth_limit_bytes_per_s", "bandwidth_schedule"}},
       {"testing", {"replication_interval_override_ms", "app_consistent_interval_override_ms", "import_chunk_delay_ms"}},
   };
@@ -182,6 +183,11 @@ Result<DaemonConfig> ParseConfig(const std::string& text, const std::string& bas
     auto b = node.value<bool>();
     if (!b || !node.is_boolean()) return Status::InvalidArgument("listener.start must be true or false");
     c.start_listener = *b;
+  }
+  if (auto node = root["replica"]["apply_while_receiving"]) {
+    auto b = node.value<bool>();
+    if (!b || !node.is_boolean()) return Status::InvalidArgument("replica.apply_while_receiving must be true or false");
+    c.apply_while_receiving = *b;
   }
   VMR_RETURN_IF_ERROR(GetInt(root, "knobs", "connect_timeout_ms", 100, 600000, &v, &found));
   if (found) c.service.connect_timeout = std::chrono::milliseconds(v);

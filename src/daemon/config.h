@@ -31,6 +31,10 @@ struct DaemonConfig {
   // the primary run as libvirt domains here) or "qemu" (every failover,
   // test and reversed VM runs under QEMU directly).
   bool libvirt_vms_through_libvirt = true;
+  // [replica] apply_while_receiving: an ordinary delta the store can take
+  // at once is applied as it arrives instead of staged first
+  // (docs/protocol.md "Replica side: applying").
+  bool apply_while_receiving = true;
   // [admin] + [knobs]
   service::ServiceOptions service;
   int job_workers = 4;                                // 1..64

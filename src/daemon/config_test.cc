@@ -69,6 +69,16 @@ TEST(ConfigTest, EmptyFileGivesDefaults) {
   EXPECT_EQ(c->state_dir, "/var/lib/vmreplica");
   EXPECT_TRUE(c->start_listener);
   EXPECT_TRUE(c->libvirt_vms_through_libvirt);
+  EXPECT_TRUE(c->apply_while_receiving);
+}
+
+TEST(ConfigTest, ReplicaApplyWhileReceivingCanBeTurnedOff) {
+  auto off = ParseConfig("[replica]\napply_while_receiving = false\n", "/etc");
+  ASSERT_TRUE(off.ok()) << off.status().ToString();
+  EXPECT_FALSE(off->apply_while_receiving);
+  auto on = ParseConfig("[replica]\napply_while_receiving = true\n", "/etc");
+  ASSERT_TRUE(on.ok()) << on.status().ToString();
+  EXPECT_TRUE(on->apply_while_receiving);
 }
 
 TEST(ConfigTest, FailoverHypervisorChoosesQemuOrTheSameAsThePrimary) {
@@ -99,6 +109,8 @@ TEST(ConfigTest, BadFilesAreRefusedNamingTheKey) {
       {"[daemon]\nstate_dir = \"relative\"", ""},
       {"[failover]\nhypervisor = \"xen\"", "failover.hypervisor"},
       {"[failover]\nhypervisor = 1", "failover.hypervisor"},
+      {"[replica]\napply_while_receiving = \"yes\"", "replica.apply_while_receiving must be true or false"},
+      {"[replica]\nstaging = true", "unknown key replica.staging"},
       {"[knobs]\njob_workers = 0", "knobs.job_workers: 0 is not in 1..64"},
       {"[knobs]\nconnect_timeout_ms = 5", "knobs.connect_timeout_ms"},
       {"[replication]\nmax_parallel_transfers = 0", "replication.max_parallel_transfers: 0 is not in 1..64"},

@@ -63,6 +63,7 @@ Result<std::unique_ptr<Daemon>> Daemon::Create(DaemonConfig config) {
   ReplicaManagerOptions ropts;
   ropts.staging.catalog = d->catalog_.get();
   ropts.state_dir = d->config_.state_dir;  // GetRangeHashes: <state>/reverse/<vm id>.acand
+  ropts.apply_while_receiving = d->config_.apply_while_receiving;
   d->replicas_ = std::make_unique<ReplicaManager>(d->catalog_.get(), ropts);
   d->replicas_->OpenAll();
 

@@ -18,6 +18,7 @@
 #include "vmreplica/fileutil.h"
 #include "vmreplica/reverse.h"
 #include "vmreplica/transfer.h"
+#include "stream_apply.h"
 
 namespace vmreplica {
 
@@ -346,6 +347,10 @@ struct ReplicaManager::Replica {
     // The initial copy onto an empty store: loaded straight into the disks
     // (ReplicaStore::BeginLoad), no log file, no writer.
     bool load = false;
+    // An ordinary delta applied while it is received (docs/protocol.md
+    // "Replica side: applying"): no log file, no writer. Destroying it
+    // rolls an unfinished apply back.
+    std::unique_ptr<StreamApply> express;
   };
   std::mutex recv_mu;
   std::condition_variable recv_cv;
@@ -353,6 +358,9 @@ struct ReplicaManager::Replica {
   bool removed = false;                     // guarded by recv_mu
   std::optional<Partial> partial;           // guarded by recv_mu (owned by the receiving stream)
   std::optional<v1::DeltaStart> committed;  // guarded by recv_mu: the last committed log
+  // guarded by recv_mu: a log whose apply-while-receiving was given up: its
+  // next stream is staged (and so resumes chunk by chunk).
+  std::optional<v1::DeltaStart> express_given_up;
 
   // The applier thread.
   std::mutex apply_mu;
@@ -363,7 +371,14 @@ struct ReplicaManager::Replica {
   bool failed = false;          // guarded by apply_mu: a log was rejected; nothing more is applied
   bool held = false;            // guarded by apply_mu: HoldApply(): no ApplyReady starts
   bool applying = false;        // guarded by apply_mu: an ApplyReady runs now
+  // guarded by apply_mu: the apply-while-receiving in progress (owned by
+  // partial->express; cleared by its thread when Apply returns).
+  StreamApply* express_active = nullptr;
   std::thread applier;
+
+  // partial (an apply-while-receiving's thread uses apply_mu) goes before
+  // the members declared after it.
+  ~Replica() { partial.reset(); }
 
   std::mutex rel_mu;  // serialises read-modify-write of the relationship row
 
@@ -920,7 +935,7 @@ Status ReplicaManager::ReserveOrRelease(Replica& r, const std::string& generatio
   {
     std::unique_lock<std::mutex> al(r.apply_mu);
     r.held = true;
-    r.apply_cv.wait(al, [&] { return r.stop || !r.applying; });
+    r.apply_cv.wait(al, [&] { return r.stop || (!r.applying && !r.express_active); });
   }
   if (r.partial) {
     if (r.partial->writer) r.partial->writer->Abandon();
@@ -1052,7 +1067,12 @@ Status ReplicaManager::HoldApply(const std::string& vm_id, std::chrono::millisec
   if (!r) return Status::NotFound("replica " + vm_id + " is not open");
   std::unique_lock<std::mutex> l(r->apply_mu);
   r->held = true;
-  if (!r->apply_cv.wait_for(l, timeout, [&] { return r->stop || !r->applying; })) {
+  // A log being applied while received is rolled back: the store stays at
+  // its latest committed point (the primary sends the log again later).
+  if (r->express_active) {
+    r->express_active->Cancel(Status::Cancelled("VM " + vm_id + ": applies are held (a failover started)"));
+  }
+  if (!r->apply_cv.wait_for(l, timeout, [&] { return r->stop || (!r->applying && !r->express_active); })) {
     return Status::Timeout("replica " + vm_id + ": an apply in progress did not end in time");
   }
   return Status::Ok();
@@ -1150,7 +1170,9 @@ Result<v1::ChunkBody> DecodeChunk(const v1::DeltaChunk& c) {
   if (c.raw_size() > kMaxChunkBodyBytes || c.payload().size() > kMaxChunkBodyBytes) {
     return Status::InvalidArgument("chunk " + std::to_string(c.index()) + " over the size limit");
   }
-  std::string raw;
+  // An uncompressed body is checked and parsed where it lies (no copy).
+  std::string decompressed;
+  std::string_view raw;
   if (c.compression() == 0) {
     if (c.payload().size() != c.raw_size()) {
       return Status::Corruption("chunk " + std::to_string(c.index()) + ": payload size differs from raw_size");
@@ -1161,11 +1183,12 @@ Result<v1::ChunkBody> DecodeChunk(const v1::DeltaChunk& c) {
     if (declared != c.raw_size()) {
       return Status::Corruption("chunk " + std::to_string(c.index()) + ": zstd frame size differs from raw_size");
     }
-    raw.resize(c.raw_size());
-    const size_t n = ZSTD_decompress(raw.data(), raw.size(), c.payload().data(), c.payload().size());
+    decompressed.resize(c.raw_size());
+    const size_t n = ZSTD_decompress(decompressed.data(), decompressed.size(), c.payload().data(), c.payload().size());
     if (ZSTD_isError(n) || n != c.raw_size()) {
       return Status::Corruption("chunk " + std::to_string(c.index()) + ": bad zstd frame");
     }
+    raw = decompressed;
   } else {
     return Status::InvalidArgument("chunk " + std::to_string(c.index()) + ": unknown compression " +
                                    std::to_string(c.compression()));
@@ -1174,7 +1197,9 @@ Result<v1::ChunkBody> DecodeChunk(const v1::DeltaChunk& c) {
     return Status::Corruption("chunk " + std::to_string(c.index()) + ": checksum mismatch");
   }
   v1::ChunkBody body;
-  if (!body.ParseFromString(raw)) return Status::Corruption("chunk " + std::to_string(c.index()) + ": bad body");
+  if (!body.ParseFromArray(raw.data(), static_cast<int>(raw.size()))) {
+    return Status::Corruption("chunk " + std::to_string(c.index()) + ": bad body");
+  }
   return body;
 }
 
@@ -1222,9 +1247,39 @@ Status ReplicaManager::ReceiveDelta(const PrimaryCaller& caller, DeltaStream& st
     if (r->partial) {
       // A load stays in progress: the next stream of log 1 restarts it.
       if (r->partial->writer) r->partial->writer->Abandon();
+      // An apply-while-receiving is rolled back (StreamApply's destructor);
+      // the next stream of this log is staged, so that it can resume.
+      if (r->partial->express) r->express_given_up = r->partial->start;
       r->partial.reset();
     }
     return why;
+  };
+
+  // An ordinary delta the store can take at once is applied while it is
+  // received (docs/protocol.md "Replica side: applying"); nullptr: stage it.
+  auto start_express = [&](const RelationshipRecord& rel) -> std::unique_ptr<StreamApply> {
+    if (!options_.apply_while_receiving || IsAllZero(start.base_generation()) ||
+        rel.state != ReplicationState::kReplicating || start.sequence() != r->store->latest_sequence() + 1 ||
+        (r->express_given_up && SameStart(*r->express_given_up, start))) {
+      return nullptr;
+    }
+    std::lock_guard<std::mutex> al(r->apply_mu);
+    if (r->failed || r->held || r->applying || r->stop || r->express_active != nullptr) return nullptr;
+    PointInfo info;
+    info.time_ms = static_cast<int64_t>(start.cut_time_unix_ms());
+    info.kind = static_cast<ReplicationType>(start.kind());
+    info.generation_id = GenerationText(start.new_generation());
+    StreamApplyOptions so;
+    so.idle_timeout = options_.apply_idle_timeout;
+    Replica* rp = r.get();
+    so.on_done = [rp] {
+      std::lock_guard<std::mutex> l(rp->apply_mu);
+      rp->express_active = nullptr;  // one at a time: this one
+      rp->apply_cv.notify_all();
+    };
+    auto express = std::make_unique<StreamApply>(*r->store, start.sequence(), std::move(info), std::move(so));
+    r->express_active = express.get();
+    return express;
   };
 
   if (r->committed && SameStart(*r->committed, start)) {
@@ -1234,6 +1289,12 @@ Status ReplicaManager::ReceiveDelta(const PrimaryCaller& caller, DeltaStream& st
     rep.set_committed(true);
     stream.Write(rep);
     return Status::Ok();
+  }
+  if (r->partial && r->partial->express && r->partial->express->done()) {
+    // Its apply ended without a commit while no stream fed it (it waited
+    // too long, or a failover cancelled it): what it held is rolled back.
+    const Status why = r->partial->express->status().value_or(Status::Ok());
+    drop(why.ok() ? Status::Cancelled("the apply ended") : why).IgnoreError();
   }
   if (r->partial && !SameStart(r->partial->start, start)) drop(Status::Cancelled("another log started")).IgnoreError();
   if (!r->partial) {
@@ -1301,6 +1362,12 @@ Status ReplicaManager::ReceiveDelta(const PrimaryCaller& caller, DeltaStream& st
       r->partial->load = true;
       spdlog::info("replica {}: receiving the initial copy (log 1, {}) straight into the disks", vm,
                    li.point.generation_id);
+    } else if (auto express = start_express(*rel)) {
+      r->partial.emplace();
+      r->partial->start = start;
+      r->partial->express = std::move(express);
+      spdlog::info("replica {}: receiving log {} ({} -> {}), applied as it arrives", vm, start.sequence(),
+                   GenerationText(start.base_generation()), GenerationText(start.new_generation()));
     } else {
     LogHeader h;
     h.relationship_id = vm;
@@ -1369,7 +1436,7 @@ Status ReplicaManager::ReceiveDelta(const PrimaryCaller& caller, DeltaStream& st
           part.totals.data_bytes += rec.length;
         }
         ++part.totals.record_count;
-        if (part.load) {
+        if (part.load || part.express) {
           loaded.push_back(std::move(rec));
           continue;
         }
@@ -1384,6 +1451,14 @@ Status ReplicaManager::ReceiveDelta(const PrimaryCaller& caller, DeltaStream& st
       if (part.load) {
         VectorDeltaSource src(std::move(loaded));
         Status s = r->store->LoadChunk(part.next_chunk, src);
+        if (!s.ok()) {
+          l.lock();
+          return drop(s);
+        }
+      } else if (part.express) {
+        // Waits while the apply is 32 MiB behind: the stream (and the
+        // sender's window) follows the disk.
+        Status s = part.express->Push(std::move(loaded));
         if (!s.ok()) {
           l.lock();
           return drop(s);
@@ -1406,17 +1481,26 @@ Status ReplicaManager::ReceiveDelta(const PrimaryCaller& caller, DeltaStream& st
       if (loaded && !OwnsLoad(*r->store, start)) {
         return drop(Status::FailedPrecondition("VM " + vm + ": the initial load of log 1 was taken over (an import)"));
       }
-      Status s = loaded ? r->store->FinishLoad() : part.writer->Finish();
-      if (s.ok() && !loaded) s = r->staging->CommitReceived(start.sequence());
+      const bool express = part.express != nullptr;
+      // An apply-while-receiving commits the point here: before-images,
+      // data, fsyncs, MANIFEST (docs/replica_store.md section 5).
+      Status s = loaded ? r->store->FinishLoad() : express ? part.express->Finish() : part.writer->Finish();
+      if (s.ok() && !loaded && !express) s = r->staging->CommitReceived(start.sequence());
       if (!s.ok()) return drop(s);
       r->partial.reset();
       r->committed = start;
+      r->express_given_up.reset();
       l.unlock();
+      const uint64_t latest = r->store->latest_sequence();
       const int64_t now = r->now_ms();
       r->EditRelationship([&](RelationshipRecord& rel) {
         rel.last_replication_ms = now;
         rel.last_replication_type = static_cast<ReplicationType>(start.kind());
         if (start.kind() == 2) rel.last_app_consistent_ms = now;
+        if (express) {
+          rel.sequence = std::max(rel.sequence, latest);
+          rel.last_apply_ms = now;
+        }
         if (loaded) {
           // Point 1 is committed: applied as well as received.
           rel.sequence = std::max<uint64_t>(rel.sequence, 1);
@@ -1429,8 +1513,16 @@ Status ReplicaManager::ReceiveDelta(const PrimaryCaller& caller, DeltaStream& st
         }
         return true;
       });
-      spdlog::info("replica {}: log {} staged ({} records)", vm, start.sequence(), e.record_count());
-      r->RequestApply();
+      if (express) {
+        spdlog::info("replica {}: log {} applied while received ({} records)", vm, start.sequence(),
+                     e.record_count());
+      } else if (loaded) {
+        spdlog::info("replica {}: log 1 loaded into the disks ({} records)", vm, e.record_count());
+        r->RequestApply();  // logs staged after it, if any
+      } else {
+        spdlog::info("replica {}: log {} staged ({} records)", vm, start.sequence(), e.record_count());
+        r->RequestApply();
+      }
       v1::DeltaReply done;
       done.set_committed(true);
       done.set_acked_chunks(e.chunk_count());

@@ -15,6 +15,7 @@
 #include <mutex>
 #include <random>
 #include <set>
+#include <thread>
 
 #include "service/peer_service.h"
 #include "service/tls.h"
@@ -77,6 +78,8 @@ class TransferTest : public ::testing::Test {
   void StartServer() {
     ReplicaManagerOptions mo;
     mo.state_dir = root_ + "/state";  // GetRangeHashes: <state>/reverse/<vm>.acand
+    mo.apply_while_receiving = apply_while_receiving_;
+    mo.apply_idle_timeout = apply_idle_timeout_;
     manager_ = std::make_unique<ReplicaManager>(catalog_.get(), mo);
     peer_ = std::make_unique<service::PeerService>(&env_, manager_.get());
     grpc::ServerBuilder b;
@@ -195,6 +198,54 @@ class TransferTest : public ::testing::Test {
     }
   }
 
+  // Fills both disks with random data (log 1) and waits for it; `images`
+  // becomes point 1.
+  void SendFullCopy(ReplicaClient& client, std::mt19937_64& rng, std::vector<std::string>& images) {
+    std::vector<DeltaRecord> recs;
+    for (uint32_t d = 0; d < kDisks.size(); ++d) {
+      std::string data(kDisks[d].size, '\0');
+      for (auto& c : data) c = static_cast<char>(rng());
+      images[d] = data;
+      recs.push_back(DataRecord(d, 0, std::move(data)));
+    }
+    VectorDeltaSource src(std::move(recs));
+    auto stats = client.SendDelta(Info(1), src, SendOptions{});
+    ASSERT_TRUE(stats.ok()) << stats.status().ToString();
+    ASSERT_TRUE(manager_->WaitApplied(kVm, std::chrono::seconds(60)).ok());
+  }
+
+  // `blocks` random 4 KiB blocks of vda rewritten with random data, each
+  // block once (ascending); applied to `images`.
+  static std::vector<DeltaRecord> BlockDelta(std::mt19937_64& rng, std::vector<std::string>& images, int blocks) {
+    const uint64_t n = kDisks[0].size / 4096;
+    std::set<uint64_t> chosen;
+    while (chosen.size() < static_cast<size_t>(blocks) && chosen.size() < n) chosen.insert(rng() % n);
+    std::vector<DeltaRecord> out;
+    for (uint64_t b : chosen) {
+      std::string data(4096, '\0');
+      for (auto& c : data) c = static_cast<char>(rng());
+      std::copy(data.begin(), data.end(), images[0].begin() + b * 4096);
+      out.push_back(DataRecord(0, b * 4096, std::move(data)));
+    }
+    return out;
+  }
+
+  // What this process handed to write() and pwrite() so far (wchar of
+  // /proc/self/io): the replica manager runs here; gRPC's socket sends use
+  // sendmsg, which wchar does not count.
+  static uint64_t WrittenBytes() {
+    std::ifstream in("/proc/self/io");
+    std::string key;
+    uint64_t value = 0;
+    while (in >> key >> value) {
+      if (key == "wchar:") return value;
+    }
+    ADD_FAILURE() << "no wchar in /proc/self/io";
+    return 0;
+  }
+
+  bool apply_while_receiving_ = true;
+  std::chrono::milliseconds apply_idle_timeout_{120000};
   std::string root_, pki_, storage_, outside_;
   std::unique_ptr<Catalog> catalog_;
   service::ServiceEnv env_;
@@ -557,6 +608,256 @@ TEST_F(TransferTest, SymlinkPlantedInTheStorageLocationIsRefused) {
   EXPECT_TRUE(fs::is_empty(outside_));
   EXPECT_FALSE(catalog_->GetVm(kVm)->has_value());
   EXPECT_FALSE(catalog_->GetVm(vm2)->has_value());
+}
+
+// docs/protocol.md "Replica side: applying": an ordinary delta goes
+// straight into the store as it arrives. The commit answer comes after the
+// store's commit (the point is there when SendDelta returns), and the
+// replica writes each changed byte twice (before-image, data) instead of
+// three times (the staged copy first).
+TEST_F(TransferTest, DeltaIsAppliedWhileReceivedWritingEachChangedByteTwice) {
+  auto client = Client("primary-a.lab");
+  ASSERT_TRUE(client->CreateReplica(Params()).ok());
+  std::mt19937_64 rng(21);
+  auto images = EmptyImages();
+  SendFullCopy(*client, rng, images);
+  std::map<uint64_t, std::vector<std::string>> expected{{1, images}};
+  auto recs = BlockDelta(rng, images, 200);
+  expected[2] = images;
+  const double changed = 200.0 * 4096;
+  VectorDeltaSource src(std::move(recs));
+  SendOptions o;
+  o.chunk_bytes = 64 << 10;
+  const uint64_t w0 = WrittenBytes();
+  auto stats = client->SendDelta(Info(2), src, o);
+  ASSERT_TRUE(stats.ok()) << stats.status().ToString();
+  const uint64_t w1 = WrittenBytes();
+  // Applied before the commit answer: no wait needed.
+  auto st = client->GetReplicaStatus(kVm, 0);
+  ASSERT_TRUE(st.ok()) << st.status().ToString();
+  EXPECT_EQ(st->latest_applied, 2u);
+  EXPECT_EQ(st->expected_sequence, 3u);
+  EXPECT_EQ((*catalog_->GetRelationship(kVm, 0))->sequence, 2u);
+  EXPECT_GT((*catalog_->GetRelationship(kVm, 0))->last_apply_ms, 0);
+  EXPECT_TRUE(catalog_->ListStagedLogs(kVm)->empty());
+  EXPECT_TRUE(fs::is_empty(storage_ + "/" + kVm + "/staging") ||
+              Tree(storage_ + "/" + kVm + "/staging") == std::set<std::string>{"rejected"});
+  const double ratio = static_cast<double>(w1 - w0) / changed;
+  EXPECT_GE(ratio, 2.0) << "before-images and data";
+  EXPECT_LT(ratio, 2.5) << "written per changed byte: no staged copy expected";
+  ExpectPoints(expected);
+}
+
+TEST_F(TransferTest, WithApplyWhileReceivingOffDeltasAreStagedFirst) {
+  StopServer();
+  apply_while_receiving_ = false;
+  StartServer();
+  auto client = Client("primary-a.lab");
+  ASSERT_TRUE(client->CreateReplica(Params()).ok());
+  std::mt19937_64 rng(21);
+  auto images = EmptyImages();
+  SendFullCopy(*client, rng, images);
+  std::map<uint64_t, std::vector<std::string>> expected{{1, images}};
+  auto recs = BlockDelta(rng, images, 200);
+  expected[2] = images;
+  VectorDeltaSource src(std::move(recs));
+  SendOptions o;
+  o.chunk_bytes = 64 << 10;
+  const uint64_t w0 = WrittenBytes();
+  ASSERT_TRUE(client->SendDelta(Info(2), src, o).ok());
+  ASSERT_TRUE(manager_->WaitApplied(kVm, std::chrono::seconds(60)).ok());
+  const double ratio = static_cast<double>(WrittenBytes() - w0) / (200.0 * 4096);
+  EXPECT_GT(ratio, 2.5) << "written per changed byte: the staged copy, before-images, data";
+  ExpectPoints(expected);
+}
+
+// A broken stream resumes into the apply in progress (same start, next
+// chunk), and the result is exact.
+TEST_F(TransferTest, BrokenDeltaStreamResumesIntoTheApplyInProgress) {
+  auto client = Client("primary-a.lab");
+  ASSERT_TRUE(client->CreateReplica(Params()).ok());
+  std::mt19937_64 rng(22);
+  auto images = EmptyImages();
+  SendFullCopy(*client, rng, images);
+  std::map<uint64_t, std::vector<std::string>> expected{{1, images}};
+  auto recs = BlockDelta(rng, images, 200);
+  expected[2] = images;
+  std::map<int, std::vector<uint64_t>> sent;
+  uint64_t acked_at_break = 0;
+  TestOnlySendHooks hooks;
+  hooks.break_after_chunk = [&](uint64_t index, int attempt, uint64_t acked) {
+    sent[attempt].push_back(index);
+    if (attempt == 1 && acked >= 3) {
+      acked_at_break = acked;
+      return true;
+    }
+    return false;
+  };
+  client->SetTestOnlySendHooks(hooks);
+  VectorDeltaSource src(std::move(recs));
+  SendOptions o;
+  o.compress = false;
+  o.chunk_bytes = 16 << 10;
+  const uint64_t w0 = WrittenBytes();
+  auto stats = client->SendDelta(Info(2), src, o);
+  ASSERT_TRUE(stats.ok()) << stats.status().ToString();
+  const uint64_t w1 = WrittenBytes();
+  EXPECT_GT(stats->resumed, 0u);
+  ASSERT_FALSE(sent[2].empty());
+  EXPECT_GE(sent[2].front(), acked_at_break);
+  EXPECT_EQ(client->GetReplicaStatus(kVm, 0)->latest_applied, 2u);
+  EXPECT_LT(static_cast<double>(w1 - w0) / (200.0 * 4096), 2.5) << "the resumed log was applied, not staged";
+  ExpectPoints(expected);
+}
+
+// A chunk that fails its checksum ends the apply: the store rolls back to
+// point 1, exactly as it was; the same log sent again is staged (so that a
+// further break would resume) and lands.
+TEST_F(TransferTest, FailedApplyWhileReceivingRollsBackAndTheRetryIsStaged) {
+  auto client = Client("primary-a.lab");
+  ASSERT_TRUE(client->CreateReplica(Params()).ok());
+  std::mt19937_64 rng(23);
+  auto images = EmptyImages();
+  SendFullCopy(*client, rng, images);
+  std::map<uint64_t, std::vector<std::string>> expected{{1, images}};
+  auto recs = BlockDelta(rng, images, 200);
+  expected[2] = images;
+  TestOnlySendHooks hooks;
+  hooks.mutate_payload = [](uint64_t index, std::string* payload) {
+    if (index == 6) (*payload)[payload->size() / 2] ^= 0x01;
+  };
+  client->SetTestOnlySendHooks(hooks);
+  SendOptions o;
+  o.compress = false;
+  o.chunk_bytes = 16 << 10;
+  {
+    VectorDeltaSource src(recs);
+    EXPECT_EQ(client->SendDelta(Info(2), src, o).status().code(), Code::kCorruption);
+  }
+  auto st = client->GetReplicaStatus(kVm, 0);
+  ASSERT_TRUE(st.ok()) << st.status().ToString();
+  EXPECT_EQ(st->latest_applied, 1u);
+  EXPECT_EQ(st->expected_sequence, 2u);
+  client->SetTestOnlySendHooks({});
+  const uint64_t w0 = WrittenBytes();
+  {
+    VectorDeltaSource src(recs);
+    ASSERT_TRUE(client->SendDelta(Info(2), src, o).ok());
+  }
+  ASSERT_TRUE(manager_->WaitApplied(kVm, std::chrono::seconds(60)).ok());
+  EXPECT_GT(static_cast<double>(WrittenBytes() - w0) / (200.0 * 4096), 2.5) << "the retry was staged";
+  ExpectPoints(expected);
+}
+
+// A stream broken for good leaves the apply waiting for a resume. A
+// failover's HoldApply cancels it (the store stays at point 1); after the
+// hold the log comes again and lands.
+TEST_F(TransferTest, HoldApplyCancelsAnApplyWaitingForItsStream) {
+  auto client = Client("primary-a.lab");
+  ASSERT_TRUE(client->CreateReplica(Params()).ok());
+  std::mt19937_64 rng(24);
+  auto images = EmptyImages();
+  SendFullCopy(*client, rng, images);
+  std::map<uint64_t, std::vector<std::string>> expected{{1, images}};
+  auto recs = BlockDelta(rng, images, 200);
+  expected[2] = images;
+  TestOnlySendHooks hooks;
+  hooks.break_after_chunk = [](uint64_t, int, uint64_t acked) { return acked >= 3; };
+  client->SetTestOnlySendHooks(hooks);
+  SendOptions o;
+  o.compress = false;
+  o.chunk_bytes = 16 << 10;
+  o.max_attempts = 1;
+  {
+    VectorDeltaSource src(recs);
+    EXPECT_FALSE(client->SendDelta(Info(2), src, o).ok());
+  }
+  auto st = client->GetReplicaStatus(kVm, 0);
+  ASSERT_TRUE(st.ok()) << st.status().ToString();
+  EXPECT_EQ(st->partial_sequence, 2u) << "the apply waits for its stream";
+  EXPECT_GE(st->partial_chunks, 3u);
+  EXPECT_EQ(st->latest_applied, 1u);
+  ASSERT_TRUE(manager_->HoldApply(kVm, std::chrono::seconds(30)).ok());
+  EXPECT_EQ(client->GetReplicaStatus(kVm, 0)->latest_applied, 1u);
+  manager_->ReleaseApply(kVm);
+  client->SetTestOnlySendHooks({});
+  o.max_attempts = 5;
+  {
+    VectorDeltaSource src(recs);
+    auto stats = client->SendDelta(Info(2), src, o);
+    ASSERT_TRUE(stats.ok()) << stats.status().ToString();
+  }
+  ExpectPoints(expected);
+}
+
+// Nobody resumes: the apply gives up after apply_idle_timeout and rolls
+// back; a daemon stop with an apply waiting rolls it back too. Both times
+// the store is at point 1 and the log sent again lands.
+TEST_F(TransferTest, AnApplyWhoseStreamNeverResumesRollsBack) {
+  StopServer();
+  apply_idle_timeout_ = std::chrono::milliseconds(300);
+  StartServer();
+  auto client = Client("primary-a.lab");
+  ASSERT_TRUE(client->CreateReplica(Params()).ok());
+  std::mt19937_64 rng(25);
+  auto images = EmptyImages();
+  SendFullCopy(*client, rng, images);
+  const auto point1 = images;
+  auto recs2 = BlockDelta(rng, images, 200);
+  const auto point2 = images;
+  TestOnlySendHooks hooks;
+  hooks.break_after_chunk = [](uint64_t, int, uint64_t acked) { return acked >= 3; };
+  SendOptions o;
+  o.compress = false;
+  o.chunk_bytes = 16 << 10;
+  o.max_attempts = 1;
+  client->SetTestOnlySendHooks(hooks);
+  {
+    VectorDeltaSource src(recs2);
+    EXPECT_FALSE(client->SendDelta(Info(2), src, o).ok());
+  }
+  // Past the idle timeout: rolled back, the store reads as point 1.
+  std::this_thread::sleep_for(std::chrono::milliseconds(1500));
+  {
+    ReplicaStore* store = nullptr;
+    auto held = manager_->AcquireLocal(kVm);
+    ASSERT_TRUE(held.ok()) << held.status().ToString();
+    store = *held;
+    EXPECT_EQ(store->latest_sequence(), 1u);
+    std::string got(kDisks[0].size, '\0');
+    ASSERT_TRUE(store->ReadPoint(1, 0, 0, got.size(), got.data()).ok());
+    EXPECT_TRUE(got == point1[0]) << "point 1 changed by a rolled-back apply";
+    manager_->ReleaseLocal(kVm);
+  }
+  o.max_attempts = 5;
+  client->SetTestOnlySendHooks({});
+  {
+    VectorDeltaSource src(recs2);
+    ASSERT_TRUE(client->SendDelta(Info(2), src, o).ok());
+  }
+  ASSERT_TRUE(manager_->WaitApplied(kVm, std::chrono::seconds(60)).ok());  // log 2 was staged: the retry
+  // Log 3 broken for good, then the daemon stops with its apply waiting.
+  auto recs3 = BlockDelta(rng, images, 200);
+  client->SetTestOnlySendHooks(hooks);
+  o.max_attempts = 1;
+  {
+    VectorDeltaSource src(recs3);
+    EXPECT_FALSE(client->SendDelta(Info(3), src, o).ok());
+  }
+  StopServer();
+  apply_idle_timeout_ = std::chrono::milliseconds(120000);
+  StartServer();
+  client = Client("primary-a.lab");
+  auto st = client->GetReplicaStatus(kVm, 0);
+  ASSERT_TRUE(st.ok()) << st.status().ToString();
+  EXPECT_EQ(st->latest_applied, 2u);
+  EXPECT_EQ(st->expected_sequence, 3u);
+  o.max_attempts = 5;
+  {
+    VectorDeltaSource src(recs3);
+    ASSERT_TRUE(client->SendDelta(Info(3), src, o).ok());
+  }
+  ExpectPoints({{1, point1}, {2, point2}, {3, images}});
 }
 
 TEST_F(TransferTest, HelloOffersTheDeltaFeature) {
