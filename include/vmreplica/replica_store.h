@@ -257,7 +257,10 @@ class ReplicaStore {
   Status ApplyRetention();
   // ModifyReplicationSettings on the replica: the new RecoveryHistory
   // (hours, 0..24) applies from now on; retention runs at once (points a
-  // shorter history no longer keeps are dropped).
+  // shorter history no longer keeps are dropped), or, when an Apply is in
+  // progress (it may wait for its records: an apply while receiving), by
+  // that Apply's retention after its commit (or the next one). Never waits
+  // for an Apply.
   Status SetRecoveryHistory(int hours);
 
   // Pins point `sequence` so that retention keeps it (docs section 6) until

@@ -397,6 +397,10 @@ struct ReplicaManagerOptions {
   // An apply-while-receiving whose stream broke waits this long for the
   // stream to resume before it rolls back.
   std::chrono::milliseconds apply_idle_timeout{120000};
+  // The stores' ReplicaStoreOptions::apply_batch_bytes; 0 = the store's
+  // default (32 MiB). Tests make it small so that a rollback has data
+  // records already written to undo.
+  uint64_t apply_batch_bytes = 0;
   // Milliseconds since the Unix epoch; default: the system clock.
   std::function<int64_t()> now_ms;
   // The daemon's state directory: GetRangeHashes unites the caller's
@@ -467,7 +471,9 @@ class ReplicaManager final : public ReplicaReceiver {
   Status Retire(const std::string& vm_id, int holds_of_caller = 0);
 
   // Waits until the replica of `vm_id` applied every staged log (or failed).
-  // For tests and orderly shutdown. NotFound when it is not open.
+  // A log being applied while received is not waited for (it is committed
+  // before its stream's commit answer, or rolled back). For tests and
+  // orderly shutdown. NotFound when it is not open.
   Status WaitApplied(const std::string& vm_id, std::chrono::milliseconds timeout);
 
   // ---- Local use: this host's own administration of its replicas
@@ -484,7 +490,9 @@ class ReplicaManager final : public ReplicaReceiver {
   // logs apply again). No-op when it is not open.
   void KickApply(const std::string& vm_id);
   // No staged log is applied from now on: returns once an apply in
-  // progress has ended (Timeout otherwise; the hold stays). ReleaseApply
+  // progress has ended (Timeout otherwise; the hold stays). A log being
+  // applied while received is cancelled and rolled back, unless its end
+  // has arrived: then its commit is waited for. ReleaseApply
   // ends the hold and wakes the applier. In memory only: after a restart
   // the relationship's state holds applies (12, 5, 6, 13, 14).
   Status HoldApply(const std::string& vm_id, std::chrono::milliseconds timeout);

@@ -11,6 +11,7 @@
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <charconv>
 #include <chrono>
@@ -305,6 +306,10 @@ struct ScanResult {
 struct ReplicaStore::Impl {
   // Constant after construction (but opt.recovery_history_hours, which
   // SetRecoveryHistory changes under apply_mu; Retention reads it under it).
+  // A SetRecoveryHistory that finds an Apply running (which may wait for
+  // its records for long: an apply while receiving) leaves the value here;
+  // the next Retention (under apply_mu) takes it. -1: none.
+  std::atomic<int> pending_history{-1};
   std::string dir;
   Catalog* catalog = nullptr;
   ReplicaStoreOptions opt;
@@ -1204,6 +1209,7 @@ Status ReplicaStore::Impl::DropPoint(size_t i) {
 }
 
 Status ReplicaStore::Impl::Retention() {
+  if (const int h = pending_history.exchange(-1); h >= 0) opt.recovery_history_hours = h;
   std::lock_guard plk(pins_mu);
   const int64_t now = Now();
   const auto& pts = manifest.points;  // writers only change it under apply_mu, held
@@ -1323,7 +1329,13 @@ Status ReplicaStore::ApplyRetention() {
 
 Status ReplicaStore::SetRecoveryHistory(int hours) {
   if (hours < 0 || hours > 24) return Status::InvalidArgument("RecoveryHistory: " + std::to_string(hours) + " is not in 0..24");
-  std::lock_guard alk(impl_->apply_mu);
+  std::unique_lock alk(impl_->apply_mu, std::try_to_lock);
+  if (!alk.owns_lock()) {
+    // An apply runs: its retention (after its commit) takes the new value.
+    impl_->pending_history.store(hours);
+    return Status::Ok();
+  }
+  impl_->pending_history.store(-1);
   impl_->opt.recovery_history_hours = hours;
   if (impl_->broken) return Status::Ok();  // retention runs once the store is reopened
   return impl_->Retention();

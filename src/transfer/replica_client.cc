@@ -229,7 +229,8 @@ struct ReplyState {
   uint64_t resume_chunk = 0;
   uint64_t acked = 0;
   bool committed = false;
-  bool done = false;  // the reader saw the end of the stream
+  bool done = false;     // the reader saw the end of the stream
+  uint64_t replies = 0;  // every reply, heartbeats included (a sign of life)
 };
 
 }  // namespace
@@ -529,6 +530,7 @@ Result<SendStats> ReplicaClient::SendDelta(const DeltaInfo& info, DeltaSource& s
         }
         rs.acked = std::max(rs.acked, r.acked_chunks());
         if (r.committed()) rs.committed = true;
+        ++rs.replies;
         rs.cv.notify_all();
       }
       std::lock_guard<std::mutex> l(rs.mu);
@@ -539,10 +541,19 @@ Result<SendStats> ReplicaClient::SendDelta(const DeltaInfo& info, DeltaSource& s
     // break); otherwise the replica ended it and Finish() tells why.
     bool cancel = false;
     // Waits until `pred` holds; false when the stream ended first or after
-    // rpc_timeout without it (then the stream is to be cancelled).
+    // rpc_timeout without any reply (then the stream is to be cancelled). A
+    // reply that does not make `pred` hold (the replica repeating its last
+    // ack while its store writes) starts the timeout again.
     auto wait_for = [&](auto pred) {
       std::unique_lock<std::mutex> l(rs.mu);
-      if (!rs.cv.wait_for(l, options.rpc_timeout, [&] { return pred() || rs.done; })) cancel = true;
+      for (;;) {
+        const uint64_t seen = rs.replies;
+        if (!rs.cv.wait_for(l, options.rpc_timeout, [&] { return pred() || rs.done || rs.replies != seen; })) {
+          cancel = true;
+          break;
+        }
+        if (pred() || rs.done) break;
+      }
       return pred();
     };
     auto holds = [&](auto pred) {

@@ -376,8 +376,8 @@ struct ReplicaManager::Replica {
   StreamApply* express_active = nullptr;
   std::thread applier;
 
-  // partial (an apply-while-receiving's thread uses apply_mu) goes before
-  // the members declared after it.
+  // An apply-while-receiving still waiting for its stream is rolled back
+  // and its thread joined here, before any member (store, apply_mu) goes.
   ~Replica() { partial.reset(); }
 
   std::mutex rel_mu;  // serialises read-modify-write of the relationship row
@@ -419,7 +419,9 @@ struct ReplicaManager::Replica {
         apply_cv.wait(l, [&] { return stop || apply_requests > apply_done; });
         if (stop) return;
         target = apply_requests;
-        is_failed = failed || held;
+        // An apply-while-receiving owns the store's next sequence: nothing
+        // staged can be applied before it ends.
+        is_failed = failed || held || express_active != nullptr;
         applying = !is_failed;
       }
       // While failed over (or failing back) the replica keeps its staged
@@ -482,6 +484,7 @@ Result<std::shared_ptr<ReplicaManager::Replica>> ReplicaManager::OpenLocked(cons
   so.fine_window_ms = options_.fine_window_ms;
   so.recovery_history_hours = static_cast<int>(rel.settings.recovery_history);
   so.now_ms = options_.now_ms;
+  if (options_.apply_batch_bytes != 0) so.apply_batch_bytes = options_.apply_batch_bytes;
   VMR_ASSIGN_OR_RETURN(auto store, ReplicaStore::Open(dir, catalog_, so));
   StagingOptions staging_options = options_.staging;
   if (staging_options.catalog == nullptr) staging_options.catalog = catalog_;  // staged logs mirrored
@@ -539,7 +542,8 @@ Result<ReplicaStatusInfo> ReplicaManager::StatusOf(Replica& r) {
     // break not yet seen, could add chunks after this answer).
     std::unique_lock<std::mutex> l(r.recv_mu);
     r.recv_cv.wait_for(l, std::chrono::seconds(2), [&] { return !r.receiving; });
-    if (r.partial && !r.receiving) {
+    // An apply-while-receiving that ended without a commit holds nothing.
+    if (r.partial && !r.receiving && !(r.partial->express && r.partial->express->done())) {
       s.partial_sequence = r.partial->start.sequence();
       s.partial_chunks = r.partial->next_chunk.load();
     }
@@ -687,6 +691,7 @@ Result<ReplicaStatusInfo> ReplicaManager::CreateReplica(const PrimaryCaller& cal
   so.fine_window_ms = options_.fine_window_ms;
   so.recovery_history_hours = static_cast<int>(p.settings.recovery_history);
   so.now_ms = options_.now_ms;
+  if (options_.apply_batch_bytes != 0) so.apply_batch_bytes = options_.apply_batch_bytes;
   {
     auto store = ReplicaStore::Create(dir, p.vm_id, p.disks, catalog_, so);
     if (!store.ok()) return undo(store.status());
@@ -713,6 +718,7 @@ Status ReplicaManager::RemoveReplica(const PrimaryCaller& caller, const std::str
                                         ": a failover or test VM on the replica host uses the replica; stop it first");
     }
   }
+  std::unique_ptr<StreamApply> doomed;
   {
     std::unique_lock<std::mutex> l(r->recv_mu);
     if (!r->recv_cv.wait_for(l, options_.resume_wait, [&] { return !r->receiving; })) {
@@ -721,9 +727,11 @@ Status ReplicaManager::RemoveReplica(const PrimaryCaller& caller, const std::str
     r->removed = true;
     if (r->partial) {
       if (r->partial->writer) r->partial->writer->Abandon();
+      doomed = std::move(r->partial->express);
       r->partial.reset();
     }
   }
+  doomed.reset();  // an apply-while-receiving rolls back, outside recv_mu
   {
     std::lock_guard<std::mutex> l(mu_);
     if (r->local_holds > 0 || r->seeding) {
@@ -791,6 +799,26 @@ Status ReplicaManager::HashDisks(const PrimaryCaller& caller, const std::string&
                rel->state != ReplicationState::kReplicating)) {
     return Status::FailedPrecondition("VM " + vm_id + ": the replica is not receiving (state " +
                                       (rel ? std::string(Name(rel->state)) : std::string("none")) + ")");
+  }
+  // A log being applied while received and left by a broken stream may
+  // have written some of its blocks into the disks already: it is rolled
+  // back first (the primary gave it up: it resynchronises), so that the
+  // hashes describe a committed point.
+  {
+    std::unique_ptr<StreamApply> doomed;
+    {
+      std::unique_lock<std::mutex> l(r->recv_mu);
+      if (!r->recv_cv.wait_for(l, options_.resume_wait, [&] { return !r->receiving; })) {
+        return Status::Unavailable("a delta stream of VM " + vm_id + " is still running");
+      }
+      if (r->partial && r->partial->express) {
+        spdlog::warn("replica {}: log {} being applied while received is rolled back: the primary asks for hashes",
+                     vm_id, r->partial->start.sequence());
+        r->express_given_up = r->partial->start;
+        doomed = std::move(r->partial->express);
+        r->partial.reset();
+      }
+    }
   }
   // The latest image is what the primary compares with: every staged log
   // goes in first. The primary sends nothing while it resynchronises.
@@ -1115,6 +1143,7 @@ Status ReplicaManager::Retire(const std::string& vm_id, int holds_of_caller) {
       return Status::FailedPrecondition("VM " + vm_id + ": a failover or test VM on this host uses the replica");
     }
   }
+  std::unique_ptr<StreamApply> doomed;
   {
     std::unique_lock<std::mutex> l(r->recv_mu);
     if (!r->recv_cv.wait_for(l, options_.resume_wait, [&] { return !r->receiving; })) {
@@ -1123,9 +1152,11 @@ Status ReplicaManager::Retire(const std::string& vm_id, int holds_of_caller) {
     r->removed = true;  // no stream starts on it from now on
     if (r->partial) {
       if (r->partial->writer) r->partial->writer->Abandon();
+      doomed = std::move(r->partial->express);
       r->partial.reset();
     }
   }
+  doomed.reset();  // an apply-while-receiving rolls back, outside recv_mu
   {
     std::lock_guard<std::mutex> l(mu_);
     if (busy_with_others(*r)) {
@@ -1226,6 +1257,7 @@ Status ReplicaManager::ReceiveDelta(const PrimaryCaller& caller, DeltaStream& st
                                    std::to_string(start.sequence()) + (start.initial() ? ", initial)" : ")"));
   }
 
+  std::unique_ptr<StreamApply> doomed;  // see Release
   std::unique_lock<std::mutex> l(r->recv_mu);
   if (!r->recv_cv.wait_for(l, options_.resume_wait, [&] { return !r->receiving; })) {
     return Status::Unavailable("another stream of VM " + vm + " is still running");
@@ -1233,23 +1265,33 @@ Status ReplicaManager::ReceiveDelta(const PrimaryCaller& caller, DeltaStream& st
   if (r->removed) return Status::NotFound("the replica of VM " + vm + " was removed");
   r->receiving = true;
   // Released on every return; the partial log stays unless dropped below.
+  // A dropped apply-while-receiving is rolled back (its thread joined)
+  // outside recv_mu, while `receiving` still keeps other streams out; one
+  // that stays (a broken stream) starts counting its idle timeout.
   struct Release {
     Replica* r;
     std::unique_lock<std::mutex>* l;
+    std::unique_ptr<StreamApply>* doomed;
     ~Release() {
-      if (!l->owns_lock()) l->lock();
+      if (l->owns_lock()) l->unlock();
+      doomed->reset();
+      l->lock();
+      if (r->partial && r->partial->express) r->partial->express->Detach();
       r->receiving = false;
       r->recv_cv.notify_all();
     }
-  } release{r.get(), &l};
+  } release{r.get(), &l, &doomed};
   auto drop = [&](const Status& why) {
     spdlog::warn("replica {}: partial log {} dropped: {}", vm, start.sequence(), why.ToString());
     if (r->partial) {
       // A load stays in progress: the next stream of log 1 restarts it.
       if (r->partial->writer) r->partial->writer->Abandon();
-      // An apply-while-receiving is rolled back (StreamApply's destructor);
-      // the next stream of this log is staged, so that it can resume.
-      if (r->partial->express) r->express_given_up = r->partial->start;
+      // An apply-while-receiving is rolled back (by Release, outside the
+      // lock); the next stream of this log is staged, so that it can resume.
+      if (r->partial->express) {
+        r->express_given_up = r->partial->start;
+        doomed = std::move(r->partial->express);
+      }
       r->partial.reset();
     }
     return why;
@@ -1263,8 +1305,15 @@ Status ReplicaManager::ReceiveDelta(const PrimaryCaller& caller, DeltaStream& st
         (r->express_given_up && SameStart(*r->express_given_up, start))) {
       return nullptr;
     }
-    std::lock_guard<std::mutex> al(r->apply_mu);
-    if (r->failed || r->held || r->applying || r->stop || r->express_active != nullptr) return nullptr;
+    std::unique_lock<std::mutex> al(r->apply_mu);
+    // The applier may be running a pass that finds nothing to apply (at
+    // open, after a kick): it ends soon. A log it applies meanwhile changes
+    // the latest point, checked again below.
+    r->apply_cv.wait_for(al, options_.resume_wait, [&] { return r->stop || !r->applying; });
+    if (r->failed || r->held || r->applying || r->stop || r->express_active != nullptr ||
+        start.sequence() != r->store->latest_sequence() + 1) {
+      return nullptr;
+    }
     PointInfo info;
     info.time_ms = static_cast<int64_t>(start.cut_time_unix_ms());
     info.kind = static_cast<ReplicationType>(start.kind());
@@ -1272,12 +1321,15 @@ Status ReplicaManager::ReceiveDelta(const PrimaryCaller& caller, DeltaStream& st
     StreamApplyOptions so;
     so.idle_timeout = options_.apply_idle_timeout;
     Replica* rp = r.get();
-    so.on_done = [rp] {
+    // Set below under apply_mu, which on_done needs: it never sees nullptr.
+    auto self = std::make_shared<StreamApply*>(nullptr);
+    so.on_done = [rp, self] {
       std::lock_guard<std::mutex> l(rp->apply_mu);
-      rp->express_active = nullptr;  // one at a time: this one
+      if (rp->express_active == *self) rp->express_active = nullptr;
       rp->apply_cv.notify_all();
     };
     auto express = std::make_unique<StreamApply>(*r->store, start.sequence(), std::move(info), std::move(so));
+    *self = express.get();
     r->express_active = express.get();
     return express;
   };
@@ -1389,11 +1441,20 @@ Status ReplicaManager::ReceiveDelta(const PrimaryCaller& caller, DeltaStream& st
     if (r->partial->load && !OwnsLoad(*r->store, start)) {
       return drop(Status::FailedPrecondition("VM " + vm + ": the initial load of log 1 was taken over (an import)"));
     }
+    if (r->partial->express) r->partial->express->Attach();
     spdlog::info("replica {}: resuming log {} at chunk {}", vm, start.sequence(), r->partial->next_chunk.load());
   }
   Replica::Partial& part = *r->partial;
   l.unlock();  // the partial log is ours while `receiving` is set
 
+  // While an apply-while-receiving makes the stream wait for the store, the
+  // last ack is repeated every few seconds: the sender sees the replica
+  // alive (docs/protocol.md "Replica side: applying").
+  auto heartbeat = [&] {
+    v1::DeltaReply hb;
+    hb.set_acked_chunks(part.next_chunk);
+    stream.Write(hb);
+  };
   v1::DeltaReply rep;
   rep.set_started(true);
   rep.set_resume_chunk(part.next_chunk);
@@ -1458,7 +1519,7 @@ Status ReplicaManager::ReceiveDelta(const PrimaryCaller& caller, DeltaStream& st
       } else if (part.express) {
         // Waits while the apply is 32 MiB behind: the stream (and the
         // sender's window) follows the disk.
-        Status s = part.express->Push(std::move(loaded));
+        Status s = part.express->Push(std::move(loaded), heartbeat);
         if (!s.ok()) {
           l.lock();
           return drop(s);
@@ -1484,7 +1545,7 @@ Status ReplicaManager::ReceiveDelta(const PrimaryCaller& caller, DeltaStream& st
       const bool express = part.express != nullptr;
       // An apply-while-receiving commits the point here: before-images,
       // data, fsyncs, MANIFEST (docs/replica_store.md section 5).
-      Status s = loaded ? r->store->FinishLoad() : express ? part.express->Finish() : part.writer->Finish();
+      Status s = loaded ? r->store->FinishLoad() : express ? part.express->Finish(heartbeat) : part.writer->Finish();
       if (s.ok() && !loaded && !express) s = r->staging->CommitReceived(start.sequence());
       if (!s.ok()) return drop(s);
       r->partial.reset();

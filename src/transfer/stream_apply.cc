@@ -8,10 +8,11 @@ namespace vmreplica {
 
 namespace {
 
-// What a queued record costs against max_queued_bytes: its payload and the
-// record itself (a zero record has no payload but still takes memory).
+// What a queued chunk costs against max_queued_bytes: its payloads, the
+// records themselves (a zero record has no payload but takes memory) and
+// the chunk (an empty one is not free either).
 uint64_t Cost(const std::vector<DeltaRecord>& records) {
-  uint64_t n = 0;
+  uint64_t n = sizeof(std::vector<DeltaRecord>);
   for (const auto& r : records) n += r.data.size() + sizeof(DeltaRecord);
   return n;
 }
@@ -24,27 +25,33 @@ class StreamApply::QueueSource final : public DeltaSource {
   explicit QueueSource(StreamApply& owner) : owner_(owner) {}
 
   Result<std::optional<DeltaRecord>> Next() override {
-    if (pos_ < current_.size()) return std::optional<DeltaRecord>(std::move(current_[pos_++]));
-    current_.clear();
-    pos_ = 0;
-    StreamApply& o = owner_;
-    std::unique_lock<std::mutex> l(o.mu_);
-    const bool woken = o.cv_.wait_for(l, o.options_.idle_timeout,
-                                      [&] { return o.cancel_ || !o.queue_.empty() || o.finished_; });
-    if (o.cancel_) return *o.cancel_;
-    if (!woken) {
-      o.cancel_ = Status::Unavailable("no records for " + std::to_string(o.options_.idle_timeout.count()) +
-                                      " ms: the apply of log " + std::to_string(o.sequence_) + " gave up");
-      o.cv_.notify_all();
-      return *o.cancel_;
+    while (pos_ >= current_.size()) {  // chunks without records are skipped
+      current_.clear();
+      pos_ = 0;
+      StreamApply& o = owner_;
+      std::unique_lock<std::mutex> l(o.mu_);
+      for (;;) {
+        if (o.cancel_) return *o.cancel_;
+        if (!o.queue_.empty() || o.finished_) break;
+        if (o.attached_) {
+          o.cv_.wait(l);
+          continue;
+        }
+        const auto deadline = o.detached_at_ + o.options_.idle_timeout;
+        if (std::chrono::steady_clock::now() >= deadline) {
+          o.cancel_ = Status::Unavailable("no stream for " + std::to_string(o.options_.idle_timeout.count()) +
+                                          " ms: the apply of log " + std::to_string(o.sequence_) + " gave up");
+          o.cv_.notify_all();
+          return *o.cancel_;
+        }
+        o.cv_.wait_until(l, deadline);
+      }
+      if (o.queue_.empty()) return std::optional<DeltaRecord>();  // finished: the log is complete
+      current_ = std::move(o.queue_.front());
+      o.queue_.pop_front();
+      o.queued_bytes_ -= Cost(current_);
+      o.cv_.notify_all();  // room for the receiver
     }
-    if (o.queue_.empty()) return std::optional<DeltaRecord>();  // finished: the log is complete
-    current_ = std::move(o.queue_.front());
-    o.queue_.pop_front();
-    o.queued_bytes_ -= Cost(current_);
-    o.cv_.notify_all();  // room for the receiver
-    l.unlock();
-    if (current_.empty()) return Next();  // a chunk without records
     return std::optional<DeltaRecord>(std::move(current_[pos_++]));
   }
 
@@ -77,13 +84,20 @@ void StreamApply::Run(PointInfo info) {
   if (options_.on_done) options_.on_done();
 }
 
-Status StreamApply::Push(std::vector<DeltaRecord> records) {
+Status StreamApply::Push(std::vector<DeltaRecord> records, const std::function<void()>& waiting) {
   const uint64_t cost = Cost(records);
   std::unique_lock<std::mutex> l(mu_);
   if (finished_) return Status::FailedPrecondition("log " + std::to_string(sequence_) + " is finished already");
-  cv_.wait(l, [&] {
+  auto admitted = [&] {
     return cancel_ || result_ || queue_.empty() || queued_bytes_ + cost <= options_.max_queued_bytes;
-  });
+  };
+  while (!cv_.wait_for(l, options_.heartbeat, admitted)) {
+    if (waiting) {
+      l.unlock();
+      waiting();
+      l.lock();
+    }
+  }
   if (result_) {
     if (!result_->ok()) return *result_;
     return Status::FailedPrecondition("log " + std::to_string(sequence_) + " was committed already");
@@ -95,12 +109,31 @@ Status StreamApply::Push(std::vector<DeltaRecord> records) {
   return Status::Ok();
 }
 
-Status StreamApply::Finish() {
+Status StreamApply::Finish(const std::function<void()>& waiting) {
   std::unique_lock<std::mutex> l(mu_);
   finished_ = true;  // a cancel that came first still wins: the source checks it first
   cv_.notify_all();
-  cv_.wait(l, [&] { return result_.has_value(); });
+  while (!cv_.wait_for(l, options_.heartbeat, [&] { return result_.has_value(); })) {
+    if (waiting) {
+      l.unlock();
+      waiting();
+      l.lock();
+    }
+  }
   return *result_;
+}
+
+void StreamApply::Detach() {
+  std::lock_guard<std::mutex> l(mu_);
+  attached_ = false;
+  detached_at_ = std::chrono::steady_clock::now();
+  cv_.notify_all();
+}
+
+void StreamApply::Attach() {
+  std::lock_guard<std::mutex> l(mu_);
+  attached_ = true;
+  cv_.notify_all();
 }
 
 void StreamApply::Cancel(const Status& why) {

@@ -6,9 +6,10 @@
 //   StreamApply(store, seq, info)  --> thread: store.Apply(seq, info, queue)
 //   Push(records) ... Push(records)    (blocks while max_queued_bytes wait)
 //   Finish()  --> the queue ends --> Apply commits --> its status
-//      \__ Cancel(why), the destructor, or idle_timeout without records:
-//          the queue answers the error, Apply rolls back (the store stays at
-//          its previous point), later Push / Finish answer that error
+//      \__ Cancel(why), the destructor, or idle_timeout without records
+//          while detached (no stream feeds it: Detach .. Attach): the queue
+//          answers the error, Apply rolls back (the store stays at its
+//          previous point), later Push / Finish answer that error
 //
 // Thread safety: Push and Finish belong to one caller at a time (the stream
 // that owns the log); Cancel, done() and status() may be called from any
@@ -38,8 +39,13 @@ struct StreamApplyOptions {
   // accepted when the queue is empty.
   uint64_t max_queued_bytes = uint64_t{32} << 20;
   // Apply gives up (Unavailable, rolled back) after waiting this long for
-  // records while the queue is neither finished nor cancelled.
+  // records while detached (Detach() without Attach() since). While a
+  // stream is attached there is no limit: a slow link is not an idle one.
   std::chrono::milliseconds idle_timeout{120000};
+  // Push and Finish call their `waiting` callback every this long while
+  // they wait for the store (the receiver repeats its last ack, so that the
+  // sender sees the replica alive while a batch is written).
+  std::chrono::milliseconds heartbeat{5000};
   // Called on the apply thread once Apply has returned (after status() is
   // set). Must not destroy this object.
   std::function<void()> on_done;
@@ -55,13 +61,18 @@ class StreamApply {
   ~StreamApply();  // Cancel(Cancelled) and join
 
   // Queues one chunk's records, in apply order. Waits while the queue is
-  // full. Answers the apply's error once it ended without a commit
-  // (cancelled, timed out, a record refused by the store, an I/O error);
+  // full, calling `waiting` (when set, without the lock) every heartbeat.
+  // Answers the apply's error once it ended without a commit (cancelled,
+  // timed out, a record refused by the store, an I/O error);
   // FailedPrecondition after Finish.
-  Status Push(std::vector<DeltaRecord> records);
+  Status Push(std::vector<DeltaRecord> records, const std::function<void()>& waiting = {});
   // No more records: waits until Apply returns and answers its status (OK:
-  // the point is committed). Idempotent.
-  Status Finish();
+  // the point is committed), calling `waiting` every heartbeat. Idempotent.
+  Status Finish(const std::function<void()>& waiting = {});
+  // No stream feeds the apply from now on: the idle timeout runs.
+  void Detach();
+  // A stream feeds it again (a resume): no idle timeout.
+  void Attach();
   // Ends the apply with `why` unless its records are complete already
   // (after Finish the commit is not interrupted). Does not wait.
   void Cancel(const Status& why);
@@ -86,6 +97,8 @@ class StreamApply {
   bool finished_ = false;                       // guarded by mu_: no more records
   std::optional<Status> cancel_;                // guarded by mu_: why the source fails
   std::optional<Status> result_;                // guarded by mu_: Apply's status once returned
+  bool attached_ = true;                        // guarded by mu_: a stream feeds the queue
+  std::chrono::steady_clock::time_point detached_at_;  // guarded by mu_
   std::thread thread_;
 };
 

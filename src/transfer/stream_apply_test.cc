@@ -10,6 +10,8 @@
 #include <atomic>
 #include <chrono>
 #include <filesystem>
+#include <fstream>
+#include <iterator>
 #include <random>
 #include <thread>
 
@@ -27,7 +29,15 @@ class StreamApplyTest : public ::testing::Test {
     char tmpl[] = "/tmp/vmr-sapply-XXXXXX";
     ASSERT_NE(::mkdtemp(tmpl), nullptr);
     dir_ = tmpl;
-    auto store = ReplicaStore::Create(dir_ + "/store", kVm, {{"vda", kDiskSize}}, nullptr, ReplicaStoreOptions{});
+    // Batches of one block: an apply writes data into the disk early, so
+    // that a rollback has something to undo.
+    ReplicaStoreOptions so;
+    so.apply_batch_bytes = 4096;
+    // Fault-injection seam of the store, used here as a slow disk.
+    so.crash_hook = [this](std::string_view, uint64_t) {
+      if (const int ms = slow_ms_.load()) std::this_thread::sleep_for(std::chrono::milliseconds(ms));
+    };
+    auto store = ReplicaStore::Create(dir_ + "/store", kVm, {{"vda", kDiskSize}}, nullptr, so);
     ASSERT_TRUE(store.ok()) << store.status().ToString();
     store_ = std::move(*store);
     // Point 1: the whole disk random.
@@ -78,9 +88,22 @@ class StreamApplyTest : public ::testing::Test {
     return got;
   }
 
+  // The disk file as it is now (not a point).
+  std::string DiskFile() {
+    std::ifstream in(store_->DiskPath(0), std::ios::binary);
+    return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  }
+
+  // Waits up to 10 s until the apply has written into the disk file.
+  void WaitForDataOnDisk() {
+    for (int i = 0; i < 1000 && DiskFile() == image_; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    ASSERT_NE(DiskFile(), image_) << "the apply wrote nothing: the rollback would not be tested";
+  }
+
   void ExpectBackAtPointOne() {
     EXPECT_EQ(store_->latest_sequence(), 1u);
     EXPECT_TRUE(Read(1) == image_) << "point 1 changed";
+    EXPECT_TRUE(DiskFile() == image_) << "the disk file is not back at point 1";
     // The store takes log 2 again afterwards.
     std::string next = image_;
     auto chunks = Chunks(1, 3, next);
@@ -90,6 +113,7 @@ class StreamApplyTest : public ::testing::Test {
   }
 
   std::string dir_;
+  std::atomic<int> slow_ms_{0};  // the store sleeps this long at each write / fsync step
   std::mt19937_64 rng_{99};
   std::unique_ptr<ReplicaStore> store_;
   std::string image_;  // point 1
@@ -119,11 +143,32 @@ TEST_F(StreamApplyTest, PushedChunksBecomeOnePointAtFinish) {
   EXPECT_TRUE(Read(1) == image_) << "point 1 stays readable from its undo";
 }
 
+// A store slower than the stream: Push and Finish wait, calling `waiting`
+// (the receiver's heartbeat) meanwhile, and the point is exact.
+TEST_F(StreamApplyTest, WaitingForASlowStoreCallsTheHeartbeat) {
+  std::string next = image_;
+  auto chunks = Chunks(6, 2, next);
+  slow_ms_ = 20;
+  StreamApplyOptions o;
+  o.max_queued_bytes = 1;  // one chunk at a time
+  o.heartbeat = std::chrono::milliseconds(5);
+  int push_waits = 0, finish_waits = 0;
+  StreamApply a(*store_, 2, Info(2), o);
+  for (auto& c : chunks) ASSERT_TRUE(a.Push(std::move(c), [&] { ++push_waits; }).ok());
+  Status s = a.Finish([&] { ++finish_waits; });
+  slow_ms_ = 0;
+  ASSERT_TRUE(s.ok()) << s.ToString();
+  EXPECT_GT(push_waits, 0);
+  EXPECT_GT(finish_waits, 0);
+  EXPECT_TRUE(Read(2) == next);
+}
+
 TEST_F(StreamApplyTest, CancelRollsBackAndLaterCallsAnswerTheReason) {
   std::string next = image_;
   auto chunks = Chunks(6, 8, next);
   StreamApply a(*store_, 2, Info(2), StreamApplyOptions{});
   for (int i = 0; i < 3; ++i) ASSERT_TRUE(a.Push(std::move(chunks[i])).ok());
+  WaitForDataOnDisk();
   a.Cancel(Status::Cancelled("test: the stream gave up"));
   Status f = a.Finish();
   EXPECT_EQ(f.code(), Code::kCancelled) << f.ToString();
@@ -151,6 +196,11 @@ TEST_F(StreamApplyTest, NoRecordsForTheIdleTimeoutRollsBack) {
   o.idle_timeout = std::chrono::milliseconds(100);
   StreamApply a(*store_, 2, Info(2), o);
   ASSERT_TRUE(a.Push(std::move(chunks[0])).ok());
+  WaitForDataOnDisk();
+  // Attached (a stream feeds it), a silence is no timeout.
+  std::this_thread::sleep_for(std::chrono::milliseconds(400));
+  EXPECT_FALSE(a.done()) << "an attached apply gave up";
+  a.Detach();
   for (int i = 0; i < 500 && !a.done(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
   ASSERT_TRUE(a.done());
   ASSERT_TRUE(a.status().has_value());
@@ -185,6 +235,7 @@ TEST_F(StreamApplyTest, DestroyedBeforeFinishRollsBack) {
   {
     StreamApply a(*store_, 2, Info(2), StreamApplyOptions{});
     for (auto& c : chunks) ASSERT_TRUE(a.Push(std::move(c)).ok());
+    WaitForDataOnDisk();
   }
   ExpectBackAtPointOne();
 }

@@ -11,7 +11,9 @@
 #include <xxhash.h>
 
 #include <filesystem>
+#include <functional>
 #include <fstream>
+#include <iostream>
 #include <mutex>
 #include <random>
 #include <set>
@@ -80,6 +82,7 @@ class TransferTest : public ::testing::Test {
     mo.state_dir = root_ + "/state";  // GetRangeHashes: <state>/reverse/<vm>.acand
     mo.apply_while_receiving = apply_while_receiving_;
     mo.apply_idle_timeout = apply_idle_timeout_;
+    mo.apply_batch_bytes = apply_batch_bytes_;
     manager_ = std::make_unique<ReplicaManager>(catalog_.get(), mo);
     peer_ = std::make_unique<service::PeerService>(&env_, manager_.get());
     grpc::ServerBuilder b;
@@ -244,8 +247,33 @@ class TransferTest : public ::testing::Test {
     return 0;
   }
 
+  // The raw file of disk `d` as it is now (not a point: what an apply in
+  // progress or rolled back left on disk).
+  std::string DiskFile(uint32_t d) {
+    std::ifstream in(storage_ + "/" + kVm + "/disks/" + kDisks[d].name + ".img", std::ios::binary);
+    return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  }
+
+  // Polls `pred` every 10 ms for up to 10 s.
+  static bool Eventually(const std::function<bool()>& pred) {
+    for (int i = 0; i < 1000; ++i) {
+      if (pred()) return true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    return pred();
+  }
+
+  // Restarts the server with batches of one block: a rollback then has
+  // data records already written into the disks to undo.
+  void UseOneBlockBatches() {
+    StopServer();
+    apply_batch_bytes_ = 4096;
+    StartServer();
+  }
+
   bool apply_while_receiving_ = true;
   std::chrono::milliseconds apply_idle_timeout_{120000};
+  uint64_t apply_batch_bytes_ = 0;
   std::string root_, pki_, storage_, outside_;
   std::unique_ptr<Catalog> catalog_;
   service::ServiceEnv env_;
@@ -643,6 +671,7 @@ TEST_F(TransferTest, DeltaIsAppliedWhileReceivedWritingEachChangedByteTwice) {
   EXPECT_TRUE(fs::is_empty(storage_ + "/" + kVm + "/staging") ||
               Tree(storage_ + "/" + kVm + "/staging") == std::set<std::string>{"rejected"});
   const double ratio = static_cast<double>(w1 - w0) / changed;
+  std::cerr << "applied while received: written per changed byte " << ratio << "\n";
   EXPECT_GE(ratio, 2.0) << "before-images and data";
   EXPECT_LT(ratio, 2.5) << "written per changed byte: no staged copy expected";
   ExpectPoints(expected);
@@ -667,6 +696,7 @@ TEST_F(TransferTest, WithApplyWhileReceivingOffDeltasAreStagedFirst) {
   ASSERT_TRUE(client->SendDelta(Info(2), src, o).ok());
   ASSERT_TRUE(manager_->WaitApplied(kVm, std::chrono::seconds(60)).ok());
   const double ratio = static_cast<double>(WrittenBytes() - w0) / (200.0 * 4096);
+  std::cerr << "staged first: written per changed byte " << ratio << "\n";
   EXPECT_GT(ratio, 2.5) << "written per changed byte: the staged copy, before-images, data";
   ExpectPoints(expected);
 }
@@ -714,6 +744,7 @@ TEST_F(TransferTest, BrokenDeltaStreamResumesIntoTheApplyInProgress) {
 // point 1, exactly as it was; the same log sent again is staged (so that a
 // further break would resume) and lands.
 TEST_F(TransferTest, FailedApplyWhileReceivingRollsBackAndTheRetryIsStaged) {
+  UseOneBlockBatches();
   auto client = Client("primary-a.lab");
   ASSERT_TRUE(client->CreateReplica(Params()).ok());
   std::mt19937_64 rng(23);
@@ -738,6 +769,11 @@ TEST_F(TransferTest, FailedApplyWhileReceivingRollsBackAndTheRetryIsStaged) {
   ASSERT_TRUE(st.ok()) << st.status().ToString();
   EXPECT_EQ(st->latest_applied, 1u);
   EXPECT_EQ(st->expected_sequence, 2u);
+  EXPECT_EQ(st->partial_sequence, 0u);
+  // Chunks 0..5 (about 90 blocks, one batch each) had reached the disk:
+  // the rollback put every byte back.
+  EXPECT_TRUE(DiskFile(0) == expected[1][0]) << "vda is not back at point 1";
+  EXPECT_TRUE(DiskFile(1) == expected[1][1]) << "vdb is not back at point 1";
   client->SetTestOnlySendHooks({});
   const uint64_t w0 = WrittenBytes();
   {
@@ -753,6 +789,7 @@ TEST_F(TransferTest, FailedApplyWhileReceivingRollsBackAndTheRetryIsStaged) {
 // failover's HoldApply cancels it (the store stays at point 1); after the
 // hold the log comes again and lands.
 TEST_F(TransferTest, HoldApplyCancelsAnApplyWaitingForItsStream) {
+  UseOneBlockBatches();
   auto client = Client("primary-a.lab");
   ASSERT_TRUE(client->CreateReplica(Params()).ok());
   std::mt19937_64 rng(24);
@@ -777,8 +814,14 @@ TEST_F(TransferTest, HoldApplyCancelsAnApplyWaitingForItsStream) {
   EXPECT_EQ(st->partial_sequence, 2u) << "the apply waits for its stream";
   EXPECT_GE(st->partial_chunks, 3u);
   EXPECT_EQ(st->latest_applied, 1u);
+  EXPECT_TRUE(Eventually([&] { return DiskFile(0) != expected[1][0]; }))
+      << "the apply wrote nothing: the rollback is not tested";
   ASSERT_TRUE(manager_->HoldApply(kVm, std::chrono::seconds(30)).ok());
-  EXPECT_EQ(client->GetReplicaStatus(kVm, 0)->latest_applied, 1u);
+  st = client->GetReplicaStatus(kVm, 0);
+  ASSERT_TRUE(st.ok()) << st.status().ToString();
+  EXPECT_EQ(st->latest_applied, 1u);
+  EXPECT_EQ(st->partial_sequence, 0u) << "the cancelled apply holds nothing";
+  EXPECT_TRUE(DiskFile(0) == expected[1][0]) << "vda is not back at point 1";
   manager_->ReleaseApply(kVm);
   client->SetTestOnlySendHooks({});
   o.max_attempts = 5;
@@ -796,6 +839,7 @@ TEST_F(TransferTest, HoldApplyCancelsAnApplyWaitingForItsStream) {
 TEST_F(TransferTest, AnApplyWhoseStreamNeverResumesRollsBack) {
   StopServer();
   apply_idle_timeout_ = std::chrono::milliseconds(300);
+  apply_batch_bytes_ = 4096;  // the broken apply has blocks on the disk to undo
   StartServer();
   auto client = Client("primary-a.lab");
   ASSERT_TRUE(client->CreateReplica(Params()).ok());
@@ -816,27 +860,30 @@ TEST_F(TransferTest, AnApplyWhoseStreamNeverResumesRollsBack) {
     VectorDeltaSource src(recs2);
     EXPECT_FALSE(client->SendDelta(Info(2), src, o).ok());
   }
-  // Past the idle timeout: rolled back, the store reads as point 1.
+  // Past the idle timeout (counted from the break): rolled back, nothing
+  // held in part, the disk back at point 1 byte for byte.
   std::this_thread::sleep_for(std::chrono::milliseconds(1500));
-  {
-    ReplicaStore* store = nullptr;
-    auto held = manager_->AcquireLocal(kVm);
-    ASSERT_TRUE(held.ok()) << held.status().ToString();
-    store = *held;
-    EXPECT_EQ(store->latest_sequence(), 1u);
-    std::string got(kDisks[0].size, '\0');
-    ASSERT_TRUE(store->ReadPoint(1, 0, 0, got.size(), got.data()).ok());
-    EXPECT_TRUE(got == point1[0]) << "point 1 changed by a rolled-back apply";
-    manager_->ReleaseLocal(kVm);
-  }
+  auto st = client->GetReplicaStatus(kVm, 0);
+  ASSERT_TRUE(st.ok()) << st.status().ToString();
+  EXPECT_EQ(st->latest_applied, 1u);
+  EXPECT_EQ(st->partial_sequence, 0u) << "the timed-out apply holds nothing";
+  EXPECT_TRUE(DiskFile(0) == point1[0]) << "vda is not back at point 1";
   o.max_attempts = 5;
   client->SetTestOnlySendHooks({});
+  const uint64_t w0 = WrittenBytes();
   {
     VectorDeltaSource src(recs2);
     ASSERT_TRUE(client->SendDelta(Info(2), src, o).ok());
   }
-  ASSERT_TRUE(manager_->WaitApplied(kVm, std::chrono::seconds(60)).ok());  // log 2 was staged: the retry
-  // Log 3 broken for good, then the daemon stops with its apply waiting.
+  ASSERT_TRUE(manager_->WaitApplied(kVm, std::chrono::seconds(60)).ok());
+  EXPECT_GT(static_cast<double>(WrittenBytes() - w0) / (200.0 * 4096), 2.5) << "the retry was staged";
+
+  // Log 3 broken for good with the default idle timeout: the apply waits
+  // for its stream; then the daemon stops, which rolls it back.
+  StopServer();
+  apply_idle_timeout_ = std::chrono::milliseconds(120000);
+  StartServer();
+  client = Client("primary-a.lab");
   auto recs3 = BlockDelta(rng, images, 200);
   client->SetTestOnlySendHooks(hooks);
   o.max_attempts = 1;
@@ -844,11 +891,16 @@ TEST_F(TransferTest, AnApplyWhoseStreamNeverResumesRollsBack) {
     VectorDeltaSource src(recs3);
     EXPECT_FALSE(client->SendDelta(Info(3), src, o).ok());
   }
+  st = client->GetReplicaStatus(kVm, 0);
+  ASSERT_TRUE(st.ok()) << st.status().ToString();
+  EXPECT_EQ(st->partial_sequence, 3u) << "the apply waits for its stream";
+  EXPECT_TRUE(Eventually([&] { return DiskFile(0) != point2[0]; }))
+      << "the apply wrote nothing: the rollback is not tested";
   StopServer();
-  apply_idle_timeout_ = std::chrono::milliseconds(120000);
+  EXPECT_TRUE(DiskFile(0) == point2[0]) << "vda is not back at point 2 after the stop";
   StartServer();
   client = Client("primary-a.lab");
-  auto st = client->GetReplicaStatus(kVm, 0);
+  st = client->GetReplicaStatus(kVm, 0);
   ASSERT_TRUE(st.ok()) << st.status().ToString();
   EXPECT_EQ(st->latest_applied, 2u);
   EXPECT_EQ(st->expected_sequence, 3u);
