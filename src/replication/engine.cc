@@ -30,8 +30,25 @@ namespace vmreplica {
 namespace {
 
 constexpr int kPrimaryIndex = 0;
-// Resynchronize compares blocks of this size (docs/protocol.md GetBlockHashes).
-constexpr uint32_t kResyncBlockSize = 64u << 10;
+// Resynchronize and seeded initial replication compare blocks of
+// ResyncBlockSize() (docs/protocol.md GetBlockHashes): the smallest power
+// of two from kMinResyncBlockSize that keeps every disk's hash list (16
+// bytes a block) within kResyncListBudget, never above kMaxResyncBlockSize.
+// 4 KiB blocks (a guest's write size: a scattered 4 KiB change costs 4 KiB,
+// not a 64 KiB block) up to 16 GiB disks; 64 KiB, the size used before
+// session 16, from 256 GiB on (the list then grows past the budget, as it
+// did).
+constexpr uint32_t kMinResyncBlockSize = 4u << 10;
+constexpr uint32_t kMaxResyncBlockSize = 64u << 10;
+constexpr uint64_t kResyncListBudget = uint64_t{64} << 20;
+
+uint32_t ResyncBlockSize(const std::vector<TrackedDisk>& disks) {
+  uint64_t largest = 0;
+  for (const auto& d : disks) largest = std::max(largest, d.size_bytes);
+  uint32_t bs = kMinResyncBlockSize;
+  while (bs < kMaxResyncBlockSize && (largest + bs - 1) / bs * 16 > kResyncListBudget) bs *= 2;
+  return bs;
+}
 
 std::string HexId(const GenerationId& g) {
   static const char* kHex = "0123456789abcdef";
@@ -710,7 +727,7 @@ Result<CycleReport> ReplicationEngine::RunCycle(const std::string& vm_id, bool i
     // Seeded (no log applied yet): the replica's disks hold the copy its
     // operator registered; a resync: its latest image. Either way only
     // blocks that differ travel, so the result is exact.
-    VMR_ASSIGN_OR_RETURN(remote, client.GetBlockHashes(vm_id, kPrimaryIndex, kResyncBlockSize));
+    VMR_ASSIGN_OR_RETURN(remote, client.GetBlockHashes(vm_id, kPrimaryIndex, ResyncBlockSize(tracked)));
     if (remote.size() != tracked.size()) {
       return Status::FailedPrecondition("VM " + vm_id + ": the replica has " + std::to_string(remote.size()) +
                                         " disks, this side " + std::to_string(tracked.size()));
@@ -847,7 +864,7 @@ Result<CycleReport> ReplicationEngine::RunCycle(const std::string& vm_id, bool i
       // hashes as usual. Later records overwrite earlier ones of the log.
       auto built = [&]() -> Result<std::unique_ptr<DeltaSource>> {
         const uint32_t dP = continuation->last_disk;
-        const uint64_t bs = kResyncBlockSize;
+        const uint64_t bs = remote[i].block_size;  // as hashed at the log's start
         const BlockHashList& list = remote[i];
         const uint64_t total_blocks = list.TotalBlocks();
         uint64_t clip = cd.size_bytes, diff_from = total_blocks;
@@ -882,7 +899,7 @@ Result<CycleReport> ReplicationEngine::RunCycle(const std::string& vm_id, bool i
                               list.hashes.begin() + static_cast<std::ptrdiff_t>(first - list.first_block + count));
           }
           BlockHashOptions ho;
-          ho.block_size = kResyncBlockSize;
+          ho.block_size = list.block_size;
           VMR_ASSIGN_OR_RETURN(auto d, NbdBlockDiffSource::Open(cd.socket_path, cd.export_name,
                                                                 static_cast<uint32_t>(i), std::move(sub), ho));
           pieces.push_back(tap_diff(std::move(d)));
@@ -903,7 +920,7 @@ Result<CycleReport> ReplicationEngine::RunCycle(const std::string& vm_id, bool i
     }
     if (resync) {
       BlockHashOptions ho;
-      ho.block_size = kResyncBlockSize;
+      ho.block_size = remote[i].block_size;
       auto diff = NbdBlockDiffSource::Open(cd.socket_path, cd.export_name, static_cast<uint32_t>(i), remote[i], ho);
       if (!diff.ok()) {
         parts.clear();
