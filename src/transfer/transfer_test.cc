@@ -217,6 +217,21 @@ class TransferTest : public ::testing::Test {
     ASSERT_TRUE(manager_->WaitApplied(kVm, std::chrono::seconds(60)).ok());
   }
 
+  // A replica whose point 1 is both disks full of random data (`seed`),
+  // and the 200-block delta 2 on top of it (not sent): expected[1],
+  // expected[2] and its records.
+  void PointOneAndADelta(ReplicaClient& client, uint64_t seed, std::map<uint64_t, std::vector<std::string>>& expected,
+                         std::vector<DeltaRecord>& recs) {
+    ASSERT_TRUE(client.CreateReplica(Params()).ok());
+    std::mt19937_64 rng(seed);
+    auto images = EmptyImages();
+    SendFullCopy(client, rng, images);
+    ASSERT_FALSE(HasFatalFailure());
+    expected[1] = images;
+    recs = BlockDelta(rng, images, 200);
+    expected[2] = images;
+  }
+
   // `blocks` random 4 KiB blocks of vda rewritten with random data, each
   // block once (ascending); applied to `images`.
   static std::vector<DeltaRecord> BlockDelta(std::mt19937_64& rng, std::vector<std::string>& images, int blocks) {
@@ -645,13 +660,10 @@ TEST_F(TransferTest, SymlinkPlantedInTheStorageLocationIsRefused) {
 // three times (the staged copy first).
 TEST_F(TransferTest, DeltaIsAppliedWhileReceivedWritingEachChangedByteTwice) {
   auto client = Client("primary-a.lab");
-  ASSERT_TRUE(client->CreateReplica(Params()).ok());
-  std::mt19937_64 rng(21);
-  auto images = EmptyImages();
-  SendFullCopy(*client, rng, images);
-  std::map<uint64_t, std::vector<std::string>> expected{{1, images}};
-  auto recs = BlockDelta(rng, images, 200);
-  expected[2] = images;
+  std::map<uint64_t, std::vector<std::string>> expected;
+  std::vector<DeltaRecord> recs;
+  PointOneAndADelta(*client, 21, expected, recs);
+  ASSERT_FALSE(HasFatalFailure());
   const double changed = 200.0 * 4096;
   VectorDeltaSource src(std::move(recs));
   SendOptions o;
@@ -682,13 +694,10 @@ TEST_F(TransferTest, WithApplyWhileReceivingOffDeltasAreStagedFirst) {
   apply_while_receiving_ = false;
   StartServer();
   auto client = Client("primary-a.lab");
-  ASSERT_TRUE(client->CreateReplica(Params()).ok());
-  std::mt19937_64 rng(21);
-  auto images = EmptyImages();
-  SendFullCopy(*client, rng, images);
-  std::map<uint64_t, std::vector<std::string>> expected{{1, images}};
-  auto recs = BlockDelta(rng, images, 200);
-  expected[2] = images;
+  std::map<uint64_t, std::vector<std::string>> expected;
+  std::vector<DeltaRecord> recs;
+  PointOneAndADelta(*client, 21, expected, recs);
+  ASSERT_FALSE(HasFatalFailure());
   VectorDeltaSource src(std::move(recs));
   SendOptions o;
   o.chunk_bytes = 64 << 10;
@@ -705,13 +714,10 @@ TEST_F(TransferTest, WithApplyWhileReceivingOffDeltasAreStagedFirst) {
 // chunk), and the result is exact.
 TEST_F(TransferTest, BrokenDeltaStreamResumesIntoTheApplyInProgress) {
   auto client = Client("primary-a.lab");
-  ASSERT_TRUE(client->CreateReplica(Params()).ok());
-  std::mt19937_64 rng(22);
-  auto images = EmptyImages();
-  SendFullCopy(*client, rng, images);
-  std::map<uint64_t, std::vector<std::string>> expected{{1, images}};
-  auto recs = BlockDelta(rng, images, 200);
-  expected[2] = images;
+  std::map<uint64_t, std::vector<std::string>> expected;
+  std::vector<DeltaRecord> recs;
+  PointOneAndADelta(*client, 22, expected, recs);
+  ASSERT_FALSE(HasFatalFailure());
   std::map<int, std::vector<uint64_t>> sent;
   uint64_t acked_at_break = 0;
   TestOnlySendHooks hooks;
@@ -746,13 +752,10 @@ TEST_F(TransferTest, BrokenDeltaStreamResumesIntoTheApplyInProgress) {
 TEST_F(TransferTest, FailedApplyWhileReceivingRollsBackAndTheRetryIsStaged) {
   UseOneBlockBatches();
   auto client = Client("primary-a.lab");
-  ASSERT_TRUE(client->CreateReplica(Params()).ok());
-  std::mt19937_64 rng(23);
-  auto images = EmptyImages();
-  SendFullCopy(*client, rng, images);
-  std::map<uint64_t, std::vector<std::string>> expected{{1, images}};
-  auto recs = BlockDelta(rng, images, 200);
-  expected[2] = images;
+  std::map<uint64_t, std::vector<std::string>> expected;
+  std::vector<DeltaRecord> recs;
+  PointOneAndADelta(*client, 23, expected, recs);
+  ASSERT_FALSE(HasFatalFailure());
   TestOnlySendHooks hooks;
   hooks.mutate_payload = [](uint64_t index, std::string* payload) {
     if (index == 6) (*payload)[payload->size() / 2] ^= 0x01;
@@ -770,8 +773,8 @@ TEST_F(TransferTest, FailedApplyWhileReceivingRollsBackAndTheRetryIsStaged) {
   EXPECT_EQ(st->latest_applied, 1u);
   EXPECT_EQ(st->expected_sequence, 2u);
   EXPECT_EQ(st->partial_sequence, 0u);
-  // Chunks 0..5 (about 90 blocks, one batch each) had reached the disk:
-  // the rollback put every byte back.
+  // Whatever of chunks 0..5 had reached the disk (one block a batch), the
+  // rollback put every byte back.
   EXPECT_TRUE(DiskFile(0) == expected[1][0]) << "vda is not back at point 1";
   EXPECT_TRUE(DiskFile(1) == expected[1][1]) << "vdb is not back at point 1";
   client->SetTestOnlySendHooks({});
@@ -791,13 +794,10 @@ TEST_F(TransferTest, FailedApplyWhileReceivingRollsBackAndTheRetryIsStaged) {
 TEST_F(TransferTest, HoldApplyCancelsAnApplyWaitingForItsStream) {
   UseOneBlockBatches();
   auto client = Client("primary-a.lab");
-  ASSERT_TRUE(client->CreateReplica(Params()).ok());
-  std::mt19937_64 rng(24);
-  auto images = EmptyImages();
-  SendFullCopy(*client, rng, images);
-  std::map<uint64_t, std::vector<std::string>> expected{{1, images}};
-  auto recs = BlockDelta(rng, images, 200);
-  expected[2] = images;
+  std::map<uint64_t, std::vector<std::string>> expected;
+  std::vector<DeltaRecord> recs;
+  PointOneAndADelta(*client, 24, expected, recs);
+  ASSERT_FALSE(HasFatalFailure());
   TestOnlySendHooks hooks;
   hooks.break_after_chunk = [](uint64_t, int, uint64_t acked) { return acked >= 3; };
   client->SetTestOnlySendHooks(hooks);
