@@ -6,10 +6,12 @@
 
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <deque>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -120,6 +122,54 @@ Result<BlockHashList> HashNbdBlocks(const std::string& socket_path, const std::s
                                     BlockHashStats* stats = nullptr,
                                     const HashProgress& progress = {});
 
+// The other side's hash lists of a set of disks while they arrive
+// (GetBlockHashes answered in windows, docs/protocol.md): one thread
+// appends the lists in order, readers wait for the blocks they need. So
+// both sides hash at the same time and each reads its disks once.
+// Thread-safe.
+class HashListFeed {
+ public:
+  // `disk_sizes`: this side's size of each disk, in order; every list must
+  // have `block_size`.
+  HashListFeed(uint32_t block_size, std::vector<uint64_t> disk_sizes);
+
+  // The next list: disks in order, each disk's lists consecutive from block
+  // 0 (a disk may come in one list). Corruption when a list breaks that
+  // order or has another block size; InvalidArgument when its disk size
+  // differs from this side's (a copy of another size). A refused list fails
+  // the feed with that error.
+  Status Append(uint32_t disk, BlockHashList list);
+  // Ends the feed. With OK: Corruption unless every disk is complete. With
+  // an error: every waiting and later Await answers it. Only the first
+  // call counts.
+  void Finish(Status status);
+  // Waits until blocks [0, end_block) of `disk` arrived and answers the
+  // disk's hashes from block 0 (entries below end_block never change and
+  // stay valid while the feed lives); once the feed failed, its failure
+  // (even for blocks that had arrived); Cancelled when
+  // `cancelled` answers true (asked every 100 ms while waiting).
+  // InvalidArgument for a disk or block out of range.
+  Result<const Hash128*> Await(uint32_t disk, uint64_t end_block, const std::function<bool()>& cancelled = {});
+
+  uint32_t block_size() const { return block_size_; }
+  uint32_t disk_count() const { return static_cast<uint32_t>(lists_.size()); }
+  uint64_t disk_size(uint32_t disk) const { return lists_.at(disk).disk_size; }
+  // True once every disk's list is complete (Finish(OK) may not have come yet).
+  bool Complete() const;
+  // The whole lists, one per disk; FailedPrecondition unless Complete().
+  Result<std::vector<BlockHashList>> Lists() const;
+
+ private:
+  const uint32_t block_size_;
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  std::vector<BlockHashList> lists_;  // hashes sized at the disk's first list
+  std::vector<uint64_t> filled_;      // blocks arrived, per disk
+  uint32_t current_ = 0;              // disk being appended
+  bool finished_ = false;
+  Status failure_;
+};
+
 class NbdBlockReader;  // internal to src/exportimport
 
 // The sending side of a seeded replication or resync in one pass over its
@@ -159,6 +209,18 @@ class NbdBlockDiffSource final : public DeltaSource {
       const std::string& socket_path, const std::string& export_name, uint32_t disk_index,
       std::vector<BlockHashList> remote_runs, const BlockHashOptions& options);
 
+  // One disk compared with the other side's list of it while that list
+  // arrives: every block of the export is read once, in order, and each
+  // piece waits in `feed` for the other side's hashes of its blocks
+  // (`cancelled` ends the wait: Cancelled). The feed's failure ends Next()
+  // with it. InvalidArgument when the export's size differs from the
+  // feed's size of `disk_index` or the block sizes differ.
+  static Result<std::unique_ptr<NbdBlockDiffSource>> OpenFed(const std::string& socket_path,
+                                                             const std::string& export_name, uint32_t disk_index,
+                                                             std::shared_ptr<HashListFeed> feed,
+                                                             const BlockHashOptions& options,
+                                                             std::function<bool()> cancelled = {});
+
   ~NbdBlockDiffSource() override;
   NbdBlockDiffSource(const NbdBlockDiffSource&) = delete;
   NbdBlockDiffSource& operator=(const NbdBlockDiffSource&) = delete;
@@ -187,7 +249,9 @@ class NbdBlockDiffSource final : public DeltaSource {
   std::unique_ptr<NbdBlockReader> reader_;
   const uint32_t disk_index_;
   const uint32_t block_size_;
-  const std::vector<BlockHashList> remote_;  // one per run
+  const std::vector<BlockHashList> remote_;  // one per run (none when fed)
+  std::shared_ptr<HashListFeed> feed_;       // OpenFed: the other side's list of disk disk_index_
+  std::function<bool()> cancelled_;
   std::vector<BlockHashList> local_;         // one per run, filled as pieces arrive
   const Hash128 zero_full_;
   size_t run_ = 0;                   // run of the last piece read

@@ -635,6 +635,105 @@ Result<BlockHashList> HashNbdBlocks(const std::string& socket_path, const std::s
   return list;
 }
 
+// ---------------------------------------------------------------- feed
+
+HashListFeed::HashListFeed(uint32_t block_size, std::vector<uint64_t> disk_sizes) : block_size_(block_size) {
+  for (uint64_t size : disk_sizes) {
+    BlockHashList l;
+    l.block_size = block_size;
+    l.disk_size = size;
+    lists_.push_back(std::move(l));
+  }
+  filled_.assign(lists_.size(), 0);
+}
+
+Status HashListFeed::Append(uint32_t disk, BlockHashList list) {
+  std::unique_lock<std::mutex> lock(mu_);
+  if (finished_) return failure_.ok() ? Status::FailedPrecondition("the hash feed has ended") : failure_;
+  Status refused = [&]() -> Status {
+    VMR_RETURN_IF_ERROR(ValidateBlockHashList(list).WithContext("disk " + std::to_string(disk)));
+    // Skip disks whose lists are complete (an empty disk never has one).
+    while (current_ < lists_.size() && filled_[current_] == lists_[current_].TotalBlocks()) ++current_;
+    if (disk != current_) {
+      return Status::Corruption("a hash list of disk " + std::to_string(disk) + " while disk " +
+                                std::to_string(current_) + " is incomplete");
+    }
+    BlockHashList& mine = lists_[disk];
+    if (list.block_size != block_size_) {
+      return Status::Corruption("disk " + std::to_string(disk) + ": a hash list of block size " +
+                                std::to_string(list.block_size) + ", not " + std::to_string(block_size_));
+    }
+    if (list.disk_size != mine.disk_size) {
+      return Status::InvalidArgument("disk sizes differ: " + std::to_string(mine.disk_size) + " bytes here, " +
+                                     std::to_string(list.disk_size) + " on the other side");
+    }
+    if (list.first_block != filled_[disk]) {
+      return Status::Corruption("disk " + std::to_string(disk) + ": a hash list from block " +
+                                std::to_string(list.first_block) + " where block " + std::to_string(filled_[disk]) +
+                                " was expected");
+    }
+    return Status::Ok();
+  }();
+  if (!refused.ok()) {
+    finished_ = true;
+    failure_ = refused;
+    cv_.notify_all();
+    return refused;
+  }
+  BlockHashList& mine = lists_[disk];
+  // Sized once, at the disk's first list: readers keep pointers into it.
+  if (mine.hashes.empty()) mine.hashes.resize(mine.TotalBlocks());
+  std::copy(list.hashes.begin(), list.hashes.end(), mine.hashes.begin() + static_cast<std::ptrdiff_t>(filled_[disk]));
+  filled_[disk] += list.hashes.size();
+  cv_.notify_all();
+  return Status::Ok();
+}
+
+void HashListFeed::Finish(Status status) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (finished_) return;
+  finished_ = true;
+  if (status.ok()) {
+    for (size_t d = 0; d < lists_.size(); ++d) {
+      if (filled_[d] != lists_[d].TotalBlocks()) {
+        status = Status::Corruption("the hash lists ended at block " + std::to_string(filled_[d]) + " of disk " +
+                                    std::to_string(d) + " (" + std::to_string(lists_[d].TotalBlocks()) + " blocks)");
+        break;
+      }
+    }
+  }
+  failure_ = status;
+  cv_.notify_all();
+}
+
+Result<const Hash128*> HashListFeed::Await(uint32_t disk, uint64_t end_block, const std::function<bool()>& cancelled) {
+  std::unique_lock<std::mutex> lock(mu_);
+  if (disk >= lists_.size() || end_block > lists_[disk].TotalBlocks()) {
+    return Status::InvalidArgument("hash feed: blocks up to " + std::to_string(end_block) + " of disk " +
+                                   std::to_string(disk) + " do not exist");
+  }
+  for (;;) {
+    if (finished_ && !failure_.ok()) return failure_;
+    if (filled_[disk] >= end_block) return static_cast<const Hash128*>(lists_[disk].hashes.data());
+    if (finished_) return Status::Internal("hash feed ended without disk " + std::to_string(disk));
+    if (cancelled && cancelled()) return Status::Cancelled("waiting for the other side's block hashes cancelled");
+    cv_.wait_for(lock, std::chrono::milliseconds(100));
+  }
+}
+
+bool HashListFeed::Complete() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  for (size_t d = 0; d < lists_.size(); ++d)
+    if (filled_[d] != lists_[d].TotalBlocks()) return false;
+  return true;
+}
+
+Result<std::vector<BlockHashList>> HashListFeed::Lists() const {
+  if (!Complete()) return Status::FailedPrecondition("the hash lists are not complete");
+  std::lock_guard<std::mutex> lock(mu_);
+  return lists_;
+}
+
 // ---------------------------------------------------------------- diff source
 
 NbdBlockDiffSource::NbdBlockDiffSource(std::unique_ptr<NbdBlockReader> reader, uint32_t disk_index,
@@ -723,6 +822,31 @@ Result<std::unique_ptr<NbdBlockDiffSource>> NbdBlockDiffSource::OpenRuns(
                              std::move(locals), options.block_size));
 }
 
+Result<std::unique_ptr<NbdBlockDiffSource>> NbdBlockDiffSource::OpenFed(
+    const std::string& socket_path, const std::string& export_name, uint32_t disk_index,
+    std::shared_ptr<HashListFeed> feed, const BlockHashOptions& options, std::function<bool()> cancelled) {
+  if (feed == nullptr || disk_index >= feed->disk_count())
+    return Status::InvalidArgument("no hash feed for disk " + std::to_string(disk_index));
+  if (options.block_size != feed->block_size())
+    return Status::InvalidArgument("block size " + std::to_string(options.block_size) +
+                                   " differs from the feed's " + std::to_string(feed->block_size()));
+  BlockHashOptions o = options;
+  o.first_block = 0;
+  o.block_count = 0;
+  BlockHashList local;
+  VMR_ASSIGN_OR_RETURN(auto reader, NbdBlockReader::Open(socket_path, export_name, o, local));
+  if (local.disk_size != feed->disk_size(disk_index))
+    return Status::InvalidArgument("disk sizes differ: the export has " + std::to_string(local.disk_size) +
+                                   " bytes, the feed expects " + std::to_string(feed->disk_size(disk_index)));
+  std::vector<BlockHashList> locals;
+  locals.push_back(std::move(local));
+  std::unique_ptr<NbdBlockDiffSource> source(
+      new NbdBlockDiffSource(std::move(reader), disk_index, {}, std::move(locals), options.block_size));
+  source->feed_ = std::move(feed);
+  source->cancelled_ = std::move(cancelled);
+  return source;
+}
+
 const BlockHashList& NbdBlockDiffSource::local() const {
   static const BlockHashList kNone;
   return local_.empty() ? kNone : local_.front();
@@ -754,12 +878,19 @@ Result<std::optional<DeltaRecord>> NbdBlockDiffSource::Next() {
         block + (piece->bytes + bs - 1) / bs > run_end(run_))
       return Status::Internal("piece at " + std::to_string(piece->offset) + " is outside the runs");
     std::vector<Hash128>& local = local_[run_].hashes;
-    const std::vector<Hash128>& remote = remote_[run_].hashes;
     const uint64_t first = block - local_[run_].first_block;
     reader_->CountZeroBlocks(HashRequest(piece->data, piece->bytes, first, bs, zero_full_, local));
+    const uint64_t blocks = (piece->bytes + bs - 1) / bs;
+    // The other side's hashes, indexed like `local`; fed: waited for.
+    const Hash128* remote = nullptr;
+    if (feed_) {
+      VMR_ASSIGN_OR_RETURN(const Hash128* all, feed_->Await(disk_index_, block + blocks, cancelled_));
+      remote = all + local_[run_].first_block;
+    } else {
+      remote = remote_[run_].hashes.data();
+    }
     // Maximal runs of differing blocks inside the piece; a run is all-zero
     // blocks (a zero record) or not (a data record).
-    const uint64_t blocks = (piece->bytes + bs - 1) / bs;
     for (uint64_t k = 0; k < blocks;) {
       if (local[first + k] == remote[first + k]) {
         ++k;

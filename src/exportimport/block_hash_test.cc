@@ -7,10 +7,12 @@
 #include <unistd.h>
 #include <xxhash.h>
 
+#include <atomic>
 #include <cstring>
 #include <fstream>
 #include <random>
 #include <set>
+#include <thread>
 
 #include "blockio/qsd_testing.h"
 #include "vmreplica/fileutil.h"
@@ -615,6 +617,130 @@ TEST(BlockHash, CancelStopsHashing) {
   BlockHashOptions o;
   o.cancel = &cancel;
   EXPECT_EQ(HashFileBlocks(p, o).status().code(), Code::kCancelled);
+}
+
+// The other side's list fed in windows of 16 blocks while the source reads:
+// the same records as with the whole list, every byte read once, and no
+// record is handed out before the other side's hashes of its blocks came.
+TEST(BlockHash, FedDiffSourceComparesAsTheListArrives) {
+  TempDir tmp("vmr-bhash");
+  const uint64_t size = (12u << 20) + 8192;
+  const std::string primary = MakeDisk(size, 21);
+  std::string replica = primary;
+  std::mt19937_64 rng(22);
+  const uint64_t blocks = (size + kBlock - 1) / kBlock;
+  for (int i = 0; i < 12; ++i) replica[rng() % size] ^= 0x11;
+  const std::string pp = tmp.path() + "/primary.raw", rp = tmp.path() + "/replica.raw";
+  WriteSparse(pp, primary);
+  WriteSparse(rp, replica);
+  auto remote = HashFileBlocks(rp, BlockHashOptions{});
+  ASSERT_TRUE(remote.ok()) << remote.status().ToString();
+  auto qsd = Serve(tmp, pp, "p");
+  ASSERT_NE(qsd, nullptr);
+  auto whole = NbdBlockDiffSource::Open(qsd->socket(), qsd->export_name(), 0, *remote, BlockHashOptions{});
+  ASSERT_TRUE(whole.ok()) << whole.status().ToString();
+  const std::vector<DeltaRecord> expected = Drain(**whole);
+  ASSERT_FALSE(expected.empty());
+
+  auto feed = std::make_shared<HashListFeed>(kBlock, std::vector<uint64_t>{size});
+  auto fed = NbdBlockDiffSource::OpenFed(qsd->socket(), qsd->export_name(), 0, feed, BlockHashOptions{});
+  ASSERT_TRUE(fed.ok()) << fed.status().ToString();
+  std::atomic<uint64_t> arrived{0};
+  std::thread producer([&] {
+    for (uint64_t first = 0; first < blocks; first += 16) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+      BlockHashList w = *remote;
+      w.first_block = first;
+      const uint64_t n = std::min<uint64_t>(16, blocks - first);
+      w.hashes.assign(remote->hashes.begin() + static_cast<std::ptrdiff_t>(first),
+                      remote->hashes.begin() + static_cast<std::ptrdiff_t>(first + n));
+      arrived = first + n;
+      EXPECT_TRUE(feed->Append(0, std::move(w)).ok());
+    }
+    feed->Finish(Status::Ok());
+  });
+  std::vector<DeltaRecord> got;
+  for (;;) {
+    auto r = (*fed)->Next();
+    ASSERT_TRUE(r.ok()) << r.status().ToString();
+    if (!r->has_value()) break;
+    EXPECT_LE(((*r)->offset + (*r)->length + kBlock - 1) / kBlock, arrived.load()) << "compared before the hashes came";
+    got.push_back(std::move(**r));
+  }
+  producer.join();
+  EXPECT_TRUE(SameRecords(got, expected));
+  EXPECT_EQ((*fed)->stats().bytes_read, size);
+  EXPECT_TRUE(feed->Complete());
+  auto lists = feed->Lists();
+  ASSERT_TRUE(lists.ok());
+  EXPECT_EQ((*lists)[0].hashes, remote->hashes);
+}
+
+// The feed takes lists only in order and of the right shape; its failure
+// reaches the source; a wait can be cancelled.
+TEST(BlockHash, FeedRefusesListsOutOfOrderAndPassesItsFailureOn) {
+  const uint64_t size = 40 * uint64_t{kBlock};
+  auto window = [&](uint64_t first, uint64_t n, uint64_t disk_size = 40 * uint64_t{kBlock}) {
+    BlockHashList w;
+    w.block_size = kBlock;
+    w.disk_size = disk_size;
+    w.first_block = first;
+    w.hashes.assign(n, HashOfZeros(kBlock));
+    return w;
+  };
+  {
+    HashListFeed feed(kBlock, {size, size});
+    ASSERT_TRUE(feed.Append(0, window(0, 10)).ok());
+    EXPECT_EQ(feed.Append(1, window(0, 10)).code(), Code::kCorruption);  // disk 0 incomplete
+    EXPECT_EQ(feed.Await(0, 10).status().code(), Code::kCorruption) << "a failed feed answers its failure";
+  }
+  {
+    HashListFeed feed(kBlock, {size});
+    ASSERT_TRUE(feed.Append(0, window(0, 10)).ok());
+    EXPECT_EQ(feed.Append(0, window(12, 10)).code(), Code::kCorruption);  // a gap
+    EXPECT_EQ(feed.Await(0, 20).status().code(), Code::kCorruption);
+  }
+  {
+    HashListFeed feed(kBlock, {size});
+    EXPECT_EQ(feed.Append(0, window(0, 10, size * 2)).code(), Code::kInvalidArgument);  // another disk size
+  }
+  {
+    HashListFeed feed(kBlock, {size});
+    ASSERT_TRUE(feed.Append(0, window(0, 30)).ok());
+    feed.Finish(Status::Ok());  // ended early
+    EXPECT_EQ(feed.Await(0, 40).status().code(), Code::kCorruption);
+    EXPECT_FALSE(feed.Complete());
+    EXPECT_EQ(feed.Lists().status().code(), Code::kFailedPrecondition);
+  }
+  {
+    HashListFeed feed(kBlock, {size});
+    EXPECT_EQ(feed.Await(0, 41).status().code(), Code::kInvalidArgument);
+    EXPECT_EQ(feed.Await(0, 5, [] { return true; }).status().code(), Code::kCancelled);
+    std::thread t([&] {
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      feed.Finish(Status::Unavailable("the replica went away"));
+    });
+    EXPECT_EQ(feed.Await(0, 5).status().code(), Code::kUnavailable);
+    t.join();
+  }
+
+  // Through a source: the failure ends Next().
+  TempDir tmp("vmr-bhash");
+  const std::string pp = tmp.path() + "/primary.raw";
+  WriteSparse(pp, MakeDisk(size, 23));
+  auto qsd = Serve(tmp, pp, "p");
+  ASSERT_NE(qsd, nullptr);
+  auto feed = std::make_shared<HashListFeed>(kBlock, std::vector<uint64_t>{size});
+  auto src = NbdBlockDiffSource::OpenFed(qsd->socket(), qsd->export_name(), 0, feed, BlockHashOptions{});
+  ASSERT_TRUE(src.ok()) << src.status().ToString();
+  feed->Finish(Status::Unavailable("the replica went away"));
+  EXPECT_EQ((*src)->Next().status().code(), Code::kUnavailable);
+  // A feed of another disk size is refused at open.
+  auto other = std::make_shared<HashListFeed>(kBlock, std::vector<uint64_t>{size + kBlock});
+  EXPECT_EQ(NbdBlockDiffSource::OpenFed(qsd->socket(), qsd->export_name(), 0, other, BlockHashOptions{})
+                .status()
+                .code(),
+            Code::kInvalidArgument);
 }
 
 }  // namespace

@@ -1,5 +1,7 @@
 // FailoverManager: see include/vmreplica/failover.h and docs/failover.md.
 #include <fcntl.h>
+#include <linux/fs.h>
+#include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -1303,6 +1305,60 @@ Status FailoverManager::MergeLive(JobContext& job, Active& a) {
 
 // ---------------------------------------------------------------- seeds
 
+namespace {
+
+// The size of a seed copy: a regular file's length or a block device's
+// size. `field` names the parameter in errors.
+Result<uint64_t> SeedSize(const std::string& path, const std::string& field) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    const int err = errno;
+    if (err == ENOENT) return Status::NotFound(field + ": no such file '" + path + "'");
+    return Status::InvalidArgument(field + ": cannot open '" + path + "': " + std::strerror(err));
+  }
+  struct stat st;
+  uint64_t size = 0;
+  Status s;
+  if (::fstat(fd, &st) != 0) {
+    s = Status::IOError(field + ": fstat '" + path + "': " + std::strerror(errno));
+  } else if (S_ISREG(st.st_mode)) {
+    size = static_cast<uint64_t>(st.st_size);
+  } else if (S_ISBLK(st.st_mode)) {
+    if (::ioctl(fd, BLKGETSIZE64, &size) != 0) {
+      s = Status::IOError(field + ": size of block device '" + path + "': " + std::strerror(errno));
+    }
+  } else {
+    s = Status::InvalidArgument(field + ": '" + path + "' is neither a regular file nor a block device");
+  }
+  ::close(fd);
+  if (!s.ok()) return s;
+  return size;
+}
+
+// Copies one seed into a replica disk file (CopyFileSparse); adds to `sum`.
+Status CopySeed(const std::string& from, const std::string& to, uint64_t size, SparseCopyStats* sum,
+                const std::function<void(uint64_t)>& progress, const std::function<bool()>& cancelled) {
+  const int in = ::open(from.c_str(), O_RDONLY | O_CLOEXEC);
+  if (in < 0) return Status::IOError("open '" + from + "': " + std::strerror(errno));
+  const int out = ::open(to.c_str(), O_WRONLY | O_CLOEXEC);
+  if (out < 0) {
+    Status s = Status::IOError("open '" + to + "': " + std::strerror(errno));
+    ::close(in);
+    return s;
+  }
+  SparseCopyStats one;
+  Status s = CopyFileSparse(in, out, size, &one, [&](uint64_t done, uint64_t) { progress(done); }, cancelled);
+  ::close(in);
+  ::close(out);
+  if (!s.ok()) return s.WithContext("copying '" + from + "' into '" + to + "'");
+  sum->data_bytes += one.data_bytes;
+  sum->hole_bytes += one.hole_bytes;
+  sum->kernel_bytes += one.kernel_bytes;
+  return Status::Ok();
+}
+
+}  // namespace
+
 Result<JobRecord> FailoverManager::MarkAsReplica(const std::string& vm_name, const std::vector<std::string>& seeds) {
   VMR_ASSIGN_OR_RETURN(VmRecord vm, ResolveReplicaVm(vm_name));
   if (vm.mode != ReplicationMode::kReplica) {
@@ -1317,7 +1373,7 @@ Result<JobRecord> FailoverManager::MarkAsReplica(const std::string& vm_name, con
   struct Seed {
     uint32_t disk;
     std::string path;
-    std::string format;
+    uint64_t size;
   };
   auto check = [&]() -> Result<std::vector<Seed>> {
     if (store->latest_sequence() != 0) {
@@ -1348,22 +1404,15 @@ Result<JobRecord> FailoverManager::MarkAsReplica(const std::string& vm_name, con
       if (std::any_of(out.begin(), out.end(), [&](const Seed& s) { return s.disk == d; })) {
         return Status::InvalidArgument(f + ": disk '" + name + "' is named twice");
       }
-      // Raw only (-f raw): a format qemu-img guessed could name a backing
-      // or data file elsewhere on this host.
-      VMR_ASSIGN_OR_RETURN(auto info,
-                           launcher_internal::RunCapture({"qemu-img", "info", "-f", "raw", "--output=json", path}));
-      if (info.exit_code != 0) return Status::NotFound(f + ": qemu-img cannot read '" + path + "': " + info.output);
-      json j = json::parse(info.output, nullptr, false);
-      if (j.is_discarded() || !j.contains("virtual-size") || !j["virtual-size"].is_number_unsigned() ||
-          !j.contains("format") || !j["format"].is_string()) {
-        return Status::InvalidArgument(f + ": qemu-img info answered no size or format for '" + path + "'");
-      }
-      const uint64_t size = j["virtual-size"].get<uint64_t>();
+      // Read as raw bytes (a regular file or a block device): a format
+      // guessed from its content could name a backing or data file
+      // elsewhere on this host.
+      VMR_ASSIGN_OR_RETURN(const uint64_t size, SeedSize(path, f));
       if (size != it->size) {
         return Status::InvalidArgument(f + ": the copy '" + path + "' is " + std::to_string(size) +
                                        " bytes, replica disk '" + name + "' " + std::to_string(it->size) + " bytes");
       }
-      out.push_back(Seed{d, path, "raw"});
+      out.push_back(Seed{d, path, size});
     }
     if (out.size() != store->disks().size()) {
       return Status::InvalidArgument("seed_disks: every replica disk needs a copy (" +
@@ -1381,22 +1430,34 @@ Result<JobRecord> FailoverManager::MarkAsReplica(const std::string& vm_name, con
   auto job = jobs_->Start(
       JobType::kStateChange, vm.id, json{{"vm", vm.id}, {"requested_state", 2}, {"seeds", seeds}}.dump(), false,
       false, [this, id = vm.id, store, list = std::move(*checked)](JobContext& ctx) -> Status {
+        // Copied in place (the store keeps its open disk files), sparse:
+        // a reflink or an in-kernel copy where the file system allows it.
+        // Not fsynced here: the first point's apply fsyncs every disk before
+        // it commits (docs/replica_store.md), and until then the seeded
+        // replication compares whatever the disks hold.
+        uint64_t total = 0, done_before = 0;
+        for (const Seed& seed : list) total += seed.size;
         Status st;
+        SparseCopyStats sum;
         for (size_t i = 0; i < list.size() && st.ok(); ++i) {
-          // Written in place (-n): the store keeps its open disk file.
-          auto c = launcher_internal::RunCapture({"qemu-img", "convert", "-n", "-f", list[i].format, "-O", "raw",
-                                                  list[i].path, store->DiskPath(list[i].disk)});
-          if (!c.ok()) {
-            st = c.status();
-          } else if (c->exit_code != 0) {
-            st = Status::IOError("qemu-img convert of '" + list[i].path + "': " + c->output);
-          }
-          ctx.SetProgress(static_cast<uint32_t>(100 * (i + 1) / list.size()));
+          st = CopySeed(list[i].path, store->DiskPath(list[i].disk), list[i].size, &sum, [&](uint64_t done) {
+            if (total > 0) ctx.SetProgress(static_cast<uint32_t>(99 * (done_before + done) / total));
+          }, [&ctx] { return ctx.CancelRequested(); });
+          done_before += list[i].size;
+        }
+        if (st.ok()) {
+          ctx.SetResult(json{{"data_bytes", sum.data_bytes},
+                             {"hole_bytes", sum.hole_bytes},
+                             {"kernel_copied_bytes", sum.kernel_bytes}}
+                            .dump());
         }
         replicas_->SetSeeding(id, false).IgnoreError();
         replicas_->ReleaseLocal(id);
-        if (st.ok()) spdlog::info("replica {}: seeded from {} copy(ies); ready for a seeded initial replication", id,
-                                  list.size());
+        if (st.ok()) {
+          spdlog::info("replica {}: seeded from {} copy(ies) ({} bytes of data, {} of them by the kernel; {} bytes of "
+                       "holes); ready for a seeded initial replication",
+                       id, list.size(), sum.data_bytes, sum.kernel_bytes, sum.hole_bytes);
+        }
         return st;
       });
   if (!job.ok()) {
