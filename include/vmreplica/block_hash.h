@@ -135,7 +135,8 @@ class HashListFeed {
 
   // The next list: disks in order, each disk's lists consecutive from block
   // 0 (a disk may come in one list). Corruption when a list breaks that
-  // order or has another block size; InvalidArgument when its disk size
+  // order or has another block size; FailedPrecondition for a disk this
+  // side does not have; InvalidArgument when its disk size
   // differs from this side's (a copy of another size). A refused list fails
   // the feed with that error.
   Status Append(uint32_t disk, BlockHashList list);

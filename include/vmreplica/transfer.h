@@ -36,6 +36,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <thread>
 #include <vector>
 
 #include "vmreplica/block_hash.h"
@@ -158,6 +159,31 @@ struct TestOnlySendHooks {
   std::function<bool(uint64_t chunk_index, int attempt, uint64_t acked_chunks)> break_after_chunk;
 };
 
+// A GetBlockHashes call running on its own thread (ReplicaClient::
+// FetchBlockHashes).
+class BlockHashFetch {
+ public:
+  BlockHashFetch(v1::ReplicaPeer::Stub* stub, v1::BlockHashRequest request, std::shared_ptr<HashListFeed> feed);
+  // Cancels the call if it still runs, then waits for its thread.
+  ~BlockHashFetch();
+  BlockHashFetch(const BlockHashFetch&) = delete;
+  BlockHashFetch& operator=(const BlockHashFetch&) = delete;
+  // Ends the call (its feed then fails with Cancelled or the call's error).
+  void Cancel();
+  // Waits for the call's end: its outcome, which the feed got too.
+  Status Wait();
+
+ private:
+  Status Run();
+
+  v1::ReplicaPeer::Stub* const stub_;
+  const v1::BlockHashRequest request_;
+  const std::shared_ptr<HashListFeed> feed_;
+  grpc::ClientContext ctx_;
+  std::thread thread_;
+  Status outcome_;
+};
+
 class ReplicaClient {
  public:
   explicit ReplicaClient(std::shared_ptr<grpc::Channel> channel);  // mTLS channel made by the caller (service/tls.h)
@@ -189,10 +215,18 @@ class ReplicaClient {
     std::string detail;
   };
   Result<PrimaryVmState> GetPrimaryVmState(const std::string& vm_id);
-  // Resynchronize: the replica's hash list of each disk of its latest image
-  // (block_size: a power of two, 4 KiB .. 64 MiB), in disk order.
-  Result<std::vector<BlockHashList>> GetBlockHashes(const std::string& vm_id, uint32_t relationship_index,
-                                                    uint32_t block_size);
+  // Resynchronize and seeded replication (docs/protocol.md
+  // "GetBlockHashes"): the replica's hash lists of every disk of its latest
+  // image, of feed->block_size() blocks, fetched on a thread of their own
+  // into `feed` as the replica hashes them (in windows of `window_blocks`
+  // blocks; 0 = one list per disk). Every piece is checked before use
+  // (Corruption for a list out of order, malformed, of another block size,
+  // or a disk's lists ending before its last block; FailedPrecondition
+  // when the replica has other disks than the feed; InvalidArgument for
+  // another disk size). The call's outcome finishes the feed. The fetch
+  // must not outlive this client.
+  std::unique_ptr<BlockHashFetch> FetchBlockHashes(const std::string& vm_id, uint32_t relationship_index,
+                                                   uint32_t window_blocks, std::shared_ptr<HashListFeed> feed);
   // StartReplication type 2 (docs/protocol.md "ReserveImport"): log 1 of
   // generation `generation` comes by ImportInitialReplica; with `release`
   // the reservation and the staged logs are given up instead.
@@ -349,11 +383,14 @@ class ReplicaReceiver {
   // Runs one PushDelta stream to its end (OK once the log is committed).
   virtual Status ReceiveDelta(const PrimaryCaller& caller, DeltaStream& stream) = 0;
   // Hashes every disk of the latest image (staged logs applied first) and
-  // hands each disk's serialised list to `emit` in order; `emit` answers
+  // hands the serialised lists to `emit` in disk order: one per disk
+  // (window_blocks 0) or one per window of `window_blocks` blocks, each as
+  // soon as it is hashed, `last` on the disk's last one. `emit` answers
   // false when the caller went away.
-  virtual Status HashDisks(const PrimaryCaller& caller, const std::string& vm_id, uint32_t relationship_index,
-                           uint32_t block_size,
-                           const std::function<bool(uint32_t disk, const std::string& serialized)>& emit) = 0;
+  virtual Status HashDisks(
+      const PrimaryCaller& caller, const std::string& vm_id, uint32_t relationship_index, uint32_t block_size,
+      uint32_t window_blocks,
+      const std::function<bool(uint32_t disk, bool last, const std::string& serialized)>& emit) = 0;
   // docs/protocol.md "ReserveImport". `generation_hex`: 32 hex digits.
   virtual Result<ReplicaStatusInfo> ReserveImport(const PrimaryCaller& caller, const std::string& vm_id,
                                                   uint32_t relationship_index, const std::string& generation_hex,
@@ -444,8 +481,8 @@ class ReplicaManager final : public ReplicaReceiver {
                                           uint32_t relationship_index, const RelationshipSettings& settings) override;
   Status ReceiveDelta(const PrimaryCaller& caller, DeltaStream& stream) override;
   Status HashDisks(const PrimaryCaller& caller, const std::string& vm_id, uint32_t relationship_index,
-                   uint32_t block_size,
-                   const std::function<bool(uint32_t disk, const std::string& serialized)>& emit) override;
+                   uint32_t block_size, uint32_t window_blocks,
+                   const std::function<bool(uint32_t disk, bool last, const std::string& serialized)>& emit) override;
   Result<ReplicaStatusInfo> ReserveImport(const PrimaryCaller& caller, const std::string& vm_id,
                                           uint32_t relationship_index, const std::string& generation_hex,
                                           bool release) override;

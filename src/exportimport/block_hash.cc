@@ -651,6 +651,10 @@ Status HashListFeed::Append(uint32_t disk, BlockHashList list) {
   std::unique_lock<std::mutex> lock(mu_);
   if (finished_) return failure_.ok() ? Status::FailedPrecondition("the hash feed has ended") : failure_;
   Status refused = [&]() -> Status {
+    if (disk >= lists_.size()) {
+      return Status::FailedPrecondition("a hash list of disk " + std::to_string(disk) + ", but this side has " +
+                                        std::to_string(lists_.size()) + " disks");
+    }
     VMR_RETURN_IF_ERROR(ValidateBlockHashList(list).WithContext("disk " + std::to_string(disk)));
     // Skip disks whose lists are complete (an empty disk never has one).
     while (current_ < lists_.size() && filled_[current_] == lists_[current_].TotalBlocks()) ++current_;

@@ -41,6 +41,9 @@ constexpr int kPrimaryIndex = 0;
 constexpr uint32_t kMinResyncBlockSize = 4u << 10;
 constexpr uint32_t kMaxResyncBlockSize = 64u << 10;
 constexpr uint64_t kResyncListBudget = uint64_t{64} << 20;
+// GetBlockHashes windows: the replica sends each 16 MiB of a disk's hashes
+// as soon as it hashed them.
+constexpr uint32_t kHashWindowBytes = 16u << 20;
 
 uint32_t ResyncBlockSize(const std::vector<TrackedDisk>& disks) {
   uint64_t largest = 0;
@@ -723,16 +726,22 @@ Result<CycleReport> ReplicationEngine::RunCycle(const std::string& vm_id, bool i
       generation = RandomId();
     }
   }
+  // Seeded (no log applied yet): the replica's disks hold the copy its
+  // operator registered; a resync: its latest image. Either way only
+  // blocks that differ travel, so the result is exact. The replica hashes
+  // its disks while this side reads its cut: each window of its hashes is
+  // compared as soon as it arrives (docs/protocol.md "GetBlockHashes"), so
+  // the two passes overlap and each side reads its disks once.
+  std::shared_ptr<HashListFeed> feed;
+  std::unique_ptr<BlockHashFetch> fetch;
   if (resync && !continuation) {
-    // Seeded (no log applied yet): the replica's disks hold the copy its
-    // operator registered; a resync: its latest image. Either way only
-    // blocks that differ travel, so the result is exact.
-    VMR_ASSIGN_OR_RETURN(remote, client.GetBlockHashes(vm_id, kPrimaryIndex, ResyncBlockSize(tracked)));
-    if (remote.size() != tracked.size()) {
-      return Status::FailedPrecondition("VM " + vm_id + ": the replica has " + std::to_string(remote.size()) +
-                                        " disks, this side " + std::to_string(tracked.size()));
-    }
+    std::vector<uint64_t> sizes;
+    for (const auto& t : tracked) sizes.push_back(t.size_bytes);
+    const uint32_t bs = ResyncBlockSize(tracked);
+    feed = std::make_shared<HashListFeed>(bs, std::move(sizes));
+    fetch = client.FetchBlockHashes(vm_id, kPrimaryIndex, std::max<uint32_t>(kHashWindowBytes / bs, 1), feed);
   }
+  auto cancelled = [this, job] { return stop_flag_.load() || (job && job->CancelRequested()); };
 
   CycleReport report;
   report.initial = initial && (!resync || initial_log);
@@ -920,8 +929,9 @@ Result<CycleReport> ReplicationEngine::RunCycle(const std::string& vm_id, bool i
     }
     if (resync) {
       BlockHashOptions ho;
-      ho.block_size = remote[i].block_size;
-      auto diff = NbdBlockDiffSource::Open(cd.socket_path, cd.export_name, static_cast<uint32_t>(i), remote[i], ho);
+      ho.block_size = feed->block_size();
+      auto diff = NbdBlockDiffSource::OpenFed(cd.socket_path, cd.export_name, static_cast<uint32_t>(i), feed, ho,
+                                              cancelled);
       if (!diff.ok()) {
         parts.clear();
         return abort(diff.status().WithContext("disk " + cd.disk));
@@ -970,7 +980,7 @@ Result<CycleReport> ReplicationEngine::RunCycle(const std::string& vm_id, bool i
     filled = std::make_unique<GapFillingSource>(concat.get(), std::move(sizes));
     inner = filled.get();
   }
-  CancellableSource source(inner, [this, job] { return stop_flag_.load() || (job && job->CancelRequested()); });
+  CancellableSource source(inner, cancelled);
   ConcatDeltaSource& observed = *concat;
   if (job != nullptr && total_bytes > 0) {
     observed.set_observer([job, &disk_base, total_bytes](size_t part, uint64_t end) {
@@ -1010,15 +1020,36 @@ Result<CycleReport> ReplicationEngine::RunCycle(const std::string& vm_id, bool i
       marks.push_back(m);
     };
   }
+  if (feed) {
+    // The replica checks its state (and waits for its staged logs) before
+    // it hashes, and refuses to hash while a stream of this VM runs: the
+    // log starts only once its first window of hashes came.
+    if (auto first = feed->Await(0, 1, cancelled); !first.ok()) {
+      filled.reset();
+      concat.reset();
+      return abort(first.status());
+    }
+  }
   auto sent = client.SendDelta(info, source, so);
   filled.reset();
   concat.reset();  // every source freed: read_now is complete
   const uint64_t read_bytes = (prior ? prior->read_bytes : 0) + read_now;
+  if (fetch) {
+    // A log sent whole compared every block, so every list arrived. A
+    // broken one can be continued only with the replica's whole lists.
+    if (!sent.ok() && !feed->Complete()) fetch->Cancel();
+    if (Status f = fetch->Wait(); !f.ok() && sent.ok()) {
+      spdlog::warn("VM {}: the block hash call ended with an error after every list arrived: {}", vm_id,
+                   f.ToString());
+    }
+    if (auto lists = feed->Lists(); lists.ok()) remote = std::move(*lists);
+  }
   if (!sent.ok()) {
     // The replica keeps the part of the log it holds: the next resync of
     // this VM continues it instead of hashing and reading everything again.
     // Not when the replica lost it (or never had any).
-    if (resync_log && !marks.empty() && sent.status().message().find("lost the partial log") == std::string::npos) {
+    if (resync_log && !marks.empty() && remote.size() == tracked.size() &&
+        sent.status().message().find("lost the partial log") == std::string::npos) {
       auto p = std::make_unique<ResyncProgress>();
       p->info = info;
       p->replica_latest = replica.latest_applied;

@@ -220,9 +220,10 @@ grpc::Status PeerService::GetBlockHashes(grpc::ServerContext* context, const v1:
   auto caller = Authorize(*context);
   if (!caller.ok()) return Refuse("GetBlockHashes", PeerNames(*context), caller.status());
   constexpr size_t kPiece = 4u << 20;
+  const bool windows = request->window_blocks() != 0;
   Status s = replicas_->HashDisks(
-      *caller, request->vm_id(), request->relationship_index(), request->block_size(),
-      [&](uint32_t disk, const std::string& serialized) {
+      *caller, request->vm_id(), request->relationship_index(), request->block_size(), request->window_blocks(),
+      [&](uint32_t disk, bool last, const std::string& serialized) {
         size_t at = 0;
         do {
           v1::BlockHashPiece piece;
@@ -230,7 +231,8 @@ grpc::Status PeerService::GetBlockHashes(grpc::ServerContext* context, const v1:
           const size_t n = std::min(kPiece, serialized.size() - at);
           piece.set_data(serialized.substr(at, n));
           at += n;
-          piece.set_end_of_disk(at == serialized.size());
+          piece.set_end_of_run(windows && at == serialized.size());
+          piece.set_end_of_disk(last && at == serialized.size());
           if (!writer->Write(piece)) return false;
         } while (at < serialized.size());
         return true;

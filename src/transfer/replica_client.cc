@@ -360,59 +360,98 @@ Result<ReplicaStatusInfo> ReplicaClient::ReserveImport(const std::string& vm_id,
   return FromProto(resp);
 }
 
-Result<std::vector<BlockHashList>> ReplicaClient::GetBlockHashes(const std::string& vm_id,
-                                                                 uint32_t relationship_index, uint32_t block_size) {
+std::unique_ptr<BlockHashFetch> ReplicaClient::FetchBlockHashes(const std::string& vm_id,
+                                                                uint32_t relationship_index, uint32_t window_blocks,
+                                                                std::shared_ptr<HashListFeed> feed) {
   v1::BlockHashRequest req;
   req.set_vm_id(vm_id);
   req.set_relationship_index(relationship_index);
-  req.set_block_size(block_size);
-  grpc::ClientContext ctx;
+  req.set_block_size(feed->block_size());
+  req.set_window_blocks(window_blocks);
+  return std::make_unique<BlockHashFetch>(stub_.get(), std::move(req), std::move(feed));
+}
+
+BlockHashFetch::BlockHashFetch(v1::ReplicaPeer::Stub* stub, v1::BlockHashRequest request,
+                               std::shared_ptr<HashListFeed> feed)
+    : stub_(stub), request_(std::move(request)), feed_(std::move(feed)) {
   // Hashing reads every replica disk once: no short deadline.
-  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::hours(12));
-  auto reader = stub_->GetBlockHashes(&ctx, req);
-  std::vector<BlockHashList> lists;
+  ctx_.set_deadline(std::chrono::system_clock::now() + std::chrono::hours(12));
+  thread_ = std::thread([this] {
+    Status s = Run();
+    feed_->Finish(s);
+    outcome_ = s;
+  });
+}
+
+BlockHashFetch::~BlockHashFetch() {
+  if (thread_.joinable()) {
+    ctx_.TryCancel();
+    thread_.join();
+  }
+}
+
+void BlockHashFetch::Cancel() { ctx_.TryCancel(); }
+
+Status BlockHashFetch::Wait() {
+  if (thread_.joinable()) thread_.join();
+  return outcome_;
+}
+
+Status BlockHashFetch::Run() {
+  auto reader = stub_->GetBlockHashes(&ctx_, request_);
+  const uint32_t bs = feed_->block_size();
+  const uint32_t disks = feed_->disk_count();
+  constexpr size_t kMaxListBytes = size_t{1} << 30;
+  uint32_t disk = 0;
+  uint64_t next_block = 0;  // of `disk`: where its next list must start
+  size_t disk_bytes = 0;
   std::string current;
   v1::BlockHashPiece piece;
-  constexpr size_t kMaxListBytes = size_t{1} << 30;
+  auto fail = [&](Status why) {
+    ctx_.TryCancel();
+    reader->Finish().ok();
+    return why.WithContext("GetBlockHashes");
+  };
   while (reader->Read(&piece)) {
-    if (piece.disk() != lists.size()) {
-      ctx.TryCancel();
-      reader->Finish().ok();
-      return Status::Corruption("GetBlockHashes: disk " + std::to_string(piece.disk()) + " out of order");
+    if (piece.disk() >= disks) {
+      return fail(Status::FailedPrecondition("the replica sends hashes of disk " + std::to_string(piece.disk()) +
+                                             "; this side has " + std::to_string(disks) + " disks"));
     }
-    if (current.size() + piece.data().size() > kMaxListBytes) {
-      ctx.TryCancel();
-      reader->Finish().ok();
-      return Status::Corruption("GetBlockHashes: a hash list over 1 GiB");
+    if (piece.disk() != disk) {
+      return fail(Status::Corruption("disk " + std::to_string(piece.disk()) + " out of order (disk " +
+                                     std::to_string(disk) + " is incomplete)"));
     }
+    disk_bytes += piece.data().size();
+    if (disk_bytes > kMaxListBytes) return fail(Status::Corruption("a hash list over 1 GiB"));
     current += piece.data();
+    if (!piece.end_of_run() && !piece.end_of_disk()) continue;
+    auto list = ParseBlockHashes(current);
+    current.clear();
+    if (!list.ok()) {
+      return fail(Status::Corruption("disk " + std::to_string(disk) + ": " + list.status().message()));
+    }
+    if (list->block_size != bs) return fail(Status::Corruption("a list of another block size"));
+    next_block = list->first_block + list->hashes.size();
+    if (Status a = feed_->Append(disk, std::move(*list)); !a.ok()) return fail(a);
     if (piece.end_of_disk()) {
-      auto list = ParseBlockHashes(current);
-      if (!list.ok()) {
-        ctx.TryCancel();
-        reader->Finish().ok();
-        return Status::Corruption("GetBlockHashes: disk " + std::to_string(lists.size()) + ": " +
-                                  list.status().message());
+      // Blocks outside the lists would never be compared.
+      if (next_block != (feed_->disk_size(disk) + bs - 1) / bs) {
+        return fail(Status::Corruption("disk " + std::to_string(disk) +
+                                       ": the lists do not cover the whole disk (they end at block " +
+                                       std::to_string(next_block) + ")"));
       }
-      if (list->block_size != block_size) {
-        ctx.TryCancel();
-        reader->Finish().ok();
-        return Status::Corruption("GetBlockHashes: a list of another block size");
-      }
-      // The whole disk, or blocks outside the list would never be compared.
-      if (list->first_block != 0 || list->hashes.size() != list->TotalBlocks()) {
-        ctx.TryCancel();
-        reader->Finish().ok();
-        return Status::Corruption("GetBlockHashes: disk " + std::to_string(lists.size()) +
-                                  ": the list does not cover the whole disk");
-      }
-      lists.push_back(std::move(*list));
-      current.clear();
+      ++disk;
+      next_block = 0;
+      disk_bytes = 0;
     }
   }
   VMR_RETURN_IF_ERROR(StatusFromGrpc(reader->Finish()).WithContext("GetBlockHashes"));
   if (!current.empty()) return Status::Corruption("GetBlockHashes: the last list ended early");
-  return lists;
+  if (disk != disks) {
+    return Status::FailedPrecondition("GetBlockHashes: the replica has " + std::to_string(disk) +
+                                      " disks, this side " + std::to_string(disks));
+  }
+  return Status::Ok();
 }
 
 Result<std::vector<std::vector<BlockHashList>>> ReplicaClient::GetRangeHashes(

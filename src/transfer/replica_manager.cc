@@ -777,11 +777,15 @@ Result<ReplicaStatusInfo> ReplicaManager::ModifyReplica(const PrimaryCaller& cal
 }
 
 Status ReplicaManager::HashDisks(const PrimaryCaller& caller, const std::string& vm_id, uint32_t index,
-                                 uint32_t block_size,
-                                 const std::function<bool(uint32_t disk, const std::string& serialized)>& emit) {
+                                 uint32_t block_size, uint32_t window_blocks,
+                                 const std::function<bool(uint32_t disk, bool last, const std::string& serialized)>& emit) {
   if (block_size < 4096 || block_size > (64u << 20) || (block_size & (block_size - 1)) != 0) {
     return Status::InvalidArgument("block_size " + std::to_string(block_size) +
                                    " is not a power of two of 4 KiB .. 64 MiB");
+  }
+  if (window_blocks != 0 && uint64_t{window_blocks} * block_size < (uint64_t{1} << 20)) {
+    return Status::InvalidArgument("window_blocks " + std::to_string(window_blocks) + " of " +
+                                   std::to_string(block_size) + " bytes cover less than 1 MiB");
   }
   VMR_ASSIGN_OR_RETURN(auto r, Get(caller, vm_id, index));
   for (const auto& d : r->store->disks()) {
@@ -823,14 +827,29 @@ Status ReplicaManager::HashDisks(const PrimaryCaller& caller, const std::string&
   // The latest image is what the primary compares with: every staged log
   // goes in first. The primary sends nothing while it resynchronises.
   VMR_RETURN_IF_ERROR(WaitApplied(vm_id, std::chrono::minutes(30)));
+  // Each window goes out as soon as it is hashed: the primary compares
+  // it with its own blocks meanwhile (docs/protocol.md "GetBlockHashes").
+  // A log the primary sends during this call is staged or loaded: it only
+  // writes blocks of windows already sent, which are hashed.
   BlockHashOptions o;
   o.block_size = block_size;
   for (uint32_t d = 0; d < r->store->disks().size(); ++d) {
-    BlockHashStats stats;
-    VMR_ASSIGN_OR_RETURN(BlockHashList list, HashFileBlocks(r->store->DiskPath(d), o, &stats));
-    spdlog::info("replica {}: disk {} hashed for a resynchronisation ({} bytes read)", vm_id,
-                 r->store->disks()[d].name, stats.bytes_read);
-    if (!emit(d, SerializeBlockHashes(list))) return Status::Cancelled("the primary went away");
+    const uint64_t total = (r->store->disks()[d].size + block_size - 1) / block_size;
+    const uint64_t step = window_blocks == 0 ? total : window_blocks;
+    uint64_t bytes_read = 0;
+    for (uint64_t first = 0; first < total; first += step) {
+      o.first_block = first;
+      o.block_count = std::min(step, total - first);
+      BlockHashStats stats;
+      VMR_ASSIGN_OR_RETURN(BlockHashList list, HashFileBlocks(r->store->DiskPath(d), o, &stats));
+      bytes_read += stats.bytes_read;
+      if (!emit(d, first + step >= total, SerializeBlockHashes(list))) {
+        return Status::Cancelled("the primary went away");
+      }
+    }
+    spdlog::info("replica {}: disk {} hashed for a resynchronisation ({} bytes read, {})", vm_id,
+                 r->store->disks()[d].name, bytes_read,
+                 window_blocks == 0 ? std::string("one list") : std::to_string(window_blocks) + "-block windows");
   }
   return Status::Ok();
 }
