@@ -97,7 +97,10 @@ struct BlockHashOptions {
 
 // What a hasher did.
 struct BlockHashStats {
-  uint64_t bytes_read = 0;   // bytes read (every byte of the hashed blocks once)
+  uint64_t bytes_read = 0;   // bytes read (every byte of the hashed blocks at most once)
+  uint64_t hole_bytes = 0;   // bytes hashed as zeros without reading: a file's holes
+                             // (SEEK_DATA), an export's extents the server reports as
+                             // reading zeros (NBD base:allocation, NBD_STATE_ZERO)
   uint64_t zero_blocks = 0;  // blocks found to be all zeros (their hash is HashOfZeros)
   uint64_t read_requests = 0;
 };
@@ -108,7 +111,8 @@ using HashProgress = std::function<void(uint64_t done, uint64_t total)>;
 
 // Hashes a local file or block device (its size is the disk size) with pread from
 // `options.parallelism` threads, each taking the next request-sized range
-// (every byte read exactly once). The threads live only during the call.
+// (every byte read at most once: a range inside a hole of a regular file is
+// hashed as zeros without reading). The threads live only during the call.
 Result<BlockHashList> HashFileBlocks(const std::string& path, const BlockHashOptions& options,
                                      BlockHashStats* stats = nullptr,
                                      const HashProgress& progress = {});

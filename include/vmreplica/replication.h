@@ -117,12 +117,15 @@ struct CycleReport {
   int64_t duration_ms = 0;
   uint64_t pending_bytes = 0;  // still dirty on the primary after the cycle (PendingReplicationSize)
   // Resync: bytes read from this side's disks by every attempt of the
-  // resync, and the chunk a paused one continued at (0: not continued).
+  // resync, bytes compared without reading (extents that read as zeros),
+  // and the chunk a paused one continued at (0: not continued).
   uint64_t read_bytes = 0;
+  uint64_t hole_bytes = 0;
   uint64_t continued_from_chunk = 0;
   uint32_t continued_at_disk = 0;      // where the part the replica held ended
   uint64_t continued_at_offset = 0;
   uint64_t read_bytes_before = 0;      // read by the earlier attempts
+  uint64_t hole_bytes_before = 0;      // compared without reading by the earlier attempts
   // A planned failover's final log (kind kPlanned): recording it moves the
   // relationship from 3 to 4 (docs/failover.md section 9.2).
   bool planned = false;

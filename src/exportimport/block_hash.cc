@@ -353,6 +353,27 @@ Result<BlockHashList> HashFileBlocks(const std::string& path, const BlockHashOpt
       }
       const uint64_t offset = range.begin + req * span;
       const uint64_t bytes = std::min(span, range.end - offset);
+      // A request that lies in a hole reads as zeros: hashed without
+      // reading (a block device or a file system without SEEK_DATA reads).
+      bool hole = false;
+      if (S_ISREG(st.st_mode)) {
+        const off_t d = ::lseek(fd, static_cast<off_t>(offset), SEEK_DATA);
+        hole = (d < 0 && errno == ENXIO) || (d >= 0 && static_cast<uint64_t>(d) >= offset + bytes);
+      }
+      if (hole) {
+        const uint64_t first = offset / options.block_size - list.first_block;
+        uint64_t zeros = 0;
+        for (uint64_t off = 0, i = first; off < bytes; off += options.block_size, ++i, ++zeros) {
+          const uint64_t n = std::min<uint64_t>(options.block_size, bytes - off);
+          list.hashes[i] = n == options.block_size ? zero_full : HashOfZeros(n);
+        }
+        std::lock_guard<std::mutex> lock(mu);
+        total.hole_bytes += bytes;
+        total.zero_blocks += zeros;
+        done_bytes += bytes;
+        if (progress) progress(done_bytes, range.end - range.begin);
+        continue;
+      }
       uint64_t got = 0;
       Status err;
       while (got < bytes) {
@@ -456,6 +477,9 @@ class NbdBlockReader {
       return NbdError("nbd_set_export_name").WithContext(where);
     if (nbd_set_pread_initialize(h, false) == -1)
       return NbdError("nbd_set_pread_initialize").WithContext(where);
+    // Extents that read as zeros are hashed without being read.
+    if (nbd_add_meta_context(h, LIBNBD_CONTEXT_BASE_ALLOCATION) == -1)
+      return NbdError("nbd_add_meta_context").WithContext(where);
     if (nbd_aio_connect_unix(h, socket_path.c_str()) == -1)
       return Status::Unavailable(NbdError("connect").WithContext(where).message());
     auto deadline = Clock::now() + options.io_timeout;
@@ -471,6 +495,7 @@ class NbdBlockReader {
     const int64_t size = nbd_get_size(h);
     if (size < 0) return NbdError("nbd_get_size").WithContext(where);
     r->disk_size_ = static_cast<uint64_t>(size);
+    r->zero_map_ = nbd_can_meta_context(h, LIBNBD_CONTEXT_BASE_ALLOCATION) == 1;
 
     r->span_ = RequestSpan(options);
     const int64_t server_max = nbd_get_block_size(h, LIBNBD_SIZE_MAXIMUM);
@@ -547,6 +572,82 @@ class NbdBlockReader {
   NbdBlockReader(nbd_handle* h, std::string where, const BlockHashOptions& options)
       : h_(h), where_(std::move(where)), options_(options) {}
 
+  // base:allocation extents (libnbd's callback): the ones that read as
+  // zeros are kept, merged, in zeros_; scan_end_ = the end of what the
+  // reply described. Anything odd turns the zero map off (everything is
+  // then read), never an error: reading is always correct.
+  static int ExtentCallback(void* user, const char* context, uint64_t offset, uint32_t* entries, size_t count,
+                            int* /*error*/) {
+    auto* self = static_cast<NbdBlockReader*>(user);
+    if (std::strcmp(context, LIBNBD_CONTEXT_BASE_ALLOCATION) != 0) return 0;
+    if (offset != self->scan_start_ || count % 2 != 0) {
+      self->scan_odd_ = true;
+      return 0;
+    }
+    uint64_t pos = offset;
+    for (size_t i = 0; i + 1 < count && pos < self->disk_size_; i += 2) {
+      if (entries[i] == 0) {
+        self->scan_odd_ = true;
+        return 0;
+      }
+      const uint64_t end = std::min<uint64_t>(pos + entries[i], self->disk_size_);
+      if ((entries[i + 1] & LIBNBD_STATE_ZERO) != 0) {
+        if (!self->zeros_.empty() && self->zeros_.back().end == pos) {
+          self->zeros_.back().end = end;
+        } else {
+          self->zeros_.push_back(ByteRange{pos, end});
+        }
+      }
+      pos = end;
+    }
+    self->scan_end_ = std::max(self->scan_end_, pos);
+    return 0;
+  }
+
+  // Learns the extents from `start` on (up to 1 GiB, as far as the server
+  // answers). Reads in flight go on meanwhile.
+  Status ScanZeros(uint64_t start) {
+    scan_start_ = start;
+    scan_end_ = start;
+    scan_odd_ = false;
+    const uint64_t count = std::min<uint64_t>(disk_size_ - start, uint64_t{1} << 30);
+    const int64_t cookie = nbd_aio_block_status(
+        h_, count, start, nbd_extent_callback{&NbdBlockReader::ExtentCallback, this, nullptr},
+        nbd_completion_callback{nullptr, nullptr, nullptr}, 0);
+    if (cookie == -1) return NbdError("block status at " + std::to_string(start)).WithContext(where_);
+    auto deadline = Clock::now() + options_.io_timeout;
+    for (;;) {
+      const int done = nbd_aio_command_completed(h_, static_cast<uint64_t>(cookie));
+      if (done == -1) return NbdError("block status at " + std::to_string(start)).WithContext(where_);
+      if (done == 1) break;
+      const int rc = nbd_poll(h_, RemainingMs(deadline));
+      if (rc == -1) return NbdError("NBD connection").WithContext(where_);
+      if (rc == 1) {
+        deadline = Clock::now() + options_.io_timeout;
+      } else if (Clock::now() >= deadline) {
+        return Status::Timeout(where_ + ": no answer within " + std::to_string(options_.io_timeout.count()) + " ms");
+      }
+    }
+    if (scan_odd_ || scan_end_ <= start) {
+      zero_map_ = false;
+      zeros_.clear();
+      return Status::Ok();
+    }
+    mapped_to_ = scan_end_;
+    return Status::Ok();
+  }
+
+  // Whether [offset, offset+bytes) reads as zeros by the server's map.
+  Result<bool> ReadsAsZeros(uint64_t offset, uint64_t bytes) {
+    for (;;) {
+      while (!zeros_.empty() && zeros_.front().end <= offset) zeros_.pop_front();
+      if (!zero_map_) return false;
+      if (mapped_to_ >= offset + bytes) break;
+      VMR_RETURN_IF_ERROR(ScanZeros(std::max(mapped_to_, offset)));
+    }
+    return !zeros_.empty() && zeros_.front().begin <= offset && zeros_.front().end >= offset + bytes;
+  }
+
   Result<std::optional<Piece>> NextImpl() {
     if (handed_out_ != nullptr) {  // the previous piece is done with
       free_.push_back(handed_out_);
@@ -557,25 +658,37 @@ class NbdBlockReader {
       if (options_.cancel != nullptr && options_.cancel->load())
         return Status::Cancelled("block hashing of " + where_ + " cancelled");
       while (range_ < ranges_.size() && in_flight_.size() < options_.parallelism) {
-        if (free_.empty()) {
-          buffers_.emplace_back(static_cast<size_t>(span_));
-          free_.push_back(&buffers_.back());
-        }
-        std::vector<unsigned char>* buf = free_.back();
         const uint64_t bytes = std::min(span_, ranges_[range_].end - next_offset_);
-        const int64_t cookie = nbd_aio_pread(h_, buf->data(), bytes, next_offset_,
-                                             nbd_completion_callback{nullptr, nullptr, nullptr}, 0);
-        if (cookie == -1)
-          return NbdError("read at " + std::to_string(next_offset_)).WithContext(where_);
-        free_.pop_back();
-        in_flight_.push_back(InFlight{cookie, next_offset_, bytes, buf});
+        VMR_ASSIGN_OR_RETURN(const bool zero, ReadsAsZeros(next_offset_, bytes));
+        if (zero) {
+          // Nothing to read: handed out from a buffer of zeros, in order.
+          if (zero_buf_.size() < span_) zero_buf_.assign(static_cast<size_t>(span_), 0);
+          in_flight_.push_back(InFlight{-1, next_offset_, bytes, nullptr});
+        } else {
+          if (free_.empty()) {
+            buffers_.emplace_back(static_cast<size_t>(span_));
+            free_.push_back(&buffers_.back());
+          }
+          std::vector<unsigned char>* buf = free_.back();
+          const int64_t cookie = nbd_aio_pread(h_, buf->data(), bytes, next_offset_,
+                                               nbd_completion_callback{nullptr, nullptr, nullptr}, 0);
+          if (cookie == -1)
+            return NbdError("read at " + std::to_string(next_offset_)).WithContext(where_);
+          free_.pop_back();
+          in_flight_.push_back(InFlight{cookie, next_offset_, bytes, buf});
+          ++stats_.read_requests;
+        }
         next_offset_ += bytes;
-        ++stats_.read_requests;
         if (next_offset_ == ranges_[range_].end && ++range_ < ranges_.size())
           next_offset_ = ranges_[range_].begin;
       }
       if (in_flight_.empty()) return std::optional<Piece>();
       const InFlight f = in_flight_.front();
+      if (f.cookie == -1) {
+        in_flight_.pop_front();
+        stats_.hole_bytes += f.bytes;
+        return std::optional<Piece>(Piece{f.offset, f.bytes, zero_buf_.data()});
+      }
       const int done = nbd_aio_command_completed(h_, static_cast<uint64_t>(f.cookie));
       if (done == -1) return NbdError("read at " + std::to_string(f.offset)).WithContext(where_);
       if (done == 1) {
@@ -613,6 +726,14 @@ class NbdBlockReader {
   std::vector<unsigned char>* handed_out_ = nullptr;
   BlockHashStats stats_;
   Status failed_;
+
+  // The server's map of extents that read as zeros (base:allocation).
+  bool zero_map_ = false;
+  std::deque<ByteRange> zeros_;  // ascending, merged, from the current offset on
+  uint64_t mapped_to_ = 0;       // the map is known below this offset
+  uint64_t scan_start_ = 0, scan_end_ = 0;
+  bool scan_odd_ = false;
+  std::vector<unsigned char> zero_buf_;
 };
 
 Result<BlockHashList> HashNbdBlocks(const std::string& socket_path, const std::string& export_name,

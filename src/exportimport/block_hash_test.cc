@@ -107,7 +107,7 @@ TEST(BlockHash, FileAndNbdExportGiveIdenticalLists) {
   ASSERT_TRUE(flist.ok()) << flist.status().ToString();
   EXPECT_EQ(flist->hashes, expected);
   EXPECT_EQ(flist->disk_size, size);
-  EXPECT_EQ(fstats.bytes_read, size);
+  EXPECT_EQ(fstats.bytes_read + fstats.hole_bytes, size);
   EXPECT_EQ(last_progress, size);
   EXPECT_GE(fstats.zero_blocks, 3u);
 
@@ -119,9 +119,40 @@ TEST(BlockHash, FileAndNbdExportGiveIdenticalLists) {
   ASSERT_TRUE(nlist.ok()) << nlist.status().ToString();
   EXPECT_EQ(nlist->disk_size, size);
   EXPECT_EQ(nlist->hashes, flist->hashes);
-  EXPECT_EQ(nstats.bytes_read, size);
+  EXPECT_EQ(nstats.bytes_read + nstats.hole_bytes, size);
   EXPECT_EQ(nstats.zero_blocks, fstats.zero_blocks);
   EXPECT_EQ(SerializeBlockHashes(*nlist), SerializeBlockHashes(*flist));
+}
+
+// Holes (a file's, or extents the NBD server reports as reading zeros) are
+// hashed without being read, and hash as the zeros they read as.
+TEST(BlockHash, HolesAreHashedWithoutBeingRead) {
+  TempDir tmp("vmr-bhash");
+  const uint64_t size = (24u << 20) + 12288;
+  std::string bytes = MakeDisk(size, 31);
+  bytes.replace(4u << 20, 8u << 20, 8u << 20, '\0');   // 8 requests of 1 MiB, all zeros
+  bytes.replace(size - 12288, 12288, 12288, '\0');     // the short tail too
+  const std::string raw = tmp.path() + "/disk.raw";
+  WriteSparse(raw, bytes);
+  const std::vector<Hash128> expected = ReferenceHashes(bytes);
+  BlockHashStats fstats;
+  auto flist = HashFileBlocks(raw, BlockHashOptions{}, &fstats);
+  ASSERT_TRUE(flist.ok()) << flist.status().ToString();
+  EXPECT_EQ(flist->hashes, expected);
+  EXPECT_GE(fstats.hole_bytes, 8u << 20);
+  EXPECT_EQ(fstats.bytes_read + fstats.hole_bytes, size);
+
+  auto qsd = Serve(tmp, raw, "h");
+  ASSERT_NE(qsd, nullptr);
+  BlockHashStats nstats;
+  auto nlist = HashNbdBlocks(qsd->socket(), qsd->export_name(), BlockHashOptions{}, &nstats);
+  ASSERT_TRUE(nlist.ok()) << nlist.status().ToString();
+  EXPECT_EQ(nlist->hashes, expected);
+  EXPECT_GE(nstats.hole_bytes, 8u << 20);
+  EXPECT_EQ(nstats.bytes_read + nstats.hole_bytes, size);
+  std::printf("file: %llu bytes read, %llu hashed as holes; NBD: %llu read, %llu as zero extents\n",
+              static_cast<unsigned long long>(fstats.bytes_read), static_cast<unsigned long long>(fstats.hole_bytes),
+              static_cast<unsigned long long>(nstats.bytes_read), static_cast<unsigned long long>(nstats.hole_bytes));
 }
 
 TEST(BlockHash, DiffFindsExactlyTheChangedBlocks) {
@@ -325,7 +356,7 @@ TEST(BlockHash, DiffSourceSendsOnlyDifferingBlocks) {
   EXPECT_EQ(sent, changed);
   EXPECT_TRUE(saw_zero);
   EXPECT_EQ((*src)->sent_bytes(), changed_bytes);
-  EXPECT_EQ((*src)->stats().bytes_read, size);
+  EXPECT_EQ((*src)->stats().bytes_read + (*src)->stats().hole_bytes, size);
   EXPECT_TRUE(replica == primary);
   EXPECT_EQ((*src)->local().hashes, ReferenceHashes(primary));
   std::printf("sent %llu of %llu bytes (%.2f%%)\n", static_cast<unsigned long long>(changed_bytes),
@@ -459,7 +490,7 @@ TEST(BlockHash, OpenRunsGivesTheRecordsOfOneOpenPerRun) {
       ASSERT_TRUE(one.ok()) << one.status().ToString();
       std::vector<DeltaRecord> recs = Drain(**one);
       expected.insert(expected.end(), recs.begin(), recs.end());
-      expected_bytes += (*one)->stats().bytes_read;
+      expected_bytes += (*one)->stats().bytes_read + (*one)->stats().hole_bytes;
     }
     auto many = NbdBlockDiffSource::OpenRuns(qsd->socket(), qsd->export_name(), 3, runs, o);
     ASSERT_TRUE(many.ok()) << many.status().ToString();
@@ -484,7 +515,7 @@ TEST(BlockHash, OpenRunsGivesTheRecordsOfOneOpenPerRun) {
                    l.first_block * kBlock;
     }
     for (const DeltaRecord& r : got) sent += r.length;
-    EXPECT_EQ((*many)->stats().bytes_read, run_bytes);
+    EXPECT_EQ((*many)->stats().bytes_read + (*many)->stats().hole_bytes, run_bytes);
     EXPECT_EQ(run_bytes, expected_bytes);
     EXPECT_EQ((*many)->sent_bytes(), sent);
     EXPECT_EQ((*many)->local().first_block, runs[0].first_block);
@@ -669,7 +700,7 @@ TEST(BlockHash, FedDiffSourceComparesAsTheListArrives) {
   }
   producer.join();
   EXPECT_TRUE(SameRecords(got, expected));
-  EXPECT_EQ((*fed)->stats().bytes_read, size);
+  EXPECT_EQ((*fed)->stats().bytes_read + (*fed)->stats().hole_bytes, size);
   EXPECT_TRUE(feed->Complete());
   auto lists = feed->Lists();
   ASSERT_TRUE(lists.ok());

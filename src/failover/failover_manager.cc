@@ -1435,6 +1435,7 @@ Result<JobRecord> FailoverManager::MarkAsReplica(const std::string& vm_name, con
         // Not fsynced here: the first point's apply fsyncs every disk before
         // it commits (docs/replica_store.md), and until then the seeded
         // replication compares whatever the disks hold.
+        const auto began = std::chrono::steady_clock::now();
         uint64_t total = 0, done_before = 0;
         for (const Seed& seed : list) total += seed.size;
         Status st;
@@ -1448,7 +1449,10 @@ Result<JobRecord> FailoverManager::MarkAsReplica(const std::string& vm_name, con
         if (st.ok()) {
           ctx.SetResult(json{{"data_bytes", sum.data_bytes},
                              {"hole_bytes", sum.hole_bytes},
-                             {"kernel_copied_bytes", sum.kernel_bytes}}
+                             {"kernel_copied_bytes", sum.kernel_bytes},
+                             {"duration_ms", std::chrono::duration_cast<std::chrono::milliseconds>(
+                                                 std::chrono::steady_clock::now() - began)
+                                                 .count()}}
                             .dump());
         }
         replicas_->SetSeeding(id, false).IgnoreError();

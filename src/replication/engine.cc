@@ -131,6 +131,7 @@ struct ReplicationEngine::ResyncProgress {
   std::vector<BlockHashList> remote;  // the replica's hashes, per disk
   std::vector<ChunkMark> marks;       // every chunk made, in order
   uint64_t read_bytes = 0;            // read from our disks so far
+  uint64_t hole_bytes = 0;            // compared without reading so far
 };
 
 namespace {
@@ -139,15 +140,25 @@ namespace {
 // part once it is done) adds what `inner` read to `*total`.
 class ReadTap : public DeltaSource {
  public:
-  ReadTap(std::unique_ptr<DeltaSource> inner, std::function<uint64_t()> read, uint64_t* total)
-      : inner_(std::move(inner)), read_(std::move(read)), total_(total) {}
-  ~ReadTap() override { *total_ += read_(); }
+  ReadTap(std::unique_ptr<DeltaSource> inner, std::function<uint64_t()> read, uint64_t* total,
+          std::function<uint64_t()> holes = {}, uint64_t* hole_total = nullptr)
+      : inner_(std::move(inner)),
+        read_(std::move(read)),
+        total_(total),
+        holes_(std::move(holes)),
+        hole_total_(hole_total) {}
+  ~ReadTap() override {
+    *total_ += read_();
+    if (holes_) *hole_total_ += holes_();
+  }
   Result<std::optional<DeltaRecord>> Next() override { return inner_->Next(); }
 
  private:
   std::unique_ptr<DeltaSource> inner_;
   std::function<uint64_t()> read_;
   uint64_t* total_;
+  std::function<uint64_t()> holes_;
+  uint64_t* hole_total_;
 };
 
 // The records of `inner` (one disk, increasing offsets) below `end`; a
@@ -857,10 +868,12 @@ Result<CycleReport> ReplicationEngine::RunCycle(const std::string& vm_id, bool i
   std::vector<uint64_t> disk_base;
   // What the resync's sources read (for the job's read_bytes), added up as
   // each source is freed.
-  uint64_t read_now = 0;
-  auto tap_diff = [&read_now](std::unique_ptr<NbdBlockDiffSource> d) -> std::unique_ptr<DeltaSource> {
+  uint64_t read_now = 0, holes_now = 0;
+  auto tap_diff = [&read_now, &holes_now](std::unique_ptr<NbdBlockDiffSource> d) -> std::unique_ptr<DeltaSource> {
     const NbdBlockDiffSource* raw = d.get();
-    return std::make_unique<ReadTap>(std::move(d), [raw] { return raw->stats().bytes_read; }, &read_now);
+    return std::make_unique<ReadTap>(
+        std::move(d), [raw] { return raw->stats().bytes_read; }, &read_now,
+        [raw] { return raw->stats().hole_bytes; }, &holes_now);
   };
   for (size_t i = 0; i < cut.disks.size(); ++i) {
     const auto& cd = cut.disks[i];
@@ -1034,6 +1047,7 @@ Result<CycleReport> ReplicationEngine::RunCycle(const std::string& vm_id, bool i
   filled.reset();
   concat.reset();  // every source freed: read_now is complete
   const uint64_t read_bytes = (prior ? prior->read_bytes : 0) + read_now;
+  const uint64_t hole_bytes = (prior ? prior->hole_bytes : 0) + holes_now;
   if (fetch) {
     // A log sent whole compared every block, so every list arrived. A
     // broken one can be continued only with the replica's whole lists.
@@ -1056,17 +1070,20 @@ Result<CycleReport> ReplicationEngine::RunCycle(const std::string& vm_id, bool i
       p->remote = std::move(remote);
       p->marks = std::move(marks);
       p->read_bytes = read_bytes;
+      p->hole_bytes = hole_bytes;
       std::lock_guard<std::mutex> lock(mu_);
       resync_progress_[vm_id] = std::move(p);
     }
     return abort(sent.status());
   }
   report.read_bytes = read_bytes;
+  report.hole_bytes = hole_bytes;
   report.continued_from_chunk = continuation ? continuation->index + 1 : 0;
   if (continuation) {
     report.continued_at_disk = continuation->last_disk;
     report.continued_at_offset = continuation->last_end;
     report.read_bytes_before = prior->read_bytes;
+    report.hole_bytes_before = prior->hole_bytes;
   }
 
   if (Status c = tracker.Commit(cut); !c.ok()) {
@@ -1562,6 +1579,8 @@ Result<JobRecord> ReplicationEngine::Resynchronize(const std::string& vm, int64_
                                     {"continued_at_disk", r->continued_at_disk},
                                     {"continued_at_offset", r->continued_at_offset},
                                     {"read_bytes_before", r->read_bytes_before},
+                                    {"hole_bytes", r->hole_bytes},
+                                    {"hole_bytes_before", r->hole_bytes_before},
                                     {"resynchronized_bytes", r->data_bytes + r->zero_bytes},
                                     {"data_bytes", r->data_bytes},
                                     {"zero_bytes", r->zero_bytes},

@@ -1047,8 +1047,11 @@ TEST_F(SlowReplicationTest, ResyncPausedStaysPausedAndResumeCompletesIt) {
   std::cout << "resync continued: " << resync_result.dump() << "\n";
   EXPECT_GT(resync_result.value("continued_from_chunk", 0), 0) << resync_result.dump();
   const int64_t at = resync_result.value("continued_at_offset", int64_t{0});
-  const int64_t before = resync_result.value("read_bytes_before", int64_t{0});
-  const int64_t read = resync_result.value("read_bytes", int64_t{0});
+  // Compared bytes: read, or known to read as zeros (holes are not read).
+  const int64_t before = resync_result.value("read_bytes_before", int64_t{0}) +
+                         resync_result.value("hole_bytes_before", int64_t{0});
+  const int64_t read =
+      resync_result.value("read_bytes", int64_t{0}) + resync_result.value("hole_bytes", int64_t{0});
   EXPECT_GT(at, 0) << resync_result.dump();
   EXPECT_GE(before, at) << resync_result.dump();
   const int64_t redone = before - at;
