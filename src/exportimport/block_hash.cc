@@ -27,6 +27,9 @@ constexpr size_t kChecksumBytes = 8;
 constexpr uint64_t kMaxDiskSize = 1ull << 62;
 constexpr uint32_t kMinRequestBytes = 64u << 10;
 constexpr uint32_t kMaxRequestBytes = 32u << 20;
+// Holes shorter than this are read rather than skipped: a read of a few
+// pages costs less than the calls that find and skip them.
+constexpr uint64_t kMinHoleSkip = 64u << 10;
 
 void PutLe32(std::string& out, uint32_t v) {
   for (int i = 0; i < 4; ++i) out.push_back(static_cast<char>((v >> (8 * i)) & 0xff));
@@ -353,43 +356,45 @@ Result<BlockHashList> HashFileBlocks(const std::string& path, const BlockHashOpt
       }
       const uint64_t offset = range.begin + req * span;
       const uint64_t bytes = std::min(span, range.end - offset);
-      // A request that lies in a hole reads as zeros: hashed without
-      // reading (a block device or a file system without SEEK_DATA reads).
-      bool hole = false;
-      if (S_ISREG(st.st_mode)) {
-        const off_t d = ::lseek(fd, static_cast<off_t>(offset), SEEK_DATA);
-        hole = (d < 0 && errno == ENXIO) || (d >= 0 && static_cast<uint64_t>(d) >= offset + bytes);
-      }
-      if (hole) {
-        const uint64_t first = offset / options.block_size - list.first_block;
-        uint64_t zeros = 0;
-        for (uint64_t off = 0, i = first; off < bytes; off += options.block_size, ++i, ++zeros) {
-          const uint64_t n = std::min<uint64_t>(options.block_size, bytes - off);
-          list.hashes[i] = n == options.block_size ? zero_full : HashOfZeros(n);
-        }
-        std::lock_guard<std::mutex> lock(mu);
-        total.hole_bytes += bytes;
-        total.zero_blocks += zeros;
-        done_bytes += bytes;
-        if (progress) progress(done_bytes, range.end - range.begin);
-        continue;
-      }
-      uint64_t got = 0;
+      // A regular file's holes read as zeros: they are zeroed here, not
+      // read (a block device, or a file system without SEEK_DATA, is read).
+      uint64_t read_here = 0, holes_here = 0;
       Status err;
-      while (got < bytes) {
-        ssize_t n = ::pread(fd, buf.data() + got, static_cast<size_t>(bytes - got),
-                            static_cast<off_t>(offset + got));
-        if (n < 0 && errno == EINTR) continue;
-        if (n < 0) {
-          err = Errno("read " + path + " at " + std::to_string(offset + got));
-          break;
+      for (uint64_t pos = offset; err.ok() && pos < offset + bytes;) {
+        const uint64_t end = offset + bytes;
+        uint64_t data_end = end;
+        if (S_ISREG(st.st_mode)) {
+          const off_t d = ::lseek(fd, static_cast<off_t>(pos), SEEK_DATA);
+          const uint64_t data = d >= 0 ? std::min<uint64_t>(static_cast<uint64_t>(d), end)
+                                       : (errno == ENXIO ? end : pos);
+          // A short hole is read with the data after it (fewer calls).
+          if (data > pos && (data - pos >= kMinHoleSkip || data == end)) {
+            std::memset(buf.data() + (pos - offset), 0, static_cast<size_t>(data - pos));
+            holes_here += data - pos;
+            pos = data;
+            continue;
+          }
+          if (d >= 0 && data < end) {
+            const off_t h = ::lseek(fd, static_cast<off_t>(data), SEEK_HOLE);
+            if (h >= 0 && static_cast<uint64_t>(h) > data) data_end = std::min<uint64_t>(static_cast<uint64_t>(h), end);
+          }
         }
-        if (n == 0) {
-          err = Status::IOError(path + " ended at " + std::to_string(offset + got) +
-                                " (shrank while being hashed?)");
-          break;
+        for (uint64_t got = pos; got < data_end;) {
+          ssize_t n = ::pread(fd, buf.data() + (got - offset), static_cast<size_t>(data_end - got),
+                              static_cast<off_t>(got));
+          if (n < 0 && errno == EINTR) continue;
+          if (n < 0) {
+            err = Errno("read " + path + " at " + std::to_string(got));
+            break;
+          }
+          if (n == 0) {
+            err = Status::IOError(path + " ended at " + std::to_string(got) + " (shrank while being hashed?)");
+            break;
+          }
+          got += static_cast<uint64_t>(n);
         }
-        got += static_cast<uint64_t>(n);
+        read_here += data_end - pos;
+        pos = data_end;
       }
       uint64_t zeros = 0;
       // Each request writes its own disjoint range of list.hashes.
@@ -401,7 +406,8 @@ Result<BlockHashList> HashFileBlocks(const std::string& path, const BlockHashOpt
         if (failure.ok()) failure = err;
         return;
       }
-      total.bytes_read += bytes;
+      total.bytes_read += read_here;
+      total.hole_bytes += holes_here;
       total.zero_blocks += zeros;
       ++total.read_requests;
       done_bytes += bytes;
@@ -563,10 +569,11 @@ class NbdBlockReader {
 
  private:
   struct InFlight {
-    int64_t cookie;
+    std::vector<int64_t> cookies;  // reads of the piece's data parts not yet completed
     uint64_t offset;
     uint64_t bytes;
-    std::vector<unsigned char>* buf;
+    std::vector<unsigned char>* buf;  // nullptr: the piece reads as zeros (zero_buf_)
+    uint64_t read_bytes;              // of `bytes`, read; the rest was known zeros
   };
 
   NbdBlockReader(nbd_handle* h, std::string where, const BlockHashOptions& options)
@@ -637,15 +644,24 @@ class NbdBlockReader {
     return Status::Ok();
   }
 
-  // Whether [offset, offset+bytes) reads as zeros by the server's map.
-  Result<bool> ReadsAsZeros(uint64_t offset, uint64_t bytes) {
+  // The parts of [offset, offset+bytes) that read as zeros by the
+  // server's map, ascending: only runs of at least kMinHoleSkip bytes (a
+  // shorter one is cheaper to read with its neighbours).
+  Result<std::vector<ByteRange>> ZeroParts(uint64_t offset, uint64_t bytes) {
+    const uint64_t end = offset + bytes;
     for (;;) {
       while (!zeros_.empty() && zeros_.front().end <= offset) zeros_.pop_front();
-      if (!zero_map_) return false;
-      if (mapped_to_ >= offset + bytes) break;
+      if (!zero_map_) return std::vector<ByteRange>();
+      if (mapped_to_ >= end) break;
       VMR_RETURN_IF_ERROR(ScanZeros(std::max(mapped_to_, offset)));
     }
-    return !zeros_.empty() && zeros_.front().begin <= offset && zeros_.front().end >= offset + bytes;
+    std::vector<ByteRange> out;
+    for (const ByteRange& z : zeros_) {
+      if (z.begin >= end) break;
+      const ByteRange part{std::max(z.begin, offset), std::min(z.end, end)};
+      if (part.end - part.begin >= kMinHoleSkip || part.end - part.begin == bytes) out.push_back(part);
+    }
+    return out;
   }
 
   Result<std::optional<Piece>> NextImpl() {
@@ -659,43 +675,61 @@ class NbdBlockReader {
         return Status::Cancelled("block hashing of " + where_ + " cancelled");
       while (range_ < ranges_.size() && in_flight_.size() < options_.parallelism) {
         const uint64_t bytes = std::min(span_, ranges_[range_].end - next_offset_);
-        VMR_ASSIGN_OR_RETURN(const bool zero, ReadsAsZeros(next_offset_, bytes));
-        if (zero) {
+        VMR_ASSIGN_OR_RETURN(const std::vector<ByteRange> zero, ZeroParts(next_offset_, bytes));
+        if (zero.size() == 1 && zero[0].end - zero[0].begin == bytes) {
           // Nothing to read: handed out from a buffer of zeros, in order.
           if (zero_buf_.size() < span_) zero_buf_.assign(static_cast<size_t>(span_), 0);
-          in_flight_.push_back(InFlight{-1, next_offset_, bytes, nullptr});
+          in_flight_.push_back(InFlight{{}, next_offset_, bytes, nullptr, 0});
         } else {
           if (free_.empty()) {
             buffers_.emplace_back(static_cast<size_t>(span_));
             free_.push_back(&buffers_.back());
           }
           std::vector<unsigned char>* buf = free_.back();
-          const int64_t cookie = nbd_aio_pread(h_, buf->data(), bytes, next_offset_,
-                                               nbd_completion_callback{nullptr, nullptr, nullptr}, 0);
-          if (cookie == -1)
-            return NbdError("read at " + std::to_string(next_offset_)).WithContext(where_);
+          InFlight f{{}, next_offset_, bytes, buf, 0};
+          // The data parts are read; the zero parts are zeroed here.
+          uint64_t at = next_offset_;
+          auto read_part = [&](uint64_t from, uint64_t to) -> Status {
+            if (to <= from) return Status::Ok();
+            const int64_t cookie = nbd_aio_pread(h_, buf->data() + (from - next_offset_), to - from, from,
+                                                 nbd_completion_callback{nullptr, nullptr, nullptr}, 0);
+            if (cookie == -1) return NbdError("read at " + std::to_string(from)).WithContext(where_);
+            f.cookies.push_back(cookie);
+            f.read_bytes += to - from;
+            ++stats_.read_requests;
+            return Status::Ok();
+          };
+          Status issued;
+          for (const ByteRange& z : zero) {
+            issued = read_part(at, z.begin);
+            if (!issued.ok()) break;
+            std::memset(buf->data() + (z.begin - next_offset_), 0, static_cast<size_t>(z.end - z.begin));
+            at = z.end;
+          }
+          if (issued.ok()) issued = read_part(at, next_offset_ + bytes);
           free_.pop_back();
-          in_flight_.push_back(InFlight{cookie, next_offset_, bytes, buf});
-          ++stats_.read_requests;
+          in_flight_.push_back(std::move(f));  // its buffer stays owned until its reads end
+          if (!issued.ok()) return issued;
         }
         next_offset_ += bytes;
         if (next_offset_ == ranges_[range_].end && ++range_ < ranges_.size())
           next_offset_ = ranges_[range_].begin;
       }
       if (in_flight_.empty()) return std::optional<Piece>();
-      const InFlight f = in_flight_.front();
-      if (f.cookie == -1) {
-        in_flight_.pop_front();
-        stats_.hole_bytes += f.bytes;
-        return std::optional<Piece>(Piece{f.offset, f.bytes, zero_buf_.data()});
+      InFlight& f = in_flight_.front();
+      while (!f.cookies.empty()) {
+        const int done = nbd_aio_command_completed(h_, static_cast<uint64_t>(f.cookies.back()));
+        if (done == -1) return NbdError("read at " + std::to_string(f.offset)).WithContext(where_);
+        if (done == 0) break;
+        f.cookies.pop_back();
       }
-      const int done = nbd_aio_command_completed(h_, static_cast<uint64_t>(f.cookie));
-      if (done == -1) return NbdError("read at " + std::to_string(f.offset)).WithContext(where_);
-      if (done == 1) {
-        in_flight_.pop_front();
+      if (f.cookies.empty()) {
+        const Piece piece{f.offset, f.bytes, f.buf != nullptr ? f.buf->data() : zero_buf_.data()};
+        stats_.bytes_read += f.read_bytes;
+        stats_.hole_bytes += f.bytes - f.read_bytes;
         handed_out_ = f.buf;
-        stats_.bytes_read += f.bytes;
-        return std::optional<Piece>(Piece{f.offset, f.bytes, f.buf->data()});
+        in_flight_.pop_front();
+        return std::optional<Piece>(piece);
       }
       const int rc = nbd_poll(h_, RemainingMs(deadline));
       if (rc == -1) return NbdError("NBD connection").WithContext(where_);

@@ -2105,6 +2105,10 @@ Status ReplicationEngine::RunInitial(const std::string& vm_id, JobContext* job, 
                           {"zero_bytes", r->zero_bytes}, {"wire_bytes", r->wire_bytes},
                           {"records", r->records},       {"duration_ms", r->duration_ms}};
     if (reverse_result.is_object()) out.update(reverse_result);
+    if (r->read_bytes != 0 || r->hole_bytes != 0) {  // seeded: what comparing read
+      out["read_bytes"] = r->read_bytes;
+      out["hole_bytes"] = r->hole_bytes;
+    }
     job->SetResult(out.dump());
   }
   spdlog::info("VM {}: initial replication done: {} bytes of data ({} on the wire) in {} ms", vm_id,
