@@ -117,7 +117,8 @@ def main():
     print(f"# {meta.get('when', '')}  size {fmt_bytes(meta.get('size'))}  runs {meta.get('runs')}  "
           f"build {meta.get('build_type', '?')}  load before {meta.get('loadavg_before', '?')}  "
           f"after {' '.join(meta.get('loadavg_after', ['?']))}  "
-          f"replica {'applies while receiving' if meta.get('apply_while_receiving', True) else 'stages deltas first'}")
+          f"replica {'applies while receiving' if meta.get('apply_while_receiving', True) else 'stages deltas first'}"
+          + (f"  P3 seed {meta['p3_seed']}" if 'p3_seed' in meta else ""))
     print("| scenario | tool | min s | median s | max s | wire (median) | other (median) |")
     print("|---|---|---|---|---|---|---|")
     for s in summary:

@@ -5,7 +5,7 @@
 # vmreplica, vmreplicad and bench_workload (docs/benchmarks.md says how).
 #
 #   bench/run.sh [--build DIR] [--quick] [--scenarios P1,P2,P3,P4,P5,P6] [--runs N]
-#                [--size N] [--out FILE] [--keep] [--dir DIR] [--stage-deltas]
+#                [--size N] [--out FILE] [--keep] [--dir DIR] [--stage-deltas] [--seed-copy]
 #
 # Prints a table (scenario, tool, min / median / max seconds, wire bytes,
 # ratios against the goals) and writes a JSON result file (default
@@ -14,7 +14,9 @@
 # and is deleted at exit (kept with --keep, to read the daemons' logs); every
 # daemon it starts is stopped at exit. --stage-deltas runs the daemons with
 # [replica] apply_while_receiving = false (every delta staged on disk first,
-# as before session 16), to compare both ways of applying.
+# as before session 16), to compare both ways of applying. P3 hands the
+# copy to `mark-replica --move` (the copy becomes the replica's disk, as
+# rsync updates its copy in place); --seed-copy copies it instead.
 set -euo pipefail
 shopt -s inherit_errexit
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -28,7 +30,8 @@ size=""
 out=$PWD/bench-results.json
 dir=/var/tmp
 replica_toml=""
-usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
+seed_move=1
+usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
 while (($#)); do
   case $1 in
     --build) build=$(cd "$2" && pwd); shift 2 ;;
@@ -40,6 +43,7 @@ while (($#)); do
     --out) out=$(realpath -m "$2"); shift 2 ;;
     --dir) dir=$(cd "$2" && pwd); shift 2 ;;
     --stage-deltas) replica_toml=$'[replica]\napply_while_receiving = false'; shift ;;
+    --seed-copy) seed_move=0; shift ;;
     -h|--help) usage 0 ;;
     *) echo "unknown option $1"; usage ;;
   esac
@@ -448,10 +452,12 @@ scenario_p2() {
 
 # P3: seeded initial replication. The replica side already holds a copy of
 # the image in which 1% of the 4 KiB blocks differ (random data at random
-# offsets, the same copy for both tools). vmreplica: `mark-replica` writes
-# the copy into the replica's disk (timed, it is part of the product's
-# cost), then `start --seeded` sends the blocks whose hashes differ; rsync:
-# the copy is already the destination file (its copy is not timed).
+# offsets, the same copy for both tools). Each run gets a fresh copy of it,
+# written and synced before the clock starts (not timed, for either tool).
+# vmreplica: `mark-replica --move` makes that copy the replica's disk (or,
+# with --seed-copy, `mark-replica` copies it into the disk), timed as part
+# of the product's cost, then `start --seeded` sends the blocks whose
+# hashes differ; rsync: the copy is the destination file it updates.
 scenario_p3() {
   make_images
   rsyncd_up
@@ -470,9 +476,12 @@ scenario_p3() {
           qsd_stop p3; drop_bitmaps "$work/img/disk.qcow2"; qsd_start p3 "$work/img/disk.qcow2"
           pair_up
           bind_vm p3 p3
+          cp --sparse=always "$work/img/seed.raw" "$work/img/seed-run.raw"
+          sync "$work/img/seed-run.raw"
           c0=$(( $(cpu_ticks "$(pair_pid 0)") + $(cpu_ticks "$(pair_pid 1)") ))
           t0=$(now)
-          mres=$($R --json mark-replica p3 --disk "vda=$work/img/seed.raw")
+          mres=$($R --json mark-replica p3 $( ((seed_move)) && echo --move ) --disk "vda=$work/img/seed-run.raw")
+          rm -f "$work/img/seed-run.raw"
           t1=$(now); mark=$(elapsed "$t0" "$t1")
           # What the job itself reports: its copy's duration and how much the kernel copied.
           read -r mjob mkernel <<< "$(python3 -c '
@@ -665,6 +674,7 @@ json.dump({"when": "$(date -u +%FT%TZ)", "size": $(bytes_of "$size"), "runs": $r
            "build": "$build", "build_type": "$build_type", "dir": "$dir", "loadavg_before": "$loadavg_before",
            "loadavg_after": open("/proc/loadavg").read().split()[:3], "cpus": os.cpu_count(),
            "kernel": platform.release(), "scenarios": "$scenarios",
-           "apply_while_receiving": $( [[ -n $replica_toml ]] && echo False || echo True )}, open(sys.argv[1], "w"))
+           "apply_while_receiving": $( [[ -n $replica_toml ]] && echo False || echo True ),
+           "p3_seed": "$( ((seed_move)) && echo move || echo copy )"}, open(sys.argv[1], "w"))
 PY
 python3 "$root/bench/report.py" "$runs_file" "$out" "$work/meta.json"

@@ -156,13 +156,19 @@ class FailoverManager {
 
   // RequestReplicationStateChange(2) on the replica host, before a seeded
   // initial replication (StartReplication type 3 on the primary): the copy
-  // at each path (a raw image, read with -f raw so that no backing or data
-  // file it might name is opened; the same size as the replica disk) is
-  // written into the replica's disk; every disk must be
-  // named. Refused (32775) unless the replica VM is in state 2 with nothing
-  // applied; 32773 for a missing, unknown or differently sized disk.
+  // at each path (raw bytes of a regular file or block device, so that no
+  // backing or data file a format might name is opened; the same size as
+  // the replica disk) becomes the replica's disk: copied into it sparsely
+  // (CopyFileSparse: a reflink or in-kernel copy where the file system
+  // allows), or with `move` renamed into the store in place of its disk
+  // file (ReplicaStore::AdoptSeedFile: a regular file on the store's file
+  // system with no other hard link; nothing is copied and the path is gone
+  // afterwards). Every disk must be named. Refused (32775) unless the
+  // replica VM is in state 2 with nothing applied; 32773 for a missing,
+  // unknown or differently sized disk, or a copy `move` cannot take.
   // A job (96); the state stays 2.
-  Result<JobRecord> MarkAsReplica(const std::string& vm, const std::vector<std::string>& seed_disks);
+  Result<JobRecord> MarkAsReplica(const std::string& vm, const std::vector<std::string>& seed_disks,
+                                  bool move = false);
 
   // ImportInitialReplica (job 95; docs/replica_store.md section 17): loads
   // the export <location>/<vm name>-<vm uuid>/ that the primary wrote with

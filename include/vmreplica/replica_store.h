@@ -284,6 +284,19 @@ class ReplicaStore {
   // the unlink of LOAD). Chunks must be deterministic: after a crash the
   // caller sends chunks done_chunks.. again with the same records.
 
+  // Makes the raw image file `path` disk `disk` of the store, in place of
+  // its current file (a seed copy the operator placed on this host:
+  // RequestReplicationStateChange 2 with move): the file is renamed into
+  // <dir>/disks/ (the directories fsynced) and the store's open descriptor
+  // of the disk is switched to it, so nothing is copied. FailedPrecondition
+  // unless latest_sequence() == 0, no load is in progress, no apply in
+  // flight and no point pinned; InvalidArgument for a disk index out of
+  // range, a path that is not a regular file of exactly the disk's size,
+  // one with other hard links, or one on another file system than the
+  // store; NotFound when it does not exist. Its data need not be durable:
+  // the first point's commit fsyncs every disk. The file gets mode 0600.
+  Status AdoptSeedFile(uint32_t disk, const std::string& path);
+
   // Starts the initial load of point 1: FailedPrecondition unless
   // latest_sequence() == 0, no load is in progress, no apply in flight and
   // no point pinned; InvalidArgument for bad info. Writes <dir>/LOAD (temp,

@@ -59,11 +59,12 @@ int CallVmOrEx(Session& s, const VmArgs& a, const Rpc<v1::VmRequest, Resp>& plai
 }
 
 int StateChange(Session& s, const VmArgs& a, RequestedReplicationState state,
-                const std::vector<std::string>& seed_disks = {}) {
+                const std::vector<std::string>& seed_disks = {}, bool move_seed_disks = false) {
   v1::StateChangeRequest request;
   request.set_vm(a.vm);
   request.set_requested_state(Number(state));
   for (const auto& d : seed_disks) request.add_seed_disks(d);
+  request.set_move_seed_disks(move_seed_disks);
   if (auto rel = a.rel()) {
     request.set_relationship_index(*rel);
     return s.Invoke(VMR_RPC(RequestReplicationStateChangeEx), request);
@@ -425,15 +426,23 @@ void AddStateVerbs(Registry& reg) {
               [state](Session& s, const VmArgs& a) { return StateChange(s, a, state); });
   }
 
-  auto seeds = std::make_shared<std::vector<std::string>>();
-  AddVmVerb(reg, "mark-replica",
-            "on the replica host: write the copies a seeded initial replication starts from into the replica VM's "
-            "disks (state change 2)",
-            rpcs, true,
-            [seeds](Session& s, const VmArgs& a) {
-              return StateChange(s, a, RequestedReplicationState::kMarkAsReplica, *seeds);
-            })
-      ->add_option("--disk", *seeds, "DISK=PATH: the copy for replica disk DISK (any qemu-img format; repeat per disk)");
+  struct MarkOptions {
+    std::vector<std::string> seeds;
+    bool move = false;
+  };
+  auto mark = std::make_shared<MarkOptions>();
+  CLI::App* m = AddVmVerb(reg, "mark-replica",
+                          "on the replica host: the copies a seeded initial replication starts from become the "
+                          "replica VM's disks (state change 2)",
+                          rpcs, true, [mark](Session& s, const VmArgs& a) {
+                            return StateChange(s, a, RequestedReplicationState::kMarkAsReplica, mark->seeds,
+                                               mark->move);
+                          });
+  m->add_option("--disk", mark->seeds,
+                "DISK=PATH: the copy for replica disk DISK (raw bytes of a file or block device; repeat per disk)");
+  m->add_flag("--move", mark->move,
+              "rename the copies into the replica store instead of copying them (same file system; the paths are "
+              "gone afterwards)");
 
   struct ResumeOptions {
     bool resynchronize = false;

@@ -1359,7 +1359,8 @@ Status CopySeed(const std::string& from, const std::string& to, uint64_t size, S
 
 }  // namespace
 
-Result<JobRecord> FailoverManager::MarkAsReplica(const std::string& vm_name, const std::vector<std::string>& seeds) {
+Result<JobRecord> FailoverManager::MarkAsReplica(const std::string& vm_name, const std::vector<std::string>& seeds,
+                                                bool move) {
   VMR_ASSIGN_OR_RETURN(VmRecord vm, ResolveReplicaVm(vm_name));
   if (vm.mode != ReplicationMode::kReplica) {
     return Status::FailedPrecondition("VM " + vm.name + " is not a replica on this host (mode " +
@@ -1412,6 +1413,23 @@ Result<JobRecord> FailoverManager::MarkAsReplica(const std::string& vm_name, con
         return Status::InvalidArgument(f + ": the copy '" + path + "' is " + std::to_string(size) +
                                        " bytes, replica disk '" + name + "' " + std::to_string(it->size) + " bytes");
       }
+      if (move) {
+        // What AdoptSeedFile checks again under the store's lock, told now.
+        struct stat st {}, dst {};
+        const std::string disks_dir = std::filesystem::path(store->DiskPath(d)).parent_path().string();
+        if (::lstat(path.c_str(), &st) != 0 || ::stat(disks_dir.c_str(), &dst) != 0) {
+          return Status::InvalidArgument(f + ": cannot stat '" + path + "': " + std::strerror(errno));
+        }
+        if (!S_ISREG(st.st_mode)) return Status::InvalidArgument(f + ": '" + path + "' is not a regular file (move)");
+        if (st.st_nlink != 1) {
+          return Status::InvalidArgument(f + ": '" + path + "' has other hard links (move)");
+        }
+        if (st.st_dev != dst.st_dev) {
+          return Status::InvalidArgument(f + ": '" + path +
+                                         "' is on another file system than the replica store; copy it instead "
+                                         "(without move)");
+        }
+      }
       out.push_back(Seed{d, path, size});
     }
     if (out.size() != store->disks().size()) {
@@ -1428,8 +1446,9 @@ Result<JobRecord> FailoverManager::MarkAsReplica(const std::string& vm_name, con
     return seeding;
   }
   auto job = jobs_->Start(
-      JobType::kStateChange, vm.id, json{{"vm", vm.id}, {"requested_state", 2}, {"seeds", seeds}}.dump(), false,
-      false, [this, id = vm.id, store, list = std::move(*checked)](JobContext& ctx) -> Status {
+      JobType::kStateChange, vm.id,
+      json{{"vm", vm.id}, {"requested_state", 2}, {"seeds", seeds}, {"move", move}}.dump(), false, false,
+      [this, id = vm.id, store, move, list = std::move(*checked)](JobContext& ctx) -> Status {
         // Copied in place (the store keeps its open disk files), sparse:
         // a reflink or an in-kernel copy where the file system allows it.
         // Not fsynced here: the first point's apply fsyncs every disk before
@@ -1440,14 +1459,20 @@ Result<JobRecord> FailoverManager::MarkAsReplica(const std::string& vm_name, con
         for (const Seed& seed : list) total += seed.size;
         Status st;
         SparseCopyStats sum;
-        for (size_t i = 0; i < list.size() && st.ok(); ++i) {
+        for (size_t i = 0; move && i < list.size() && st.ok(); ++i) {
+          st = store->AdoptSeedFile(list[i].disk, list[i].path);
+          if (!st.ok()) st = st.WithContext("moving '" + list[i].path + "' into the replica store");
+          ctx.SetProgress(static_cast<uint32_t>(99 * (i + 1) / list.size()));
+        }
+        for (size_t i = 0; !move && i < list.size() && st.ok(); ++i) {
           st = CopySeed(list[i].path, store->DiskPath(list[i].disk), list[i].size, &sum, [&](uint64_t done) {
             if (total > 0) ctx.SetProgress(static_cast<uint32_t>(99 * (done_before + done) / total));
           }, [&ctx] { return ctx.CancelRequested(); });
           done_before += list[i].size;
         }
         if (st.ok()) {
-          ctx.SetResult(json{{"data_bytes", sum.data_bytes},
+          ctx.SetResult(json{{"moved", move},
+                             {"data_bytes", sum.data_bytes},
                              {"hole_bytes", sum.hole_bytes},
                              {"kernel_copied_bytes", sum.kernel_bytes},
                              {"duration_ms", std::chrono::duration_cast<std::chrono::milliseconds>(
@@ -1457,7 +1482,11 @@ Result<JobRecord> FailoverManager::MarkAsReplica(const std::string& vm_name, con
         }
         replicas_->SetSeeding(id, false).IgnoreError();
         replicas_->ReleaseLocal(id);
-        if (st.ok()) {
+        if (st.ok() && move) {
+          spdlog::info("replica {}: {} copy(ies) moved into the store as its disks; ready for a seeded initial "
+                       "replication",
+                       id, list.size());
+        } else if (st.ok()) {
           spdlog::info("replica {}: seeded from {} copy(ies) ({} bytes of data, {} of them by the kernel; {} bytes of "
                        "holes); ready for a seeded initial replication",
                        id, list.size(), sum.data_bytes, sum.kernel_bytes, sum.hole_bytes);

@@ -1587,6 +1587,67 @@ Status ReplicaStore::Impl::RecoverLoad() {
   return FsyncDir(dir, "load.dir.fsync");
 }
 
+Status ReplicaStore::AdoptSeedFile(uint32_t disk, const std::string& path) {
+  Impl& m = *impl_;
+  if (disk >= m.disks.size()) {
+    return Status::InvalidArgument("AdoptSeedFile: disk " + std::to_string(disk) + " of " + m.dir + " does not exist");
+  }
+  std::lock_guard alk(m.apply_mu);
+  if (m.broken) {
+    return Status::FailedPrecondition("AdoptSeedFile: replica store " + m.dir +
+                                      " refuses changes after a failed step; reopen it");
+  }
+  if (m.load) return Status::FailedPrecondition("AdoptSeedFile: an initial load is in progress in " + m.dir);
+  const uint64_t latest = m.manifest.points.back().sequence;  // writers change it under apply_mu, held
+  if (latest != 0) {
+    return Status::FailedPrecondition("AdoptSeedFile: replica store " + m.dir + " is at point " +
+                                      std::to_string(latest) + "; a seed copy needs the empty store (point 0)");
+  }
+  std::lock_guard plk(m.pins_mu);
+  if (!m.pins.empty()) return Status::FailedPrecondition("AdoptSeedFile: point 0 of " + m.dir + " is pinned");
+  const int fd = ::open(path.c_str(), O_RDWR | O_CLOEXEC | O_NOFOLLOW);
+  if (fd < 0) {
+    if (errno == ENOENT) return Status::NotFound("no such file: " + path);
+    return Errno("open seed copy", path);
+  }
+  struct Closer {
+    int fd;
+    ~Closer() {
+      if (fd >= 0) ::close(fd);
+    }
+  } closer{fd};
+  struct stat st {}, dirst {};
+  if (::fstat(fd, &st) != 0) return Errno("stat", path);
+  const std::string disks_dir = m.dir + "/disks";
+  if (::stat(disks_dir.c_str(), &dirst) != 0) return Errno("stat", disks_dir);
+  if (!S_ISREG(st.st_mode)) return Status::InvalidArgument("'" + path + "' is not a regular file");
+  if (static_cast<uint64_t>(st.st_size) != m.disks[disk].size) {
+    return Status::InvalidArgument("the copy '" + path + "' is " + std::to_string(st.st_size) + " bytes, disk '" +
+                                   m.disks[disk].name + "' " + std::to_string(m.disks[disk].size) + " bytes");
+  }
+  if (st.st_nlink != 1) {
+    return Status::InvalidArgument("'" + path + "' has " + std::to_string(st.st_nlink) +
+                                   " hard links: another name would still write into the replica's disk");
+  }
+  if (st.st_dev != dirst.st_dev) {
+    return Status::InvalidArgument("'" + path + "' is on another file system than the replica store " + m.dir +
+                                   ": it can only be copied, not moved");
+  }
+  if (::fchmod(fd, 0600) != 0) return Errno("chmod", path);
+  const std::string target = m.DiskPath(disk);
+  if (::rename(path.c_str(), target.c_str()) != 0) return Errno("rename to " + target + " from", path);
+  // From here the path names the seed: the open descriptor follows it.
+  // Without the switch the store would write the unlinked old file.
+  if (::dup3(fd, m.disk_fds[disk], O_CLOEXEC) < 0) {
+    m.broken = true;
+    return Errno("switching the disk's descriptor to", target);
+  }
+  VMR_RETURN_IF_ERROR(m.FsyncDir(disks_dir, "adopt-seed.dir.fsync"));
+  const std::string parent = std::filesystem::path(path).parent_path().string();
+  if (!parent.empty() && parent != disks_dir) VMR_RETURN_IF_ERROR(m.FsyncDir(parent, "adopt-seed.source-dir.fsync"));
+  return Status::Ok();
+}
+
 Status ReplicaStore::BeginLoad(const LoadInfo& info) {
   Impl& m = *impl_;
   VMR_RETURN_IF_ERROR(CheckLoadInfo(info));

@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <gtest/gtest.h>
 #include <signal.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -223,6 +224,69 @@ class ReplicaStoreTest : public ::testing::Test {
   std::vector<ReplicaDisk> disks_ = {{"vda", 1 << 20}, {"vdb", 256 << 10}};
   int64_t now_ = 100 * kHour;
 };
+
+// A seed copy moved into the empty store becomes its disk: nothing is
+// copied, the store writes the moved file, and a reopened store reads it.
+TEST_F(ReplicaStoreTest, AdoptedSeedFileBecomesTheDiskInPlace) {
+  Create(Options());
+  std::mt19937_64 rng(41);
+  Image img = Zeros();
+  for (char& c : img[0]) c = static_cast<char>(rng());
+  const std::string seed = dir_ + "/seed.raw";
+  ASSERT_TRUE(WriteFileAtomic(seed, img[0]).ok());
+  struct stat before {};
+  ASSERT_EQ(::stat(seed.c_str(), &before), 0);
+
+  // Refusals first: nothing moves.
+  const std::string small = dir_ + "/small.raw";
+  ASSERT_TRUE(WriteFileAtomic(small, std::string(4096, 'x')).ok());
+  EXPECT_EQ(store_->AdoptSeedFile(0, small).code(), Code::kInvalidArgument);
+  EXPECT_EQ(store_->AdoptSeedFile(2, seed).code(), Code::kInvalidArgument);
+  EXPECT_EQ(store_->AdoptSeedFile(0, dir_ + "/none.raw").code(), Code::kNotFound);
+  const std::string link = dir_ + "/seed-link.raw";
+  ASSERT_EQ(::link(seed.c_str(), link.c_str()), 0);
+  Status linked = store_->AdoptSeedFile(0, seed);
+  EXPECT_EQ(linked.code(), Code::kInvalidArgument) << linked.ToString();
+  ASSERT_EQ(::unlink(link.c_str()), 0);
+  char shm_tmpl[] = "/dev/shm/vmr-seed-XXXXXX";
+  ASSERT_NE(::mkdtemp(shm_tmpl), nullptr);
+  const std::string elsewhere = std::string(shm_tmpl) + "/seed.raw";
+  ASSERT_TRUE(WriteFileAtomic(elsewhere, img[0]).ok());
+  struct stat a {}, b {};
+  ASSERT_EQ(::stat(shm_tmpl, &a), 0);
+  ASSERT_EQ(::stat(dir_.c_str(), &b), 0);
+  if (a.st_dev != b.st_dev) {
+    Status other_fs = store_->AdoptSeedFile(0, elsewhere);
+    EXPECT_EQ(other_fs.code(), Code::kInvalidArgument) << other_fs.ToString();
+  }
+  fs::remove_all(shm_tmpl);
+
+  ASSERT_TRUE(store_->AdoptSeedFile(0, seed).ok());
+  EXPECT_FALSE(fs::exists(seed));
+  struct stat moved {};
+  ASSERT_EQ(::stat(store_->DiskPath(0).c_str(), &moved), 0);
+  EXPECT_EQ(moved.st_ino, before.st_ino) << "renamed, not copied";
+  EXPECT_EQ(moved.st_mode & 0777, 0600u);
+  ExpectPoint(0, img);
+
+  // Point 1 is written into the moved file through the store's descriptor.
+  std::vector<DeltaRecord> recs = {DataRecord(0, 8192, std::string(4096, 'A')),
+                                   DataRecord(1, 0, std::string(4096, 'B'))};
+  ApplyToImage(recs, &img);
+  ASSERT_TRUE(Apply(1, recs, now_).ok());
+  ExpectPoint(1, img);
+  auto on_disk = ReadFile(store_->DiskPath(0), 2u << 20);
+  ASSERT_TRUE(on_disk.ok());
+  EXPECT_TRUE(*on_disk == img[0]);
+  Reopen(Options());
+  ExpectPoint(1, img);
+
+  // Once a point is committed, no copy can replace a disk.
+  const std::string again = dir_ + "/again.raw";
+  ASSERT_TRUE(WriteFileAtomic(again, img[0]).ok());
+  EXPECT_EQ(store_->AdoptSeedFile(0, again).code(), Code::kFailedPrecondition);
+  EXPECT_TRUE(fs::exists(again));
+}
 
 TEST_F(ReplicaStoreTest, CreateRefusesBadInputAndExistingStore) {
   EXPECT_EQ(ReplicaStore::Create(store_dir_, kVm, {{"../x", 4096}}, nullptr, {}).status().code(),

@@ -577,7 +577,8 @@ grpc::Status ControlService::RequestReplicationStateChange(grpc::ServerContext* 
   if (!Authorize(*ctx, "RequestReplicationStateChange", r)) return grpc::Status::OK;
   if (req->requested_state() == Number(RequestedReplicationState::kMarkAsReplica) && env_->failover) {
     // On the replica host: register the seed copies (FailoverManager).
-    auto job = env_->failover->MarkAsReplica(req->vm(), {req->seed_disks().begin(), req->seed_disks().end()});
+    auto job = env_->failover->MarkAsReplica(req->vm(), {req->seed_disks().begin(), req->seed_disks().end()},
+                                             req->move_seed_disks());
     if (!job.ok()) return Answer(r, job.status());
     SetJobStarted(r, *job);
     return grpc::Status::OK;

@@ -602,6 +602,47 @@ TEST_F(ReplicationTest, SeededInitialReplicationSendsOnlyTheBlocksTheCopyLacks) 
   refused(replica_->Cli({"mark-replica", "demo", "--disk", "vda=" + (dir_ / "seed.raw")}), "32775", "");
 }
 
+// mark-replica --move: the copy is renamed into the replica store as its
+// disk (nothing copied; the path is gone) and the seeded replication then
+// sends only what it lacks. A copy with another hard link is refused.
+TEST_F(ReplicationTest, SeededInitialReplicationFromACopyMovedIntoTheStore) {
+  Enable();
+  ASSERT_FALSE(HasFatalFailure());
+  Write({"write -P 31 0 8388608", "write -P 32 33554432 4194304"});
+  const std::string seed = dir_ / "seed.raw";
+  auto r = RunProgram({"/usr/bin/qemu-img", "convert", "-f", "raw", "-O", "raw", NbdUri(), seed});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  r = RunProgram({"/usr/bin/qemu-io", "-f", "raw", "-c", "write -P 77 1048576 4096", "-c",
+                  "write -P 78 40960000 4096", "-c", "write -P 79 60002304 4096", seed});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  const std::string link = dir_ / "seed-link.raw";
+  ASSERT_EQ(::link(seed.c_str(), link.c_str()), 0);
+  r = replica_->Cli({"mark-replica", "demo", "--move", "--disk", "vda=" + seed});
+  EXPECT_EQ(r.exit_code, 1) << r.out << r.err;
+  EXPECT_NE(r.err.find("32773"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("hard links"), std::string::npos) << r.err;
+  ASSERT_EQ(::unlink(link.c_str()), 0);
+
+  r = replica_->Cli({"--json", "mark-replica", "demo", "--move", "--disk", "vda=" + seed});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err << ReadText(replica_->log_path());
+  json mark = json::parse(LastJsonDocument(r.out)["job"].value("result_json", std::string("{}")), nullptr, false);
+  EXPECT_TRUE(mark.value("moved", false)) << r.out;
+  EXPECT_FALSE(std::filesystem::exists(seed)) << "the copy was moved, not copied";
+
+  r = primary_->Cli({"--json", "start", "demo", "--seeded"});
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err << ReadText(primary_->log_path());
+  json result = json::parse(LastJsonDocument(r.out)["job"].value("result_json", std::string("{}")), nullptr, false);
+  ASSERT_TRUE(result.is_object()) << r.out;
+  const int64_t sent = JsonInt(result["data_bytes"]) + JsonInt(result["zero_bytes"]);
+  std::cout << "seeded from a moved copy: " << sent << " bytes sent; " << result.dump() << "\n";
+  EXPECT_GE(sent, 3 * 4096) << r.out;
+  EXPECT_LE(sent, 2 * 3 * 4096) << r.out;
+  // The holes of the disk were compared without being read.
+  EXPECT_GT(JsonInt(result["hole_bytes"]), 0) << r.out;
+  ASSERT_TRUE(WaitForState(3));
+  ExpectReplicaEqualsPrimary();
+}
+
 // StartReplication type 2: export, ship (a copy of the directory), import.
 // Deltas written between the export and the import are staged on the
 // replica and arrive after the import, in order (each phase overwrites the
