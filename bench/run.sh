@@ -254,8 +254,9 @@ applied_by_replica() {
 }
 # initial NAME [START_OPTIONS...]: runs the initial replication (`start
 # NAME START_OPTIONS...`), waits until the replica has applied it; prints
-# "wall_s data_bytes wire_bytes duration_ms zero_bytes" (the numbers from
-# the job's result). wall_s runs from just before the CLI call to the
+# "wall_s data_bytes wire_bytes duration_ms zero_bytes read_bytes
+# hole_bytes" (the numbers from the job's result; the last two only for a
+# seeded one). wall_s runs from just before the CLI call to the
 # replica's own apply timestamp (so the polling here adds nothing to it).
 initial() {
   local name=$1 t0 t1 res seq
@@ -278,7 +279,8 @@ while True:
     if isinstance(d, dict) and "job" in d:
         doc = d
 r = json.loads(doc["job"]["result_json"])
-print(sys.argv[2], r["data_bytes"], r["wire_bytes"], r["duration_ms"], r.get("zero_bytes", 0))
+print(sys.argv[2], r["data_bytes"], r["wire_bytes"], r["duration_ms"], r.get("zero_bytes", 0),
+      r.get("read_bytes", 0), r.get("hole_bytes", 0))
 PY
 }
 # cycle NAME: resumes NAME (suspended), which runs one delta cycle at once;
@@ -466,7 +468,7 @@ scenario_p3() {
   qsd_stop p3 2>/dev/null || true
   drop_bitmaps "$work/img/disk.qcow2"
   qsd_start p3 "$work/img/disk.qcow2"
-  local tools=(vmreplica rsync) i t tool res wall data wire dur zero cpu c0 c1 t0 t1 mark mres mjob mkernel
+  local tools=(vmreplica rsync) i t tool res wall data wire dur zero cpu c0 c1 t0 t1 mark mres mjob mkernel pread pholes
   for ((i = 1; i <= runs; i++)); do
     for ((t = 0; t < ${#tools[@]}; t++)); do
       tool=${tools[$(((t + i - 1) % ${#tools[@]}))]}
@@ -497,10 +499,11 @@ while True:
         job = d["job"]
 r = json.loads(job.get("result_json") or "{}")
 print(r.get("duration_ms", 0) / 1000, r.get("kernel_copied_bytes", 0))' <<< "$mres")"
-          res=$(initial p3 --seeded); read -r wall data wire dur zero <<< "$res"
+          res=$(initial p3 --seeded); read -r wall data wire dur zero pread pholes <<< "$res"
           c1=$(( $(cpu_ticks "$(pair_pid 0)") + $(cpu_ticks "$(pair_pid 1)") ))
           record scenario=P3 tool=vmreplica run="$i" seconds="$(python3 -c "print($mark + $wall)")" \
-            mark_replica_s="$mark" mark_copy_s="$mjob" mark_kernel_bytes="$mkernel" data_bytes="$data" zero_bytes="$zero" wire_bytes="$wire" \
+            mark_replica_s="$mark" mark_copy_s="$mjob" mark_kernel_bytes="$mkernel" data_bytes="$data" \
+            primary_read_bytes="$pread" primary_hole_bytes="$pholes" zero_bytes="$zero" wire_bytes="$wire" \
             product_duration_s="$(python3 -c "print($dur/1000)")" cpu_s="$(ticks_to_s $((c1 - c0)))" \
             max_rss_bytes="$(( ($(hwm_kib "$(pair_pid 0)") + $(hwm_kib "$(pair_pid 1)")) * 1024 ))"
           pair_stop_daemons
