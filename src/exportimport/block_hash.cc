@@ -625,7 +625,14 @@ class NbdBlockReader {
     auto deadline = Clock::now() + options_.io_timeout;
     for (;;) {
       const int done = nbd_aio_command_completed(h_, static_cast<uint64_t>(cookie));
-      if (done == -1) return NbdError("block status at " + std::to_string(start)).WithContext(where_);
+      if (done == -1) {
+        // The server answered with an error: read everything from here on.
+        if (nbd_aio_is_dead(h_) == 1 || nbd_aio_is_closed(h_) == 1)
+          return Status::Unavailable(where_ + ": connection lost");
+        zero_map_ = false;
+        zeros_.clear();
+        return Status::Ok();
+      }
       if (done == 1) break;
       const int rc = nbd_poll(h_, RemainingMs(deadline));
       if (rc == -1) return NbdError("NBD connection").WithContext(where_);

@@ -1633,16 +1633,43 @@ Status ReplicaStore::AdoptSeedFile(uint32_t disk, const std::string& path) {
     return Status::InvalidArgument("'" + path + "' is on another file system than the replica store " + m.dir +
                                    ": it can only be copied, not moved");
   }
+  for (uint32_t d = 0; d < m.disk_fds.size(); ++d) {
+    struct stat own {};
+    if (::fstat(m.disk_fds[d], &own) == 0 && own.st_dev == st.st_dev && own.st_ino == st.st_ino) {
+      return Status::InvalidArgument("'" + path + "' is disk '" + m.disks[d].name + "' of this store already");
+    }
+  }
   if (::fchmod(fd, 0600) != 0) return Errno("chmod", path);
+  // The file checked above is the one that becomes the disk, whatever
+  // happens to `path` meanwhile: it is linked by its open descriptor
+  // (/proc/self/fd, which needs no privilege), then renamed over the disk
+  // file; the copy's own name is removed only if it still names it.
   const std::string target = m.DiskPath(disk);
-  if (::rename(path.c_str(), target.c_str()) != 0) return Errno("rename to " + target + " from", path);
-  // From here the path names the seed: the open descriptor follows it.
-  // Without the switch the store would write the unlinked old file.
+  const std::string staged = target + ".adopt";
+  const std::string by_fd = "/proc/self/fd/" + std::to_string(fd);
+  if (::unlink(staged.c_str()) != 0 && errno != ENOENT) return Errno("unlink", staged);
+  if (::linkat(AT_FDCWD, by_fd.c_str(), AT_FDCWD, staged.c_str(), AT_SYMLINK_FOLLOW) != 0) {
+    return Errno("link the copy '" + path + "' as", staged);
+  }
+  if (::rename(staged.c_str(), target.c_str()) != 0) {
+    Status e = Errno("rename to " + target + " from", staged);
+    ::unlink(staged.c_str());
+    return e;
+  }
+  // From here the disk's path names the copy: the open descriptor follows
+  // it. Without the switch the store would write the unlinked old file.
   if (::dup3(fd, m.disk_fds[disk], O_CLOEXEC) < 0) {
     m.broken = true;
     return Errno("switching the disk's descriptor to", target);
   }
   VMR_RETURN_IF_ERROR(m.FsyncDir(disks_dir, "adopt-seed.dir.fsync"));
+  struct stat named {};
+  if (::lstat(path.c_str(), &named) == 0 && named.st_dev == st.st_dev && named.st_ino == st.st_ino) {
+    if (::unlink(path.c_str()) != 0) return Errno("unlink the copy's name", path);
+  } else {
+    spdlog::warn("replica store {}: '{}' no longer names the copy that became disk {}; it is left as it is", m.dir,
+                 path, m.disks[disk].name);
+  }
   const std::string parent = std::filesystem::path(path).parent_path().string();
   if (!parent.empty() && parent != disks_dir) VMR_RETURN_IF_ERROR(m.FsyncDir(parent, "adopt-seed.source-dir.fsync"));
   return Status::Ok();

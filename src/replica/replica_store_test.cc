@@ -260,8 +260,11 @@ TEST_F(ReplicaStoreTest, AdoptedSeedFileBecomesTheDiskInPlace) {
     EXPECT_EQ(other_fs.code(), Code::kInvalidArgument) << other_fs.ToString();
   }
   fs::remove_all(shm_tmpl);
+  Status own = store_->AdoptSeedFile(1, store_->DiskPath(1));
+  EXPECT_EQ(own.code(), Code::kInvalidArgument) << own.ToString();
 
   ASSERT_TRUE(store_->AdoptSeedFile(0, seed).ok());
+  EXPECT_FALSE(fs::exists(store_->DiskPath(0) + ".adopt"));
   EXPECT_FALSE(fs::exists(seed));
   struct stat moved {};
   ASSERT_EQ(::stat(store_->DiskPath(0).c_str(), &moved), 0);

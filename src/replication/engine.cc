@@ -41,8 +41,8 @@ constexpr int kPrimaryIndex = 0;
 constexpr uint32_t kMinResyncBlockSize = 4u << 10;
 constexpr uint32_t kMaxResyncBlockSize = 64u << 10;
 constexpr uint64_t kResyncListBudget = uint64_t{64} << 20;
-// GetBlockHashes windows: the replica sends each 16 MiB of a disk's hashes
-// as soon as it hashed them.
+// GetBlockHashes windows: the replica sends the hashes of each 16 MiB of a
+// disk as soon as it hashed them.
 constexpr uint32_t kHashWindowBytes = 16u << 20;
 // The primary's reads of its cut while comparing.
 constexpr uint32_t kResyncReadBytes = 512u << 10;
@@ -711,8 +711,9 @@ Result<CycleReport> ReplicationEngine::RunCycle(const std::string& vm_id, bool i
                                       std::to_string(replica.expected_sequence) + " but logs up to " +
                                       std::to_string(rel.sequence) + " were acknowledged (out of sequence)");
   }
-  // Resync: the replica's hashes of its latest image, fetched before the cut
-  // (hashing reads its disks once; the cut's fleecing need not wait).
+  // Resync: the replica's hashes of its latest image (a continued log: the
+  // ones its first attempt got; otherwise fetched below while this side
+  // compares).
   std::vector<BlockHashList> remote;
   std::optional<ChunkMark> continuation;
   if (prior) {
@@ -748,14 +749,20 @@ Result<CycleReport> ReplicationEngine::RunCycle(const std::string& vm_id, bool i
   // the two passes overlap and each side reads its disks once.
   std::shared_ptr<HashListFeed> feed;
   std::unique_ptr<BlockHashFetch> fetch;
+  auto cancelled = [this, job] { return stop_flag_.load() || (job && job->CancelRequested()); };
   if (resync && !continuation) {
     std::vector<uint64_t> sizes;
     for (const auto& t : tracked) sizes.push_back(t.size_bytes);
     const uint32_t bs = ResyncBlockSize(tracked);
     feed = std::make_shared<HashListFeed>(bs, std::move(sizes));
     fetch = client.FetchBlockHashes(vm_id, kPrimaryIndex, std::max<uint32_t>(kHashWindowBytes / bs, 1), feed);
+    // The replica applies its staged logs, checks its state and refuses to
+    // hash while a stream of this VM runs: the first window says it passed
+    // all that. Waited for before the cut, so that the cut's fleecing
+    // export does not wait for the replica's applies; the log starts after
+    // the cut, so never before the replica began hashing.
+    if (auto first = feed->Await(0, 1, cancelled); !first.ok()) return first.status();
   }
-  auto cancelled = [this, job] { return stop_flag_.load() || (job && job->CancelRequested()); };
 
   CycleReport report;
   report.initial = initial && (!resync || initial_log);
@@ -1000,6 +1007,28 @@ Result<CycleReport> ReplicationEngine::RunCycle(const std::string& vm_id, bool i
     filled = std::make_unique<GapFillingSource>(concat.get(), std::move(sizes));
     inner = filled.get();
   }
+  // The log ends only once the replica's hash answer ended well: a disk
+  // only the replica has, or a list broken after the last one this side
+  // needed, fails the log instead of letting it commit.
+  class AfterFetch : public DeltaSource {
+   public:
+    AfterFetch(DeltaSource* inner, BlockHashFetch* fetch) : inner_(inner), fetch_(fetch) {}
+    Result<std::optional<DeltaRecord>> Next() override {
+      auto r = inner_->Next();
+      if (r.ok() && !r->has_value() && fetch_ != nullptr) {
+        Status f = fetch_->Wait();
+        fetch_ = nullptr;
+        if (!f.ok()) return f;
+      }
+      return r;
+    }
+
+   private:
+    DeltaSource* inner_;
+    BlockHashFetch* fetch_;
+  };
+  AfterFetch gated(inner, fetch.get());
+  if (fetch) inner = &gated;
   CancellableSource source(inner, cancelled);
   ConcatDeltaSource& observed = *concat;
   if (job != nullptr && total_bytes > 0) {
@@ -1040,30 +1069,23 @@ Result<CycleReport> ReplicationEngine::RunCycle(const std::string& vm_id, bool i
       marks.push_back(m);
     };
   }
-  if (feed) {
-    // The replica checks its state (and waits for its staged logs) before
-    // it hashes, and refuses to hash while a stream of this VM runs: the
-    // log starts only once its first window of hashes came.
-    if (auto first = feed->Await(0, 1, cancelled); !first.ok()) {
-      filled.reset();
-      concat.reset();
-      return abort(first.status());
-    }
-  }
   auto sent = client.SendDelta(info, source, so);
   filled.reset();
   concat.reset();  // every source freed: read_now is complete
   const uint64_t read_bytes = (prior ? prior->read_bytes : 0) + read_now;
   const uint64_t hole_bytes = (prior ? prior->hole_bytes : 0) + holes_now;
   if (fetch) {
-    // A log sent whole compared every block, so every list arrived. A
-    // broken one can be continued only with the replica's whole lists.
-    if (!sent.ok() && !feed->Complete()) fetch->Cancel();
+    // A log sent whole compared every block and waited for the call's
+    // end (AfterFetch). A broken one can be continued only with the
+    // replica's whole lists, kept if they came.
+    if (!sent.ok()) fetch->Cancel();
     if (Status f = fetch->Wait(); !f.ok() && sent.ok()) {
       spdlog::warn("VM {}: the block hash call ended with an error after every list arrived: {}", vm_id,
                    f.ToString());
     }
-    if (auto lists = feed->Lists(); lists.ok()) remote = std::move(*lists);
+    if (!sent.ok()) {
+      if (auto lists = feed->Lists(); lists.ok()) remote = std::move(*lists);
+    }
   }
   if (!sent.ok()) {
     // The replica keeps the part of the log it holds: the next resync of
