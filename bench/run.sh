@@ -252,6 +252,25 @@ applied_by_replica() {
   await "the replica to apply log $2 of $1" at_least "$2" rel_field R "$1" applied_sequence
   ms_to_s "$(rel_field R "$1" last_apply_time_unix_ms)"
 }
+# job_result FIELD...: reads what `vmreplica --json` printed for a job
+# method (one JSON document per answer; the last one with a job is the
+# finished job) on stdin and prints the named fields of its result_json,
+# space-separated; a FIELD ending in ? may be missing (0).
+job_result() {
+  python3 -c '
+import json, sys
+text, pos, job, dec = sys.stdin.read(), 0, None, json.JSONDecoder()
+while True:
+    while pos < len(text) and text[pos].isspace():
+        pos += 1
+    if pos >= len(text):
+        break
+    d, pos = dec.raw_decode(text, pos)
+    if isinstance(d, dict) and "job" in d:
+        job = d["job"]
+r = json.loads(job["result_json"])
+print(*[r.get(f[:-1], 0) if f.endswith("?") else r[f] for f in sys.argv[1:]])' "$@"
+}
 # initial NAME [START_OPTIONS...]: runs the initial replication (`start
 # NAME START_OPTIONS...`), waits until the replica has applied it; prints
 # "wall_s data_bytes wire_bytes duration_ms zero_bytes read_bytes
@@ -266,22 +285,8 @@ initial() {
   seq=$(rel_field P "$name" last_cycle.sequence)
   ((seq >= 1)) || { echo "no last cycle on the primary after the initial copy of $name" >&2; exit 1; }
   t1=$(applied_by_replica "$name" "$seq")
-  python3 - "$res" "$(elapsed "$t0" "$t1")" <<'PY'
-import json, sys
-# the CLI prints one JSON document per answer; the last one with a job is the finished job
-text, pos, doc, dec = sys.argv[1], 0, None, json.JSONDecoder()
-while True:
-    while pos < len(text) and text[pos].isspace():
-        pos += 1
-    if pos >= len(text):
-        break
-    d, pos = dec.raw_decode(text, pos)
-    if isinstance(d, dict) and "job" in d:
-        doc = d
-r = json.loads(doc["job"]["result_json"])
-print(sys.argv[2], r["data_bytes"], r["wire_bytes"], r["duration_ms"], r.get("zero_bytes", 0),
-      r.get("read_bytes", 0), r.get("hole_bytes", 0))
-PY
+  echo "$(elapsed "$t0" "$t1") $(job_result data_bytes wire_bytes duration_ms zero_bytes? read_bytes? hole_bytes? \
+    <<< "$res")"
 }
 # cycle NAME: resumes NAME (suspended), which runs one delta cycle at once;
 # waits until the primary reports it (its relationship's last_cycle) and the
@@ -486,19 +491,8 @@ scenario_p3() {
           rm -f "$work/img/seed-run.raw"
           t1=$(now); mark=$(elapsed "$t0" "$t1")
           # What the job itself reports: its copy's duration and how much the kernel copied.
-          read -r mjob mkernel <<< "$(python3 -c '
-import json, sys
-text, pos, job, dec = sys.stdin.read(), 0, {}, json.JSONDecoder()
-while True:
-    while pos < len(text) and text[pos].isspace():
-        pos += 1
-    if pos >= len(text):
-        break
-    d, pos = dec.raw_decode(text, pos)
-    if isinstance(d, dict) and "job" in d:
-        job = d["job"]
-r = json.loads(job.get("result_json") or "{}")
-print(r.get("duration_ms", 0) / 1000, r.get("kernel_copied_bytes", 0))' <<< "$mres")"
+          read -r mjob mkernel <<< "$(job_result duration_ms? kernel_copied_bytes? <<< "$mres")"
+          mjob=$(python3 -c "print($mjob / 1000)")
           res=$(initial p3 --seeded); read -r wall data wire dur zero pread pholes <<< "$res"
           c1=$(( $(cpu_ticks "$(pair_pid 0)") + $(cpu_ticks "$(pair_pid 1)") ))
           record scenario=P3 tool=vmreplica run="$i" seconds="$(python3 -c "print($mark + $wall)")" \

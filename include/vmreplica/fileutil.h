@@ -3,6 +3,7 @@
 // directory. A reader sees either the old or the new content, never a mix.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <functional>
 #include <string>
@@ -22,6 +23,9 @@ Status FsyncParentDir(const std::string& path);
 
 // Creates `dir` and its parents with `mode` when missing.
 Status MakeDirs(const std::string& dir, unsigned mode = 0755);
+
+// Whether the `n` bytes at `data` are all zero.
+bool IsAllZero(const void* data, size_t n);
 
 // What CopyFileSparse did.
 struct SparseCopyStats {

@@ -26,18 +26,6 @@ Status ErrnoAt(const std::string& what, uint64_t offset) {
 
 constexpr uint64_t kCopyPiece = 64ull << 20;
 
-bool AllZeroBytes(const char* p, size_t n) {
-  size_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    uint64_t w;
-    std::memcpy(&w, p + i, 8);
-    if (w != 0) return false;
-  }
-  for (; i < n; ++i)
-    if (p[i] != 0) return false;
-  return true;
-}
-
 Status PwriteAll(int fd, const char* p, size_t n, uint64_t offset) {
   for (size_t done = 0; done < n;) {
     const ssize_t w = ::pwrite(fd, p + done, n - done, static_cast<off_t>(offset + done));
@@ -96,6 +84,20 @@ Status NextExtent(int fd, uint64_t pos, uint64_t size, uint64_t* data, uint64_t*
 }
 
 }  // namespace
+
+bool IsAllZero(const void* data, size_t n) {
+  // Compared in words through memcpy (no alignment needed).
+  const auto* p = static_cast<const unsigned char*>(data);
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    uint64_t w;
+    std::memcpy(&w, p + i, 8);
+    if (w != 0) return false;
+  }
+  for (; i < n; ++i)
+    if (p[i] != 0) return false;
+  return true;
+}
 
 Status CopyFileSparse(int src_fd, int dst_fd, uint64_t size, SparseCopyStats* stats,
                       const std::function<void(uint64_t, uint64_t)>& progress,
@@ -159,7 +161,7 @@ Status CopyFileSparse(int src_fd, int dst_fd, uint64_t size, SparseCopyStats* st
             }
             got += static_cast<size_t>(r);
           }
-          if (AllZeroBytes(buf.data(), n)) {
+          if (IsAllZero(buf.data(), n)) {
             VMR_RETURN_IF_ERROR(ZeroRange(dst_fd, pos + copied, n));
             st.hole_bytes += n;
           } else {

@@ -16,6 +16,8 @@
 #include <mutex>
 #include <thread>
 
+#include "vmreplica/fileutil.h"
+
 namespace vmreplica {
 namespace {
 
@@ -85,19 +87,6 @@ uint64_t RequestSpan(const BlockHashOptions& o) {
   return std::max<uint64_t>(o.block_size, o.request_bytes - o.request_bytes % o.block_size);
 }
 
-bool AllZero(const unsigned char* p, size_t n) {
-  // Compare in words; the buffer comes from std::string / vector (aligned
-  // enough for memcpy-based loads).
-  size_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    uint64_t w;
-    std::memcpy(&w, p + i, 8);
-    if (w != 0) return false;
-  }
-  for (; i < n; ++i)
-    if (p[i] != 0) return false;
-  return true;
-}
 
 // Hashes the blocks of one request buffer that starts at block `first`.
 // Returns the number of all-zero blocks. `zero_full` is HashOfZeros(block
@@ -107,7 +96,7 @@ uint64_t HashRequest(const unsigned char* buf, uint64_t bytes, uint64_t first, u
   uint64_t zeros = 0;
   for (uint64_t off = 0, i = first; off < bytes; off += block_size, ++i) {
     const uint64_t n = std::min<uint64_t>(block_size, bytes - off);
-    if (AllZero(buf + off, n)) {
+    if (IsAllZero(buf + off, n)) {
       ++zeros;
       out[i] = n == block_size ? zero_full : HashOfZeros(n);
     } else {
@@ -1063,7 +1052,7 @@ Result<std::optional<DeltaRecord>> NbdBlockDiffSource::Next() {
         continue;
       }
       auto is_zero = [&](uint64_t b) {
-        return AllZero(piece->data + b * bs, std::min<uint64_t>(bs, piece->bytes - b * bs));
+        return IsAllZero(piece->data + b * bs, std::min<uint64_t>(bs, piece->bytes - b * bs));
       };
       const bool zero = is_zero(k);
       uint64_t j = k + 1;
