@@ -146,6 +146,7 @@ struct SendOptions {
 // written, resends included; resumed counts attempts after the first.
 struct SendStats {
   uint64_t records = 0, data_bytes = 0, zero_bytes = 0, wire_bytes = 0, chunks = 0, resumed = 0;
+  uint64_t compression_skipped = 0;  // chunks sent raw after probes found them incompressible
 };
 
 // TEST ONLY fault seams of ReplicaClient::SendDelta. Never set in production.

@@ -4,7 +4,9 @@
 #include <zstd.h>
 
 #include <algorithm>
+#include <condition_variable>
 #include <deque>
+#include <mutex>
 #include <limits>
 #include <thread>
 
@@ -104,6 +106,9 @@ Result<std::string> EncodeCandidateRanges(const std::vector<ReplicaRange>& candi
   return SerializeRangeList(kRangeListCandidates, disk_count, list);
 }
 
+// Chunks made ahead of the sender (each up to SendOptions::chunk_bytes).
+constexpr size_t kChunksMadeAhead = 4;
+
 struct Chunk {
   uint64_t index = 0;
   v1::DeltaMessage message;  // the chunk as written (payload possibly mutated by a test hook)
@@ -191,12 +196,17 @@ class Chunker {
       if (!cctx_) return Status::Internal("ZSTD_createCCtx failed");
       const size_t bound = ZSTD_compressBound(raw.size());
       if (zbuf_.size() < bound) zbuf_.resize(bound);
-      size_t n = ZSTD_compressCCtx(cctx_.get(), zbuf_.data(), bound, raw.data(), raw.size(), 1);
-      if (!ZSTD_isError(n) && n < raw.size()) {
-        m->set_compression(1);
-        m->set_payload(zbuf_.data(), n);
-        ++stats_->chunks;
-        return std::optional<Chunk>(std::move(c));
+      if (last_incompressible_ && !ProbeCompresses(raw)) {
+        ++stats_->compression_skipped;
+      } else {
+        size_t n = ZSTD_compressCCtx(cctx_.get(), zbuf_.data(), bound, raw.data(), raw.size(), 1);
+        last_incompressible_ = ZSTD_isError(n) || n > raw.size() - raw.size() / 32;
+        if (!ZSTD_isError(n) && n < raw.size()) {
+          m->set_compression(1);
+          m->set_payload(zbuf_.data(), n);
+          ++stats_->chunks;
+          return std::optional<Chunk>(std::move(c));
+        }
       }
     }
     m->set_compression(0);
@@ -209,6 +219,23 @@ class Chunker {
   bool done() const { return eof_ && !carry_; }
 
  private:
+  // After a chunk that did not compress (by 1/32 or more), the next one is
+  // compressed whole only when one of kProbes slices spread over it does
+  // (each 1/16 of the chunk, at most 16 KiB): random or already compressed
+  // data (a VM's encrypted or compressed files, media) then costs the probes
+  // instead of a whole zstd pass. docs/protocol.md "PushDelta".
+  static constexpr size_t kProbes = 4;
+  bool ProbeCompresses(const std::string& raw) {
+    const size_t slice = std::min<size_t>(16 << 10, raw.size() / 16);
+    if (slice < 1024) return true;
+    for (size_t i = 0; i < kProbes; ++i) {
+      const size_t at = raw.size() / kProbes * i;
+      const size_t n = ZSTD_compressCCtx(cctx_.get(), zbuf_.data(), zbuf_.size(), raw.data() + at, slice, 1);
+      if (!ZSTD_isError(n) && n <= slice - slice / 32) return true;
+    }
+    return false;
+  }
+
   DeltaSource& source_;
   const SendOptions& options_;
   SendStats* stats_;
@@ -219,6 +246,86 @@ class Chunker {
   uint64_t last_end_ = 0;
   std::unique_ptr<ZSTD_CCtx, size_t (*)(ZSTD_CCtx*)> cctx_{nullptr, ZSTD_freeCCtx};
   std::string zbuf_;  // compressed chunk, reused
+  bool last_incompressible_ = false;  // the last chunk compressed whole saved under 1/32
+};
+
+// Makes the next chunks on a thread of its own, up to `depth` ahead of the
+// sender: reading the source, serialising, hashing and compressing a chunk
+// overlap the write (gRPC, TLS, socket) of the one before. The chunker and
+// the source are used by that thread only while it runs; Stop() (or the
+// destructor) joins it, after which the stats it filled may be read.
+class ChunkPrefetcher {
+ public:
+  ChunkPrefetcher(Chunker& chunker, size_t depth)
+      : chunker_(chunker), depth_(depth), next_index_(chunker.chunks_made()), thread_([this] { Run(); }) {}
+  ~ChunkPrefetcher() { Stop(); }
+  ChunkPrefetcher(const ChunkPrefetcher&) = delete;
+  ChunkPrefetcher& operator=(const ChunkPrefetcher&) = delete;
+
+  // The next chunk in order, nullopt at the end of the source, or the
+  // source's (or the chunker's) error, which stays.
+  Result<std::optional<Chunk>> Next() {
+    std::unique_lock<std::mutex> l(mu_);
+    cv_.wait(l, [&] { return !ready_.empty() || end_ || !error_.ok(); });
+    if (!ready_.empty()) {
+      Chunk c = std::move(ready_.front());
+      ready_.pop_front();
+      ++next_index_;
+      cv_.notify_all();
+      return std::optional<Chunk>(std::move(c));
+    }
+    if (!error_.ok()) return error_;
+    return std::optional<Chunk>();
+  }
+
+  // The index the next chunk handed out will have (chunks handed out so
+  // far, counted from the continuation's start).
+  uint64_t next_index() {
+    std::lock_guard<std::mutex> l(mu_);
+    return next_index_;
+  }
+
+  void Stop() {
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    if (thread_.joinable()) thread_.join();
+  }
+
+ private:
+  void Run() {
+    for (;;) {
+      {
+        std::unique_lock<std::mutex> l(mu_);
+        cv_.wait(l, [&] { return stop_ || ready_.size() < depth_; });
+        if (stop_) return;
+      }
+      auto made = chunker_.Next();
+      std::lock_guard<std::mutex> l(mu_);
+      if (!made.ok()) {
+        error_ = made.status();
+      } else if (!*made) {
+        end_ = true;
+      } else {
+        ready_.push_back(std::move(**made));
+      }
+      cv_.notify_all();
+      if (!error_.ok() || end_) return;
+    }
+  }
+
+  Chunker& chunker_;
+  const size_t depth_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<Chunk> ready_;
+  Status error_;
+  bool end_ = false;
+  bool stop_ = false;
+  uint64_t next_index_;
+  std::thread thread_;  // last: starts once the members above exist
 };
 
 // Replies of one stream, filled by its reader thread.
@@ -545,6 +652,7 @@ Result<SendStats> ReplicaClient::SendDelta(const DeltaInfo& info, DeltaSource& s
 
   SendStats stats;
   Chunker chunker(source, options, &stats);
+  ChunkPrefetcher prefetch(chunker, kChunksMadeAhead);
   std::deque<Chunk> window;  // written, not yet acknowledged, oldest first
   uint64_t bytes_sent = 0;
   Status last = Status::Unavailable("no attempt made");
@@ -615,7 +723,7 @@ Result<SendStats> ReplicaClient::SendDelta(const DeltaInfo& info, DeltaSource& s
       committed = true;  // an earlier attempt's commit answer was lost
     } else {
       const uint64_t resume = holds([&] { return rs.resume_chunk; });
-      const uint64_t oldest = window.empty() ? chunker.chunks_made() : window.front().index;
+      const uint64_t oldest = window.empty() ? prefetch.next_index() : window.front().index;
       if (options.continuation && attempt == 1 && resume != options.continuation->index + 1) {
         attempt_status = Status::Unavailable("the replica lost the partial log (it holds " + std::to_string(resume) +
                                              " chunks, the continuation follows chunk " +
@@ -624,9 +732,9 @@ Result<SendStats> ReplicaClient::SendDelta(const DeltaInfo& info, DeltaSource& s
         attempt_status =
             Status::Unavailable("the replica lost the partial log (it wants chunk " + std::to_string(resume) +
                                 ", the oldest kept is " + std::to_string(oldest) + "): send the delta again");
-      } else if (resume > chunker.chunks_made()) {
+      } else if (resume > prefetch.next_index()) {
         attempt_status = Status::Internal("the replica wants chunk " + std::to_string(resume) + " of " +
-                                          std::to_string(chunker.chunks_made()) + " sent");
+                                          std::to_string(prefetch.next_index()) + " sent");
       } else {
         while (!window.empty() && window.front().index < resume) window.pop_front();
         // Resend the window, then new chunks; each write waits for room.
@@ -649,7 +757,7 @@ Result<SendStats> ReplicaClient::SendDelta(const DeltaInfo& info, DeltaSource& s
               }
               continue;
             }
-            auto made = chunker.Next();
+            auto made = prefetch.Next();
             if (!made.ok()) {
               attempt_status = made.status();
               break;
@@ -679,8 +787,9 @@ Result<SendStats> ReplicaClient::SendDelta(const DeltaInfo& info, DeltaSource& s
           }
         }
         if (attempt_status.ok() && !broken) {
+          prefetch.Stop();  // at the end of the source: the stats are complete
           v1::DeltaMessage end;
-          end.mutable_end()->set_chunk_count(chunker.chunks_made());
+          end.mutable_end()->set_chunk_count(prefetch.next_index());
           end.mutable_end()->set_record_count(stats.records);
           end.mutable_end()->set_data_bytes(stats.data_bytes);
           end.mutable_end()->set_zero_bytes(stats.zero_bytes);

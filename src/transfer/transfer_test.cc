@@ -360,6 +360,40 @@ TEST_F(TransferTest, CreateAndSeveralDeltasGiveExactPoints) {
   EXPECT_EQ(catalog_->ListRecoveryPoints(kVm)->size(), 4u);
 }
 
+// Chunks after one that did not compress are probed first: random data is
+// sent raw without a whole zstd pass, and compressible data after it is
+// compressed again. Both arrive intact.
+TEST_F(TransferTest, IncompressibleChunksAreProbedAndCompressibleOnesStillCompressed) {
+  auto client = Client("primary-a.lab");
+  ASSERT_TRUE(client->CreateReplica(Params()).ok());
+  std::mt19937_64 rng(11);
+  auto images = EmptyImages();
+  std::vector<DeltaRecord> recs;
+  // vda: 768 KiB of random data, then 256 KiB of text; 64 KiB chunks.
+  std::string random(768 << 10, '\0');
+  for (auto& c : random) c = static_cast<char>(rng());
+  std::string text(256 << 10, '\0');
+  for (size_t k = 0; k < text.size(); ++k) text[k] = static_cast<char>('a' + (k / 64) % 26);
+  std::copy(random.begin(), random.end(), images[0].begin());
+  std::copy(text.begin(), text.end(), images[0].begin() + random.size());
+  recs.push_back(DataRecord(0, 0, random));
+  recs.push_back(DataRecord(0, random.size(), text));
+  VectorDeltaSource src(std::move(recs));
+  SendOptions o;
+  o.compress = true;
+  o.chunk_bytes = 64 << 10;
+  auto stats = client->SendDelta(Info(1), src, o);
+  ASSERT_TRUE(stats.ok()) << stats.status().ToString();
+  EXPECT_EQ(stats->chunks, 16u);
+  // The first random chunk was compressed whole (and sent raw); the 11
+  // after it only probed. The text's chunks were compressed.
+  EXPECT_EQ(stats->compression_skipped, 11u);
+  EXPECT_GT(stats->wire_bytes, random.size());
+  EXPECT_LT(stats->wire_bytes, random.size() + text.size() / 4);
+  std::map<uint64_t, std::vector<std::string>> expected{{1, images}};
+  ExpectPoints(expected);
+}
+
 TEST_F(TransferTest, BrokenStreamResumesFromLastAckedChunk) {
   auto client = Client("primary-a.lab");
   ASSERT_TRUE(client->CreateReplica(Params()).ok());
