@@ -131,8 +131,18 @@ struct SendOptions {
   // on from the mark's). Otherwise Unavailable ("the replica lost the
   // partial log"): nothing is sent.
   std::optional<ChunkMark> continuation;
-  // Called with each chunk's mark when the chunk is made (calling thread).
+  // Called with each chunk's mark when the chunk is made: on SendDelta's
+  // chunk-making thread, which reads the source (up to 4 chunks ahead of
+  // the writes; a failed send may have made chunks it never wrote). The
+  // calls are in chunk order and all happen before SendDelta returns.
   std::function<void(const ChunkMark&)> on_chunk;
+  // Called on SendDelta's thread when it gives up (an error, or a commit
+  // found at the start) while the chunk-making thread may still be inside
+  // the source's Next(): it must make that call return soon (a source that
+  // waits or scans long checks a flag this sets; a hash fetch is
+  // cancelled). SendDelta waits for that thread before it returns. May be
+  // empty (the sources return within one read).
+  std::function<void()> abandon;
   bool compress = true;
   uint32_t chunk_bytes = 1 << 20;                     // 4 KiB .. 16 MiB of record data per chunk
   std::function<void(uint64_t bytes_sent)> progress;  // may be empty; total payload bytes so far

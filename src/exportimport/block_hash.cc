@@ -1020,6 +1020,9 @@ Result<std::optional<DeltaRecord>> NbdBlockDiffSource::Next() {
       return std::optional<DeltaRecord>(std::move(r));
     }
     if (done_) return std::optional<DeltaRecord>();
+    // Checked per piece: a long run of equal blocks returns nothing for a
+    // while, and a send that gave up must not wait for its end.
+    if (cancelled_ && cancelled_()) return Status::Cancelled("the block comparison was cancelled");
     VMR_ASSIGN_OR_RETURN(auto piece, reader_->Next());
     if (!piece.has_value()) {
       done_ = true;

@@ -450,8 +450,25 @@ struct ReplicaStore::Impl {
   // is_data[k] = block first+k of `disk` holds allocated bytes (SEEK_DATA /
   // SEEK_HOLE; when the file system cannot tell, every block counts as data).
   void DataMap(uint32_t disk, uint64_t first, uint64_t end, std::vector<char>* is_data) const;
-  // One batch of an apply: before-images, one fdatasync, then the data.
-  Status ApplyBatch(const std::vector<BatchPiece>& pieces);
+  // One batch of an apply (docs section 5): Save each piece as it joins
+  // the batch (its before-images), then SealAndWrite once (one fdatasync,
+  // then the data). Lives on the applying thread, apply_mu held.
+  struct UndoBatch {
+    explicit UndoBatch(Impl& store);
+    Status Save(const BatchPiece& p);
+    Status SealAndWrite(const std::vector<BatchPiece>& pieces);
+
+   private:
+    Status Flush();  // the entries not yet written, at buf_at
+    Impl& m;
+    std::vector<std::pair<uint64_t, Loc>> added;  // entries of this batch, published by SealAndWrite
+    std::unordered_set<uint64_t> pending;         // their keys
+    std::string buf;                              // entries not yet written; flushed every kUndoWriteChunk
+    uint64_t buf_at;                              // file offset of buf[0]
+    std::string run;
+    std::string zblock;
+    std::vector<char> is_data;
+  };
   Status SyncCatalog();
   Status Retention();
   Status DropPoint(size_t i);
@@ -891,35 +908,25 @@ void ReplicaStore::Impl::DataMap(uint32_t disk, uint64_t first, uint64_t end, st
   for (uint64_t k = std::max(first, pos / b); k < end; ++k) (*is_data)[k - first] = 1;
 }
 
-Status ReplicaStore::Impl::ApplyBatch(const std::vector<BatchPiece>& pieces) {
-  const uint32_t b = bs();
-  // 1. Before-images of every block the batch touches that the segment does
-  // not hold yet, read from the images as they are at the previous point
-  // (no data of this batch is written yet; blocks written by earlier batches
-  // are in the index). Only this thread changes the images and the in-flight
-  // index (apply_mu), so none of this needs mu: readers go on reading the
-  // previous point from the same bytes.
-  std::vector<std::pair<uint64_t, Loc>> added;
-  std::unordered_set<uint64_t> pending;
-  std::string buf;  // entries not yet written; flushed every kUndoWriteChunk
-  uint64_t buf_at = inflight->size;  // file offset of buf[0]
-  std::string run;
-  std::string zblock;
-  std::vector<char> is_data;
-  auto flush = [&]() -> Status {
-    if (buf.empty()) return Status::Ok();
-    VMR_RETURN_IF_ERROR(
-        Step("undo.write", [&] { return PwriteFull(inflight->fd, buf.data(), buf.size(), buf_at, inflight->path); }));
-    buf_at += buf.size();
-    buf.clear();
-    return Status::Ok();
-  };
+ReplicaStore::Impl::UndoBatch::UndoBatch(Impl& store) : m(store), buf_at(store.inflight->size) {}
+
+// Step a of section 5 for one piece, done as soon as the piece is in the
+// batch (while the source still receives the next records): the
+// before-images of its blocks that the segment does not hold yet, read from
+// the images as they are at the previous point (no data of this batch is
+// written before Seal, and blocks written by earlier batches are in the
+// index). Only the applying thread changes the images and the in-flight
+// index (apply_mu), so none of this needs mu: readers go on reading the
+// previous point from the same bytes.
+Status ReplicaStore::Impl::UndoBatch::Save(const BatchPiece& p) {
+  const uint32_t b = m.bs();
+  auto flush = [&]() -> Status { return Flush(); };
   auto add_entry = [&](uint32_t disk, uint64_t blk, const char* block, bool zero) -> Status {
     const uint64_t key = Key(disk, blk);
     pending.insert(key);
     added.push_back({key, Loc{buf_at + buf.size(), zero}});
     size_t zlen = 0;
-    if (!zero && opt.compress_undo) {
+    if (!zero && m.opt.compress_undo) {
       // Kept compressed only when that saves at least an eighth.
       thread_local std::unique_ptr<ZSTD_CCtx, size_t (*)(ZSTD_CCtx*)> cctx(ZSTD_createCCtx(), ZSTD_freeCCtx);
       zblock.resize(ZSTD_compressBound(b));
@@ -935,58 +942,70 @@ Status ReplicaStore::Impl::ApplyBatch(const std::vector<BatchPiece>& pieces) {
   };
   auto saved = [&](uint32_t disk, uint64_t blk) {
     const uint64_t key = Key(disk, blk);
-    return inflight->index.count(key) != 0 || pending.count(key) != 0;
+    return m.inflight->index.count(key) != 0 || pending.count(key) != 0;
   };
-  for (const BatchPiece& p : pieces) {
-    const DeltaRecord& rec = *p.rec;
-    DataMap(rec.disk, p.first, p.end, &is_data);
-    uint64_t blk = p.first;
-    while (blk < p.end) {
-      if (saved(rec.disk, blk)) {
-        ++blk;
-        continue;
-      }
-      if (is_data[blk - p.first] == 0) {
-        // A hole: zeroing it changes nothing (no entry at all); anything
-        // else saves a zero entry (32 bytes, no payload, no read).
-        if (!rec.zero) VMR_RETURN_IF_ERROR(add_entry(rec.disk, blk, nullptr, true));
-        ++blk;
-        continue;
-      }
-      // A run of allocated blocks to save: one read.
-      uint64_t r = blk + 1;
-      while (r < p.end && r - blk < kReadRunBlocks && is_data[r - p.first] != 0 && !saved(rec.disk, r)) ++r;
-      run.resize(static_cast<size_t>((r - blk) * b));
-      VMR_RETURN_IF_ERROR(PreadFull(disk_fds[rec.disk], run.data(), run.size(), blk * b, DiskPath(rec.disk)));
-      for (uint64_t x = blk; x < r; ++x) {
-        const char* block = run.data() + (x - blk) * b;
-        VMR_RETURN_IF_ERROR(add_entry(rec.disk, x, block, IsZero(block, b)));
-      }
-      blk = r;
+  const DeltaRecord& rec = *p.rec;
+  m.DataMap(rec.disk, p.first, p.end, &is_data);
+  uint64_t blk = p.first;
+  while (blk < p.end) {
+    if (saved(rec.disk, blk)) {
+      ++blk;
+      continue;
     }
+    if (is_data[blk - p.first] == 0) {
+      // A hole: zeroing it changes nothing (no entry at all); anything
+      // else saves a zero entry (32 bytes, no payload, no read).
+      if (!rec.zero) VMR_RETURN_IF_ERROR(add_entry(rec.disk, blk, nullptr, true));
+      ++blk;
+      continue;
+    }
+    // A run of allocated blocks to save: one read.
+    uint64_t r = blk + 1;
+    while (r < p.end && r - blk < kReadRunBlocks && is_data[r - p.first] != 0 && !saved(rec.disk, r)) ++r;
+    run.resize(static_cast<size_t>((r - blk) * b));
+    VMR_RETURN_IF_ERROR(PreadFull(m.disk_fds[rec.disk], run.data(), run.size(), blk * b, m.DiskPath(rec.disk)));
+    for (uint64_t x = blk; x < r; ++x) {
+      const char* block = run.data() + (x - blk) * b;
+      VMR_RETURN_IF_ERROR(add_entry(rec.disk, x, block, IsZero(block, b)));
+    }
+    blk = r;
   }
-  // 2. One marker, one fdatasync for the whole batch; then readers may use
-  // the entries.
+  return Status::Ok();
+}
+
+Status ReplicaStore::Impl::UndoBatch::Flush() {
+  if (buf.empty()) return Status::Ok();
+  VMR_RETURN_IF_ERROR(
+      m.Step("undo.write", [&] { return PwriteFull(m.inflight->fd, buf.data(), buf.size(), buf_at, m.inflight->path); }));
+  buf_at += buf.size();
+  buf.clear();
+  return Status::Ok();
+}
+
+// Steps b and c: one marker and one fdatasync for the whole batch, after
+// which readers may use the entries; then the data. Every block the data
+// changes has a durable before-image that readers already use, so the
+// writes need no lock and no fsync of their own: the disks are fsynced
+// once, before the trailer (docs section 5).
+Status ReplicaStore::Impl::UndoBatch::SealAndWrite(const std::vector<BatchPiece>& pieces) {
+  const uint32_t b = m.bs();
   if (!added.empty()) {
-    AppendMarker(&buf, kBatchTag, buf_at + buf.size(), inflight->index.size() + added.size());
-    VMR_RETURN_IF_ERROR(flush());
-    VMR_RETURN_IF_ERROR(Step("undo.fsync", [&] {
-      return ::fdatasync(inflight->fd) == 0 ? Status::Ok() : Errno("fdatasync", inflight->path);
+    AppendMarker(&buf, kBatchTag, buf_at + buf.size(), m.inflight->index.size() + added.size());
+    VMR_RETURN_IF_ERROR(Flush());
+    VMR_RETURN_IF_ERROR(m.Step("undo.fsync", [&] {
+      return ::fdatasync(m.inflight->fd) == 0 ? Status::Ok() : Errno("fdatasync", m.inflight->path);
     }));
-    auto lk = WriteLock();
-    inflight->size = buf_at;
-    for (const auto& [k, loc] : added) inflight->index.emplace(k, loc);
+    auto lk = m.WriteLock();
+    m.inflight->size = buf_at;
+    for (const auto& [k, loc] : added) m.inflight->index.emplace(k, loc);
   }
-  // 3. The data. Every block it changes has a durable before-image that
-  // readers already use, so the writes need no lock and no fsync of their
-  // own: the disks are fsynced once, before the trailer (docs section 5).
   for (const BatchPiece& p : pieces) {
     const DeltaRecord& rec = *p.rec;
     const uint64_t lo = std::max(rec.offset, p.first * b);
     const uint64_t hi = std::min(rec.offset + rec.length, p.end * b);
-    VMR_RETURN_IF_ERROR(Step("disk.write", [&] {
-      if (rec.zero) return WriteZeros(rec.disk, lo, hi - lo);
-      return PwriteFull(disk_fds[rec.disk], rec.data.data() + (lo - rec.offset), hi - lo, lo, DiskPath(rec.disk));
+    VMR_RETURN_IF_ERROR(m.Step("disk.write", [&] {
+      if (rec.zero) return m.WriteZeros(rec.disk, lo, hi - lo);
+      return PwriteFull(m.disk_fds[rec.disk], rec.data.data() + (lo - rec.offset), hi - lo, lo, m.DiskPath(rec.disk));
     }));
   }
   return Status::Ok();
@@ -1044,6 +1063,7 @@ Status ReplicaStore::Apply(uint64_t sequence, const PointInfo& info, DeltaSource
   bool eof = false;
   while (s.ok() && (cur || !eof)) {
     std::vector<BatchPiece> batch;
+    Impl::UndoBatch undo(m);
     uint64_t used = 0;  // bytes of the blocks the batch touches
     while (used < m.opt.apply_batch_bytes) {
       if (!cur) {
@@ -1072,9 +1092,12 @@ Status ReplicaStore::Apply(uint64_t sequence, const PointInfo& info, DeltaSource
       used += take * b;
       cur_next += take;
       if (cur_next == cur_end) cur.reset();
+      // Its before-images now, while the source may still be receiving.
+      s = undo.Save(batch.back());
+      if (!s.ok()) break;
     }
     if (s.ok() && !batch.empty()) {
-      s = m.ApplyBatch(batch);
+      s = undo.SealAndWrite(batch);
       ++batches;
     }
   }

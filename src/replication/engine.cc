@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstring>
 #include <cctype>
@@ -749,7 +750,12 @@ Result<CycleReport> ReplicationEngine::RunCycle(const std::string& vm_id, bool i
   // the two passes overlap and each side reads its disks once.
   std::shared_ptr<HashListFeed> feed;
   std::unique_ptr<BlockHashFetch> fetch;
-  auto cancelled = [this, job] { return stop_flag_.load() || (job && job->CancelRequested()); };
+  // Set when SendDelta gives up while its chunk-making thread may still be
+  // reading the sources (SendOptions::abandon): they stop as if cancelled.
+  std::atomic<bool> send_abandoned{false};
+  auto cancelled = [this, job, &send_abandoned] {
+    return send_abandoned.load() || stop_flag_.load() || (job && job->CancelRequested());
+  };
   if (resync && !continuation) {
     std::vector<uint64_t> sizes;
     for (const auto& t : tracked) sizes.push_back(t.size_bytes);
@@ -1052,6 +1058,10 @@ Result<CycleReport> ReplicationEngine::RunCycle(const std::string& vm_id, bool i
   SendOptions so;
   so.compress = rel.settings.compression_enabled;
   so.throttle = [this](uint64_t bytes) { Throttle(bytes); };
+  so.abandon = [&send_abandoned, &fetch] {
+    send_abandoned = true;
+    if (fetch) fetch->Cancel();  // a source waiting for hash windows or the call's end
+  };
   const bool resync_log = resync && !initial_log;
   std::vector<ChunkMark> marks = prior ? prior->marks : std::vector<ChunkMark>();
   if (resync_log) {

@@ -4,6 +4,7 @@
 #include <zstd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <condition_variable>
 #include <deque>
 #include <mutex>
@@ -132,6 +133,7 @@ class Chunker {
     v1::ChunkBody body;
     uint64_t data = 0;
     while (data < options_.chunk_bytes && body.records_size() < 65536) {
+      if (abandoned_ != nullptr && abandoned_->load()) return Status::Cancelled("the send was abandoned");
       if (!carry_) {
         if (eof_) break;
         VMR_ASSIGN_OR_RETURN(auto r, source_.Next());
@@ -217,6 +219,8 @@ class Chunker {
 
   uint64_t chunks_made() const { return next_index_; }
   bool done() const { return eof_ && !carry_; }
+  // Checked between records: once set, Next() stops with Cancelled.
+  void set_abandoned_flag(const std::atomic<bool>* f) { abandoned_ = f; }
 
  private:
   // After a chunk that did not compress (by 1/32 or more), the next one is
@@ -246,19 +250,24 @@ class Chunker {
   uint64_t last_end_ = 0;
   std::unique_ptr<ZSTD_CCtx, size_t (*)(ZSTD_CCtx*)> cctx_{nullptr, ZSTD_freeCCtx};
   std::string zbuf_;  // compressed chunk, reused
+  const std::atomic<bool>* abandoned_ = nullptr;
   bool last_incompressible_ = false;  // the last chunk compressed whole saved under 1/32
 };
 
 // Makes the next chunks on a thread of its own, up to `depth` ahead of the
 // sender: reading the source, serialising, hashing and compressing a chunk
-// overlap the write (gRPC, TLS, socket) of the one before. The chunker and
-// the source are used by that thread only while it runs; Stop() (or the
-// destructor) joins it, after which the stats it filled may be read.
+// overlap the write (gRPC, TLS, socket) of the one before. The thread starts
+// with the first Next() (a send refused at its start reads nothing). The
+// chunker and the source are used by that thread only while it runs;
+// Finish() or Abandon() join it, after which the stats it filled may be
+// read.
 class ChunkPrefetcher {
  public:
-  ChunkPrefetcher(Chunker& chunker, size_t depth)
-      : chunker_(chunker), depth_(depth), next_index_(chunker.chunks_made()), thread_([this] { Run(); }) {}
-  ~ChunkPrefetcher() { Stop(); }
+  ChunkPrefetcher(Chunker& chunker, size_t depth, std::function<void()> on_abandon)
+      : chunker_(chunker), depth_(depth), on_abandon_(std::move(on_abandon)), next_index_(chunker.chunks_made()) {
+    chunker_.set_abandoned_flag(&abandoned_);
+  }
+  ~ChunkPrefetcher() { Abandon(); }
   ChunkPrefetcher(const ChunkPrefetcher&) = delete;
   ChunkPrefetcher& operator=(const ChunkPrefetcher&) = delete;
 
@@ -266,6 +275,7 @@ class ChunkPrefetcher {
   // source's (or the chunker's) error, which stays.
   Result<std::optional<Chunk>> Next() {
     std::unique_lock<std::mutex> l(mu_);
+    if (!thread_.joinable() && !end_ && error_.ok()) thread_ = std::thread([this] { Run(); });
     cv_.wait(l, [&] { return !ready_.empty() || end_ || !error_.ok(); });
     if (!ready_.empty()) {
       Chunk c = std::move(ready_.front());
@@ -285,12 +295,24 @@ class ChunkPrefetcher {
     return next_index_;
   }
 
-  void Stop() {
+  // Joins the thread after Next() returned the end of the source.
+  void Finish() {
+    if (thread_.joinable()) thread_.join();
+  }
+
+  // Stops making chunks: a thread still inside the source is told to
+  // return (the chunker's flag between records, SendOptions::abandon for a
+  // source that waits or scans), then joined.
+  void Abandon() {
+    bool running = false;
     {
       std::lock_guard<std::mutex> l(mu_);
       stop_ = true;
+      running = thread_.joinable() && !end_ && error_.ok();
     }
+    abandoned_ = true;
     cv_.notify_all();
+    if (running && on_abandon_) on_abandon_();
     if (thread_.joinable()) thread_.join();
   }
 
@@ -318,6 +340,8 @@ class ChunkPrefetcher {
 
   Chunker& chunker_;
   const size_t depth_;
+  const std::function<void()> on_abandon_;
+  std::atomic<bool> abandoned_{false};
   std::mutex mu_;
   std::condition_variable cv_;
   std::deque<Chunk> ready_;
@@ -325,7 +349,7 @@ class ChunkPrefetcher {
   bool end_ = false;
   bool stop_ = false;
   uint64_t next_index_;
-  std::thread thread_;  // last: starts once the members above exist
+  std::thread thread_;
 };
 
 // Replies of one stream, filled by its reader thread.
@@ -652,7 +676,7 @@ Result<SendStats> ReplicaClient::SendDelta(const DeltaInfo& info, DeltaSource& s
 
   SendStats stats;
   Chunker chunker(source, options, &stats);
-  ChunkPrefetcher prefetch(chunker, kChunksMadeAhead);
+  ChunkPrefetcher prefetch(chunker, kChunksMadeAhead, options.abandon);
   std::deque<Chunk> window;  // written, not yet acknowledged, oldest first
   uint64_t bytes_sent = 0;
   Status last = Status::Unavailable("no attempt made");
@@ -787,7 +811,7 @@ Result<SendStats> ReplicaClient::SendDelta(const DeltaInfo& info, DeltaSource& s
           }
         }
         if (attempt_status.ok() && !broken) {
-          prefetch.Stop();  // at the end of the source: the stats are complete
+          prefetch.Finish();  // at the end of the source: the stats are complete
           v1::DeltaMessage end;
           end.mutable_end()->set_chunk_count(prefetch.next_index());
           end.mutable_end()->set_record_count(stats.records);
@@ -813,7 +837,10 @@ Result<SendStats> ReplicaClient::SendDelta(const DeltaInfo& info, DeltaSource& s
     }
     reader.join();
     grpc::Status gs = stream->Finish();
-    if (committed) return stats;
+    if (committed) {
+      prefetch.Abandon();  // a commit found at the start: the thread may still be making chunks
+      return stats;
+    }
     if (!attempt_status.ok()) return attempt_status;
     Status s = StatusFromGrpc(gs);
     if (s.ok()) s = Status::Unavailable("the stream ended before the replica committed the log");

@@ -428,6 +428,58 @@ TEST_F(TransferTest, BrokenStreamResumesFromLastAckedChunk) {
   ExpectPoints({{1, images}});
 }
 
+// A send that gives up while its chunk-making thread is inside a source that
+// waits (here: until told to stop) calls SendOptions::abandon, and returns
+// once that thread has stopped. Without it the send would wait for the
+// source for ever.
+TEST_F(TransferTest, AbandonedSendStopsASourceThatWaits) {
+  auto client = Client("primary-a.lab");
+  ASSERT_TRUE(client->CreateReplica(Params()).ok());
+  class WaitingSource final : public DeltaSource {
+   public:
+    Result<std::optional<DeltaRecord>> Next() override {
+      if (given_ < 8) {  // 8 blocks (chunks 0 and 1), then waits
+        std::string data(4096, static_cast<char>('a' + given_ % 26));
+        return std::optional<DeltaRecord>(DataRecord(0, 4096 * given_++, std::move(data)));
+      }
+      std::unique_lock<std::mutex> l(mu);
+      waiting = true;
+      cv.notify_all();
+      cv.wait(l, [&] { return stop; });
+      return Status::Cancelled("stopped");
+    }
+    std::mutex mu;
+    std::condition_variable cv;
+    bool waiting = false, stop = false;
+
+   private:
+    uint64_t given_ = 0;
+  } src;
+  TestOnlySendHooks hooks;
+  // Breaks the stream after chunk 1 (the last one), once the source waits.
+  hooks.break_after_chunk = [&](uint64_t index, int, uint64_t) {
+    if (index < 1) return false;
+    std::unique_lock<std::mutex> l(src.mu);
+    src.cv.wait(l, [&] { return src.waiting; });
+    return true;
+  };
+  client->SetTestOnlySendHooks(hooks);
+  SendOptions o;
+  o.compress = false;
+  o.chunk_bytes = 16 << 10;  // 4 blocks per chunk
+  o.max_attempts = 1;
+  int abandoned = 0;
+  o.abandon = [&] {
+    ++abandoned;
+    std::lock_guard<std::mutex> l(src.mu);
+    src.stop = true;
+    src.cv.notify_all();
+  };
+  auto stats = client->SendDelta(Info(1), src, o);
+  EXPECT_FALSE(stats.ok());
+  EXPECT_EQ(abandoned, 1);
+}
+
 // The initial copy is loaded straight into the disks. A copy given up half
 // way (its stream broken for good) leaves a load in progress: point 0 is no
 // longer readable, and the next log 1 (another cut) restarts the load over

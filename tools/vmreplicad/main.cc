@@ -19,12 +19,17 @@ namespace {
 // mmap'ed and unmapped each time until its adaptive threshold catches up, and
 // every free at the top of a heap above 128 KiB gives the pages back, so the
 // next message faults them in and clears them again. Measured on a 2 GiB
-// initial copy (docs/benchmarks.md "Allocator settings"): 4.8 -> 3.5 CPU
-// seconds for both daemons. Freed memory is kept up to 128 MiB per arena,
-// with at most 4 arenas. An operator's own GLIBC_TUNABLES for malloc win.
+// initial copy (docs/benchmarks.md "Send path and allocator"): both daemons'
+// CPU 4.8 -> 3.5..4.0 seconds. Freed memory is kept up to 128 MiB per arena,
+// with at most 4 arenas. An operator's own malloc settings (GLIBC_TUNABLES or
+// the MALLOC_* variables) win.
 void TuneAllocator() {
   const char* t = std::getenv("GLIBC_TUNABLES");
   if (t != nullptr && std::strstr(t, "glibc.malloc.") != nullptr) return;
+  for (const char* v : {"MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_",
+                        "MALLOC_MMAP_MAX_"}) {
+    if (std::getenv(v) != nullptr) return;  // the older variables glibc still reads
+  }
   mallopt(M_ARENA_MAX, 4);
   mallopt(M_MMAP_THRESHOLD, 32 << 20);
   mallopt(M_TRIM_THRESHOLD, 128 << 20);
