@@ -920,7 +920,6 @@ ReplicaStore::Impl::UndoBatch::UndoBatch(Impl& store) : m(store), buf_at(store.i
 // previous point from the same bytes.
 Status ReplicaStore::Impl::UndoBatch::Save(const BatchPiece& p) {
   const uint32_t b = m.bs();
-  auto flush = [&]() -> Status { return Flush(); };
   auto add_entry = [&](uint32_t disk, uint64_t blk, const char* block, bool zero) -> Status {
     const uint64_t key = Key(disk, blk);
     pending.insert(key);
@@ -938,7 +937,7 @@ Status ReplicaStore::Impl::UndoBatch::Save(const BatchPiece& p) {
     } else {
       AppendEntry(&buf, disk, blk, zero, block, b);
     }
-    return buf.size() >= kUndoWriteChunk ? flush() : Status::Ok();
+    return buf.size() >= kUndoWriteChunk ? Flush() : Status::Ok();
   };
   auto saved = [&](uint32_t disk, uint64_t blk) {
     const uint64_t key = Key(disk, blk);
