@@ -11,6 +11,7 @@
 #include <cstring>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "blockio/qsd_testing.h"
@@ -21,6 +22,7 @@ namespace vmreplica {
 namespace {
 
 using blockio_testing::CreateQcow2;
+using blockio_testing::QmpSession;
 using blockio_testing::Qsd;
 using blockio_testing::RunCommand;
 using blockio_testing::TempDir;
@@ -153,6 +155,56 @@ RunResult RunNbdcopy(const Qsd& qsd, uint64_t data_bytes) {
   return {std::chrono::duration<double>(Clock::now() - start).count(), data_bytes};
 }
 
+// A point-in-time view of disk0 exported as `name` with bm0, the way the
+// primary exports a cut (src/primary/change_tracker.cc): "overlay" is
+// blockdev-backup sync=none into a qcow2 overlay backed by disk0 (what the
+// product does), "snapshot-access" is a copy-before-write filter on disk0
+// with a plain qcow2 target, read through a snapshot-access node (QEMU 7.0+).
+// Nothing writes to the disk while the views are read, so the filter not
+// being in the export's write path does not matter here.
+void AddView(QmpSession& qmp, const std::string& dir, const std::string& kind, uint64_t size) {
+  const std::string tmp = dir + "/" + kind + ".qcow2";
+  Check(RunCommand({"qemu-img", "create", "-q", "-f", "qcow2", tmp, std::to_string(size)}).status(), "create view file");
+  auto x = [&](const std::string& cmd, const std::string& args) { Check(qmp.Execute(cmd, args).status(), cmd.c_str()); };
+  // bm0 is busy (the plain export has it): the view exports a disabled copy.
+  const std::string bm = kind == "overlay" ? "bm1" : "bm2";
+  x("block-dirty-bitmap-add", R"({"node": "disk0", "name": ")" + bm + R"(", "granularity": 4096, "disabled": true})");
+  x("block-dirty-bitmap-merge", R"({"node": "disk0", "target": ")" + bm + R"(", "bitmaps": ["bm0"]})");
+  const std::string bitmaps = R"("bitmaps": [{"node": "disk0", "name": ")" + bm + R"("}])";
+  if (kind == "overlay") {
+    x("blockdev-add", R"({"driver": "qcow2", "node-name": "ovl", "file": {"driver": "file", "filename": ")" + tmp +
+                          R"("}, "backing": "disk0"})");
+    x("blockdev-backup", R"({"device": "disk0", "target": "ovl", "sync": "none", "job-id": "fl"})");
+    x("block-export-add", R"({"type": "nbd", "id": "e-ovl", "node-name": "ovl", "name": "overlay", "writable": false, )" +
+                              bitmaps + "}");
+  } else {
+    x("blockdev-add", R"({"driver": "qcow2", "node-name": "tgt", "file": {"driver": "file", "filename": ")" + tmp +
+                          R"("}})");
+    x("blockdev-add", R"({"driver": "copy-before-write", "node-name": "cbw", "file": "disk0", "target": "tgt"})");
+    x("blockdev-add", R"({"driver": "snapshot-access", "node-name": "snap", "file": "cbw"})");
+    x("block-export-add", R"({"type": "nbd", "id": "e-snap", "node-name": "snap", "name": "snapshot", "writable": false, )" +
+                              bitmaps + "}");
+  }
+}
+
+RunResult RunReaderOn(const Qsd& qsd, const std::string& export_name, const std::string& bitmap, uint64_t request,
+                      uint32_t in_flight) {
+  NbdReaderOptions o;
+  o.requests_in_flight = in_flight;
+  o.max_request_bytes = static_cast<uint32_t>(request);
+  auto start = Clock::now();
+  auto reader = NbdDeltaReader::Open(qsd.socket(), export_name, 0, "qemu:dirty-bitmap:" + bitmap, o);
+  Check(reader.status(), "open reader");
+  uint64_t bytes = 0;
+  for (;;) {
+    auto r = (*reader)->Next();
+    Check(r.status(), "read");
+    if (!r->has_value()) break;
+    bytes += (*r)->data.size();
+  }
+  return {std::chrono::duration<double>(Clock::now() - start).count(), bytes};
+}
+
 double Median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   size_t n = v.size();
@@ -242,7 +294,29 @@ int Main(int argc, char** argv) {
   std::vector<Mode> modes = {{"(a) reader, bitmap delta, " + n + " in flight", {}},
                              {"(b) nbdcopy whole export -> null:", {}},
                              {"(c) reader, bitmap delta, 1 in flight", {}},
-                             {"(d) reader, whole export, " + n + " in flight", {}}};
+                             {"(d) reader, whole export, " + n + " in flight", {}},
+                             {"(e) (a) via fleecing overlay", {}},
+                             {"(f) (a) via cbw + snapshot-access", {}}};
+  {
+    auto qmp = QmpSession::Connect(qsd.qmp_socket());
+    Check(qmp.status(), "qmp");
+    // bm0 is busy while exp0 exports it: take exp0 away, copy bm0 for the
+    // views (AddView), then export bm0 again.
+    Check((*qmp)->Execute("block-export-del", R"({"id": "exp0"})").status(), "block-export-del");
+    for (int i = 0; i < 500; ++i) {
+      auto q = (*qmp)->Execute("query-block-exports");
+      Check(q.status(), "query-block-exports");
+      if (q->find("exp0") == std::string::npos) break;
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    AddView(**qmp, dir.path(), "overlay", flags.size);
+    AddView(**qmp, dir.path(), "snapshot-access", flags.size);
+    Check((*qmp)->Execute("block-dirty-bitmap-disable", R"({"node": "disk0", "name": "bm0"})").status(), "disable");
+    Check((*qmp)->Execute("block-export-add", R"({"type": "nbd", "id": "exp0", "node-name": "disk0", "name": "disk0", )"
+                                              R"("writable": false, "bitmaps": ["bm0"]})")
+              .status(),
+          "block-export-add exp0");
+  }
   for (int run = 0; run < flags.runs; ++run) {
     RunResult r = RunReader(qsd, "qemu:dirty-bitmap:bm0", flags.request, flags.in_flight);
     modes[0].secs.push_back(r.seconds);
@@ -256,6 +330,12 @@ int Main(int argc, char** argv) {
     r = RunReader(qsd, std::nullopt, flags.request, flags.in_flight);
     modes[3].secs.push_back(r.seconds);
     modes[3].bytes = r.bytes;
+    r = RunReaderOn(qsd, "overlay", "bm1", flags.request, flags.in_flight);
+    modes[4].secs.push_back(r.seconds);
+    modes[4].bytes = r.bytes;
+    r = RunReaderOn(qsd, "snapshot", "bm2", flags.request, flags.in_flight);
+    modes[5].secs.push_back(r.seconds);
+    modes[5].bytes = r.bytes;
   }
   if (modes[0].bytes != dirty_bytes)
     std::printf("WARNING: delta moved %llu bytes, expected %llu dirty\n",
