@@ -46,6 +46,9 @@ constexpr uint64_t kReadRunBlocks = 256;
 // Undo entries are written in chunks of about this many bytes; the batch's
 // one fdatasync follows the last chunk and its marker.
 constexpr size_t kUndoWriteChunk = size_t{4} << 20;
+// compress_undo: data before-images stored without trying zstd after one
+// that did not shrink by an eighth (docs section 4).
+constexpr uint32_t kUndoZstdSkip = 7;
 
 Status Errno(const std::string& what, const std::string& path) {
   return Status::IOError(what + " " + path + ": " + std::strerror(errno));
@@ -468,6 +471,7 @@ struct ReplicaStore::Impl {
     std::string run;
     std::string zblock;
     std::vector<char> is_data;
+    uint32_t skip_zstd = 0;  // before-images still to store without trying zstd (docs section 4)
   };
   Status SyncCatalog();
   Status Retention();
@@ -925,12 +929,20 @@ Status ReplicaStore::Impl::UndoBatch::Save(const BatchPiece& p) {
     pending.insert(key);
     added.push_back({key, Loc{buf_at + buf.size(), zero}});
     size_t zlen = 0;
-    if (!zero && m.opt.compress_undo) {
-      // Kept compressed only when that saves at least an eighth.
+    if (!zero && m.opt.compress_undo && skip_zstd > 0) {
+      --skip_zstd;
+    } else if (!zero && m.opt.compress_undo) {
+      // Kept compressed only when that saves at least an eighth. A block
+      // that does not is followed by kUndoZstdSkip blocks stored as they
+      // are: runs of incompressible data (encrypted or compressed files)
+      // cost one try in kUndoZstdSkip + 1.
       thread_local std::unique_ptr<ZSTD_CCtx, size_t (*)(ZSTD_CCtx*)> cctx(ZSTD_createCCtx(), ZSTD_freeCCtx);
       zblock.resize(ZSTD_compressBound(b));
       if (cctx) zlen = ZSTD_compressCCtx(cctx.get(), zblock.data(), zblock.size(), block, b, 1);
-      if (!cctx || ZSTD_isError(zlen) || zlen > b - b / 8) zlen = 0;
+      if (!cctx || ZSTD_isError(zlen) || zlen > b - b / 8) {
+        zlen = 0;
+        skip_zstd = kUndoZstdSkip;
+      }
     }
     if (zlen > 0) {
       AppendRawEntry(&buf, disk, blk, kEntryFlagZstd, zblock.data(), static_cast<uint32_t>(zlen));

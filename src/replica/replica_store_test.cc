@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -527,6 +528,31 @@ TEST_F(ReplicaStoreTest, CompressedBeforeImagesAreSmallerAndAFlippedByteIsCorrup
   EXPECT_EQ(store_->ReadPoint(1, 0, 0, sizeof buf, buf).code(), Code::kCorruption);
   ASSERT_TRUE(store_->ReadPoint(2, 0, 0, sizeof buf, buf).ok());
   EXPECT_EQ(std::string(buf, 16), std::string(16, 'b'));
+}
+
+// After an incompressible before-image the next 7 are stored without trying
+// zstd (docs/replica_store.md section 4); compression resumes after them.
+// Point 1: 33 blocks of random data, then 31 blocks of 'a'. Block 32 (random)
+// is tried and fails, so blocks 33..39 ('a') are stored plain and 40..63
+// compressed: the segment is well below 64 plain entries, above 33 + 7.
+TEST_F(ReplicaStoreTest, CompressionOfBeforeImagesResumesAfterARunOfIncompressibleOnes) {
+  ReplicaStoreOptions o = Options();
+  o.compress_undo = true;
+  Create(o);
+  std::mt19937_64 rng(11);
+  std::string first(64 * 4096, 'a');
+  for (size_t i = 0; i < 33 * 4096; i += 8) {
+    const uint64_t x = rng();
+    std::memcpy(&first[i], &x, 8);
+  }
+  ASSERT_TRUE(Apply(1, {Data(0, 0, first)}, now_).ok());
+  ASSERT_TRUE(Apply(2, {Data(0, 0, std::string(64 * 4096, 'b'))}, now_).ok());
+  const uint64_t size = fs::file_size(SegmentPath(1));
+  EXPECT_GT(size, (33u + 7u) * 4096);
+  EXPECT_LT(size, (33u + 7u) * 4096 + 24u * 512);
+  Image img1 = Zeros();
+  img1[0].replace(0, first.size(), first);
+  ExpectPoint(1, img1);
 }
 
 TEST_F(ReplicaStoreTest, FlippedByteInUndoSegmentIsCorruptionAtOpen) {
