@@ -28,6 +28,12 @@ class DeltaSource {
  public:
   virtual ~DeltaSource() = default;
   virtual Result<std::optional<DeltaRecord>> Next() = 0;
+  // Hands back the data buffer of a record this source gave out, once its
+  // consumer is done with the bytes (the sender, after serialising a
+  // chunk). A source may reuse it for a later record instead of allocating
+  // and zero-filling a new one; the default drops it. Called on the thread
+  // that calls Next(), never during it. Wrappers pass it to their source.
+  virtual void Recycle(std::string buffer) { (void)buffer; }
 };
 
 // A data record of `bytes` at `offset` of disk `disk`.

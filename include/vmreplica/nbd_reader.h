@@ -104,6 +104,10 @@ class NbdDeltaReader : public DeltaSource {
   // answers break the protocol: bad extent lengths, missing contexts, no
   // progress), Timeout.
   Result<std::optional<DeltaRecord>> Next() override;
+  // Keeps up to kMaxSpareBuffers buffers of at most max_request_bytes()
+  // capacity for later reads (no allocation, no zero-fill: a buffer of the
+  // same size is reused as it is).
+  void Recycle(std::string buffer) override;
 
   // Export size in bytes, as the server announced it.
   uint64_t size() const { return size_; }
@@ -121,6 +125,9 @@ class NbdDeltaReader : public DeltaSource {
     int64_t cookie = 0;
     std::string data;
   };
+
+  static constexpr size_t kMaxSpareBuffers = 64;
+  std::vector<std::string> spare_;  // recycled read buffers
 
   NbdDeltaReader(nbd_handle* h, uint32_t disk_index, std::optional<std::string> bitmap,
                  const NbdReaderOptions& options, uint64_t size, uint32_t max_request_bytes);

@@ -170,6 +170,9 @@ class ConcatDeltaSource : public DeltaSource {
  public:
   explicit ConcatDeltaSource(std::vector<std::unique_ptr<DeltaSource>> parts) : parts_(std::move(parts)) {}
   Result<std::optional<DeltaRecord>> Next() override;
+  void Recycle(std::string buffer) override {
+    if (current_ < parts_.size()) parts_[current_]->Recycle(std::move(buffer));
+  }
   // Calls `f` with (part index, end offset of the last record) as records pass.
   void set_observer(std::function<void(size_t, uint64_t)> f) { observer_ = std::move(f); }
 

@@ -274,6 +274,10 @@ Status NbdDeltaReader::IssueReads() {
     Range& r = *plan_[next_issue_];
     ++next_issue_;
     if (r.zero) continue;
+    if (!spare_.empty()) {
+      r.data = std::move(spare_.back());  // resize below fills only what it adds
+      spare_.pop_back();
+    }
     r.data.resize(static_cast<size_t>(r.length));
     int64_t cookie = nbd_aio_pread(h_, r.data.data(), r.data.size(), r.offset, kNoCompletion, 0);
     if (cookie == -1)
@@ -285,6 +289,12 @@ Status NbdDeltaReader::IssueReads() {
     ++stats_.read_requests;
   }
   return Status::Ok();
+}
+
+void NbdDeltaReader::Recycle(std::string buffer) {
+  if (spare_.size() < kMaxSpareBuffers && buffer.capacity() <= max_request_bytes_ && !buffer.empty()) {
+    spare_.push_back(std::move(buffer));
+  }
 }
 
 Result<std::optional<DeltaRecord>> NbdDeltaReader::Next() {

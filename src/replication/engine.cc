@@ -156,6 +156,7 @@ class ReadTap : public DeltaSource {
     if (holes_) *hole_total_ += holes_();
   }
   Result<std::optional<DeltaRecord>> Next() override { return inner_->Next(); }
+  void Recycle(std::string buffer) override { inner_->Recycle(std::move(buffer)); }
 
  private:
   std::unique_ptr<DeltaSource> inner_;
@@ -183,6 +184,7 @@ class ClipSource : public DeltaSource {
     }
     return r;
   }
+  void Recycle(std::string buffer) override { inner_->Recycle(std::move(buffer)); }
 
  private:
   std::unique_ptr<DeltaSource> inner_;
@@ -238,6 +240,7 @@ class GapFillingSource : public DeltaSource {
       return std::optional<DeltaRecord>();
     }
   }
+  void Recycle(std::string buffer) override { inner_->Recycle(std::move(buffer)); }
 
  private:
   std::optional<DeltaRecord> Tail(size_t d) {
@@ -997,6 +1000,7 @@ Result<CycleReport> ReplicationEngine::RunCycle(const std::string& vm_id, bool i
       if (cancelled_()) return Status::Cancelled("the transfer was cancelled");
       return inner_->Next();
     }
+    void Recycle(std::string buffer) override { inner_->Recycle(std::move(buffer)); }
 
    private:
     DeltaSource* inner_;
@@ -1028,6 +1032,7 @@ Result<CycleReport> ReplicationEngine::RunCycle(const std::string& vm_id, bool i
       }
       return r;
     }
+    void Recycle(std::string buffer) override { inner_->Recycle(std::move(buffer)); }
 
    private:
     DeltaSource* inner_;

@@ -187,6 +187,11 @@ class Chunker {
     m->set_index(c.index);
     std::string raw;
     if (!body.SerializeToString(&raw)) return Status::Internal("cannot serialise a chunk");
+    // The records' bytes are in `raw` now: their buffers go back to the
+    // source for its next reads (DeltaSource::Recycle).
+    for (auto& rec : *body.mutable_records()) {
+      if (!rec.zero()) source_.Recycle(std::move(*rec.mutable_data()));
+    }
     if (raw.size() > kMaxChunkBodyBytes) return Status::Internal("chunk body over the limit");
     m->set_raw_size(static_cast<uint32_t>(raw.size()));
     m->set_checksum(XXH3_64bits(raw.data(), raw.size()));
