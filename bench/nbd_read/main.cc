@@ -337,10 +337,12 @@ int Main(int argc, char** argv) {
     modes[5].secs.push_back(r.seconds);
     modes[5].bytes = r.bytes;
   }
-  if (modes[0].bytes != dirty_bytes)
-    std::printf("WARNING: delta moved %llu bytes, expected %llu dirty\n",
-                static_cast<unsigned long long>(modes[0].bytes),
-                static_cast<unsigned long long>(dirty_bytes));
+  for (size_t m : {size_t{0}, size_t{4}, size_t{5}}) {
+    if (modes[m].bytes != dirty_bytes)
+      std::printf("WARNING: %s moved %llu bytes, expected %llu dirty\n", modes[m].name.c_str(),
+                  static_cast<unsigned long long>(modes[m].bytes),
+                  static_cast<unsigned long long>(dirty_bytes));
+  }
 
   const double base = Median(modes[1].secs);
   std::printf("\n%-40s %10s %10s %10s %12s\n", "mode (median of runs)", "seconds", "MiB moved",

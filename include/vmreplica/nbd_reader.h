@@ -52,7 +52,9 @@ struct NbdReaderOptions {
   // export about 2x faster than 4 MiB reads (bench/nbd_read/README.md).
   uint32_t max_request_bytes = 256u << 10;
   // Reads outstanding at once. [1, 64]. Data buffered by the reader never
-  // exceeds requests_in_flight * max_request_bytes (4 MiB by default).
+  // exceeds requests_in_flight * max_request_bytes (4 MiB by default); the
+  // buffers given back by Recycle and kept for later reads hold at most as
+  // much again.
   uint32_t requests_in_flight = 16;
   // Bytes asked for in one block-status request (the server may answer for
   // less). [4 KiB, 2 GiB]: 32-bit NBD requests cannot ask for 4 GiB.
@@ -105,8 +107,9 @@ class NbdDeltaReader : public DeltaSource {
   // progress), Timeout.
   Result<std::optional<DeltaRecord>> Next() override;
   // Keeps up to kMaxSpareBuffers buffers of at most max_request_bytes()
-  // capacity for later reads (no allocation, no zero-fill: a buffer of the
-  // same size is reused as it is).
+  // capacity, requests_in_flight * max_request_bytes() bytes in all, for
+  // later reads: a read takes one big enough for it, which is neither
+  // allocated nor zero-filled again.
   void Recycle(std::string buffer) override;
 
   // Export size in bytes, as the server announced it.
@@ -128,6 +131,7 @@ class NbdDeltaReader : public DeltaSource {
 
   static constexpr size_t kMaxSpareBuffers = 64;
   std::vector<std::string> spare_;  // recycled read buffers
+  uint64_t spare_bytes_ = 0;        // their capacity in all
 
   NbdDeltaReader(nbd_handle* h, uint32_t disk_index, std::optional<std::string> bitmap,
                  const NbdReaderOptions& options, uint64_t size, uint32_t max_request_bytes);

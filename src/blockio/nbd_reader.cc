@@ -106,8 +106,10 @@ Result<std::unique_ptr<NbdDeltaReader>> NbdDeltaReader::Open(
 
   if (nbd_set_export_name(h, export_name.c_str()) == -1)
     return fail(Status::InvalidArgument(NbdError("nbd_set_export_name").message()));
-  // Read buffers are std::string, zero-filled when sized: libnbd need not
-  // clear them again before every read.
+  // libnbd need not clear read buffers before every read: a read succeeds
+  // only once the server's replies covered all of it ("all or nothing",
+  // nbd_pread(3)), so no byte of a record is left from before, neither the
+  // zeros of a new buffer nor the old data of a recycled one.
   if (nbd_set_pread_initialize(h, false) == -1) return fail(NbdError("nbd_set_pread_initialize"));
   if (nbd_add_meta_context(h, kBaseAllocation) == -1) return fail(NbdError("nbd_add_meta_context"));
   if (dirty_bitmap_context.has_value() &&
@@ -274,9 +276,16 @@ Status NbdDeltaReader::IssueReads() {
     Range& r = *plan_[next_issue_];
     ++next_issue_;
     if (r.zero) continue;
-    if (!spare_.empty()) {
-      r.data = std::move(spare_.back());  // resize below fills only what it adds
-      spare_.pop_back();
+    // A recycled buffer big enough for the read, if any: resize then
+    // neither allocates nor fills (it fills only what it adds).
+    for (size_t i = spare_.size(); i-- > 0;) {
+      if (spare_[i].capacity() >= r.length) {
+        spare_bytes_ -= spare_[i].capacity();
+        r.data = std::move(spare_[i]);
+        spare_[i] = std::move(spare_.back());
+        spare_.pop_back();
+        break;
+      }
     }
     r.data.resize(static_cast<size_t>(r.length));
     int64_t cookie = nbd_aio_pread(h_, r.data.data(), r.data.size(), r.offset, kNoCompletion, 0);
@@ -292,7 +301,10 @@ Status NbdDeltaReader::IssueReads() {
 }
 
 void NbdDeltaReader::Recycle(std::string buffer) {
-  if (spare_.size() < kMaxSpareBuffers && buffer.capacity() <= max_request_bytes_ && !buffer.empty()) {
+  const uint64_t cap = buffer.capacity();
+  if (spare_.size() < kMaxSpareBuffers && cap <= max_request_bytes_ && !buffer.empty() &&
+      spare_bytes_ + cap <= uint64_t{options_.requests_in_flight} * max_request_bytes_) {
+    spare_bytes_ += cap;
     spare_.push_back(std::move(buffer));
   }
 }

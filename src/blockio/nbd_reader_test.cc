@@ -275,18 +275,18 @@ TEST_F(NbdReaderTest, InitialCopyReproducesDisk) {
   EXPECT_FALSE(Covers(Normalize(covered), 8 * kMi, 8 * kMi + 4096));
 }
 
-// Buffers given back with Recycle are read into again (same memory), and a
-// reused buffer holds exactly the new read: bigger buffers reused for
-// smaller reads and the other way round still give the disk's bytes.
+// Buffers given back with Recycle are read into again, and a reused buffer
+// holds exactly the new read: bigger buffers reused for smaller reads still
+// give the disk's bytes. A new buffer's capacity is its size (more than the
+// short-string size), so a record with more capacity than bytes was read
+// into a buffer given back before.
 TEST_F(NbdReaderTest, RecycledBuffersAreReusedAndHoldOnlyTheNewRead) {
   ApplyWrites(TestWrites());
   auto reader =
       NbdDeltaReader::Open(qsd_->socket(), "disk0", 7, std::nullopt, Opts(64 << 10, 1, 8 << 20));
   ASSERT_TRUE(reader.ok()) << reader.status().ToString();
   std::vector<char> image(kDiskSize, 0);
-  const char* last = nullptr;
-  size_t last_capacity = 0;
-  int data_records = 0, fits = 0, reused = 0;
+  int data_records = 0, in_bigger = 0;
   for (;;) {
     auto r = (*reader)->Next();
     ASSERT_TRUE(r.ok()) << r.status().ToString();
@@ -297,20 +297,12 @@ TEST_F(NbdReaderTest, RecycledBuffersAreReusedAndHoldOnlyTheNewRead) {
     ASSERT_LE(rec.offset + rec.length, kDiskSize);
     std::memcpy(image.data() + rec.offset, rec.data.data(), rec.data.size());
     ++data_records;
-    // One read in flight: each read takes the buffer given back before it,
-    // in place when it fits (a bigger read grows it).
-    if (last != nullptr && rec.length <= last_capacity) {
-      ++fits;
-      if (rec.data.data() == last) ++reused;
-    }
-    last = rec.data.data();
-    last_capacity = rec.data.capacity();
+    if (rec.data.capacity() > rec.length && rec.length > 15) ++in_bigger;
     (*reader)->Recycle(std::move(rec.data));
   }
   EXPECT_TRUE(image == expected_) << "records read into recycled buffers differ from the disk";
-  ASSERT_GT(fits, 10);
-  EXPECT_EQ(reused, fits);
-  EXPECT_GT(data_records, fits);  // some reads were bigger than the buffer before them
+  ASSERT_GT(data_records, 10);
+  EXPECT_GT(in_bigger, 0) << "no read went into a buffer given back";
 }
 
 TEST_F(NbdReaderTest, MissingBitmapContextIsFailedPreconditionNamingIt) {
