@@ -131,13 +131,16 @@ struct RunResult {
   uint64_t bytes = 0;  // payload bytes moved
 };
 
+// Reads export `export_name` (empty: the plain one) with the reader;
+// `bitmap`: the full meta context, or nullopt for the whole export.
 RunResult RunReader(const Qsd& qsd, std::optional<std::string> bitmap, uint64_t request,
-                    uint32_t in_flight) {
+                    uint32_t in_flight, const std::string& export_name = {}) {
   NbdReaderOptions o;
   o.requests_in_flight = in_flight;
   o.max_request_bytes = static_cast<uint32_t>(request);
   auto start = Clock::now();
-  auto reader = NbdDeltaReader::Open(qsd.socket(), qsd.export_name(), 0, std::move(bitmap), o);
+  auto reader = NbdDeltaReader::Open(qsd.socket(), export_name.empty() ? qsd.export_name() : export_name, 0,
+                                     std::move(bitmap), o);
   Check(reader.status(), "open reader");
   uint64_t bytes = 0;
   for (;;) {
@@ -155,7 +158,8 @@ RunResult RunNbdcopy(const Qsd& qsd, uint64_t data_bytes) {
   return {std::chrono::duration<double>(Clock::now() - start).count(), data_bytes};
 }
 
-// A point-in-time view of disk0 exported as `name` with bm0, the way the
+// A point-in-time view of disk0, exported with a disabled copy of bm0 (bm1
+// or bm2) as "overlay" or "snapshot", the way the
 // primary exports a cut (src/primary/change_tracker.cc): "overlay" is
 // blockdev-backup sync=none into a qcow2 overlay backed by disk0 (what the
 // product does), "snapshot-access" is a copy-before-write filter on disk0
@@ -185,24 +189,6 @@ void AddView(QmpSession& qmp, const std::string& dir, const std::string& kind, u
     x("block-export-add", R"({"type": "nbd", "id": "e-snap", "node-name": "snap", "name": "snapshot", "writable": false, )" +
                               bitmaps + "}");
   }
-}
-
-RunResult RunReaderOn(const Qsd& qsd, const std::string& export_name, const std::string& bitmap, uint64_t request,
-                      uint32_t in_flight) {
-  NbdReaderOptions o;
-  o.requests_in_flight = in_flight;
-  o.max_request_bytes = static_cast<uint32_t>(request);
-  auto start = Clock::now();
-  auto reader = NbdDeltaReader::Open(qsd.socket(), export_name, 0, "qemu:dirty-bitmap:" + bitmap, o);
-  Check(reader.status(), "open reader");
-  uint64_t bytes = 0;
-  for (;;) {
-    auto r = (*reader)->Next();
-    Check(r.status(), "read");
-    if (!r->has_value()) break;
-    bytes += (*r)->data.size();
-  }
-  return {std::chrono::duration<double>(Clock::now() - start).count(), bytes};
 }
 
 double Median(std::vector<double> v) {
@@ -330,10 +316,10 @@ int Main(int argc, char** argv) {
     r = RunReader(qsd, std::nullopt, flags.request, flags.in_flight);
     modes[3].secs.push_back(r.seconds);
     modes[3].bytes = r.bytes;
-    r = RunReaderOn(qsd, "overlay", "bm1", flags.request, flags.in_flight);
+    r = RunReader(qsd, "qemu:dirty-bitmap:bm1", flags.request, flags.in_flight, "overlay");
     modes[4].secs.push_back(r.seconds);
     modes[4].bytes = r.bytes;
-    r = RunReaderOn(qsd, "snapshot", "bm2", flags.request, flags.in_flight);
+    r = RunReader(qsd, "qemu:dirty-bitmap:bm2", flags.request, flags.in_flight, "snapshot");
     modes[5].secs.push_back(r.seconds);
     modes[5].bytes = r.bytes;
   }

@@ -1805,8 +1805,8 @@ Status ReplicaStore::LoadChunk(uint64_t chunk, DeltaSource& records) {
       hi = std::max(hi, rec.offset + rec.length);
     }
   }
-  // Start writing the chunk's pages to the device now, without waiting
-  // (docs/replica_store.md section 17): the fdatasync every load_sync_bytes
+  // Start writing the chunk's pages to the device now, without waiting for
+  // them (docs/replica_store.md section 17): the fdatasync every load_sync_bytes
   // then finds them written or under way instead of writing all of them
   // while the stream waits. Only a hint: durability still comes from that
   // fdatasync, which reports any write error, so a failure here is ignored.
